@@ -1,0 +1,471 @@
+//! The decision log: one hash-chained JSON line per request, durably appended (written
+//! and fsynced) before the request's plaintext leaves the service.
+//!
+//! Owns the log directory. A single writer thread assigns sequence numbers and chain
+//! links and commits concurrent requests' entries with one fsync per batch (group
+//! commit). It never receives plaintext or key material: [`Entry`] has no place for
+//! either. Line format and verification rules: `docs/decision-log.md`.
+
+mod verify;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+pub use verify::{VerifyFailure, VerifyReport, verify};
+
+/// Prefix and suffix of segment file names: `decisions-000001.jsonl`.
+pub const SEGMENT_PREFIX: &str = "decisions-";
+/// Suffix of segment file names.
+pub const SEGMENT_SUFFIX: &str = ".jsonl";
+/// `prev_hash` of the first entry.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Size after which the writer continues in a new segment.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
+/// Most entries committed by one fsync.
+const MAX_BATCH: usize = 1024;
+
+/// Errors of the decision log.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The log could not be opened at start.
+    #[error("cannot open decision log `{path}`: {reason}")]
+    Open {
+        /// The log directory or segment.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An append did not become durable; nothing that depends on it may proceed.
+    #[error("decision log unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What one log entry records of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordEntry {
+    /// Record type.
+    pub record_type: String,
+    /// Record id (never a field value).
+    pub record_id: String,
+    /// Jurisdiction.
+    pub jurisdiction: String,
+}
+
+/// The decision and outcome for one field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldEntry {
+    /// Field name.
+    pub field: String,
+    /// Classification from the field catalog.
+    pub classification: String,
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// Determining policy ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// Policy evaluation errors (any error denies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    /// Key version named by the field's envelope, or used to encrypt it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<u32>,
+    /// What happened: `decrypt`, `encrypt`, `denied`, `integrity_failure`, ...
+    pub outcome: String,
+}
+
+/// One request's entry, before the writer chains it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// RFC 3339 time the service decided.
+    pub time: String,
+    /// Unix seconds the policies saw as `context.request_time`.
+    pub request_time: i64,
+    /// Unique id of the request, returned to the caller.
+    pub request_id: String,
+    /// `encrypt`, `decrypt`, `authorize`, `integrity_failure` or `unauthenticated`.
+    pub kind: String,
+    /// Calling service, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Cedar principal, e.g. `Employee::"alice"`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// How the caller was authenticated.
+    pub authentication: String,
+    /// Cedar action, when a decision was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Stated purpose.
+    pub purpose: String,
+    /// Stated ticket.
+    pub ticket: String,
+    /// The record concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordEntry>,
+    /// SHA-256 of the policy set that decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_set: Option<String>,
+    /// Per-field decisions and outcomes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldEntry>,
+    /// Request-level outcome, e.g. `decided`, `denied`, `unknown principal`.
+    pub outcome: String,
+}
+
+#[derive(Serialize)]
+struct Chained<'a> {
+    seq: u64,
+    prev_hash: &'a str,
+    #[serde(flatten)]
+    entry: &'a Entry,
+}
+
+/// Formats one chained line (without its newline) and returns it with its hash.
+/// The hash is SHA-256 over the line with its trailing `,"hash":"..."` member removed.
+pub fn chain_line(seq: u64, prev_hash: &str, entry: &Entry) -> Result<(String, String), Error> {
+    let mut body = serde_json::to_string(&Chained {
+        seq,
+        prev_hash,
+        entry,
+    })
+    .map_err(|error| Error::Unavailable(format!("cannot encode entry: {error}")))?;
+    let hash = hex::encode(Sha256::digest(body.as_bytes()));
+    body.pop(); // the closing brace
+    body.push_str(",\"hash\":\"");
+    body.push_str(&hash);
+    body.push_str("\"}");
+    Ok((body, hash))
+}
+
+/// Splits a line into (hashed body, claimed hash), reversing [`chain_line`].
+pub fn split_line(line: &str) -> Option<(String, &str)> {
+    let split = line.len().checked_sub(HASH_SUFFIX_LEN)?;
+    let (head, suffix) = (line.get(..split)?, line.get(split..)?);
+    let hash = suffix.strip_prefix(",\"hash\":\"")?.strip_suffix("\"}")?;
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((format!("{head}}}"), hash))
+}
+
+/// Fields every chained line carries.
+#[derive(Debug, Deserialize)]
+pub struct ChainFields {
+    /// Sequence number, from 1.
+    pub seq: u64,
+    /// Hash of the previous entry.
+    pub prev_hash: String,
+    /// When.
+    #[serde(default)]
+    pub time: String,
+}
+
+/// A receipt that an entry is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The entry's sequence number.
+    pub seq: u64,
+}
+
+struct Job {
+    entry: Entry,
+    reply: oneshot::Sender<Result<Appended, Error>>,
+}
+
+/// Handle to the decision log; cheap to share. Dropping the last handle stops the writer.
+#[derive(Debug, Clone)]
+pub struct DecisionLog {
+    sender: mpsc::Sender<Job>,
+    healthy: Arc<AtomicBool>,
+    dir: PathBuf,
+}
+
+/// Where the chain stands when the log opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenState {
+    /// Entries already in the log.
+    pub last_seq: u64,
+    /// Segment the writer appends to.
+    pub segment: u64,
+    /// A torn final line found in the previous segment, if any (left in place).
+    pub torn_tail: Option<PathBuf>,
+}
+
+struct Writer {
+    dir: PathBuf,
+    file: File,
+    segment: u64,
+    segment_bytes: u64,
+    max_segment_bytes: u64,
+    seq: u64,
+    last_hash: String,
+    failure: Option<String>,
+    healthy: Arc<AtomicBool>,
+}
+
+/// Path of segment `number` in `dir`.
+pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{SEGMENT_PREFIX}{number:06}{SEGMENT_SUFFIX}"))
+}
+
+/// Segment numbers present in `dir`, ascending.
+pub fn segment_numbers(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut numbers: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            name.strip_prefix(SEGMENT_PREFIX)?
+                .strip_suffix(SEGMENT_SUFFIX)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+fn open_segment(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    // Entries name people and records: readable by the service account only.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(file)
+}
+
+/// The chain head in one segment: last (seq, hash), whether its end is torn.
+fn segment_head(path: &Path) -> Result<(Option<(u64, String)>, bool), String> {
+    let file = File::open(path).map_err(|error| error.to_string())?;
+    let mut reader = BufReader::new(file);
+    let mut head = None;
+    let mut line = String::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        let read = reader
+            .read_line(&mut line)
+            .map_err(|error| format!("line {}: {error}", number + 1))?;
+        if read == 0 {
+            return Ok((head, false));
+        }
+        number += 1;
+        let Some(text) = line.strip_suffix('\n') else {
+            // No newline: the write of this line never completed (a crash).
+            return Ok((head, true));
+        };
+        let (body, hash) =
+            split_line(text).ok_or_else(|| format!("line {number}: not a chained entry"))?;
+        if hex::encode(Sha256::digest(body.as_bytes())) != hash {
+            return Err(format!("line {number}: hash mismatch"));
+        }
+        let fields: ChainFields =
+            serde_json::from_str(&body).map_err(|error| format!("line {number}: {error}"))?;
+        head = Some((fields.seq, hash.to_owned()));
+    }
+}
+
+impl DecisionLog {
+    /// Opens (or creates) the log in `dir` and starts its writer thread. The chain
+    /// continues from the last intact entry; a torn final line (a crash mid-write) is
+    /// left in place, reported, and the writer continues in a fresh segment.
+    pub fn open(dir: &Path) -> Result<(Self, OpenState), Error> {
+        Self::open_with_segment_size(dir, DEFAULT_SEGMENT_BYTES)
+    }
+
+    /// As [`DecisionLog::open`], rotating segments after `max_segment_bytes`.
+    pub fn open_with_segment_size(
+        dir: &Path,
+        max_segment_bytes: u64,
+    ) -> Result<(Self, OpenState), Error> {
+        let open_error = |path: &Path, reason: String| Error::Open {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(dir)
+            .map_err(|error| open_error(dir, error.to_string()))?;
+        let numbers = segment_numbers(dir).map_err(|error| open_error(dir, error.to_string()))?;
+        let mut head = None;
+        let mut torn_tail = None;
+        let mut segment = numbers.last().copied().unwrap_or(1);
+        for (index, number) in numbers.iter().rev().enumerate() {
+            let path = segment_path(dir, *number);
+            let (found, torn) = segment_head(&path).map_err(|reason| open_error(&path, reason))?;
+            if index == 0 && torn {
+                torn_tail = Some(path.clone());
+                segment = number + 1;
+            }
+            if found.is_some() {
+                head = found;
+                break;
+            }
+        }
+        let (seq, last_hash) = head.unwrap_or_else(|| (0, GENESIS_HASH.to_owned()));
+        let path = segment_path(dir, segment);
+        let file = open_segment(&path).map_err(|error| open_error(&path, error.to_string()))?;
+        let segment_bytes = file
+            .metadata()
+            .map_err(|error| open_error(&path, error.to_string()))?
+            .len();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut writer = Writer {
+            dir: dir.to_owned(),
+            file,
+            segment,
+            segment_bytes,
+            max_segment_bytes,
+            seq,
+            last_hash,
+            failure: None,
+            healthy: Arc::clone(&healthy),
+        };
+        let (sender, receiver) = mpsc::channel(8 * MAX_BATCH);
+        std::thread::Builder::new()
+            .name("decision-log".to_owned())
+            .spawn(move || writer.run(receiver))
+            .map_err(|error| open_error(dir, format!("cannot start writer: {error}")))?;
+        Ok((
+            Self {
+                sender,
+                healthy,
+                dir: dir.to_owned(),
+            },
+            OpenState {
+                last_seq: seq,
+                segment,
+                torn_tail,
+            },
+        ))
+    }
+
+    /// Appends `entry` and returns once it is durable on disk (or failed).
+    pub async fn append(&self, entry: Entry) -> Result<Appended, Error> {
+        let (reply, receipt) = oneshot::channel();
+        self.sender
+            .send(Job { entry, reply })
+            .await
+            .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))?;
+        receipt
+            .await
+            .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))?
+    }
+
+    /// Whether the last write succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Writer {
+    fn run(&mut self, mut receiver: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = receiver.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let results = self.commit(&batch);
+            for (job, result) in batch.drain(..).zip(results) {
+                // A requester that gave up has nothing to be told.
+                let _ = job.reply.send(result);
+            }
+        }
+    }
+
+    /// Writes and fsyncs a batch; every entry gets the same durable-or-not answer.
+    fn commit(&mut self, batch: &[Job]) -> Vec<Result<Appended, Error>> {
+        if let Some(failure) = &self.failure {
+            let error = Error::Unavailable(failure.clone());
+            return batch.iter().map(|_| Err(error.clone())).collect();
+        }
+        if self.segment_bytes >= self.max_segment_bytes
+            && let Err(error) = self.rotate()
+        {
+            {
+                return self.fail(
+                    format!("cannot start segment {}: {error}", self.segment + 1),
+                    batch.len(),
+                );
+            }
+        }
+        let mut buffer = String::with_capacity(batch.len() * 1024);
+        let mut seq = self.seq;
+        let mut last_hash = self.last_hash.clone();
+        let mut receipts = Vec::with_capacity(batch.len());
+        for job in batch {
+            seq += 1;
+            match chain_line(seq, &last_hash, &job.entry) {
+                Ok((line, hash)) => {
+                    buffer.push_str(&line);
+                    buffer.push('\n');
+                    last_hash = hash;
+                    receipts.push(Appended { seq });
+                }
+                Err(error) => return batch.iter().map(|_| Err(error.clone())).collect(),
+            }
+        }
+        let written = self
+            .file
+            .write_all(buffer.as_bytes())
+            .and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.seq = seq;
+                self.last_hash = last_hash;
+                self.segment_bytes += buffer.len() as u64;
+                receipts.into_iter().map(Ok).collect()
+            }
+            // After a failed write or fsync the kernel may have dropped dirty pages;
+            // retrying on the same file could "succeed" without the data (fsyncgate),
+            // so the writer refuses every later append until restarted.
+            Err(error) => self.fail(
+                format!("write to segment {} failed: {error}", self.segment),
+                batch.len(),
+            ),
+        }
+    }
+
+    fn fail(&mut self, reason: String, count: usize) -> Vec<Result<Appended, Error>> {
+        tracing::error!(%reason, "decision log failed; refusing all requests that need it");
+        self.healthy.store(false, Ordering::Relaxed);
+        self.failure = Some(reason.clone());
+        (0..count)
+            .map(|_| Err(Error::Unavailable(reason.clone())))
+            .collect()
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let next = self.segment + 1;
+        self.file = open_segment(&segment_path(&self.dir, next))?;
+        self.segment = next;
+        self.segment_bytes = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+use super::*;
+
+fn entry(n: usize) -> Entry {
+    Entry {
+        time: format!("2026-11-23T00:00:{:02}Z", n % 60),
+        request_time: 1_790_000_000,
+        request_id: format!("req-{n}"),
+        kind: "decrypt".to_owned(),
+        service: Some("us-support-tool".to_owned()),
+        principal: Some("Employee::\"alice\"".to_owned()),
+        authentication: "test".to_owned(),
+        action: Some("decrypt".to_owned()),
+        purpose: "support".to_owned(),
+        ticket: "INC-1".to_owned(),
+        record: Some(RecordEntry {
+            record_type: "user_profile".to_owned(),
+            record_id: format!("u-{n}"),
+            jurisdiction: "US".to_owned(),
+        }),
+        policy_set: Some("ab".repeat(32)),
+        fields: vec![FieldEntry {
+            field: "email".to_owned(),
+            classification: "pii".to_owned(),
+            decision: "allow".to_owned(),
+            policies: vec!["p".to_owned()],
+            errors: vec![],
+            key_version: Some(1),
+            outcome: "decrypt".to_owned(),
+        }],
+        outcome: "decided".to_owned(),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn write_entries(dir: &Path, count: usize, segment_bytes: u64) -> OpenState {
+    let runtime = runtime();
+    let (log, state) = DecisionLog::open_with_segment_size(dir, segment_bytes).unwrap();
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for n in 0..count {
+            let log = log.clone();
+            tasks.push(tokio::spawn(
+                async move { log.append(entry(n)).await.unwrap() },
+            ));
+        }
+        let mut seqs = Vec::new();
+        for task in tasks {
+            seqs.push(task.await.unwrap().seq);
+        }
+        seqs.sort_unstable();
+        let first = state.last_seq + 1;
+        assert_eq!(seqs, (first..first + count as u64).collect::<Vec<_>>());
+    });
+    state
+}
+
+#[test]
+fn concurrent_appends_chain_and_verify_across_restarts_and_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each round is one or more group commits; a segment fills up after the first.
+    for round in 0..4u64 {
+        let state = write_entries(dir.path(), 20, 4096);
+        assert_eq!(state.last_seq, round * 20);
+    }
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.entries, 80);
+    assert!(report.segments > 2, "rotation by size: {report:?}");
+    assert!(report.torn_tails.is_empty());
+}
+
+#[test]
+fn chain_line_round_trips() {
+    let (line, hash) = chain_line(7, GENESIS_HASH, &entry(1)).unwrap();
+    let (body, claimed) = split_line(&line).unwrap();
+    assert_eq!(claimed, hash);
+    let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(value["seq"], 7);
+    assert_eq!(value["hash"], hash.as_str());
+    assert!(body.ends_with("\"outcome\":\"decided\"}"), "{body}");
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    fs::write(
+        path,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn tampering_is_detected_and_located() {
+    let dir = tempfile::tempdir().unwrap();
+    write_entries(dir.path(), 6, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let original = lines_of(&segment);
+
+    let cases: Vec<(&str, Vec<String>, u64)> = vec![
+        (
+            "edit",
+            {
+                let mut lines = original.clone();
+                lines[2] = lines[2].replace("alice", "alicf");
+                lines
+            },
+            3,
+        ),
+        (
+            "delete",
+            {
+                let mut lines = original.clone();
+                lines.remove(3);
+                lines
+            },
+            4,
+        ),
+        (
+            "swap",
+            {
+                let mut lines = original.clone();
+                lines.swap(1, 2);
+                lines
+            },
+            2,
+        ),
+        (
+            "rehash after edit",
+            {
+                // An attacker who recomputes the edited entry's own hash still breaks the link.
+                let mut lines = original.clone();
+                let (body, _) = split_line(&lines[2]).unwrap();
+                let edited = body.replace("alice", "alicf");
+                let hash = hex::encode(Sha256::digest(edited.as_bytes()));
+                lines[2] = format!("{},\"hash\":\"{hash}\"}}", &edited[..edited.len() - 1]);
+                lines
+            },
+            4,
+        ),
+    ];
+    for (what, lines, bad_line) in cases {
+        write_lines(&segment, &lines);
+        let failure = verify(dir.path()).unwrap_err();
+        assert_eq!(failure.line, bad_line, "{what}: {failure}");
+        assert_eq!(failure.segment, segment, "{what}");
+    }
+}
+
+#[test]
+fn torn_tail_is_reported_and_the_writer_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    write_entries(dir.path(), 3, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let mut text = fs::read_to_string(&segment).unwrap();
+    text.push_str("{\"seq\":4,\"prev_h");
+    fs::write(&segment, &text).unwrap();
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.torn_tails, vec![segment.clone()]);
+
+    let state = write_entries(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+    assert_eq!(state.torn_tail, Some(segment.clone()));
+    assert_eq!(state.segment, 2);
+    assert_eq!(
+        fs::read_to_string(&segment).unwrap(),
+        text,
+        "torn segment left untouched"
+    );
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.entries, 5);
+    assert_eq!(report.segments, 2);
+}
+
+#[test]
+fn a_missing_segment_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        write_entries(dir.path(), 10, 2048);
+    }
+    fs::remove_file(segment_path(dir.path(), 2)).unwrap();
+    let failure = verify(dir.path()).unwrap_err();
+    assert!(
+        failure.problem.contains("segment 2 is missing"),
+        "{failure}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_failed_write_fails_closed_and_stays_failed() {
+    // /dev/full accepts opens and fails every write with ENOSPC.
+    if !Path::new("/dev/full").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    // A zero segment size makes the first commit rotate into segment 2: /dev/full.
+    let (log, _) = DecisionLog::open_with_segment_size(dir.path(), 0).unwrap();
+    std::os::unix::fs::symlink("/dev/full", segment_path(dir.path(), 2)).unwrap();
+    runtime.block_on(async {
+        let error = log.append(entry(1)).await.unwrap_err();
+        assert!(
+            error.to_string().contains("decision log unavailable"),
+            "{error}"
+        );
+        assert!(!log.is_healthy());
+        assert!(log.append(entry(2)).await.is_err());
+    });
+}

@@ -1,0 +1,66 @@
+//! Subcommands of the `ringfence` binary and their exit codes.
+
+mod audit;
+mod keys;
+mod policy;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code: an operation failed (I/O, keys, transport).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code: the policy directory is invalid.
+pub const EXIT_INVALID_POLICIES: u8 = 3;
+/// Exit code: the decision log failed verification.
+pub const EXIT_LOG_TAMPERED: u8 = 4;
+
+/// ringfence: field-level encryption with jurisdiction-scoped keys, Cedar-policy
+/// decryption and a tamper-evident decision log.
+#[derive(Debug, Parser)]
+#[command(name = "ringfence", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gRPC service.
+    Serve(serve::Args),
+    /// Work with the policy directory.
+    #[command(subcommand)]
+    Policy(policy::Command),
+    /// Inspect and rotate root keys (versions and dates only; never key bytes).
+    #[command(subcommand)]
+    Keys(keys::Command),
+    /// Verify the decision log offline.
+    #[command(subcommand)]
+    Audit(audit::Command),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Policy(command) => policy::run(command),
+        Command::Keys(command) => keys::run(command),
+        Command::Audit(command) => audit::run(command),
+    }
+}
+
+/// Prints an error the way every subcommand does and returns its exit code.
+pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(code)
+}
+
+/// `--data-dir`, shared by subcommands that read the data directory.
+#[derive(Debug, clap::Args)]
+pub struct DataDir {
+    /// Data directory holding the keyring and the decision log.
+    #[arg(long, default_value = ringfence::config::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}

@@ -1,0 +1,112 @@
+//! `ringfence serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ringfence::config::{DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLICIES, ServeConfig};
+use ringfence::identity;
+use ringfence::keys::{MASTER_KEY_ENV, MasterKeyText};
+use ringfence::record::Jurisdiction;
+use ringfence::server::{self, Error};
+
+use super::{DataDir, EXIT_FAILURE, EXIT_INVALID_POLICIES, fail};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on (loopback only until TLS is available).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    #[command(flatten)]
+    data: DataDir,
+    /// Policy directory: schema, policies, directory, field catalog.
+    #[arg(long, default_value = DEFAULT_POLICIES)]
+    policies: PathBuf,
+    /// Jurisdictions that accept new encryptions, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "US,SG,EU")]
+    jurisdictions: Vec<Jurisdiction>,
+    /// File holding the master key (64 hex digits or base64 of 32 bytes).
+    /// Without it, the RINGFENCE_MASTER_KEY environment variable is used, and without
+    /// that a development key in the data directory.
+    #[arg(long)]
+    master_key_file: Option<PathBuf>,
+    /// Refuse to create or use a development master key.
+    #[arg(long)]
+    no_dev_master_key: bool,
+    /// DEVELOPMENT ONLY: believe the x-ringfence-service and x-ringfence-employee
+    /// metadata headers as the caller's identity. Refused off loopback.
+    #[arg(long)]
+    danger_trust_identity_headers: bool,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+}
+
+pub fn run(args: Args) -> ExitCode {
+    let config = ServeConfig {
+        listen: args.listen,
+        data_dir: args.data.data_dir,
+        policies: args.policies,
+        jurisdictions: args.jurisdictions,
+        master_key_file: args.master_key_file,
+        master_key_env: std::env::var(MASTER_KEY_ENV).ok().map(MasterKeyText::new),
+        allow_development_master_key: !args.no_dev_master_key,
+        identity: if args.danger_trust_identity_headers {
+            identity::Mode::DangerTrustIdentityHeaders
+        } else {
+            identity::Mode::Disabled
+        },
+        max_message_bytes: args.max_message_bytes,
+        ..ServeConfig::defaults()
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(EXIT_FAILURE, format!("cannot start runtime: {error}")),
+    };
+    runtime.block_on(async move {
+        let mut running = match server::start(config).await {
+            Ok(running) => running,
+            Err(error @ Error::Policies(_)) => return fail(EXIT_INVALID_POLICIES, error),
+            Err(error) => return fail(EXIT_FAILURE, error),
+        };
+        tokio::select! {
+            result = running.wait() => {
+                return match result {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => fail(EXIT_FAILURE, error),
+                };
+            }
+            () = shutdown_signal() => {}
+        }
+        tracing::info!("shutting down");
+        match running.stop().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(EXIT_FAILURE, error),
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,167 @@
+//! Typed server configuration, checked before any file is touched or port bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::gatekeeper::Limits;
+use crate::identity;
+use crate::record::Jurisdiction;
+
+/// Default listen address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default data directory (keyring, decision log), relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "ringfence-data";
+/// Default policy directory.
+pub const DEFAULT_POLICIES: &str = "policies";
+/// Jurisdictions configured by default.
+pub const DEFAULT_JURISDICTIONS: &[&str] = &["US", "SG", "EU"];
+/// Default largest gRPC message accepted, in bytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Configuration of `ringfence serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Data directory: `keyring.json`, `log/`, and a development master key if used.
+    pub data_dir: PathBuf,
+    /// Policy directory.
+    pub policies: PathBuf,
+    /// Jurisdictions that accept new encryptions; each gets a root key on first start.
+    pub jurisdictions: Vec<Jurisdiction>,
+    /// Master key file (else `RINGFENCE_MASTER_KEY`, else a development key).
+    pub master_key_file: Option<PathBuf>,
+    /// The master key from the environment, if set.
+    pub master_key_env: Option<crate::keys::MasterKeyText>,
+    /// Whether a development master key may be created or used.
+    pub allow_development_master_key: bool,
+    /// How callers are authenticated.
+    pub identity: identity::Mode,
+    /// Request limits.
+    pub limits: Limits,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// A configuration that must not be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The danger mode was asked for on a non-loopback address.
+    #[error(
+        "--danger-trust-identity-headers lets any caller claim any identity, so it is refused on `{0}`: listen on a loopback address (127.0.0.1 or [::1])"
+    )]
+    DangerOffLoopback(SocketAddr),
+    /// A non-loopback address without transport security.
+    #[error(
+        "refusing to listen on non-loopback address `{0}`: TLS and mTLS caller authentication are not available yet, so ringfence serves loopback only"
+    )]
+    NotLoopback(SocketAddr),
+    /// No jurisdictions.
+    #[error("at least one jurisdiction must be configured")]
+    NoJurisdictions,
+    /// A jurisdiction listed twice.
+    #[error("jurisdiction `{0}` is listed more than once")]
+    DuplicateJurisdiction(Jurisdiction),
+    /// A limit of zero.
+    #[error("{0} must be greater than zero")]
+    ZeroLimit(&'static str),
+}
+
+impl ServeConfig {
+    /// The embedded defaults, as `serve` without flags uses them.
+    pub fn defaults() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            policies: PathBuf::from(DEFAULT_POLICIES),
+            jurisdictions: DEFAULT_JURISDICTIONS
+                .iter()
+                .filter_map(|code| Jurisdiction::new(code).ok())
+                .collect(),
+            master_key_file: None,
+            master_key_env: None,
+            allow_development_master_key: true,
+            identity: identity::Mode::Disabled,
+            limits: Limits::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+
+    /// Checks the configuration as a whole.
+    pub fn check(&self) -> Result<(), Error> {
+        if !self.listen.ip().is_loopback() {
+            return Err(match self.identity {
+                identity::Mode::DangerTrustIdentityHeaders => Error::DangerOffLoopback(self.listen),
+                identity::Mode::Disabled => Error::NotLoopback(self.listen),
+            });
+        }
+        if self.jurisdictions.is_empty() {
+            return Err(Error::NoJurisdictions);
+        }
+        for (index, jurisdiction) in self.jurisdictions.iter().enumerate() {
+            if self
+                .jurisdictions
+                .iter()
+                .skip(index + 1)
+                .any(|other| other == jurisdiction)
+            {
+                return Err(Error::DuplicateJurisdiction(jurisdiction.clone()));
+            }
+        }
+        if self.limits.max_fields == 0 {
+            return Err(Error::ZeroLimit("max fields"));
+        }
+        if self.limits.max_field_bytes == 0 {
+            return Err(Error::ZeroLimit("max field bytes"));
+        }
+        if self.max_message_bytes == 0 {
+            return Err(Error::ZeroLimit("max message bytes"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_loopback() {
+        let config = ServeConfig::defaults();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.jurisdictions.len(), 3);
+        config.check().unwrap();
+    }
+
+    #[test]
+    fn debug_output_redacts_the_master_key() {
+        let mut config = ServeConfig::defaults();
+        config.master_key_env = Some(crate::keys::MasterKeyText::new("ab".repeat(32)));
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("abab"), "{printed}");
+        assert!(printed.contains("redacted"));
+    }
+
+    #[test]
+    fn danger_mode_and_plaintext_are_refused_off_loopback() {
+        let mut config = ServeConfig::defaults();
+        config.listen = "0.0.0.0:50051".parse().unwrap();
+        assert_eq!(config.check(), Err(Error::NotLoopback(config.listen)));
+        config.identity = identity::Mode::DangerTrustIdentityHeaders;
+        assert_eq!(config.check(), Err(Error::DangerOffLoopback(config.listen)));
+        config.listen = "[::1]:0".parse().unwrap();
+        config.check().unwrap();
+    }
+
+    #[test]
+    fn jurisdiction_lists_are_checked() {
+        let mut config = ServeConfig::defaults();
+        config.jurisdictions.push(Jurisdiction::new("US").unwrap());
+        assert!(matches!(
+            config.check(),
+            Err(Error::DuplicateJurisdiction(_))
+        ));
+        config.jurisdictions.clear();
+        assert_eq!(config.check(), Err(Error::NoJurisdictions));
+    }
+}

@@ -1,0 +1,297 @@
+use super::*;
+use serde::Deserialize;
+
+fn unhex(text: &str) -> Vec<u8> {
+    hex::decode(text).unwrap()
+}
+
+#[derive(Deserialize)]
+struct HkdfVector {
+    name: String,
+    ikm: String,
+    salt: String,
+    info: String,
+    length: usize,
+    prk: String,
+    okm: String,
+}
+
+#[test]
+fn hkdf_matches_rfc5869_vectors() {
+    let vectors: Vec<HkdfVector> =
+        serde_json::from_str(include_str!("../../tests/data/rfc5869_sha256.json")).unwrap();
+    assert_eq!(vectors.len(), 3);
+    for vector in vectors {
+        let prk = hkdf_extract(&unhex(&vector.salt), &unhex(&vector.ikm));
+        assert_eq!(hex::encode(prk.as_slice()), vector.prk, "{}", vector.name);
+        let mut okm = vec![0u8; vector.length];
+        hkdf_expand(prk.as_slice(), &unhex(&vector.info), &mut okm).unwrap();
+        assert_eq!(hex::encode(&okm), vector.okm, "{}", vector.name);
+    }
+}
+
+#[derive(Deserialize)]
+struct EnvelopeVector {
+    root_key: String,
+    jurisdiction: String,
+    key_version: u32,
+    record_type: String,
+    record_id: String,
+    field: String,
+    nonce: String,
+    plaintext: String,
+    record_key: String,
+    envelope: String,
+}
+
+struct Fixture {
+    root: DerivationKey,
+    jurisdiction: Jurisdiction,
+    key_version: KeyVersion,
+    record_type: RecordType,
+    record_id: RecordId,
+    field: FieldName,
+}
+
+impl Fixture {
+    fn scope(&self) -> RecordScope<'_> {
+        RecordScope {
+            jurisdiction: &self.jurisdiction,
+            key_version: self.key_version,
+            record_type: &self.record_type,
+            record_id: &self.record_id,
+        }
+    }
+}
+
+fn kat() -> (EnvelopeVector, Fixture) {
+    let vector: EnvelopeVector =
+        serde_json::from_str(include_str!("../../tests/data/envelope_kat.json")).unwrap();
+    let root_bytes: [u8; KEY_LEN] = unhex(&vector.root_key).try_into().unwrap();
+    let fixture = Fixture {
+        root: DerivationKey::from_root(&SecretKey::from_bytes(root_bytes)),
+        jurisdiction: Jurisdiction::new(&vector.jurisdiction).unwrap(),
+        key_version: KeyVersion::new(vector.key_version).unwrap(),
+        record_type: RecordType::new(&vector.record_type).unwrap(),
+        record_id: RecordId::new(&vector.record_id).unwrap(),
+        field: FieldName::new(&vector.field).unwrap(),
+    };
+    (vector, fixture)
+}
+
+#[test]
+fn record_key_derivation_matches_the_reference_implementation() {
+    let (vector, fixture) = kat();
+    let info = record_key_info(&fixture.scope()).unwrap();
+    let mut okm = [0u8; KEY_LEN];
+    hkdf_expand(&fixture.root.prk, &info, &mut okm).unwrap();
+    assert_eq!(hex::encode(okm), vector.record_key);
+}
+
+#[test]
+fn envelope_matches_known_answer_and_opens() {
+    let (vector, fixture) = kat();
+    let scope = fixture.scope();
+    let key = fixture.root.record_key(&scope).unwrap();
+    let nonce: [u8; NONCE_LEN] = unhex(&vector.nonce).try_into().unwrap();
+    let envelope = key
+        .seal(&scope, &fixture.field, &nonce, &unhex(&vector.plaintext))
+        .unwrap();
+    assert_eq!(hex::encode(&envelope), vector.envelope);
+    let parsed = Envelope::parse(&envelope).unwrap();
+    assert_eq!(parsed.jurisdiction.as_str(), "US");
+    assert_eq!(parsed.key_version.get(), 1);
+    let plaintext = key.open(&scope, &fixture.field, &parsed).unwrap();
+    assert_eq!(plaintext.as_slice(), unhex(&vector.plaintext).as_slice());
+}
+
+fn sealed_fixture() -> (Fixture, Vec<u8>) {
+    let (vector, fixture) = kat();
+    let scope = fixture.scope();
+    let key = fixture.root.record_key(&scope).unwrap();
+    let [nonce] = fresh_nonces(1).unwrap().try_into().unwrap();
+    let envelope = key
+        .seal(&scope, &fixture.field, &nonce, &unhex(&vector.plaintext))
+        .unwrap();
+    (fixture, envelope)
+}
+
+/// Opens `envelope` as the given scope would, parsing first; any failure is `Err`.
+fn try_open(
+    root: &DerivationKey,
+    scope: &RecordScope<'_>,
+    field: &FieldName,
+    envelope: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, Error> {
+    let parsed = Envelope::parse(envelope)?;
+    let key_scope = RecordScope {
+        key_version: parsed.key_version,
+        jurisdiction: &parsed.jurisdiction,
+        ..*scope
+    };
+    // A server derives the key from what the header names, then checks it against the
+    // record it was asked about: both paths must fail on tampering.
+    let key = root.record_key(&key_scope)?;
+    key.open(scope, field, &parsed)
+}
+
+#[test]
+fn flipping_any_bit_of_any_byte_fails() {
+    let (fixture, envelope) = sealed_fixture();
+    let scope = fixture.scope();
+    assert!(try_open(&fixture.root, &scope, &fixture.field, &envelope).is_ok());
+    for index in 0..envelope.len() {
+        for bit in 0..8 {
+            let mut tampered = envelope.clone();
+            tampered[index] ^= 1 << bit;
+            let result = try_open(&fixture.root, &scope, &fixture.field, &tampered);
+            assert!(result.is_err(), "byte {index} bit {bit} still opened");
+        }
+    }
+}
+
+#[test]
+fn truncation_and_extension_fail() {
+    let (fixture, envelope) = sealed_fixture();
+    let scope = fixture.scope();
+    for len in 0..envelope.len() {
+        assert!(try_open(&fixture.root, &scope, &fixture.field, &envelope[..len]).is_err());
+    }
+    let mut longer = envelope.clone();
+    longer.push(0);
+    assert_eq!(
+        try_open(&fixture.root, &scope, &fixture.field, &longer).unwrap_err(),
+        Error::Integrity
+    );
+}
+
+#[test]
+fn moving_a_ciphertext_fails_as_integrity() {
+    let (fixture, envelope) = sealed_fixture();
+    let other_field = FieldName::new("phone").unwrap();
+    let other_record = RecordId::new("u-43").unwrap();
+    let other_type = RecordType::new("order").unwrap();
+    let scope = fixture.scope();
+    let cases = [
+        (scope, &other_field, "another field"),
+        (
+            RecordScope {
+                record_id: &other_record,
+                ..scope
+            },
+            &fixture.field,
+            "another record",
+        ),
+        (
+            RecordScope {
+                record_type: &other_type,
+                ..scope
+            },
+            &fixture.field,
+            "another record type",
+        ),
+    ];
+    for (scope, field, what) in cases {
+        assert_eq!(
+            try_open(&fixture.root, &scope, field, &envelope).unwrap_err(),
+            Error::Integrity,
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn another_jurisdictions_key_or_version_cannot_open() {
+    let (fixture, envelope) = sealed_fixture();
+    let parsed = Envelope::parse(&envelope).unwrap();
+    let sg = Jurisdiction::new("SG").unwrap();
+    // The SG key (even with the same root bytes) under the header's claim of US.
+    let sg_key = fixture
+        .root
+        .record_key(&RecordScope {
+            jurisdiction: &sg,
+            ..fixture.scope()
+        })
+        .unwrap();
+    assert_eq!(
+        sg_key
+            .open(&fixture.scope(), &fixture.field, &parsed)
+            .unwrap_err(),
+        Error::Integrity
+    );
+    // Another root key of the same jurisdiction (a different version's key).
+    let other_root = DerivationKey::from_root(&SecretKey::generate().unwrap());
+    let other_key = other_root.record_key(&fixture.scope()).unwrap();
+    assert_eq!(
+        other_key
+            .open(&fixture.scope(), &fixture.field, &parsed)
+            .unwrap_err(),
+        Error::Integrity
+    );
+    // Asking for another key version than the envelope names.
+    let v2 = RecordScope {
+        key_version: KeyVersion::new(2).unwrap(),
+        ..fixture.scope()
+    };
+    let key = fixture.root.record_key(&fixture.scope()).unwrap();
+    assert_eq!(
+        key.open(&v2, &fixture.field, &parsed).unwrap_err(),
+        Error::Integrity
+    );
+}
+
+#[test]
+fn garbage_is_malformed_not_a_panic() {
+    for garbage in [&b""[..], b"RF", b"XX\x01\x02US", &[0u8; 64], &[0xffu8; 64]] {
+        assert!(matches!(Envelope::parse(garbage), Err(Error::Malformed(_))));
+    }
+    let mut bad_version = sealed_fixture().1;
+    bad_version[2] = 2;
+    assert_eq!(
+        Envelope::parse(&bad_version).unwrap_err(),
+        Error::Malformed("unsupported format version")
+    );
+}
+
+#[test]
+fn nonces_are_fresh() {
+    let nonces = fresh_nonces(64).unwrap();
+    let unique: std::collections::HashSet<_> = nonces.iter().collect();
+    assert_eq!(unique.len(), 64);
+}
+
+#[test]
+fn key_wrapping_binds_master_jurisdiction_and_version() {
+    let master = SecretKey::generate().unwrap();
+    let wrapper = KeyWrapper::new(&master).unwrap();
+    let root = SecretKey::generate().unwrap();
+    let us = Jurisdiction::new("US").unwrap();
+    let sg = Jurisdiction::new("SG").unwrap();
+    let v1 = KeyVersion::FIRST;
+    let sealed = wrapper.seal(&us, v1, &root).unwrap();
+    assert_eq!(sealed.len(), SEALED_KEY_LEN);
+    assert_eq!(
+        wrapper.open(&us, v1, &sealed).unwrap().expose(),
+        root.expose()
+    );
+    assert!(wrapper.open(&sg, v1, &sealed).is_err());
+    assert!(
+        wrapper
+            .open(&us, KeyVersion::new(2).unwrap(), &sealed)
+            .is_err()
+    );
+    let other = KeyWrapper::new(&SecretKey::generate().unwrap()).unwrap();
+    assert!(other.open(&us, v1, &sealed).is_err());
+    let mut flipped = sealed.clone();
+    flipped[20] ^= 1;
+    assert!(wrapper.open(&us, v1, &flipped).is_err());
+}
+
+#[test]
+fn debug_output_never_shows_key_bytes() {
+    let key = SecretKey::from_bytes([0xab; KEY_LEN]);
+    let printed = format!("{key:?} {:?}", DerivationKey::from_root(&key));
+    assert!(!printed.contains("ab"), "{printed}");
+    assert!(!printed.contains("171"), "{printed}");
+    assert!(printed.contains("redacted"));
+}

@@ -1,0 +1,221 @@
+//! What a policy set can observe of a request, found by walking each policy's JSON form
+//! (Cedar's EST). Two fields whose observable facts agree get the same decision, so the
+//! authorizer runs once per class of equivalent fields, not once per field.
+//!
+//! The walk is conservative: any use of `resource` or `context` it does not recognise
+//! marks the whole value as observed, which only costs speed, never correctness.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+/// Entity type of jurisdictions; a field's only ancestor.
+pub const JURISDICTION_TYPE: &str = "Jurisdiction";
+
+/// The facts of the resource and context that some policy can observe.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Some policy compares or passes the resource itself (`==`, `in` a non-jurisdiction).
+    pub resource_identity: bool,
+    /// Attributes read or tested on `resource`.
+    pub resource_attributes: BTreeSet<String>,
+    /// Some policy uses `context` other than by reading named attributes.
+    pub whole_context: bool,
+    /// Attributes read or tested on `context`.
+    pub context_attributes: BTreeSet<String>,
+}
+
+impl Observed {
+    /// Whether the attribute `name` of the resource can influence a decision.
+    pub fn resource_attribute(&self, name: &str) -> bool {
+        self.resource_identity || self.resource_attributes.contains(name)
+    }
+
+    /// Whether the attribute `name` of the context can influence a decision.
+    pub fn context_attribute(&self, name: &str) -> bool {
+        self.whole_context || self.context_attributes.contains(name)
+    }
+
+    /// Adds what one policy (in EST JSON form) observes.
+    pub fn add_policy(&mut self, policy: &Value) {
+        match policy.get("resource") {
+            Some(scope) => self.resource_scope(scope),
+            None => self.resource_identity = true,
+        }
+        match policy.get("conditions") {
+            Some(Value::Array(conditions)) => {
+                for condition in conditions {
+                    match condition.get("body") {
+                        Some(body) => self.expression(body),
+                        None => self.everything(),
+                    }
+                }
+            }
+            None => {}
+            Some(_) => self.everything(),
+        }
+    }
+
+    fn everything(&mut self) {
+        self.resource_identity = true;
+        self.whole_context = true;
+    }
+
+    fn resource_scope(&mut self, scope: &Value) {
+        let op = scope.get("op").and_then(Value::as_str);
+        let jurisdiction_only = match op {
+            Some("All" | "all") => true,
+            Some("in") => scope.get("entity").is_some_and(is_jurisdiction_entity),
+            Some("is") => scope
+                .get("in")
+                .is_none_or(|inner| inner.get("entity").is_some_and(is_jurisdiction_entity)),
+            _ => false,
+        };
+        if !jurisdiction_only {
+            self.resource_identity = true;
+        }
+    }
+
+    fn expression(&mut self, expression: &Value) {
+        match expression {
+            Value::Object(map) if map.len() == 1 => {
+                if let Some((operator, argument)) = map.iter().next() {
+                    self.operator(operator, argument);
+                }
+            }
+            Value::Object(map) => map.values().for_each(|value| self.expression(value)),
+            Value::Array(items) => items.iter().for_each(|item| self.expression(item)),
+            _ => {}
+        }
+    }
+
+    fn operator(&mut self, operator: &str, argument: &Value) {
+        match operator {
+            "Var" => match argument.as_str() {
+                Some("resource") => self.resource_identity = true,
+                Some("context") => self.whole_context = true,
+                Some(_) => {}
+                None => self.expression(argument),
+            },
+            "Value" => {}
+            "." | "has" => {
+                let left = argument.get("left");
+                let attribute = match argument.get("attr") {
+                    Some(Value::String(name)) => Some(name.as_str()),
+                    Some(Value::Array(path)) => path.first().and_then(Value::as_str),
+                    _ => None,
+                };
+                match (left.and_then(variable), attribute) {
+                    (Some("resource"), Some(name)) => {
+                        self.resource_attributes.insert(name.to_owned());
+                    }
+                    (Some("context"), Some(name)) => {
+                        self.context_attributes.insert(name.to_owned());
+                    }
+                    _ => self.expression(argument),
+                }
+            }
+            "in" => {
+                let on_resource = argument.get("left").and_then(variable) == Some("resource");
+                let of_jurisdiction = argument
+                    .get("right")
+                    .and_then(|right| right.get("Value"))
+                    .is_some_and(is_jurisdiction_entity);
+                if !(on_resource && of_jurisdiction) {
+                    self.expression(argument);
+                }
+            }
+            "is" => {
+                let on_resource = argument.get("left").and_then(variable) == Some("resource");
+                if on_resource {
+                    // `resource is T` is the same for every field; `in` as for "in" above.
+                    if let Some(inner) = argument.get("in") {
+                        let of_jurisdiction =
+                            inner.get("Value").is_some_and(is_jurisdiction_entity);
+                        if !of_jurisdiction {
+                            self.resource_identity = true;
+                            self.expression(inner);
+                        }
+                    }
+                } else {
+                    self.expression(argument);
+                }
+            }
+            _ => self.expression(argument),
+        }
+    }
+}
+
+fn variable(value: &Value) -> Option<&str> {
+    value.get("Var").and_then(Value::as_str)
+}
+
+fn is_jurisdiction_entity(value: &Value) -> bool {
+    let entity = value.get("__entity").unwrap_or(value);
+    entity
+        .get("type")
+        .and_then(Value::as_str)
+        .is_some_and(|name| name == JURISDICTION_TYPE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cedar_policy::Policy;
+
+    fn observe(text: &str) -> Observed {
+        let policy: Policy = text.parse().unwrap();
+        let mut observed = Observed::default();
+        observed.add_policy(&policy.to_json().unwrap());
+        observed
+    }
+
+    #[test]
+    fn attributes_and_jurisdiction_scopes_are_not_identity() {
+        let observed = observe(
+            r#"permit(principal, action, resource in Jurisdiction::"US")
+               when { resource.classification == "pii" && context.purpose == "support"
+                      && resource has field && resource in Jurisdiction::"SG"
+                      && resource is Field };"#,
+        );
+        assert!(!observed.resource_identity);
+        assert!(!observed.whole_context);
+        assert_eq!(
+            observed.resource_attributes,
+            ["classification", "field"].map(String::from).into()
+        );
+        assert_eq!(
+            observed.context_attributes,
+            ["purpose"].map(String::from).into()
+        );
+        assert!(observed.resource_attribute("field"));
+        assert!(!observed.resource_attribute("record_type"));
+    }
+
+    #[test]
+    fn identity_uses_are_detected() {
+        for text in [
+            r#"permit(principal, action, resource == Field::"US/user/email");"#,
+            r#"permit(principal, action, resource) when { resource == principal.favourite };"#,
+            r#"permit(principal, action, resource) when { resource in principal.jurisdiction };"#,
+            r#"permit(principal, action, resource) when { [resource].contains(principal) };"#,
+            r#"permit(principal, action, resource) when { resource.jurisdiction == context.service.jurisdiction && (if true then resource else resource) == resource };"#,
+            r#"permit(principal, action, resource is Field in Field::"x");"#,
+        ] {
+            assert!(observe(text).resource_identity, "{text}");
+        }
+    }
+
+    #[test]
+    fn whole_context_uses_are_detected() {
+        let observed = observe(r#"permit(principal, action, resource) when { context == {} };"#);
+        assert!(observed.whole_context);
+        assert!(observed.context_attribute("anything"));
+        let nested = observe(
+            r#"permit(principal, action, resource) when { context.service.jurisdiction == resource.jurisdiction };"#,
+        );
+        assert!(!nested.whole_context);
+        assert!(nested.context_attribute("service"));
+        assert!(nested.resource_attribute("jurisdiction"));
+    }
+}

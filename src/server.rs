@@ -1,0 +1,262 @@
+//! Assembles a running server from a [`ServeConfig`]: data directory, master key,
+//! keyring, policies, decision log, then the gRPC services (ringfence, health,
+//! reflection). The composition root; owns no logic of the modules it wires.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic_health::ServingStatus;
+
+use crate::audit::{self, DecisionLog};
+use crate::config::{self, ServeConfig};
+use crate::gatekeeper::Gatekeeper;
+use crate::identity;
+use crate::keys::{self, Keyring, MasterKeySource};
+use crate::pb;
+use crate::policy::{LoadError, PolicyStore};
+use crate::service::{self, RingfenceService};
+
+/// gRPC name of the ringfence service, as health checks know it.
+pub const SERVICE_NAME: &str = "ringfence.v1.Ringfence";
+/// Subdirectory of the data directory that holds the decision log.
+pub const LOG_DIR: &str = "log";
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is refused.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// The policy directory does not load.
+    #[error(transparent)]
+    Policies(#[from] LoadError),
+    /// The master key or keyring is unusable.
+    #[error(transparent)]
+    Keys(#[from] keys::Error),
+    /// The decision log cannot be opened.
+    #[error(transparent)]
+    Log(#[from] audit::Error),
+    /// The data directory or listen socket is unusable.
+    #[error("{0}")]
+    Io(String),
+    /// The gRPC transport failed.
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+/// Opens everything the gatekeeper needs, creating the data directory, keyring and
+/// development master key on first start.
+pub fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
+    config.check()?;
+    let policies = Arc::new(PolicyStore::load(&config.policies)?);
+    let snapshot = policies.current();
+    tracing::info!(
+        policies = snapshot.len(),
+        hash = snapshot.hash(),
+        dir = %config.policies.display(),
+        "policy set loaded"
+    );
+    for jurisdiction in &config.jurisdictions {
+        if !snapshot.jurisdictions().contains(jurisdiction) {
+            tracing::warn!(
+                %jurisdiction,
+                "configured jurisdiction has no `Jurisdiction` entity in the policy directory: its records will be refused"
+            );
+        }
+    }
+
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(&config.data_dir).map_err(|error| {
+        Error::Io(format!(
+            "cannot create data directory `{}`: {error}",
+            config.data_dir.display()
+        ))
+    })?;
+    let (master, source) = keys::load_master_key(
+        config.master_key_env.as_ref(),
+        config.master_key_file.as_deref(),
+        &config.data_dir,
+        config.allow_development_master_key,
+    )?;
+    if let MasterKeySource::Development { path, created } = &source {
+        tracing::warn!(
+            path = %path.display(),
+            created,
+            "USING A DEVELOPMENT MASTER KEY stored next to the keyring: anyone who can read the data directory can unseal every key. NOT FOR PRODUCTION: set {} or pass --master-key-file",
+            keys::MASTER_KEY_ENV
+        );
+    }
+    let keyring_path = config.data_dir.join(keys::KEYRING_FILE);
+    let (keyring, created) =
+        Keyring::open_or_create(&keyring_path, &master, &config.jurisdictions)?;
+    drop(master);
+    for jurisdiction in created {
+        tracing::info!(%jurisdiction, "created root key version 1");
+    }
+
+    let (log, state) = DecisionLog::open(&config.data_dir.join(LOG_DIR))?;
+    if let Some(torn) = &state.torn_tail {
+        tracing::warn!(
+            segment = %torn.display(),
+            "decision log segment ends in a torn line (a crash mid-write); left in place, continuing in a new segment"
+        );
+    }
+    tracing::info!(
+        entries = state.last_seq,
+        segment = state.segment,
+        "decision log open"
+    );
+    Ok(Arc::new(Gatekeeper::new(
+        keyring,
+        policies,
+        log,
+        config.limits,
+    )))
+}
+
+/// A server running in the background.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), Error>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting requests, lets running ones finish, and waits.
+    pub async fn stop(mut self) -> Result<(), Error> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        for task in &self.background {
+            task.abort();
+        }
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(error) => Err(Error::Transport(error.to_string())),
+        }
+    }
+
+    /// Waits until the server stops by itself (a transport error).
+    pub async fn wait(&mut self) -> Result<(), Error> {
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(error) => Err(Error::Transport(error.to_string())),
+        }
+    }
+}
+
+/// Prepares, binds and starts serving.
+pub async fn start(config: ServeConfig) -> Result<Running, Error> {
+    let gate = prepare(&config)?;
+    if config.identity == identity::Mode::DangerTrustIdentityHeaders {
+        tracing::warn!(
+            "--danger-trust-identity-headers: callers are believed on their word ({} / {} headers). Development only.",
+            identity::SERVICE_HEADER,
+            identity::EMPLOYEE_HEADER
+        );
+    } else {
+        tracing::warn!(
+            "no caller authentication is configured: every request will be refused with UNAUTHENTICATED (use --danger-trust-identity-headers for local development)"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| Error::Io(format!("cannot listen on `{}`: {error}", config.listen)))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|error| Error::Io(error.to_string()))?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| Error::Transport(error.to_string()))?;
+
+    let mode = config.identity;
+    let ringfence =
+        pb::ringfence_server::RingfenceServer::new(RingfenceService::new(Arc::clone(&gate)))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+    let ringfence = InterceptedService::new(ringfence, move |request| {
+        service::authenticate(mode, request)
+    });
+
+    let mut background = Vec::new();
+    // Health follows the decision log: without it nothing can be served.
+    let log = gate.log().clone();
+    background.push(tokio::spawn(async move {
+        let mut serving = true;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let healthy = log.is_healthy();
+            if healthy != serving {
+                serving = healthy;
+                let status = if healthy {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                health.set_service_status(SERVICE_NAME, status).await;
+                health.set_service_status("", status).await;
+            }
+        }
+    }));
+    #[cfg(unix)]
+    {
+        let policies = Arc::clone(gate.policies());
+        if let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            background.push(tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    match policies.reload() {
+                        Ok(snapshot) => {
+                            tracing::info!(hash = snapshot.hash(), "policy set reloaded")
+                        }
+                        Err(error) => tracing::error!(
+                            "policy reload rejected; the running set stays in place: {error}"
+                        ),
+                    }
+                }
+            }));
+        }
+    }
+
+    let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(30))
+            .concurrency_limit_per_connection(256)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(ringfence)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = shutdown_signal.await;
+            })
+            .await
+            .map_err(|error| Error::Transport(error.to_string()))
+    });
+    tracing::info!(address = %local_addr, "ringfence listening");
+    Ok(Running {
+        local_addr,
+        shutdown: Some(shutdown),
+        task,
+        background,
+    })
+}

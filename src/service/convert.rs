@@ -1,0 +1,200 @@
+//! Conversions between `ringfence.v1` messages and domain types. Every check of the
+//! wire form happens here, with messages that name the offending field.
+
+use tonic::Status;
+use zeroize::Zeroizing;
+
+use crate::gatekeeper::{
+    AuthorizeRequest, Authorized, DecryptRequest, Decrypted, Denial, Encrypted, FieldFailure,
+    Outcome, PlainRecord, RecordRef, SealedRecord,
+};
+use crate::pb;
+use crate::record::{FieldName, InvalidName, Jurisdiction, RecordId, RecordType, StatedPurpose};
+
+fn invalid(error: InvalidName) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+fn field_name(name: &str) -> Result<FieldName, Status> {
+    FieldName::new(name).map_err(invalid)
+}
+
+fn record_ref(record_type: &str, record_id: &str, jurisdiction: &str) -> Result<RecordRef, Status> {
+    Ok(RecordRef {
+        record_type: RecordType::new(record_type).map_err(invalid)?,
+        record_id: RecordId::new(record_id).map_err(invalid)?,
+        jurisdiction: Jurisdiction::new(jurisdiction).map_err(invalid)?,
+    })
+}
+
+impl TryFrom<pb::EncryptRecordRequest> for PlainRecord {
+    type Error = Status;
+
+    fn try_from(message: pb::EncryptRecordRequest) -> Result<Self, Status> {
+        let record = record_ref(
+            &message.record_type,
+            &message.record_id,
+            &message.jurisdiction,
+        )?;
+        let fields = message
+            .fields
+            .into_iter()
+            .map(|field| Ok((field_name(&field.name)?, Zeroizing::new(field.value))))
+            .collect::<Result<_, Status>>()?;
+        Ok(Self { record, fields })
+    }
+}
+
+impl TryFrom<pb::EncryptedRecord> for SealedRecord {
+    type Error = Status;
+
+    fn try_from(message: pb::EncryptedRecord) -> Result<Self, Status> {
+        let record = record_ref(
+            &message.record_type,
+            &message.record_id,
+            &message.jurisdiction,
+        )?;
+        let fields = message
+            .fields
+            .into_iter()
+            .map(|field| Ok((field_name(&field.name)?, field.ciphertext)))
+            .collect::<Result<_, Status>>()?;
+        Ok(Self { record, fields })
+    }
+}
+
+impl From<SealedRecord> for pb::EncryptedRecord {
+    fn from(record: SealedRecord) -> Self {
+        Self {
+            record_type: record.record.record_type.as_str().to_owned(),
+            record_id: record.record.record_id.as_str().to_owned(),
+            jurisdiction: record.record.jurisdiction.as_str().to_owned(),
+            fields: record
+                .fields
+                .into_iter()
+                .map(|(name, ciphertext)| pb::EncryptedField {
+                    name: name.as_str().to_owned(),
+                    ciphertext,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<Encrypted> for pb::EncryptRecordResponse {
+    fn from(encrypted: Encrypted) -> Self {
+        Self {
+            record: Some(encrypted.record.into()),
+            request_id: encrypted.request_id,
+        }
+    }
+}
+
+impl TryFrom<pb::DecryptRecordRequest> for DecryptRequest {
+    type Error = Status;
+
+    fn try_from(message: pb::DecryptRecordRequest) -> Result<Self, Status> {
+        let record = message
+            .record
+            .ok_or_else(|| Status::invalid_argument("`record` is required"))?;
+        Ok(Self {
+            record: record.try_into()?,
+            wanted: message
+                .fields
+                .iter()
+                .map(|name| field_name(name))
+                .collect::<Result<_, _>>()?,
+            stated: StatedPurpose::new(&message.purpose, &message.ticket).map_err(invalid)?,
+        })
+    }
+}
+
+fn denied(denial: Denial) -> pb::Denied {
+    pb::Denied {
+        policy_ids: denial.policy_ids,
+        reason: denial.reason.to_owned(),
+    }
+}
+
+impl From<Decrypted> for pb::DecryptRecordResponse {
+    fn from(decrypted: Decrypted) -> Self {
+        // Plaintext is moved out of its zeroizing buffer into the response: from here on
+        // it belongs to the transport.
+        let fields = decrypted
+            .fields
+            .into_iter()
+            .map(|(name, outcome)| {
+                let outcome = match outcome {
+                    Outcome::Plaintext(plaintext) => {
+                        pb::field_outcome::Outcome::Plaintext(plaintext.to_vec())
+                    }
+                    Outcome::Denied(denial) => pb::field_outcome::Outcome::Denied(denied(denial)),
+                    Outcome::Failed(failure) => {
+                        let (kind, message) = match failure {
+                            FieldFailure::Integrity => (
+                                pb::field_error::Kind::Integrity,
+                                "integrity check failed: the ciphertext was altered, truncated or does not belong to this field, record or jurisdiction",
+                            ),
+                            FieldFailure::UnknownKeyVersion => (
+                                pb::field_error::Kind::UnknownKeyVersion,
+                                "the ciphertext names a key version this server does not hold",
+                            ),
+                        };
+                        pb::field_outcome::Outcome::Error(pb::FieldError {
+                            kind: kind.into(),
+                            message: message.to_owned(),
+                        })
+                    }
+                };
+                pb::FieldOutcome {
+                    name: name.as_str().to_owned(),
+                    outcome: Some(outcome),
+                }
+            })
+            .collect();
+        Self {
+            record_id: decrypted.record_id.as_str().to_owned(),
+            fields,
+            request_id: decrypted.request_id,
+        }
+    }
+}
+
+impl TryFrom<pb::AuthorizeRequest> for AuthorizeRequest {
+    type Error = Status;
+
+    fn try_from(message: pb::AuthorizeRequest) -> Result<Self, Status> {
+        Ok(Self {
+            record_type: RecordType::new(&message.record_type).map_err(invalid)?,
+            record_id: if message.record_id.is_empty() {
+                None
+            } else {
+                Some(RecordId::new(&message.record_id).map_err(invalid)?)
+            },
+            jurisdiction: Jurisdiction::new(&message.jurisdiction).map_err(invalid)?,
+            fields: message
+                .fields
+                .iter()
+                .map(|name| field_name(name))
+                .collect::<Result<_, _>>()?,
+            stated: StatedPurpose::new(&message.purpose, &message.ticket).map_err(invalid)?,
+        })
+    }
+}
+
+impl From<Authorized> for pb::AuthorizeResponse {
+    fn from(authorized: Authorized) -> Self {
+        Self {
+            fields: authorized
+                .fields
+                .into_iter()
+                .map(|(name, denial)| pb::FieldAuthorization {
+                    name: name.as_str().to_owned(),
+                    allowed: denial.is_none(),
+                    denied: denial.map(denied),
+                })
+                .collect(),
+            request_id: authorized.request_id,
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! gRPC handlers of `ringfence.v1.Ringfence`: proto -> domain via `TryFrom`, call the
+//! [`Gatekeeper`], map back. Owns every tonic and prost type; holds no logic of its own.
+//! The only `From<Error> for tonic::Status` lives here: callers get a precise code and
+//! an actionable message, internals go to the server log.
+
+mod convert;
+
+use std::sync::Arc;
+
+use futures_util::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::gatekeeper::{self, Gatekeeper};
+use crate::identity::{self, Caller};
+use crate::keys;
+use crate::pb;
+use crate::policy;
+
+/// Records of one `DecryptRecords` stream processed concurrently (answers stay in order).
+const STREAM_CONCURRENCY: usize = 32;
+
+impl From<gatekeeper::Error> for Status {
+    fn from(error: gatekeeper::Error) -> Self {
+        use gatekeeper::Error as E;
+        match error {
+            E::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
+            E::Policy(
+                error @ (policy::Error::UnknownPrincipal(_) | policy::Error::UnknownService(_)),
+            ) => Status::unauthenticated(error.to_string()),
+            E::Policy(
+                error @ (policy::Error::UnknownRecordType(_)
+                | policy::Error::UnknownField { .. }
+                | policy::Error::UnknownJurisdiction(_)),
+            ) => Status::invalid_argument(error.to_string()),
+            E::Keys(keys::Error::UnknownJurisdiction(jurisdiction)) => Status::invalid_argument(
+                format!("jurisdiction `{jurisdiction}` is not configured on this server"),
+            ),
+            E::Log(error) => {
+                tracing::error!(%error, "request refused: decision log unavailable");
+                Status::unavailable(
+                    "the decision log cannot record this request, so nothing was encrypted or decrypted; retry later",
+                )
+            }
+            error @ E::EncryptDenied { .. } => {
+                let message = match &error {
+                    E::EncryptDenied { policy_ids, .. } if !policy_ids.is_empty() => {
+                        format!("{error} (policies: {})", policy_ids.join(", "))
+                    }
+                    _ => error.to_string(),
+                };
+                Status::permission_denied(message)
+            }
+            error @ (E::Policy(_) | E::Keys(_) | E::Crypto(_)) => {
+                tracing::error!(%error, "internal error");
+                Status::internal("internal error; the server log has details")
+            }
+        }
+    }
+}
+
+impl From<identity::Error> for Status {
+    fn from(error: identity::Error) -> Self {
+        Status::unauthenticated(error.to_string())
+    }
+}
+
+/// Authenticates each request and puts the [`Caller`] into its extensions.
+pub fn authenticate(mode: identity::Mode, mut request: Request<()>) -> Result<Request<()>, Status> {
+    let caller = identity::authenticate(mode, |name| {
+        request
+            .metadata()
+            .get_all(name)
+            .iter()
+            .map(|value| value.to_str().ok())
+            .collect()
+    })?;
+    request.extensions_mut().insert(caller);
+    Ok(request)
+}
+
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("request is not authenticated"))
+}
+
+/// The `ringfence.v1.Ringfence` service.
+#[derive(Debug, Clone)]
+pub struct RingfenceService {
+    gate: Arc<Gatekeeper>,
+}
+
+impl RingfenceService {
+    /// Serves `gate`.
+    pub fn new(gate: Arc<Gatekeeper>) -> Self {
+        Self { gate }
+    }
+}
+
+async fn decrypt_one(
+    gate: &Gatekeeper,
+    caller: &Caller,
+    message: pb::DecryptRecordRequest,
+) -> Result<pb::DecryptRecordResponse, Status> {
+    let request = gatekeeper::DecryptRequest::try_from(message)?;
+    let decrypted = gate.decrypt_record(caller, request).await?;
+    Ok(decrypted.into())
+}
+
+#[tonic::async_trait]
+impl pb::ringfence_server::Ringfence for RingfenceService {
+    async fn encrypt_record(
+        &self,
+        request: Request<pb::EncryptRecordRequest>,
+    ) -> Result<Response<pb::EncryptRecordResponse>, Status> {
+        let caller = caller(&request)?;
+        let plain = gatekeeper::PlainRecord::try_from(request.into_inner())?;
+        let encrypted = self.gate.encrypt_record(&caller, plain).await?;
+        Ok(Response::new(encrypted.into()))
+    }
+
+    async fn decrypt_record(
+        &self,
+        request: Request<pb::DecryptRecordRequest>,
+    ) -> Result<Response<pb::DecryptRecordResponse>, Status> {
+        let caller = caller(&request)?;
+        let response = decrypt_one(&self.gate, &caller, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn authorize(
+        &self,
+        request: Request<pb::AuthorizeRequest>,
+    ) -> Result<Response<pb::AuthorizeResponse>, Status> {
+        let caller = caller(&request)?;
+        let ask = gatekeeper::AuthorizeRequest::try_from(request.into_inner())?;
+        let authorized = self.gate.authorize(&caller, ask).await?;
+        Ok(Response::new(authorized.into()))
+    }
+
+    type DecryptRecordsStream = ReceiverStream<Result<pb::DecryptRecordResponse, Status>>;
+
+    async fn decrypt_records(
+        &self,
+        request: Request<Streaming<pb::DecryptRecordRequest>>,
+    ) -> Result<Response<Self::DecryptRecordsStream>, Status> {
+        let caller = Arc::new(caller(&request)?);
+        let inbound = request.into_inner();
+        let gate = Arc::clone(&self.gate);
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_CONCURRENCY);
+        tokio::spawn(async move {
+            let mut answers = inbound
+                .enumerate()
+                .map(|(index, message)| {
+                    let gate = Arc::clone(&gate);
+                    let caller = Arc::clone(&caller);
+                    async move {
+                        let answer = match message {
+                            Ok(message) => decrypt_one(&gate, &caller, message).await,
+                            Err(status) => Err(status),
+                        };
+                        answer.map_err(|status| {
+                            Status::new(
+                                status.code(),
+                                format!("record {index}: {}", status.message()),
+                            )
+                        })
+                    }
+                })
+                .buffered(STREAM_CONCURRENCY);
+            while let Some(answer) = answers.next().await {
+                let failed = answer.is_err();
+                // Stop on the first error, or when the client went away.
+                if sender.send(answer).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
