@@ -159,6 +159,12 @@ impl Running {
 /// Prepares, binds and starts serving.
 pub async fn start(config: ServeConfig) -> Result<Running, Error> {
     let gate = prepare(&config)?;
+    start_with(gate, &config).await
+}
+
+/// Binds and serves an already assembled gatekeeper (tests use this to inject faults).
+pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<Running, Error> {
+    config.check()?;
     if config.identity == identity::Mode::DangerTrustIdentityHeaders {
         tracing::warn!(
             "--danger-trust-identity-headers: callers are believed on their word ({} / {} headers). Development only.",

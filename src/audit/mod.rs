@@ -245,18 +245,36 @@ fn open_segment(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// Longest line accepted when reading a segment back; entries are far smaller.
+pub const MAX_LINE_BYTES: u64 = 16 * 1024 * 1024;
+
 /// The chain head in one segment: last (seq, hash), whether its end is torn.
 fn segment_head(path: &Path) -> Result<(Option<(u64, String)>, bool), String> {
+    use std::io::Read as _;
     let file = File::open(path).map_err(|error| error.to_string())?;
+    if !file
+        .metadata()
+        .map_err(|error| error.to_string())?
+        .is_file()
+    {
+        return Err("not a regular file".to_owned());
+    }
     let mut reader = BufReader::new(file);
     let mut head = None;
     let mut line = String::new();
     let mut number = 0u64;
     loop {
         line.clear();
-        let read = reader
+        let read = (&mut reader)
+            .take(MAX_LINE_BYTES)
             .read_line(&mut line)
             .map_err(|error| format!("line {}: {error}", number + 1))?;
+        if read as u64 == MAX_LINE_BYTES {
+            return Err(format!(
+                "line {}: longer than {MAX_LINE_BYTES} bytes",
+                number + 1
+            ));
+        }
         if read == 0 {
             return Ok((head, false));
         }

@@ -1,0 +1,377 @@
+//! The `ringfence` binary as users run it: exit codes, diagnostics, and the quick start.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use assert_cmd::cargo::CommandCargoExt;
+use common::*;
+
+fn ringfence() -> Command {
+    let mut command = Command::cargo_bin("ringfence").unwrap();
+    command
+        .env_remove("RINGFENCE_MASTER_KEY")
+        .env("RINGFENCE_LOG", "info");
+    command
+}
+
+fn copy_policies(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(shipped_policies()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(command: &mut Command) -> Output {
+    let output = command.output().unwrap();
+    Output {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn policy_validate_accepts_the_shipped_set_and_names_file_and_line_of_errors() {
+    let ok = run(ringfence()
+        .args(["policy", "validate", "--policies"])
+        .arg(shipped_policies()));
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(ok.stdout.contains("valid: 9 policies"), "{}", ok.stdout);
+
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(dir.path());
+    std::fs::write(
+        dir.path().join("new.cedar"),
+        "@id(\"typo\")\npermit (principal, action == Action::\"decrypt\", resource)\nwhen { resource.clasification == \"public\" };\n",
+    )
+    .unwrap();
+    let bad = run(ringfence()
+        .args(["policy", "validate", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(bad.code, 3, "{}", bad.stderr);
+    assert!(bad.stderr.contains("new.cedar:3:"), "{}", bad.stderr);
+    assert!(bad.stderr.contains("clasification"), "{}", bad.stderr);
+
+    // `serve` refuses to start on the same set, before binding anything.
+    let data = tempfile::tempdir().unwrap();
+    let serve = run(ringfence()
+        .args(["serve", "--listen", "127.0.0.1:0", "--policies"])
+        .arg(dir.path())
+        .arg("--data-dir")
+        .arg(data.path().join("d")));
+    assert_eq!(serve.code, 3, "{}", serve.stderr);
+    assert!(serve.stderr.contains("new.cedar:3:"), "{}", serve.stderr);
+    assert!(!serve.stderr.contains("listening"), "{}", serve.stderr);
+}
+
+#[test]
+fn serve_refuses_insecure_configurations() {
+    let data = tempfile::tempdir().unwrap();
+    let out = run(ringfence()
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--danger-trust-identity-headers",
+            "--policies",
+        ])
+        .arg(shipped_policies())
+        .arg("--data-dir")
+        .arg(data.path()));
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("listen on a loopback address"),
+        "{}",
+        out.stderr
+    );
+
+    let out = run(ringfence()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--jurisdictions",
+            "US,us",
+        ])
+        .arg("--data-dir")
+        .arg(data.path()));
+    assert_eq!(
+        out.code, 2,
+        "bad jurisdiction is a usage error: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("invalid jurisdiction `us`"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// A spawned server, killed if a test fails before stopping it.
+struct Server(Option<Child>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `ringfence serve` and returns it with the address it listens on.
+fn spawn_serve(
+    dir: &Path,
+    extra: &[&str],
+    master_key: Option<&str>,
+) -> (Server, String, std::sync::mpsc::Receiver<String>) {
+    let mut command = ringfence();
+    command
+        .current_dir(dir)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--danger-trust-identity-headers",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(key) = master_key {
+        command.env("RINGFENCE_MASTER_KEY", key);
+    }
+    let mut server = Server(Some(command.spawn().unwrap()));
+    let stderr = server.0.as_mut().unwrap().stderr.take().unwrap();
+    let (lines, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            if lines.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    loop {
+        let line = receiver
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("server did not start:\n{seen}"));
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(at) = line.find("address=") {
+            let address = line[at + "address=".len()..].trim().to_owned();
+            return (server, seen + &address, receiver);
+        }
+    }
+}
+
+fn address_of(started: &str) -> String {
+    started.lines().last().unwrap().to_owned()
+}
+
+fn stop(mut server: Server) {
+    let mut child = server.0.take().unwrap();
+    // SIGTERM for a graceful stop, then reap.
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "server exited with {status}");
+}
+
+#[test]
+fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let (child, started, _) = spawn_serve(dir.path(), &[], None);
+    assert!(started.contains("DEVELOPMENT MASTER KEY"), "{started}");
+    for created in [
+        "ringfence-data/keyring.json",
+        "ringfence-data/dev-master.key",
+        "ringfence-data/log/decisions-000001.jsonl",
+    ] {
+        assert!(dir.path().join(created).exists(), "{created} missing");
+    }
+    let address = address_of(&started);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = ringfence::pb::ringfence_client::RingfenceClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+        let record = encrypt_profile(&mut client, "u-1", "US").await;
+        let response = client
+            .decrypt_record(as_caller(decrypt_request(record, &["email"], "support", "INC-1"), "us-support-tool", Some("alice")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(matches!(
+            outcome(&response, "email"),
+            ringfence::pb::field_outcome::Outcome::Plaintext(p) if p == &secret_value("u-1", "email")
+        ));
+    });
+    stop(child);
+
+    // Restart: the same keys open the old record's keyring, the chain continues.
+    let (child, started, _) = spawn_serve(dir.path(), &[], None);
+    assert!(!started.contains("created root key"), "{started}");
+    stop(child);
+    let verify = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "verify"]));
+    assert_eq!(verify.code, 0, "{}", verify.stderr);
+    assert!(
+        verify.stdout.contains("intact: 2 entries"),
+        "{}",
+        verify.stdout
+    );
+
+    let keys = run(ringfence().current_dir(dir.path()).args(["keys", "list"]));
+    assert_eq!(keys.code, 0, "{}", keys.stderr);
+    assert!(keys.stdout.contains("US\tv1\t"), "{}", keys.stdout);
+    let rotate =
+        run(ringfence()
+            .current_dir(dir.path())
+            .args(["keys", "rotate", "--jurisdiction", "US"]));
+    assert_eq!(rotate.code, 0, "{}", rotate.stderr);
+    assert!(
+        rotate.stdout.contains("US: new current key version 2"),
+        "{}",
+        rotate.stdout
+    );
+    let keys = run(ringfence().current_dir(dir.path()).args(["keys", "list"]));
+    assert!(
+        keys.stdout.contains("US\tv2\t") && keys.stdout.contains("(current)"),
+        "{}",
+        keys.stdout
+    );
+    let dev_key =
+        std::fs::read_to_string(dir.path().join("ringfence-data/dev-master.key")).unwrap();
+    assert!(!keys.stdout.contains(dev_key.trim()));
+}
+
+#[test]
+fn a_supplied_master_key_never_appears_in_output_and_a_wrong_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let key = "5a".repeat(32);
+    let (child, started, _) = spawn_serve(dir.path(), &["--no-dev-master-key"], Some(&key));
+    assert!(!started.contains(&key));
+    assert!(!started.contains("DEVELOPMENT"), "{started}");
+    assert!(!dir.path().join("ringfence-data/dev-master.key").exists());
+    stop(child);
+
+    let wrong = run(ringfence()
+        .current_dir(dir.path())
+        .env("RINGFENCE_MASTER_KEY", "6b".repeat(32))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--danger-trust-identity-headers",
+        ]));
+    assert_eq!(wrong.code, 1);
+    assert!(
+        wrong.stderr.contains("does not open keyring"),
+        "{}",
+        wrong.stderr
+    );
+    assert!(!wrong.stderr.contains(&"6b".repeat(32)));
+
+    let garbled = run(ringfence()
+        .current_dir(dir.path())
+        .env("RINGFENCE_MASTER_KEY", "not-a-key-but-secret")
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--danger-trust-identity-headers",
+        ]));
+    assert_eq!(garbled.code, 1);
+    assert!(
+        garbled.stderr.contains("is not 32 bytes"),
+        "{}",
+        garbled.stderr
+    );
+    assert!(!garbled.stderr.contains("not-a-key-but-secret"));
+
+    let none = run(ringfence().current_dir(dir.path()).args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-dev-master-key",
+    ]));
+    assert_eq!(none.code, 1);
+    assert!(
+        none.stderr.contains("no master key was supplied"),
+        "{}",
+        none.stderr
+    );
+}
+
+#[test]
+fn audit_verify_names_the_first_bad_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    std::fs::create_dir_all(&log).unwrap();
+    let mut text = String::new();
+    let mut prev = ringfence::audit::GENESIS_HASH.to_owned();
+    for seq in 1..=3 {
+        let entry = ringfence::audit::Entry {
+            time: "2026-11-23T00:00:00Z".to_owned(),
+            request_time: 0,
+            request_id: format!("r{seq}"),
+            kind: "authorize".to_owned(),
+            service: None,
+            principal: None,
+            authentication: "test".to_owned(),
+            action: None,
+            purpose: String::new(),
+            ticket: String::new(),
+            record: None,
+            policy_set: None,
+            fields: vec![],
+            outcome: "decided".to_owned(),
+        };
+        let (line, hash) = ringfence::audit::chain_line(seq, &prev, &entry).unwrap();
+        text.push_str(&line);
+        text.push('\n');
+        prev = hash;
+    }
+    let segment = ringfence::audit::segment_path(&log, 1);
+    std::fs::write(&segment, &text).unwrap();
+    let ok = run(ringfence().args(["audit", "verify", "--log"]).arg(&log));
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(
+        ok.stdout.contains("intact: 3 entries in 1 segments"),
+        "{}",
+        ok.stdout
+    );
+
+    std::fs::write(&segment, text.replacen("\"r2\"", "\"r9\"", 1)).unwrap();
+    let bad = run(ringfence().args(["audit", "verify", "--log"]).arg(&log));
+    assert_eq!(bad.code, 4);
+    assert!(
+        bad.stderr
+            .contains("decisions-000001.jsonl: line 2 (seq 2): hash mismatch"),
+        "{}",
+        bad.stderr
+    );
+}

@@ -1,0 +1,219 @@
+//! Shared fixtures of the integration tests: a real server on 127.0.0.1:0 and a real
+//! tonic client that names its caller with the development identity headers.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ringfence::pb;
+use ringfence::pb::ringfence_client::RingfenceClient;
+use ringfence::server::{self, Running};
+use ringfence::{ServeConfig, identity};
+use tonic::transport::Channel;
+
+pub fn shipped_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+pub struct TestServer {
+    pub running: Running,
+    pub dir: tempfile::TempDir,
+    pub config: ServeConfig,
+}
+
+impl TestServer {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir().join(server::LOG_DIR)
+    }
+
+    pub async fn client(&self) -> RingfenceClient<Channel> {
+        RingfenceClient::connect(format!("http://{}", self.running.local_addr))
+            .await
+            .unwrap()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.running.local_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Every decision log entry, parsed.
+    pub fn log_entries(&self) -> Vec<serde_json::Value> {
+        let mut segments: Vec<_> = std::fs::read_dir(self.log_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segments.sort();
+        segments
+            .iter()
+            .flat_map(|path| {
+                std::fs::read_to_string(path)
+                    .unwrap()
+                    .lines()
+                    .map(|line| serde_json::from_str(line).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Raw bytes of every segment.
+    pub fn log_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(self.log_dir()).unwrap() {
+            all.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        all
+    }
+}
+
+pub fn test_config(dir: &Path) -> ServeConfig {
+    ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("data"),
+        policies: shipped_policies(),
+        identity: identity::Mode::DangerTrustIdentityHeaders,
+        ..ServeConfig::defaults()
+    }
+}
+
+pub async fn start() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let running = server::start(config.clone()).await.unwrap();
+    TestServer {
+        running,
+        dir,
+        config,
+    }
+}
+
+pub async fn start_with(gate: Arc<ringfence::Gatekeeper>, dir: tempfile::TempDir) -> TestServer {
+    let config = test_config(dir.path());
+    let running = server::start_with(gate, &config).await.unwrap();
+    TestServer {
+        running,
+        dir,
+        config,
+    }
+}
+
+/// Wraps a message with the development identity headers.
+pub fn as_caller<T>(message: T, service: &str, employee: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert(identity::SERVICE_HEADER, service.parse().unwrap());
+    if let Some(employee) = employee {
+        request
+            .metadata_mut()
+            .insert(identity::EMPLOYEE_HEADER, employee.parse().unwrap());
+    }
+    request
+}
+
+/// The 20 fields of the catalog's `user_profile`, with recognisable values.
+pub const PROFILE_FIELDS: [&str; 20] = [
+    "user_handle",
+    "display_name",
+    "avatar_url",
+    "locale",
+    "time_zone",
+    "email",
+    "phone",
+    "date_of_birth",
+    "home_address",
+    "postal_code",
+    "city",
+    "last_login_ip",
+    "device_ids",
+    "precise_location",
+    "contacts_hash",
+    "watch_history",
+    "payment_token",
+    "government_id",
+    "tax_id",
+    "legal_hold_notes",
+];
+
+pub fn secret_value(record_id: &str, field: &str) -> Vec<u8> {
+    format!("SECRET-{record_id}-{field}-value").into_bytes()
+}
+
+pub fn profile(record_id: &str, jurisdiction: &str) -> pb::EncryptRecordRequest {
+    pb::EncryptRecordRequest {
+        record_type: "user_profile".to_owned(),
+        record_id: record_id.to_owned(),
+        jurisdiction: jurisdiction.to_owned(),
+        fields: PROFILE_FIELDS
+            .iter()
+            .map(|field| pb::PlainField {
+                name: (*field).to_owned(),
+                value: secret_value(record_id, field),
+            })
+            .collect(),
+    }
+}
+
+/// Encrypts a profile as the jurisdiction's signup service.
+pub async fn encrypt_profile(
+    client: &mut RingfenceClient<Channel>,
+    record_id: &str,
+    jurisdiction: &str,
+) -> pb::EncryptedRecord {
+    let service = format!("{}-signup", jurisdiction.to_lowercase());
+    client
+        .encrypt_record(as_caller(profile(record_id, jurisdiction), &service, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap()
+}
+
+pub fn decrypt_request(
+    record: pb::EncryptedRecord,
+    fields: &[&str],
+    purpose: &str,
+    ticket: &str,
+) -> pb::DecryptRecordRequest {
+    pb::DecryptRecordRequest {
+        record: Some(record),
+        fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+        purpose: purpose.to_owned(),
+        ticket: ticket.to_owned(),
+    }
+}
+
+pub fn outcome<'a>(
+    response: &'a pb::DecryptRecordResponse,
+    field: &str,
+) -> &'a pb::field_outcome::Outcome {
+    response
+        .fields
+        .iter()
+        .find(|f| f.name == field)
+        .and_then(|f| f.outcome.as_ref())
+        .unwrap_or_else(|| panic!("no outcome for {field}"))
+}
+
+pub fn ciphertext_mut<'a>(record: &'a mut pb::EncryptedRecord, field: &str) -> &'a mut Vec<u8> {
+    &mut record
+        .fields
+        .iter_mut()
+        .find(|f| f.name == field)
+        .unwrap()
+        .ciphertext
+}

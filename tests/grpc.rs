@@ -1,0 +1,819 @@
+//! End-to-end tests of the gRPC service: a real server on 127.0.0.1:0 and a real tonic
+//! client, for every guarantee of docs/architecture.md that crosses the wire.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use common::*;
+use ringfence::pb;
+use ringfence::pb::field_outcome::Outcome;
+use tonic::Code;
+
+fn plaintext(outcome: &Outcome) -> &[u8] {
+    match outcome {
+        Outcome::Plaintext(bytes) => bytes,
+        other => panic!("expected plaintext, got {other:?}"),
+    }
+}
+
+fn denied(outcome: &Outcome) -> &pb::Denied {
+    match outcome {
+        Outcome::Denied(denied) => denied,
+        other => panic!("expected denied, got {other:?}"),
+    }
+}
+
+fn error_kind(outcome: &Outcome) -> pb::field_error::Kind {
+    match outcome {
+        Outcome::Error(error) => error.kind(),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gatekeeper_engineer_reads_us_fields_for_a_stated_purpose() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let record = encrypt_profile(&mut client, "u-1", "US").await;
+    assert_eq!(record.fields.len(), 20);
+    for field in &record.fields {
+        let value = secret_value("u-1", &field.name);
+        assert!(
+            !field
+                .ciphertext
+                .windows(value.len())
+                .any(|w| w == value.as_slice()),
+            "plaintext visible in ciphertext of {}",
+            field.name
+        );
+    }
+
+    let response = client
+        .decrypt_record(as_caller(
+            decrypt_request(record.clone(), &[], "support", "INC-42"),
+            "us-support-tool",
+            Some("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.record_id, "u-1");
+    assert_eq!(response.fields.len(), 20);
+    assert_eq!(
+        plaintext(outcome(&response, "email")),
+        secret_value("u-1", "email")
+    );
+    assert_eq!(
+        plaintext(outcome(&response, "display_name")),
+        secret_value("u-1", "display_name")
+    );
+    assert_eq!(
+        plaintext(outcome(&response, "device_ids")),
+        secret_value("u-1", "device_ids")
+    );
+    let restricted = denied(outcome(&response, "government_id"));
+    assert!(restricted.policy_ids.is_empty());
+    assert_eq!(restricted.reason, "no policy permits this access");
+
+    // Without a stated purpose the same engineer reads public fields only.
+    let response = client
+        .decrypt_record(as_caller(
+            decrypt_request(record, &["email", "display_name"], "", ""),
+            "us-support-tool",
+            Some("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.fields.len(), 2);
+    denied(outcome(&response, "email"));
+    plaintext(outcome(&response, "display_name"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_company_staff_get_every_us_field_denied() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let record = encrypt_profile(&mut client, "u-2", "US").await;
+    for employee in ["bob", "carol"] {
+        let response = client
+            .decrypt_record(as_caller(
+                decrypt_request(record.clone(), &[], "legal-request", "L-1"),
+                "us-support-tool",
+                Some(employee),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.fields.len(), 20);
+        for field in &response.fields {
+            let denial = denied(field.outcome.as_ref().unwrap());
+            assert_eq!(
+                denial.policy_ids,
+                ["parent-company-never-reads-us"],
+                "{employee} {}",
+                field.name
+            );
+            assert_eq!(denial.reason, "denied by policy");
+        }
+    }
+    // A parent-company service cannot read US data either, even with a US engineer behind it.
+    let response = client
+        .decrypt_record(as_caller(
+            decrypt_request(record, &["email"], "support", "INC-1"),
+            "parentco-analytics",
+            Some("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        denied(outcome(&response, "email")).policy_ids,
+        ["parent-company-services-never-read-us"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_fields_and_other_jurisdictions() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let record = encrypt_profile(&mut client, "s-1", "SG").await;
+    let response = client
+        .decrypt_record(as_caller(
+            decrypt_request(
+                record.clone(),
+                &["display_name", "email", "last_login_ip"],
+                "support",
+                "",
+            ),
+            "sg-signup",
+            Some("mei"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    plaintext(outcome(&response, "display_name"));
+    plaintext(outcome(&response, "email"));
+    denied(outcome(&response, "last_login_ip"));
+    // The US gatekeeper engineer has no business with SG pii.
+    let response = client
+        .decrypt_record(as_caller(
+            decrypt_request(record, &["display_name", "email"], "support", "INC-1"),
+            "us-support-tool",
+            Some("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    plaintext(outcome(&response, "display_name"));
+    denied(outcome(&response, "email"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_and_moved_ciphertexts_fail_integrity_and_are_logged() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let original = encrypt_profile(&mut client, "u-3", "US").await;
+    let ask = |record: pb::EncryptedRecord, fields: &[&str]| {
+        as_caller(
+            decrypt_request(record, fields, "support", "INC-7"),
+            "us-support-tool",
+            Some("alice"),
+        )
+    };
+
+    // One flipped bit in the body of one field; the other field is unaffected.
+    let mut flipped = original.clone();
+    let body = ciphertext_mut(&mut flipped, "email");
+    let last = body.len() - 1;
+    body[last] ^= 0x01;
+    let response = client
+        .decrypt_record(ask(flipped, &["email", "phone"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        error_kind(outcome(&response, "email")),
+        pb::field_error::Kind::Integrity
+    );
+    assert_eq!(
+        plaintext(outcome(&response, "phone")),
+        secret_value("u-3", "phone")
+    );
+
+    // Two fields' ciphertexts swapped.
+    let mut swapped = original.clone();
+    let email = ciphertext_mut(&mut swapped, "email").clone();
+    let phone = std::mem::replace(ciphertext_mut(&mut swapped, "phone"), email);
+    *ciphertext_mut(&mut swapped, "email") = phone;
+    let response = client
+        .decrypt_record(ask(swapped, &["email", "phone"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        error_kind(outcome(&response, "email")),
+        pb::field_error::Kind::Integrity
+    );
+    assert_eq!(
+        error_kind(outcome(&response, "phone")),
+        pb::field_error::Kind::Integrity
+    );
+
+    // Moved to another record.
+    let mut moved = original.clone();
+    moved.record_id = "u-4".to_owned();
+    let response = client
+        .decrypt_record(ask(moved, &["email"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        error_kind(outcome(&response, "email")),
+        pb::field_error::Kind::Integrity
+    );
+
+    // Presented as an SG record to someone SG policy lets read pii.
+    let mut rehomed = original.clone();
+    rehomed.jurisdiction = "SG".to_owned();
+    let response = client
+        .decrypt_record(as_caller(
+            decrypt_request(rehomed, &["email"], "support", ""),
+            "sg-signup",
+            Some("mei"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        error_kind(outcome(&response, "email")),
+        pb::field_error::Kind::Integrity
+    );
+
+    // A key version the server does not hold (header bytes 4+len("US")..+4).
+    let mut future_version = original.clone();
+    ciphertext_mut(&mut future_version, "email")[6..10].copy_from_slice(&99u32.to_be_bytes());
+    let response = client
+        .decrypt_record(ask(future_version, &["email"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        error_kind(outcome(&response, "email")),
+        pb::field_error::Kind::UnknownKeyVersion
+    );
+
+    // A denied field is never decrypted: tampering it changes nothing about the answer.
+    let mut tampered_denied = original.clone();
+    let body = ciphertext_mut(&mut tampered_denied, "government_id");
+    let last = body.len() - 1;
+    body[last] ^= 0x01;
+    let response = client
+        .decrypt_record(ask(tampered_denied, &["government_id"]))
+        .await
+        .unwrap()
+        .into_inner();
+    denied(outcome(&response, "government_id"));
+
+    // Each failed attempt is in the log: AEAD failures found while decrypting get a
+    // follow-up `integrity_failure` entry; a jurisdiction mismatch is caught before.
+    let entries = server.log_entries();
+    let follow_ups: Vec<_> = entries
+        .iter()
+        .filter(|e| e["kind"] == "integrity_failure")
+        .collect();
+    assert_eq!(follow_ups.len(), 3, "flip, swap, move");
+    assert_eq!(follow_ups[1]["fields"].as_array().unwrap().len(), 2);
+    let mut failed_requests: Vec<&str> = entries
+        .iter()
+        .filter(|e| {
+            e["fields"]
+                .as_array()
+                .is_some_and(|fields| fields.iter().any(|f| f["outcome"] == "integrity_failure"))
+        })
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    failed_requests.dedup();
+    assert_eq!(failed_requests.len(), 4, "flip, swap, move, rehome");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_has_one_chained_entry_and_no_plaintext() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let record = encrypt_profile(&mut client, "u-5", "US").await;
+    for employee in ["alice", "bob", "lena"] {
+        client
+            .decrypt_record(as_caller(
+                decrypt_request(record.clone(), &[], "support", "INC-9"),
+                "us-support-tool",
+                Some(employee),
+            ))
+            .await
+            .unwrap();
+    }
+    let authorize = pb::AuthorizeRequest {
+        record_type: "user_profile".to_owned(),
+        record_id: "u-5".to_owned(),
+        jurisdiction: "US".to_owned(),
+        fields: vec![],
+        purpose: "support".to_owned(),
+        ticket: "INC-9".to_owned(),
+    };
+    let answer = client
+        .authorize(as_caller(authorize, "us-support-tool", Some("alice")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.fields.len(), 20);
+    let email = answer.fields.iter().find(|f| f.name == "email").unwrap();
+    assert!(email.allowed && email.denied.is_none());
+    let tax = answer.fields.iter().find(|f| f.name == "tax_id").unwrap();
+    assert!(!tax.allowed);
+    assert_eq!(
+        tax.denied.as_ref().unwrap().reason,
+        "no policy permits this access"
+    );
+
+    let entries = server.log_entries();
+    let kinds: Vec<&str> = entries
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["encrypt", "decrypt", "decrypt", "decrypt", "authorize"]
+    );
+    let snapshot_hash = ringfence::policy::PolicySnapshot::load(&shipped_policies())
+        .unwrap()
+        .hash()
+        .to_owned();
+    for (index, entry) in entries.iter().enumerate() {
+        assert_eq!(entry["seq"], index as u64 + 1);
+        assert_eq!(entry["policy_set"], snapshot_hash.as_str());
+        assert_eq!(entry["record"]["record_id"], "u-5");
+    }
+    let alice = &entries[1];
+    assert_eq!(alice["principal"], "Employee::\"alice\"");
+    assert_eq!(alice["service"], "us-support-tool");
+    assert_eq!(alice["purpose"], "support");
+    assert_eq!(alice["ticket"], "INC-9");
+    assert_eq!(alice["fields"].as_array().unwrap().len(), 20);
+    let email = alice["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == "email")
+        .unwrap();
+    assert_eq!(email["decision"], "allow");
+    assert_eq!(email["policies"][0], "us-gatekeeper-engineers-read-us");
+    assert_eq!(email["key_version"], 1);
+    assert_eq!(email["classification"], "pii");
+    let bob_email = entries[2]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == "email")
+        .unwrap();
+    assert_eq!(bob_email["decision"], "deny");
+    assert_eq!(bob_email["policies"][0], "parent-company-never-reads-us");
+
+    let report = ringfence::audit::verify(&server.log_dir()).unwrap();
+    assert_eq!(report.entries, 5);
+    let bytes = server.log_bytes();
+    for field in PROFILE_FIELDS {
+        let secret = secret_value("u-5", field);
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+            "plaintext of {field} in log"
+        );
+    }
+    let keyring = std::fs::read_to_string(server.data_dir().join("keyring.json")).unwrap();
+    let sealed: serde_json::Value = serde_json::from_str(&keyring).unwrap();
+    let sealed_us = sealed["jurisdictions"]["US"]["versions"][0]["sealed"]
+        .as_str()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&bytes).contains(sealed_us));
+}
+
+async fn status_of<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+) -> tonic::Status {
+    result.expect_err("expected an error status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_precise_statuses() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let record = encrypt_profile(&mut client, "u-6", "US").await;
+
+    let mut cases: Vec<(pb::EncryptRecordRequest, Code, &str)> = Vec::new();
+    let mut empty_id = profile("", "US");
+    empty_id.record_id.clear();
+    cases.push((empty_id, Code::InvalidArgument, "record_id"));
+    let mut unknown_type = profile("u-7", "US");
+    unknown_type.record_type = "order".to_owned();
+    cases.push((
+        unknown_type,
+        Code::InvalidArgument,
+        "unknown record type `order`",
+    ));
+    let mut unknown_field = profile("u-7", "US");
+    unknown_field.fields[0].name = "shoe_size".to_owned();
+    cases.push((
+        unknown_field,
+        Code::InvalidArgument,
+        "unknown field `shoe_size`",
+    ));
+    let mut bad_name = profile("u-7", "US");
+    bad_name.fields[0].name = "Email!".to_owned();
+    cases.push((bad_name, Code::InvalidArgument, "invalid field name"));
+    let mut duplicate = profile("u-7", "US");
+    duplicate.fields[1].name = duplicate.fields[0].name.clone();
+    cases.push((duplicate, Code::InvalidArgument, "appears more than once"));
+    let mut no_fields = profile("u-7", "US");
+    no_fields.fields.clear();
+    cases.push((no_fields, Code::InvalidArgument, "no fields"));
+    cases.push((
+        profile("u-7", "BR"),
+        Code::InvalidArgument,
+        "jurisdiction `BR` is not configured",
+    ));
+    cases.push((
+        profile("u-7", "us"),
+        Code::InvalidArgument,
+        "invalid jurisdiction",
+    ));
+    let mut huge = profile("u-7", "US");
+    huge.fields[0].value = vec![7; 1024 * 1024 + 1];
+    cases.push((huge, Code::InvalidArgument, "the limit is 1048576 bytes"));
+    for (request, code, needle) in cases {
+        let status = status_of(
+            client
+                .encrypt_record(as_caller(request, "us-signup", None))
+                .await,
+        )
+        .await;
+        assert_eq!(status.code(), code, "{needle}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{needle}: {}",
+            status.message()
+        );
+    }
+
+    // Policy says no: a US service writing SG records.
+    let status = status_of(
+        client
+            .encrypt_record(as_caller(profile("s-9", "SG"), "us-signup", None))
+            .await,
+    )
+    .await;
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("`email`"), "{}", status.message());
+
+    let decrypt_cases: Vec<(pb::DecryptRecordRequest, Code, &str)> = vec![
+        (
+            pb::DecryptRecordRequest::default(),
+            Code::InvalidArgument,
+            "`record` is required",
+        ),
+        (
+            {
+                let mut garbage = record.clone();
+                *ciphertext_mut(&mut garbage, "email") =
+                    b"not an envelope at all, just bytes".to_vec();
+                decrypt_request(garbage, &["email"], "support", "INC-1")
+            },
+            Code::InvalidArgument,
+            "field `email`: ciphertext is not a ringfence envelope",
+        ),
+        (
+            decrypt_request(record.clone(), &["nickname"], "support", "INC-1"),
+            Code::InvalidArgument,
+            "field `nickname` is not in the record",
+        ),
+        (
+            decrypt_request(record.clone(), &["email", "email"], "support", "INC-1"),
+            Code::InvalidArgument,
+            "appears more than once",
+        ),
+        (
+            decrypt_request(record.clone(), &["email"], &"p".repeat(129), ""),
+            Code::InvalidArgument,
+            "invalid purpose",
+        ),
+        (
+            decrypt_request(record.clone(), &["email"], "support", "a\nb"),
+            Code::InvalidArgument,
+            "control characters",
+        ),
+    ];
+    for (request, code, needle) in decrypt_cases {
+        let status = status_of(
+            client
+                .decrypt_record(as_caller(request, "us-support-tool", Some("alice")))
+                .await,
+        )
+        .await;
+        assert_eq!(status.code(), code, "{needle}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{needle}: {}",
+            status.message()
+        );
+    }
+
+    // Larger than the server's message limit: refused by the transport, server unharmed.
+    let mut oversized = profile("u-8", "US");
+    for field in &mut oversized.fields {
+        field.value = vec![1; 512 * 1024];
+    }
+    let status = status_of(
+        client
+            .encrypt_record(as_caller(oversized, "us-signup", None))
+            .await,
+    )
+    .await;
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    encrypt_profile(&mut client, "u-8", "US").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_comes_from_authentication_only() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let record = encrypt_profile(&mut client, "u-9", "US").await;
+    let request = || decrypt_request(record.clone(), &["email"], "support", "INC-1");
+
+    let status = status_of(client.decrypt_record(tonic::Request::new(request())).await).await;
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status.message().contains("x-ringfence-service"),
+        "{}",
+        status.message()
+    );
+
+    let status = status_of(
+        client
+            .decrypt_record(as_caller(request(), "us-support-tool", Some("mallory")))
+            .await,
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status.message().contains("unknown principal"),
+        "{}",
+        status.message()
+    );
+    let status = status_of(
+        client
+            .decrypt_record(as_caller(request(), "rogue-service", Some("alice")))
+            .await,
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // Two employee headers: refused rather than guessing which one counts.
+    let mut doubled = as_caller(request(), "us-support-tool", Some("bob"));
+    doubled.metadata_mut().append(
+        ringfence::identity::EMPLOYEE_HEADER,
+        "alice".parse().unwrap(),
+    );
+    let status = status_of(client.decrypt_record(doubled).await).await;
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let unauthenticated: Vec<_> = server
+        .log_entries()
+        .into_iter()
+        .filter(|e| e["kind"] == "unauthenticated")
+        .collect();
+    assert_eq!(
+        unauthenticated.len(),
+        2,
+        "unknown principal and unknown service are logged"
+    );
+    assert_eq!(unauthenticated[0]["principal"], "Employee::\"mallory\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_identity_mode_every_request_is_unauthenticated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.identity = ringfence::identity::Mode::Disabled;
+    let running = ringfence::server::start(config).await.unwrap();
+    let mut client = ringfence::pb::ringfence_client::RingfenceClient::connect(format!(
+        "http://{}",
+        running.local_addr
+    ))
+    .await
+    .unwrap();
+    let status = status_of(
+        client
+            .encrypt_record(as_caller(profile("u-1", "US"), "us-signup", None))
+            .await,
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status.message().contains("no caller authentication"),
+        "{}",
+        status.message()
+    );
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_stream_answers_in_order_and_stops_at_a_bad_record() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let mut records = Vec::new();
+    for n in 0..40 {
+        records.push(encrypt_profile(&mut client, &format!("b-{n}"), "US").await);
+    }
+    let requests: Vec<_> = records
+        .iter()
+        .map(|record| {
+            decrypt_request(
+                record.clone(),
+                &["email", "tax_id"],
+                "fraud-investigation",
+                "F-1",
+            )
+        })
+        .collect();
+    let stream = tokio_stream::iter(requests.clone());
+    let mut answers = client
+        .decrypt_records(as_caller(stream, "us-support-tool", Some("alice")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut count = 0;
+    while let Some(answer) = answers.message().await.unwrap() {
+        assert_eq!(answer.record_id, format!("b-{count}"));
+        assert_eq!(
+            plaintext(outcome(&answer, "email")),
+            secret_value(&answer.record_id, "email")
+        );
+        denied(outcome(&answer, "tax_id"));
+        count += 1;
+    }
+    assert_eq!(count, 40);
+
+    let mut with_bad = requests[..5].to_vec();
+    with_bad[3].record.as_mut().unwrap().record_id.clear();
+    let mut answers = client
+        .decrypt_records(as_caller(
+            tokio_stream::iter(with_bad),
+            "us-support-tool",
+            Some("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        answers.message().await.unwrap().unwrap();
+    }
+    let status = answers.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("record 3: "),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let server = start().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "ringfence.v1.Ringfence".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"ringfence.v1.Ringfence"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_log_fails_closed_with_unavailable() {
+    use ringfence::audit::{DecisionLog, segment_path};
+    use ringfence::crypto::SecretKey;
+    use ringfence::keys::Keyring;
+    use ringfence::policy::PolicyStore;
+
+    if !std::path::Path::new("/dev/full").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let jurisdictions = ringfence::ServeConfig::defaults().jurisdictions;
+    let (keyring, _) = Keyring::open_or_create(
+        &dir.path().join("data/keyring.json"),
+        &SecretKey::generate().unwrap(),
+        &jurisdictions,
+    )
+    .unwrap();
+    let log_dir = dir.path().join("data/log");
+    // The first commit rotates into segment 2, which is /dev/full: every write fails.
+    let (log, _) = DecisionLog::open_with_segment_size(&log_dir, 0).unwrap();
+    std::os::unix::fs::symlink("/dev/full", segment_path(&log_dir, 2)).unwrap();
+    let policies = std::sync::Arc::new(PolicyStore::load(&shipped_policies()).unwrap());
+    let gate = std::sync::Arc::new(ringfence::Gatekeeper::new(
+        keyring,
+        policies,
+        log,
+        Default::default(),
+    ));
+    let server = start_with(gate, dir).await;
+    let mut client = server.client().await;
+
+    let status = status_of(
+        client
+            .encrypt_record(as_caller(profile("u-1", "US"), "us-signup", None))
+            .await,
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status
+            .message()
+            .contains("nothing was encrypted or decrypted"),
+        "{}",
+        status.message()
+    );
+
+    let fake = pb::EncryptedRecord {
+        record_type: "user_profile".to_owned(),
+        record_id: "u-1".to_owned(),
+        jurisdiction: "US".to_owned(),
+        fields: vec![pb::EncryptedField {
+            name: "email".to_owned(),
+            ciphertext: [&b"RF\x01\x02US\x00\x00\x00\x01"[..], &[0u8; 28]].concat(),
+        }],
+    };
+    let status = status_of(
+        client
+            .decrypt_record(as_caller(
+                decrypt_request(fake, &[], "support", "INC-1"),
+                "us-support-tool",
+                Some("alice"),
+            ))
+            .await,
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unavailable);
+
+    // Health follows the log.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "ringfence.v1.Ringfence".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
+}
