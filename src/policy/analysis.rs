@@ -5,7 +5,7 @@
 //! The walk is conservative: any use of `resource` or `context` it does not recognise
 //! marks the whole value as observed, which only costs speed, never correctness.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
@@ -23,6 +23,23 @@ pub struct Observed {
     pub whole_context: bool,
     /// Attributes read or tested on `context`.
     pub context_attributes: BTreeSet<String>,
+    /// Context attributes whose every use is a comparison with string literals
+    /// (`==`, `!=`, `[..].contains(..)`), with the literals. Values that equal the same
+    /// literal, or none of them, are indistinguishable to the policies.
+    pub context_literals: BTreeMap<String, BTreeSet<String>>,
+    /// Context attributes used in some other way: their exact value matters.
+    pub context_raw: BTreeSet<String>,
+}
+
+/// How a context attribute's value reaches a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextUse<'a> {
+    /// Never used: any value decides the same.
+    Unused,
+    /// Only compared with these literals.
+    Literals(&'a BTreeSet<String>),
+    /// Used as is.
+    Raw,
 }
 
 impl Observed {
@@ -34,6 +51,26 @@ impl Observed {
     /// Whether the attribute `name` of the context can influence a decision.
     pub fn context_attribute(&self, name: &str) -> bool {
         self.whole_context || self.context_attributes.contains(name)
+    }
+
+    /// How the value of context attribute `name` can influence a decision.
+    pub fn context_use(&self, name: &str) -> ContextUse<'_> {
+        if self.whole_context || self.context_raw.contains(name) {
+            ContextUse::Raw
+        } else if let Some(literals) = self.context_literals.get(name) {
+            ContextUse::Literals(literals)
+        } else {
+            // Never used, or only tested with `has`: every request carries every attribute.
+            ContextUse::Unused
+        }
+    }
+
+    fn context_literal(&mut self, name: &str, literal: &str) {
+        self.context_attributes.insert(name.to_owned());
+        self.context_literals
+            .entry(name.to_owned())
+            .or_default()
+            .insert(literal.to_owned());
     }
 
     /// Adds what one policy (in EST JSON form) observes.
@@ -111,6 +148,50 @@ impl Observed {
                     }
                     (Some("context"), Some(name)) => {
                         self.context_attributes.insert(name.to_owned());
+                        // `has` on a context attribute is constant (all are always
+                        // present); reading it exposes the value.
+                        if operator == "." {
+                            self.context_raw.insert(name.to_owned());
+                        }
+                    }
+                    _ => self.expression(argument),
+                }
+            }
+            "==" | "!=" => {
+                let left = argument.get("left");
+                let right = argument.get("right");
+                let compared = match (
+                    left.and_then(context_attribute),
+                    right.and_then(string_literal),
+                ) {
+                    (Some(name), Some(literal)) => Some((name, literal)),
+                    _ => match (
+                        right.and_then(context_attribute),
+                        left.and_then(string_literal),
+                    ) {
+                        (Some(name), Some(literal)) => Some((name, literal)),
+                        _ => None,
+                    },
+                };
+                match compared {
+                    Some((name, literal)) => self.context_literal(name, literal),
+                    None => self.expression(argument),
+                }
+            }
+            "contains" => {
+                let set = argument.get("left").and_then(|left| left.get("Set"));
+                let literals: Option<Vec<&str>> = match set {
+                    Some(Value::Array(items)) => items.iter().map(string_literal).collect(),
+                    _ => None,
+                };
+                match (argument.get("right").and_then(context_attribute), literals) {
+                    (Some(name), Some(literals)) => {
+                        for literal in literals {
+                            self.context_literal(name, literal);
+                        }
+                        // An empty set literal still marks the attribute as observed.
+                        self.context_literals.entry(name.to_owned()).or_default();
+                        self.context_attributes.insert(name.to_owned());
                     }
                     _ => self.expression(argument),
                 }
@@ -144,6 +225,19 @@ impl Observed {
             _ => self.expression(argument),
         }
     }
+}
+
+/// `context.NAME` as a bare attribute read.
+fn context_attribute(value: &Value) -> Option<&str> {
+    let get = value.get(".")?;
+    if get.get("left").and_then(variable) != Some("context") {
+        return None;
+    }
+    get.get("attr").and_then(Value::as_str)
+}
+
+fn string_literal(value: &Value) -> Option<&str> {
+    value.get("Value").and_then(Value::as_str)
 }
 
 fn variable(value: &Value) -> Option<&str> {
@@ -204,6 +298,37 @@ mod tests {
         ] {
             assert!(observe(text).resource_identity, "{text}");
         }
+    }
+
+    #[test]
+    fn literal_comparisons_abstract_context_values() {
+        let observed = observe(
+            r#"permit(principal, action, resource)
+               when { ["support", "fraud"].contains(context.purpose) && context.ticket != ""
+                      && context has authentication
+                      && (context.service == Service::"x" || "y" == context.purpose) };"#,
+        );
+        let purpose: BTreeSet<String> = ["fraud", "support", "y"].map(String::from).into();
+        assert_eq!(
+            observed.context_use("purpose"),
+            ContextUse::Literals(&purpose)
+        );
+        let empty: BTreeSet<String> = [String::new()].into();
+        assert_eq!(observed.context_use("ticket"), ContextUse::Literals(&empty));
+        assert_eq!(observed.context_use("authentication"), ContextUse::Unused);
+        assert_eq!(
+            observed.context_use("service"),
+            ContextUse::Raw,
+            "compared with an entity"
+        );
+        assert_eq!(observed.context_use("request_time"), ContextUse::Unused);
+
+        let raw = observe(
+            r#"permit(principal, action, resource) when { context.ticket like "INC-*" || context.purpose == "a" };"#,
+        );
+        assert_eq!(raw.context_use("ticket"), ContextUse::Raw);
+        let literal: BTreeSet<String> = ["a".to_owned()].into();
+        assert_eq!(raw.context_use("purpose"), ContextUse::Literals(&literal));
     }
 
     #[test]

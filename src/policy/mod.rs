@@ -273,35 +273,96 @@ fn policy_line(text: &str, ordinal: usize) -> Option<usize> {
     None
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct ResourceKey {
-    jurisdiction: Jurisdiction,
-    record_type: Option<RecordType>,
-    field: Option<FieldName>,
-    classification: Option<String>,
+/// What the policies can observe of one field: fields of a request with equal keys
+/// get the same decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FieldKey<'a> {
+    record_type: Option<&'a RecordType>,
+    field: Option<&'a FieldName>,
+    classification: Option<&'a str>,
 }
 
+/// A context value as the policies can tell it apart.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct ContextKey {
-    purpose: Option<String>,
-    ticket: Option<String>,
-    authentication: Option<String>,
-    service: Option<String>,
-    request_time: Option<i64>,
+enum Projected {
+    /// Not observed by any policy.
+    Unused,
+    /// Index of the literal it equals, or `None` for "equals none of them".
+    Class(Option<usize>),
+    /// Observed as is.
+    Raw(String),
 }
 
+fn project(observed: &Observed, name: &str, value: &str) -> Projected {
+    match observed.context_use(name) {
+        analysis::ContextUse::Unused => Projected::Unused,
+        analysis::ContextUse::Literals(literals) => {
+            Projected::Class(literals.iter().position(|literal| literal == value))
+        }
+        analysis::ContextUse::Raw => Projected::Raw(value.to_owned()),
+    }
+}
+
+/// Everything that can influence a decision, as the policies can observe it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct DecisionKey {
     action: Action,
     principal: Principal,
-    resource: ResourceKey,
-    context: ContextKey,
+    jurisdiction: Jurisdiction,
+    record_type: Option<RecordType>,
+    field: Option<FieldName>,
+    classification: Option<String>,
+    context: [Projected; 5],
+}
+
+/// Entity type names and action ids, parsed once per snapshot instead of per request.
+struct Names {
+    employee: EntityTypeName,
+    service: EntityTypeName,
+    field: EntityTypeName,
+    encrypt: EntityUid,
+    decrypt: EntityUid,
+}
+
+impl Names {
+    fn new() -> Result<Self, Error> {
+        Ok(Self {
+            employee: type_name("Employee")?,
+            service: type_name("Service")?,
+            field: type_name("Field")?,
+            encrypt: uid("Action", Action::Encrypt.as_str())?,
+            decrypt: uid("Action", Action::Decrypt.as_str())?,
+        })
+    }
+
+    fn principal(&self, principal: &Principal) -> EntityUid {
+        let type_name = match principal {
+            Principal::Employee(_) => &self.employee,
+            Principal::Service(_) => &self.service,
+        };
+        EntityUid::from_type_name_and_id(type_name.clone(), EntityId::new(principal.id()))
+    }
+
+    fn service(&self, id: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.service.clone(), EntityId::new(id))
+    }
+
+    fn field(&self, id: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.field.clone(), EntityId::new(id))
+    }
+
+    fn action(&self, action: Action) -> &EntityUid {
+        match action {
+            Action::Encrypt => &self.encrypt,
+            Action::Decrypt => &self.decrypt,
+        }
+    }
 }
 
 /// An immutable, validated policy set with everything needed to decide.
 pub struct PolicySnapshot {
+    names: Names,
     hash: String,
-    schema: Schema,
     all_policies: PolicySet,
     by_action: BTreeMap<Action, PolicySet>,
     entities: Entities,
@@ -586,9 +647,12 @@ impl PolicySnapshot {
             by_action.insert(action, set);
         }
 
+        let names = Names::new().map_err(|error| LoadError {
+            diagnostics: vec![error.to_string()],
+        })?;
         Ok(Self {
+            names,
             hash: hex::encode(hasher.finalize()),
-            schema,
             all_policies,
             by_action,
             entities,
@@ -644,11 +708,11 @@ impl PolicySnapshot {
         record_type: &RecordType,
         fields: &[FieldName],
     ) -> Result<(EntityUid, EntityUid), Error> {
-        let principal = uid(facts.principal.type_name(), facts.principal.id())?;
+        let principal = self.names.principal(facts.principal);
         if self.entities.get(&principal).is_none() {
             return Err(Error::UnknownPrincipal(facts.principal.to_string()));
         }
-        let service = uid("Service", facts.service)?;
+        let service = self.names.service(facts.service);
         if self.entities.get(&service).is_none() {
             return Err(Error::UnknownService(facts.service.to_owned()));
         }
@@ -695,37 +759,34 @@ impl PolicySnapshot {
         .map_err(|error| Error::Internal(error.to_string()))
     }
 
-    fn key(
+    fn field_key<'a>(
         &self,
-        action: Action,
-        facts: &RequestFacts<'_>,
-        jurisdiction: &Jurisdiction,
-        record_type: &RecordType,
-        field: &FieldName,
-        classification: &str,
-    ) -> DecisionKey {
+        record_type: &'a RecordType,
+        field: &'a FieldName,
+        classification: &'a str,
+    ) -> FieldKey<'a> {
         let observed = &self.observed;
-        let identity = observed.resource_identity;
-        let context = |name: &str| observed.context_attribute(name);
-        DecisionKey {
-            action,
-            principal: facts.principal.clone(),
-            resource: ResourceKey {
-                jurisdiction: jurisdiction.clone(),
-                record_type: (identity || observed.resource_attribute("record_type"))
-                    .then(|| record_type.clone()),
-                field: (identity || observed.resource_attribute("field")).then(|| field.clone()),
-                classification: (identity || observed.resource_attribute("classification"))
-                    .then(|| classification.to_owned()),
-            },
-            context: ContextKey {
-                purpose: context("purpose").then(|| facts.stated.purpose.clone()),
-                ticket: context("ticket").then(|| facts.stated.ticket.clone()),
-                authentication: context("authentication").then(|| facts.authentication.to_owned()),
-                service: context("service").then(|| facts.service.to_owned()),
-                request_time: context("request_time").then_some(facts.request_time),
-            },
+        FieldKey {
+            record_type: observed
+                .resource_attribute("record_type")
+                .then_some(record_type),
+            field: observed.resource_attribute("field").then_some(field),
+            classification: observed
+                .resource_attribute("classification")
+                .then_some(classification),
         }
+    }
+
+    fn context_key(&self, facts: &RequestFacts<'_>) -> [Projected; 5] {
+        let observed = &self.observed;
+        let time = facts.request_time.to_string();
+        [
+            project(observed, "purpose", &facts.stated.purpose),
+            project(observed, "ticket", &facts.stated.ticket),
+            project(observed, "authentication", facts.authentication),
+            project(observed, "service", facts.service),
+            project(observed, "request_time", &time),
+        ]
     }
 
     fn evaluate(
@@ -737,13 +798,18 @@ impl PolicySnapshot {
         record_type: &RecordType,
         field: &FieldName,
     ) -> Result<FieldDecision, Error> {
-        let resource = uid("Field", &field_entity_id(jurisdiction, record_type, field))?;
+        let resource = self
+            .names
+            .field(&field_entity_id(jurisdiction, record_type, field));
+        // No per-request schema check: principal, action and resource types are fixed
+        // by this code and the context is built with typed values, and `probe_schema`
+        // proved at load that the schema accepts exactly this shape.
         let request = Request::new(
             principal.clone(),
-            uid("Action", action.as_str())?,
+            self.names.action(action).clone(),
             resource,
             context.clone(),
-            Some(&self.schema),
+            None,
         )
         .map_err(|error| Error::Internal(error.to_string()))?;
         let policies = self
@@ -799,25 +865,30 @@ impl PolicySnapshot {
     ) -> Result<Vec<Arc<FieldDecision>>, Error> {
         let (principal, service) = self.check_request(facts, jurisdiction, record_type, fields)?;
         let mut context = None;
-        let mut local: Vec<(DecisionKey, Arc<FieldDecision>)> = Vec::new();
+        let mut context_key = None;
+        let mut local: Vec<(FieldKey<'_>, Arc<FieldDecision>)> = Vec::new();
         let mut decisions = Vec::with_capacity(fields.len());
         for field in fields {
             let classification = self
                 .catalog
                 .classification(record_type, field)
                 .unwrap_or_default();
-            let key = self.key(
-                action,
-                facts,
-                jurisdiction,
-                record_type,
-                field,
-                classification,
-            );
-            if let Some((_, decision)) = local.iter().find(|(seen, _)| *seen == key) {
+            let field_key = self.field_key(record_type, field, classification);
+            if let Some((_, decision)) = local.iter().find(|(seen, _)| *seen == field_key) {
                 decisions.push(Arc::clone(decision));
                 continue;
             }
+            let key = DecisionKey {
+                action,
+                principal: facts.principal.clone(),
+                jurisdiction: jurisdiction.clone(),
+                record_type: field_key.record_type.cloned(),
+                field: field_key.field.cloned(),
+                classification: field_key.classification.map(str::to_owned),
+                context: context_key
+                    .get_or_insert_with(|| self.context_key(facts))
+                    .clone(),
+            };
             let cached = self
                 .cache
                 .read()
@@ -842,12 +913,12 @@ impl PolicySnapshot {
                         if cache.len() >= CACHE_CAPACITY {
                             cache.clear();
                         }
-                        cache.insert(key.clone(), Arc::clone(&decision));
+                        cache.insert(key, Arc::clone(&decision));
                     }
                     decision
                 }
             };
-            local.push((key, Arc::clone(&decision)));
+            local.push((field_key, Arc::clone(&decision)));
             decisions.push(decision);
         }
         Ok(decisions)

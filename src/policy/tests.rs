@@ -251,7 +251,12 @@ fn assert_classes_match_each(snapshot: &PolicySnapshot) {
     for who in ["alice", "lena", "bob", "carol", "mei", "emil"] {
         for (purpose, ticket) in [
             ("support", "INC-1"),
+            // Another ticket and purpose in the same literal classes: served from the
+            // cache, and must still agree.
+            ("support", "INC-2"),
             ("legal-request", "L-7"),
+            ("curiosity", "X-1"),
+            ("fraud", "X-1"),
             ("", ""),
             ("support", ""),
         ] {

@@ -1,0 +1,231 @@
+//! Criterion benches of the in-process hot path: decide + log + decrypt a 20-field
+//! record, and its parts. The decision log lives on tmpfs (/dev/shm) when available so
+//! that the numbers are CPU, not disk latency; `examples/loadgen.rs` measures the whole
+//! server over gRPC with real fsyncs.
+//!
+//!     cargo bench --bench hot_path
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ringfence::audit::DecisionLog;
+use ringfence::crypto::{DerivationKey, RecordScope, SecretKey, fresh_nonces};
+use ringfence::gatekeeper::{DecryptRequest, Limits, PlainRecord, RecordRef};
+use ringfence::identity::Caller;
+use ringfence::keys::Keyring;
+use ringfence::policy::{Action, PolicyStore, Principal, RequestFacts};
+use ringfence::record::{FieldName, Jurisdiction, KeyVersion, RecordId, RecordType, StatedPurpose};
+use ringfence::{Gatekeeper, ServeConfig};
+use zeroize::Zeroizing;
+
+const FIELDS: [&str; 20] = [
+    "user_handle",
+    "display_name",
+    "avatar_url",
+    "locale",
+    "time_zone",
+    "email",
+    "phone",
+    "date_of_birth",
+    "home_address",
+    "postal_code",
+    "city",
+    "last_login_ip",
+    "device_ids",
+    "precise_location",
+    "contacts_hash",
+    "watch_history",
+    "payment_token",
+    "government_id",
+    "tax_id",
+    "legal_hold_notes",
+];
+
+fn scratch_dir() -> tempfile::TempDir {
+    if Path::new("/dev/shm").is_dir() {
+        tempfile::tempdir_in("/dev/shm").unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    }
+}
+
+fn record_ref(id: &str) -> RecordRef {
+    RecordRef {
+        record_type: RecordType::new("user_profile").unwrap(),
+        record_id: RecordId::new(id).unwrap(),
+        jurisdiction: Jurisdiction::new("US").unwrap(),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = scratch_dir();
+    let policies_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let policies = Arc::new(PolicyStore::load(&policies_dir).unwrap());
+    let (keyring, _) = Keyring::open_or_create(
+        &dir.path().join("keyring.json"),
+        &SecretKey::generate().unwrap(),
+        &ServeConfig::defaults().jurisdictions,
+    )
+    .unwrap();
+    let (log, _) = runtime
+        .block_on(async { DecisionLog::open(&dir.path().join("log")) })
+        .unwrap();
+    let gate = Gatekeeper::new(keyring, Arc::clone(&policies), log, Limits::default());
+
+    let signup = Caller {
+        service: "us-signup".to_owned(),
+        employee: None,
+        method: "bench",
+    };
+    let alice = Caller {
+        service: "us-support-tool".to_owned(),
+        employee: Some("alice".to_owned()),
+        method: "bench",
+    };
+    let plain = PlainRecord {
+        record: record_ref("user-00000001"),
+        fields: FIELDS
+            .iter()
+            .map(|f| {
+                (
+                    FieldName::new(f).unwrap(),
+                    Zeroizing::new(format!("{f}: a realistic value of some length").into_bytes()),
+                )
+            })
+            .collect(),
+    };
+    let sealed = runtime
+        .block_on(gate.encrypt_record(&signup, plain))
+        .unwrap()
+        .record;
+    let tickets = AtomicU64::new(0);
+
+    let mut group = c.benchmark_group("decrypt_record_20_fields");
+    group
+        .sample_size(30)
+        .measurement_time(std::time::Duration::from_secs(4));
+    group.bench_function("decisions_cached", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let request = DecryptRequest {
+                record: sealed.clone(),
+                wanted: Vec::new(),
+                stated: StatedPurpose::new("support", "INC-1").unwrap(),
+            };
+            gate.decrypt_record(&alice, request).await.unwrap()
+        })
+    });
+    group.bench_function("fresh_ticket_each_request", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let ticket = format!("INC-{}", tickets.fetch_add(1, Ordering::Relaxed));
+            let request = DecryptRequest {
+                record: sealed.clone(),
+                wanted: Vec::new(),
+                stated: StatedPurpose::new("support", &ticket).unwrap(),
+            };
+            gate.decrypt_record(&alice, request).await.unwrap()
+        })
+    });
+    group.finish();
+
+    let snapshot = policies.current();
+    let fields: Vec<FieldName> = FIELDS.iter().map(|f| FieldName::new(f).unwrap()).collect();
+    let principal = Principal::Employee("alice".to_owned());
+    let us = Jurisdiction::new("US").unwrap();
+    let record_type = RecordType::new("user_profile").unwrap();
+    let mut group = c.benchmark_group("decide_20_fields");
+    group.bench_function("one_cedar_evaluation_per_field", |b| {
+        let stated = StatedPurpose::new("support", "INC-1").unwrap();
+        let facts = RequestFacts {
+            principal: &principal,
+            service: "us-support-tool",
+            authentication: "bench",
+            stated: &stated,
+            request_time: 1_790_000_000,
+        };
+        b.iter(|| {
+            snapshot
+                .decide_each(Action::Decrypt, &facts, &us, &record_type, &fields)
+                .unwrap()
+        })
+    });
+    group.bench_function("classes_fresh_ticket", |b| {
+        b.iter(|| {
+            let ticket = format!("INC-{}", tickets.fetch_add(1, Ordering::Relaxed));
+            let stated = StatedPurpose::new("support", &ticket).unwrap();
+            let facts = RequestFacts {
+                principal: &principal,
+                service: "us-support-tool",
+                authentication: "bench",
+                stated: &stated,
+                request_time: 1_790_000_000,
+            };
+            snapshot
+                .decide(Action::Decrypt, &facts, &us, &record_type, &fields)
+                .unwrap()
+        })
+    });
+    group.bench_function("classes_cached", |b| {
+        let stated = StatedPurpose::new("support", "INC-1").unwrap();
+        let facts = RequestFacts {
+            principal: &principal,
+            service: "us-support-tool",
+            authentication: "bench",
+            stated: &stated,
+            request_time: 1_790_000_000,
+        };
+        b.iter(|| {
+            snapshot
+                .decide(Action::Decrypt, &facts, &us, &record_type, &fields)
+                .unwrap()
+        })
+    });
+    group.finish();
+
+    let root = DerivationKey::from_root(&SecretKey::generate().unwrap());
+    let record = record_ref("user-00000002");
+    let scope = RecordScope {
+        jurisdiction: &record.jurisdiction,
+        key_version: KeyVersion::FIRST,
+        record_type: &record.record_type,
+        record_id: &record.record_id,
+    };
+    let field = FieldName::new("email").unwrap();
+    let key = root.record_key(&scope).unwrap();
+    let nonce = fresh_nonces(1).unwrap()[0];
+    let value = vec![0x42u8; 64];
+    let envelope = key.seal(&scope, &field, &nonce, &value).unwrap();
+    let mut group = c.benchmark_group("crypto");
+    group.bench_function("derive_record_key", |b| {
+        b.iter(|| root.record_key(&scope).unwrap())
+    });
+    group.bench_function("seal_64_byte_field", |b| {
+        b.iter(|| key.seal(&scope, &field, &nonce, &value).unwrap())
+    });
+    group.bench_function("open_64_byte_field", |b| {
+        b.iter(|| {
+            let parsed = ringfence::crypto::Envelope::parse(&envelope).unwrap();
+            key.open(&scope, &field, &parsed).unwrap()
+        })
+    });
+    group.bench_function("fresh_nonces_20_one_syscall", |b| {
+        b.iter(|| fresh_nonces(20).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

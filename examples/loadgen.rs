@@ -1,0 +1,362 @@
+//! Load generator: drives a ringfence server over gRPC with N concurrent clients and
+//! prints records/s, latency percentiles and the server's CPU time per record.
+//!
+//! By default it starts `target/release/ringfence serve` itself (a temporary data
+//! directory, the shipped policies, development identity headers) so the server's CPU
+//! time can be read from /proc. Run it with:
+//!
+//!     cargo run --release --example loadgen -- --clients 8 --seconds 10
+//!
+//! Options: `--clients N`, `--seconds S`, `--records R` (distinct records cycled),
+//! `--fresh-tickets` (a new ticket per request, so no decision is served from the
+//! cache), `--stream` (use DecryptRecords, one stream per client), `--data-dir DIR`
+//! (where the spawned server keeps its log; put it on tmpfs to take fsync out),
+//! `--addr HOST:PORT` (drive an already running server; no CPU figure then).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use ringfence::pb;
+use ringfence::pb::ringfence_client::RingfenceClient;
+use tonic::transport::Channel;
+
+const FIELDS: [&str; 20] = [
+    "user_handle",
+    "display_name",
+    "avatar_url",
+    "locale",
+    "time_zone",
+    "email",
+    "phone",
+    "date_of_birth",
+    "home_address",
+    "postal_code",
+    "city",
+    "last_login_ip",
+    "device_ids",
+    "precise_location",
+    "contacts_hash",
+    "watch_history",
+    "payment_token",
+    "government_id",
+    "tax_id",
+    "legal_hold_notes",
+];
+
+struct Options {
+    clients: usize,
+    seconds: u64,
+    records: usize,
+    fresh_tickets: bool,
+    stream: bool,
+    data_dir: Option<PathBuf>,
+    addr: Option<String>,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        clients: 8,
+        seconds: 10,
+        records: 200,
+        fresh_tickets: false,
+        stream: false,
+        data_dir: None,
+        addr: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--clients" => options.clients = value().parse().unwrap(),
+            "--seconds" => options.seconds = value().parse().unwrap(),
+            "--records" => options.records = value().parse().unwrap(),
+            "--fresh-tickets" => options.fresh_tickets = true,
+            "--stream" => options.stream = true,
+            "--data-dir" => options.data_dir = Some(PathBuf::from(value())),
+            "--addr" => options.addr = Some(value()),
+            "--bench" => {}
+            other => panic!("unknown option {other}"),
+        }
+    }
+    options
+}
+
+/// The server binary next to this example's directory (target/release/ringfence).
+fn server_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let binary = dir.join("ringfence");
+    assert!(
+        binary.exists(),
+        "{} not found: run `cargo build --release` first",
+        binary.display()
+    );
+    binary
+}
+
+fn spawn_server(data_dir: &Path) -> (Child, String) {
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let mut child = Command::new(server_binary())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--danger-trust-identity-headers",
+            "--policies",
+        ])
+        .arg(policies)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RINGFENCE_LOG", "warn,ringfence::server=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if let Some(at) = line.find("address=") {
+            let address = line[at + "address=".len()..].trim().to_owned();
+            return (child, address);
+        }
+    }
+    panic!("server exited before listening");
+}
+
+/// utime + stime of a process, from /proc/PID/stat, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5), counted from the state field (3).
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let hz = 100.0; // USER_HZ on Linux
+    ticks as f64 / hz
+}
+
+fn caller<T>(message: T, service: &str, employee: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-ringfence-service", service.parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-ringfence-employee", employee.parse().unwrap());
+    request
+}
+
+async fn setup(channel: Channel, count: usize) -> Vec<pb::EncryptedRecord> {
+    let mut client = RingfenceClient::new(channel);
+    let mut records = Vec::with_capacity(count);
+    for n in 0..count {
+        let request = pb::EncryptRecordRequest {
+            record_type: "user_profile".to_owned(),
+            record_id: format!("user-{n:08}"),
+            jurisdiction: "US".to_owned(),
+            fields: FIELDS
+                .iter()
+                .map(|field| pb::PlainField {
+                    name: (*field).to_owned(),
+                    value: format!("{field} of user {n}: some realistic length value").into_bytes(),
+                })
+                .collect(),
+        };
+        let mut request = tonic::Request::new(request);
+        request
+            .metadata_mut()
+            .insert("x-ringfence-service", "us-signup".parse().unwrap());
+        records.push(
+            client
+                .encrypt_record(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .record
+                .unwrap(),
+        );
+    }
+    records
+}
+
+fn decrypt_request(record: &pb::EncryptedRecord, ticket: String) -> pb::DecryptRecordRequest {
+    pb::DecryptRecordRequest {
+        record: Some(record.clone()),
+        fields: Vec::new(),
+        purpose: "support".to_owned(),
+        ticket,
+    }
+}
+
+fn check(response: &pb::DecryptRecordResponse) {
+    assert_eq!(response.fields.len(), FIELDS.len());
+    let plaintexts = response
+        .fields
+        .iter()
+        .filter(|f| matches!(f.outcome, Some(pb::field_outcome::Outcome::Plaintext(_))))
+        .count();
+    // alice may read 5 public + 6 pii + 5 sensitive fields; 4 restricted are denied.
+    assert_eq!(plaintexts, 16, "unexpected decisions");
+}
+
+#[tokio::main]
+async fn main() {
+    let options = options();
+    let temporary = tempfile::tempdir().unwrap();
+    let data_dir = options
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temporary.path().join("data"));
+    let (child, addr) = match &options.addr {
+        Some(addr) => (None, addr.clone()),
+        None => {
+            let (child, addr) = spawn_server(&data_dir);
+            (Some(child), addr)
+        }
+    };
+    let endpoint = format!("http://{addr}");
+    let setup_channel = Channel::from_shared(endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let records = Arc::new(setup(setup_channel, options.records).await);
+
+    let deadline = Instant::now() + Duration::from_secs(options.seconds);
+    let done = Arc::new(AtomicU64::new(0));
+    let tickets = Arc::new(AtomicU64::new(0));
+    let cpu_before = child.as_ref().map(|c| cpu_seconds(c.id()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client_index in 0..options.clients {
+        let channel = Channel::from_shared(endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let records = Arc::clone(&records);
+        let done = Arc::clone(&done);
+        let tickets = Arc::clone(&tickets);
+        let fresh = options.fresh_tickets;
+        let stream = options.stream;
+        tasks.push(tokio::spawn(async move {
+            let mut client = RingfenceClient::new(channel);
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut next = client_index;
+            let ticket = move |tickets: &AtomicU64| {
+                if fresh {
+                    format!("INC-{}", tickets.fetch_add(1, Ordering::Relaxed))
+                } else {
+                    "INC-1".to_owned()
+                }
+            };
+            if stream {
+                // One bulk stream per client; the latency is per answered record.
+                let (sender, receiver) = tokio::sync::mpsc::channel(64);
+                let feeder_records = Arc::clone(&records);
+                let feeder_tickets = Arc::clone(&tickets);
+                tokio::spawn(async move {
+                    let mut n = client_index;
+                    while Instant::now() < deadline {
+                        let record = &feeder_records[n % feeder_records.len()];
+                        n += 1;
+                        if sender
+                            .send(decrypt_request(record, ticket(&feeder_tickets)))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+                let mut answers = client
+                    .decrypt_records(caller(
+                        tokio_stream::wrappers::ReceiverStream::new(receiver),
+                        "us-support-tool",
+                        "alice",
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut last = Instant::now();
+                while let Some(answer) = answers.message().await.unwrap() {
+                    check(&answer);
+                    let now = Instant::now();
+                    histogram
+                        .record(now.duration_since(last).as_micros().max(1) as u64)
+                        .unwrap();
+                    last = now;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            } else {
+                while Instant::now() < deadline {
+                    let record = &records[next % records.len()];
+                    next += 1;
+                    let request = caller(
+                        decrypt_request(record, ticket(&tickets)),
+                        "us-support-tool",
+                        "alice",
+                    );
+                    let begin = Instant::now();
+                    let response = client.decrypt_record(request).await.unwrap().into_inner();
+                    histogram
+                        .record(begin.elapsed().as_micros().max(1) as u64)
+                        .unwrap();
+                    check(&response);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            histogram
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for task in tasks {
+        histogram.add(task.await.unwrap()).unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let records_done = done.load(Ordering::Relaxed);
+    println!(
+        "mode={} clients={} seconds={:.1} fresh_tickets={} fields_per_record=20",
+        if options.stream {
+            "DecryptRecords stream"
+        } else {
+            "DecryptRecord unary"
+        },
+        options.clients,
+        elapsed,
+        options.fresh_tickets
+    );
+    println!(
+        "records decided+logged+decrypted: {records_done} ({:.0} records/s)",
+        records_done as f64 / elapsed
+    );
+    println!(
+        "latency per record: p50 {} us, p90 {} us, p99 {} us, max {} us",
+        histogram.value_at_quantile(0.50),
+        histogram.value_at_quantile(0.90),
+        histogram.value_at_quantile(0.99),
+        histogram.max()
+    );
+    if let (Some(child), Some(before)) = (&child, cpu_before) {
+        let cpu = cpu_seconds(child.id()) - before;
+        println!(
+            "server CPU: {:.2} s total, {:.1} us per record (includes gRPC/HTTP2, decisions, log, decryption)",
+            cpu,
+            cpu * 1e6 / records_done.max(1) as f64
+        );
+    }
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
