@@ -27,6 +27,10 @@ use ringfence::record::{FieldName, Jurisdiction, KeyVersion, RecordId, RecordTyp
 use ringfence::{Gatekeeper, ServeConfig};
 use zeroize::Zeroizing;
 
+// The same allocator as the `ringfence` binary, so numbers compare.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const FIELDS: [&str; 20] = [
     "user_handle",
     "display_name",

@@ -11,12 +11,15 @@
 //! `--fresh-tickets` (a new ticket per request, so no decision is served from the
 //! cache), `--stream` (use DecryptRecords, one stream per client), `--data-dir DIR`
 //! (where the spawned server keeps its log; put it on tmpfs to take fsync out),
-//! `--addr HOST:PORT` (drive an already running server; no CPU figure then).
+//! `--addr HOST:PORT` (drive an already running server; no CPU figure then),
+//! `--in-process` (no gRPC: N tasks call the gatekeeper directly; the CPU figure is
+//! then decide + log + decrypt alone).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
-    clippy::indexing_slicing
+    clippy::indexing_slicing,
+    clippy::zombie_processes
 )]
 
 use std::io::{BufRead, BufReader};
@@ -30,6 +33,10 @@ use hdrhistogram::Histogram;
 use ringfence::pb;
 use ringfence::pb::ringfence_client::RingfenceClient;
 use tonic::transport::Channel;
+
+// The same allocator as the `ringfence` binary, so numbers compare.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const FIELDS: [&str; 20] = [
     "user_handle",
@@ -62,6 +69,7 @@ struct Options {
     stream: bool,
     data_dir: Option<PathBuf>,
     addr: Option<String>,
+    in_process: bool,
 }
 
 fn options() -> Options {
@@ -73,6 +81,7 @@ fn options() -> Options {
         stream: false,
         data_dir: None,
         addr: None,
+        in_process: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -85,6 +94,7 @@ fn options() -> Options {
             "--stream" => options.stream = true,
             "--data-dir" => options.data_dir = Some(PathBuf::from(value())),
             "--addr" => options.addr = Some(value()),
+            "--in-process" => options.in_process = true,
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -209,6 +219,94 @@ fn check(response: &pb::DecryptRecordResponse) {
     assert_eq!(plaintexts, 16, "unexpected decisions");
 }
 
+/// Drives the gatekeeper directly: the same work as a request minus gRPC.
+async fn in_process(options: &Options, data_dir: &Path) {
+    use ringfence::gatekeeper::{DecryptRequest, PlainRecord, RecordRef};
+    use ringfence::identity::Caller;
+    use ringfence::record::{FieldName, Jurisdiction, RecordId, RecordType, StatedPurpose};
+
+    let mut config = ringfence::ServeConfig::defaults();
+    config.data_dir = data_dir.to_owned();
+    config.policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let gate = ringfence::server::prepare(&config).unwrap();
+    let signup = Caller {
+        service: "us-signup".to_owned(),
+        employee: None,
+        method: "loadgen",
+    };
+    let mut records = Vec::new();
+    for n in 0..options.records {
+        let plain = PlainRecord {
+            record: RecordRef {
+                record_type: RecordType::new("user_profile").unwrap(),
+                record_id: RecordId::new(&format!("user-{n:08}")).unwrap(),
+                jurisdiction: Jurisdiction::new("US").unwrap(),
+            },
+            fields: FIELDS
+                .iter()
+                .map(|f| {
+                    let value =
+                        format!("{f} of user {n}: some realistic length value").into_bytes();
+                    (FieldName::new(f).unwrap(), zeroize::Zeroizing::new(value))
+                })
+                .collect(),
+        };
+        records.push(gate.encrypt_record(&signup, plain).await.unwrap().record);
+    }
+    let records = Arc::new(records);
+    let deadline = Instant::now() + Duration::from_secs(options.seconds);
+    let done = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds(std::process::id());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client_index in 0..options.clients {
+        let (gate, records, done) = (Arc::clone(&gate), Arc::clone(&records), Arc::clone(&done));
+        let fresh = options.fresh_tickets;
+        tasks.push(tokio::spawn(async move {
+            let alice = Caller {
+                service: "us-support-tool".to_owned(),
+                employee: Some("alice".to_owned()),
+                method: "loadgen",
+            };
+            let mut next = client_index;
+            while Instant::now() < deadline {
+                let ticket = if fresh {
+                    format!("INC-{next}")
+                } else {
+                    "INC-1".to_owned()
+                };
+                let request = DecryptRequest {
+                    record: records[next % records.len()].clone(),
+                    wanted: Vec::new(),
+                    stated: StatedPurpose::new("support", &ticket).unwrap(),
+                };
+                next += 1;
+                let decrypted = gate.decrypt_record(&alice, request).await.unwrap();
+                assert_eq!(decrypted.fields.len(), FIELDS.len());
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(std::process::id()) - cpu_before;
+    let count = done.load(Ordering::Relaxed);
+    println!(
+        "mode=in-process (no gRPC) tasks={} seconds={elapsed:.1} fresh_tickets={}",
+        options.clients, options.fresh_tickets
+    );
+    println!(
+        "records decided+logged+decrypted: {count} ({:.0} records/s)",
+        count as f64 / elapsed
+    );
+    println!(
+        "process CPU: {cpu:.2} s total, {:.1} us per record (decide + log + decrypt)",
+        cpu * 1e6 / count.max(1) as f64
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let options = options();
@@ -217,6 +315,10 @@ async fn main() {
         .data_dir
         .clone()
         .unwrap_or_else(|| temporary.path().join("data"));
+    if options.in_process {
+        in_process(&options, &data_dir).await;
+        return;
+    }
     let (child, addr) = match &options.addr {
         Some(addr) => (None, addr.clone()),
         None => {

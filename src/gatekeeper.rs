@@ -18,7 +18,9 @@ use crate::audit::{self, DecisionLog, Entry, FieldEntry, RecordEntry};
 use crate::crypto::{self, Envelope, RecordScope};
 use crate::identity::Caller;
 use crate::keys::{self, Keyring};
-use crate::policy::{self, Action, FieldDecision, PolicySnapshot, PolicyStore, RequestFacts};
+use crate::policy::{
+    self, Action, FieldDecision, PolicySnapshot, PolicyStore, RequestFacts, Verdict,
+};
 use crate::record::{FieldName, Jurisdiction, KeyVersion, RecordId, RecordType, StatedPurpose};
 
 /// Size limits on requests; everything larger is refused before any work.
@@ -376,14 +378,14 @@ impl Gatekeeper {
 
     /// Decides with the current snapshot; an unknown principal or service is recorded
     /// in the log as an authentication failure before the error is returned.
-    async fn decide(
+    async fn decide<'s>(
         &self,
-        snapshot: &PolicySnapshot,
+        snapshot: &'s PolicySnapshot,
         context: &Context<'_>,
         action: Action,
         subject: Subject<'_>,
         fields: &[FieldName],
-    ) -> Result<Vec<Arc<FieldDecision>>, Error> {
+    ) -> Result<Vec<Verdict<'s>>, Error> {
         let (jurisdiction, record_type) = (subject.jurisdiction, subject.record_type);
         match snapshot.decide(action, &context.facts(), jurisdiction, record_type, fields) {
             Ok(decisions) => Ok(decisions),
@@ -467,10 +469,7 @@ impl Gatekeeper {
         let mut denied = Vec::new();
         let mut visible = Vec::new();
         for (name, decision) in names.iter().zip(&decisions) {
-            let classification = snapshot
-                .catalog()
-                .classification(&record.record_type, name)
-                .unwrap_or_default();
+            let classification = decision.classification;
             let outcome = if decision.allowed {
                 "encrypt"
             } else {
@@ -609,10 +608,7 @@ impl Gatekeeper {
         );
         let mut plans = Vec::with_capacity(names.len());
         for ((name, decision), envelope) in names.iter().zip(&decisions).zip(&envelopes) {
-            let classification = snapshot
-                .catalog()
-                .classification(&record.record_type, name)
-                .unwrap_or_default();
+            let classification = decision.classification;
             let plan = if !decision.allowed {
                 Plan::Deny(denial(decision))
             } else if envelope.jurisdiction != record.jurisdiction {
@@ -759,10 +755,7 @@ impl Gatekeeper {
         );
         let mut answers = Vec::with_capacity(fields.len());
         for (name, decision) in fields.into_iter().zip(&decisions) {
-            let classification = snapshot
-                .catalog()
-                .classification(&request.record_type, &name)
-                .unwrap_or_default();
+            let classification = decision.classification;
             let outcome = if decision.allowed {
                 "allowed"
             } else {

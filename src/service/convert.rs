@@ -125,8 +125,9 @@ impl From<Decrypted> for pb::DecryptRecordResponse {
             .into_iter()
             .map(|(name, outcome)| {
                 let outcome = match outcome {
-                    Outcome::Plaintext(plaintext) => {
-                        pb::field_outcome::Outcome::Plaintext(plaintext.to_vec())
+                    Outcome::Plaintext(mut plaintext) => {
+                        // Moved, not copied: no second plaintext buffer is left behind.
+                        pb::field_outcome::Outcome::Plaintext(std::mem::take(&mut *plaintext))
                     }
                     Outcome::Denied(denial) => pb::field_outcome::Outcome::Denied(denied(denial)),
                     Outcome::Failed(failure) => {
