@@ -564,17 +564,37 @@ impl Gatekeeper {
                 })
                 .collect::<Result<_, _>>()?
         };
-        let envelopes: Vec<Envelope<'_>> = selected
+        let parsed: Result<Vec<Envelope<'_>>, _> = selected
             .iter()
             .map(|(name, bytes)| {
                 Envelope::parse(bytes)
                     .map_err(|error| InvalidRequest(format!("field `{name}`: {error}")))
             })
-            .collect::<Result<_, _>>()?;
+            .collect();
         let names: Vec<FieldName> = selected.iter().map(|(name, _)| (*name).clone()).collect();
 
         let context = Context::new(caller, &request.stated);
         let snapshot = self.policies.current();
+        let envelopes = match parsed {
+            Ok(envelopes) => envelopes,
+            Err(invalid) => {
+                // A mangled envelope may be a tampering attempt: auditors see it too.
+                let record_log = record_entry(
+                    &record.record_type,
+                    Some(&record.record_id),
+                    &record.jurisdiction,
+                );
+                let mut entry = context.entry(
+                    "rejected",
+                    Some(Action::Decrypt),
+                    Some(record_log),
+                    Some(snapshot.hash()),
+                );
+                entry.outcome = invalid.to_string();
+                self.log.append(entry).await?;
+                return Err(invalid.into());
+            }
+        };
         let record_log = record_entry(
             &record.record_type,
             Some(&record.record_id),

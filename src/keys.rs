@@ -54,9 +54,9 @@ pub enum Error {
     /// A master key value could not be parsed; the value itself is never shown.
     #[error("master key from {0} is not 32 bytes encoded as 64 hex digits or base64")]
     BadMasterKey(String),
-    /// A keyring exists but no master key was supplied.
+    /// No master key was supplied and a development key may not be used.
     #[error(
-        "keyring `{0}` exists but no master key was supplied: set {MASTER_KEY_ENV} or pass --master-key-file"
+        "no master key was supplied for keyring `{0}`: pass --master-key-file or set {MASTER_KEY_ENV} (a development key is only created for a new keyring, and not with --no-dev-master-key)"
     )]
     NoMasterKey(PathBuf),
     /// The jurisdiction has no keys.
@@ -134,7 +134,7 @@ pub fn parse_master_key(text: &str, origin: &str) -> Result<SecretKey, Error> {
     Ok(SecretKey::from_bytes(*bytes))
 }
 
-/// Finds the master key: the environment value, else `key_file`, else (only when
+/// Finds the master key: `key_file` (the most explicit), else the environment value, else (only when
 /// `allow_development` is set) the development key file in `data_dir`, created on the
 /// first start when no keyring exists yet.
 pub fn load_master_key(
@@ -143,12 +143,6 @@ pub fn load_master_key(
     data_dir: &Path,
     allow_development: bool,
 ) -> Result<(SecretKey, MasterKeySource), Error> {
-    if let Some(value) = environment_value {
-        return Ok((
-            parse_master_key(value.expose(), MASTER_KEY_ENV)?,
-            MasterKeySource::Environment,
-        ));
-    }
     if let Some(path) = key_file {
         let text = Zeroizing::new(
             fs::read_to_string(path).map_err(io_error("cannot read master key file", path))?,
@@ -157,6 +151,12 @@ pub fn load_master_key(
         return Ok((
             parse_master_key(&text, &origin)?,
             MasterKeySource::File(path.to_owned()),
+        ));
+    }
+    if let Some(value) = environment_value {
+        return Ok((
+            parse_master_key(value.expose(), MASTER_KEY_ENV)?,
+            MasterKeySource::Environment,
         ));
     }
     let dev_path = data_dir.join(DEV_MASTER_KEY_FILE);
@@ -257,7 +257,9 @@ pub struct KeyInfo {
 /// The opened keyring. Debug output lists jurisdictions and versions only.
 pub struct Keyring {
     path: PathBuf,
-    wrapper: KeyWrapper,
+    /// `None` once [`Keyring::forget_wrapping_key`] was called: the keyring can still
+    /// derive keys but no longer seal new ones.
+    wrapper: Option<KeyWrapper>,
     file: KeyringFile,
     keys: BTreeMap<Jurisdiction, JurisdictionKeys>,
     encrypt_jurisdictions: BTreeSet<Jurisdiction>,
@@ -299,7 +301,7 @@ impl Keyring {
         } else {
             Self {
                 path: path.to_owned(),
-                wrapper: KeyWrapper::new(master)?,
+                wrapper: Some(KeyWrapper::new(master)?),
                 file: KeyringFile {
                     format: KEYRING_FORMAT.to_owned(),
                     jurisdictions: BTreeMap::new(),
@@ -374,7 +376,7 @@ impl Keyring {
         }
         Ok(Self {
             path: path.to_owned(),
-            wrapper,
+            wrapper: Some(wrapper),
             file,
             keys,
             encrypt_jurisdictions: BTreeSet::new(),
@@ -386,8 +388,12 @@ impl Keyring {
         jurisdiction: &Jurisdiction,
         version: KeyVersion,
     ) -> Result<(), Error> {
+        let wrapper = self.wrapper.as_ref().ok_or_else(|| Error::Invalid {
+            path: self.path.clone(),
+            reason: "the key-wrapping key was dropped; reopen the keyring to add keys".to_owned(),
+        })?;
         let root = SecretKey::generate()?;
-        let sealed = self.wrapper.seal(jurisdiction, version, &root)?;
+        let sealed = wrapper.seal(jurisdiction, version, &root)?;
         let entry = VersionFile {
             version: version.get(),
             created_at: now_rfc3339(),
@@ -443,6 +449,12 @@ impl Keyring {
         self.add_version(jurisdiction, next)?;
         self.save()?;
         Ok(next)
+    }
+
+    /// Drops the key-wrapping key (equivalent to the master key) from memory. A server
+    /// calls this once its keys exist: it derives, it never seals.
+    pub fn forget_wrapping_key(&mut self) {
+        self.wrapper = None;
     }
 
     /// The key version new encryptions for `jurisdiction` use, if it is configured.
@@ -524,6 +536,12 @@ mod tests {
             Err(Error::UnknownJurisdiction(_))
         ));
 
+        let mut forgetful = Keyring::open(&path, &master).unwrap();
+        forgetful.forget_wrapping_key();
+        assert!(
+            forgetful.rotate(us).is_err(),
+            "cannot seal without the wrapping key"
+        );
         let mut reopened = Keyring::open(&path, &master).unwrap();
         assert!(!reopened.is_configured(us), "open alone configures nothing");
         let v2 = reopened.rotate(us).unwrap();

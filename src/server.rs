@@ -94,8 +94,11 @@ pub fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
         );
     }
     let keyring_path = config.data_dir.join(keys::KEYRING_FILE);
-    let (keyring, created) =
+    let (mut keyring, created) =
         Keyring::open_or_create(&keyring_path, &master, &config.jurisdictions)?;
+    // From here on the server only derives: neither the master key nor the key-wrapping
+    // key derived from it stays in memory.
+    keyring.forget_wrapping_key();
     drop(master);
     for jurisdiction in created {
         tracing::info!(%jurisdiction, "created root key version 1");

@@ -529,6 +529,18 @@ async fn malformed_requests_get_precise_statuses() {
             status.message()
         );
     }
+    let rejected: Vec<_> = server
+        .log_entries()
+        .into_iter()
+        .filter(|e| e["kind"] == "rejected")
+        .collect();
+    assert_eq!(rejected.len(), 1, "the mangled envelope is logged");
+    assert!(
+        rejected[0]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("field `email`")
+    );
 
     // Larger than the server's message limit: refused by the transport, server unharmed.
     let mut oversized = profile("u-8", "US");

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{EXIT_LOG_TAMPERED, fail};
+use super::{EXIT_FAILURE, EXIT_LOG_TAMPERED, fail};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -17,6 +17,10 @@ pub enum Command {
 
 pub fn run(command: Command) -> ExitCode {
     match command {
+        Command::Verify { log } if !log.is_dir() => fail(
+            EXIT_FAILURE,
+            format!("`{}` is not a decision log directory", log.display()),
+        ),
         Command::Verify { log } => match ringfence::audit::verify(&log) {
             Ok(report) => {
                 println!(
