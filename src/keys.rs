@@ -193,9 +193,15 @@ pub fn load_master_key(
 /// Writes a file readable by its owner only, atomically (temp file, fsync, rename).
 pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
     let temporary = path.with_extension("tmp");
+    // A stale temporary file could carry looser permissions: start from nothing.
+    match fs::remove_file(&temporary) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(io_error("cannot remove", &temporary)(error)),
+    }
     {
         let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
+        options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use verify::{VerifyFailure, VerifyReport, verify};
 
-/// Prefix and suffix of segment file names: `decisions-000001.jsonl`.
+/// Prefix of segment file names: `decisions-000001.jsonl`.
 pub const SEGMENT_PREFIX: &str = "decisions-";
 /// Suffix of segment file names.
 pub const SEGMENT_SUFFIX: &str = ".jsonl";
@@ -116,7 +116,8 @@ pub struct Entry {
     /// Per-field decisions and outcomes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<FieldEntry>,
-    /// Request-level outcome, e.g. `decided`, `denied`, `unknown principal`.
+    /// Request-level outcome: `decided`, `encrypted`, `denied`, `integrity_failure`, or the
+    /// error text of a `rejected` or `unauthenticated` entry.
     pub outcome: String,
 }
 
@@ -423,12 +424,10 @@ impl Writer {
         if self.segment_bytes >= self.max_segment_bytes
             && let Err(error) = self.rotate()
         {
-            {
-                return self.fail(
-                    format!("cannot start segment {}: {error}", self.segment + 1),
-                    batch.len(),
-                );
-            }
+            return self.fail(
+                format!("cannot start segment {}: {error}", self.segment + 1),
+                batch.len(),
+            );
         }
         let mut buffer = String::with_capacity(batch.len() * 1024);
         let mut seq = self.seq;

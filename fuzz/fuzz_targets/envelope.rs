@@ -1,0 +1,5 @@
+//! Any bytes given as a ciphertext: parsing must answer, never panic.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = ringfence::crypto::Envelope::parse(data);
+});
