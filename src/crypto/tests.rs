@@ -295,3 +295,27 @@ fn debug_output_never_shows_key_bytes() {
     assert!(!printed.contains("171"), "{printed}");
     assert!(printed.contains("redacted"));
 }
+
+#[test]
+fn random_and_mutated_inputs_never_panic_or_open() {
+    use rand::RngExt as _;
+    let (fixture, envelope) = sealed_fixture();
+    let scope = fixture.scope();
+    let mut rng = rand::rng();
+    for _ in 0..20_000 {
+        let len = rng.random_range(0..160);
+        let garbage: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        // Random bytes: parse may fail or succeed, opening must fail.
+        assert!(try_open(&fixture.root, &scope, &fixture.field, &garbage).is_err());
+
+        let mut mutated = envelope.clone();
+        for _ in 0..rng.random_range(1..4) {
+            let index = rng.random_range(0..mutated.len());
+            let replacement: u8 = rng.random();
+            mutated[index] = replacement;
+        }
+        if mutated != envelope {
+            assert!(try_open(&fixture.root, &scope, &fixture.field, &mutated).is_err());
+        }
+    }
+}
