@@ -83,6 +83,86 @@ fn policy_validate_accepts_the_shipped_set_and_names_file_and_line_of_errors() {
 }
 
 #[test]
+fn policy_explain_says_why() {
+    let out = run(ringfence()
+        .args(["policy", "explain", "--policies"])
+        .arg(shipped_policies())
+        .args([
+            "--employee",
+            "carol",
+            "--service",
+            "us-support-tool",
+            "--record-type",
+            "user_profile",
+            "--jurisdiction",
+            "US",
+            "--field",
+            "email",
+            "--purpose",
+            "support",
+            "--ticket",
+            "INC-1",
+        ]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("DENY"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("determined by parent-company-never-reads-us (")
+            && out.stdout.contains("us-data.cedar)"),
+        "{}",
+        out.stdout
+    );
+
+    let out = run(ringfence()
+        .args(["policy", "explain", "--policies"])
+        .arg(shipped_policies())
+        .args([
+            "--employee",
+            "alice",
+            "--service",
+            "us-support-tool",
+            "--record-type",
+            "user_profile",
+            "--jurisdiction",
+            "US",
+        ]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout.lines().count(),
+        21,
+        "a header and the 20 catalog fields: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("no policy permits this (default deny)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("determined by public-fields-readable-by-employees"),
+        "{}",
+        out.stdout
+    );
+
+    let out = run(ringfence()
+        .args(["policy", "explain", "--policies"])
+        .arg(shipped_policies())
+        .args([
+            "--employee",
+            "mallory",
+            "--service",
+            "us-support-tool",
+            "--record-type",
+            "user_profile",
+            "--jurisdiction",
+            "US",
+        ]));
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("unknown principal"), "{}", out.stderr);
+}
+
+#[test]
 fn serve_refuses_insecure_configurations() {
     let data = tempfile::tempdir().unwrap();
     let out = run(ringfence()

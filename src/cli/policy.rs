@@ -4,9 +4,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ringfence::config::DEFAULT_POLICIES;
-use ringfence::policy::PolicySnapshot;
+use ringfence::policy::{Action, PolicySnapshot, Principal, RequestFacts};
+use ringfence::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};
 
-use super::{EXIT_INVALID_POLICIES, fail};
+use super::{EXIT_FAILURE, EXIT_INVALID_POLICIES, fail};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ActionArg {
+    Encrypt,
+    Decrypt,
+}
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -15,6 +22,37 @@ pub enum Command {
         /// Policy directory.
         #[arg(long, default_value = DEFAULT_POLICIES)]
         policies: PathBuf,
+    },
+    /// Decide one request and say why: the decision per field and the policies that
+    /// determined it. Evaluates each field on its own, without the decision cache.
+    Explain {
+        /// Policy directory.
+        #[arg(long, default_value = DEFAULT_POLICIES)]
+        policies: PathBuf,
+        /// Employee on whose behalf the request is made (omit for a service acting alone).
+        #[arg(long)]
+        employee: Option<String>,
+        /// Calling service.
+        #[arg(long)]
+        service: String,
+        /// Action to decide.
+        #[arg(long, value_enum, default_value = "decrypt")]
+        action: ActionArg,
+        /// Record type, e.g. user_profile.
+        #[arg(long)]
+        record_type: RecordType,
+        /// Jurisdiction of the record, e.g. US.
+        #[arg(long)]
+        jurisdiction: Jurisdiction,
+        /// Field to decide; repeat for several; none means every field of the record type.
+        #[arg(long = "field")]
+        fields: Vec<FieldName>,
+        /// Stated purpose.
+        #[arg(long, default_value = "")]
+        purpose: String,
+        /// Stated ticket.
+        #[arg(long, default_value = "")]
+        ticket: String,
     },
 }
 
@@ -33,5 +71,92 @@ pub fn run(command: Command) -> ExitCode {
             }
             Err(error) => fail(EXIT_INVALID_POLICIES, error),
         },
+        Command::Explain {
+            policies,
+            employee,
+            service,
+            action,
+            record_type,
+            jurisdiction,
+            fields,
+            purpose,
+            ticket,
+        } => {
+            let snapshot = match PolicySnapshot::load(&policies) {
+                Ok(snapshot) => snapshot,
+                Err(error) => return fail(EXIT_INVALID_POLICIES, error),
+            };
+            let stated = match StatedPurpose::new(&purpose, &ticket) {
+                Ok(stated) => stated,
+                Err(error) => return fail(EXIT_FAILURE, error),
+            };
+            let action = match action {
+                ActionArg::Encrypt => Action::Encrypt,
+                ActionArg::Decrypt => Action::Decrypt,
+            };
+            let principal = match employee {
+                Some(id) => Principal::Employee(id),
+                None => Principal::Service(service.clone()),
+            };
+            let fields = if fields.is_empty() {
+                match snapshot.catalog().fields(&record_type) {
+                    Some(all) => all.cloned().collect(),
+                    None => {
+                        return fail(
+                            EXIT_FAILURE,
+                            format!(
+                                "unknown record type `{record_type}`: not in the field catalog"
+                            ),
+                        );
+                    }
+                }
+            } else {
+                fields
+            };
+            let facts = RequestFacts {
+                principal: &principal,
+                service: &service,
+                authentication: "explain",
+                stated: &stated,
+                request_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+            };
+            let decisions =
+                match snapshot.decide_each(action, &facts, &jurisdiction, &record_type, &fields) {
+                    Ok(decisions) => decisions,
+                    Err(error) => return fail(EXIT_FAILURE, error),
+                };
+            println!(
+                "{} {record_type} in {jurisdiction} by {principal} via Service::{service:?} (purpose {purpose:?}, ticket {ticket:?}), policy set {}",
+                action.as_str(),
+                snapshot.hash()
+            );
+            for (field, decision) in fields.iter().zip(decisions) {
+                let classification = snapshot
+                    .catalog()
+                    .classification(&record_type, field)
+                    .unwrap_or_default();
+                let verdict = if decision.allowed { "ALLOW" } else { "DENY" };
+                let why = if !decision.errors.is_empty() {
+                    format!(
+                        "evaluation error (fails closed): {}",
+                        decision.errors.join("; ")
+                    )
+                } else if decision.policies.is_empty() {
+                    "no policy permits this (default deny)".to_owned()
+                } else {
+                    let named: Vec<String> = decision
+                        .policies
+                        .iter()
+                        .map(|id| match snapshot.policy_files().get(id) {
+                            Some(file) => format!("{id} ({})", file.display()),
+                            None => id.clone(),
+                        })
+                        .collect();
+                    format!("determined by {}", named.join(", "))
+                };
+                println!("  {field:<20} {classification:<11} {verdict:<5} {why}");
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
