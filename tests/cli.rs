@@ -323,6 +323,42 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         verify.stdout
     );
 
+    let query = run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "query",
+        "--principal",
+        "alice",
+        "--record-id",
+        "u-1",
+        "--field",
+        "email",
+        "--decision",
+        "allow",
+        "--since",
+        "2000-01-01",
+    ]));
+    assert_eq!(query.code, 0, "{}", query.stderr);
+    let lines: Vec<&str> = query.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", query.stdout);
+    let entry: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(entry["kind"], "decrypt");
+    assert!(
+        query.stderr.contains("1 of 2 entries matched"),
+        "{}",
+        query.stderr
+    );
+    let none =
+        run(ringfence()
+            .current_dir(dir.path())
+            .args(["audit", "query", "--principal", "bob"]));
+    assert_eq!(none.code, 0);
+    assert!(none.stdout.is_empty());
+    let bad_time =
+        run(ringfence()
+            .current_dir(dir.path())
+            .args(["audit", "query", "--since", "last week"]));
+    assert_eq!(bad_time.code, 2, "{}", bad_time.stderr);
+
     let keys = run(ringfence().current_dir(dir.path()).args(["keys", "list"]));
     assert_eq!(keys.code, 0, "{}", keys.stderr);
     assert!(keys.stdout.contains("US\tv1\t"), "{}", keys.stdout);

@@ -6,6 +6,7 @@
 //! commit). It never receives plaintext or key material: [`Entry`] has no place for
 //! either. Line format and verification rules: `docs/decision-log.md`.
 
+mod query;
 mod verify;
 
 use std::fs::{self, File, OpenOptions};
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+pub use query::{Filter, QueryStats, parse_time, query};
 pub use verify::{VerifyFailure, VerifyReport, verify};
 
 /// Prefix of segment file names: `decisions-000001.jsonl`.
