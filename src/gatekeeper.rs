@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rand::RngExt as _;
+use rand::TryRng as _;
 use zeroize::Zeroizing;
 
 use crate::audit::{self, DecisionLog, Entry, FieldEntry, RecordEntry};
@@ -52,8 +52,7 @@ pub struct RecordRef {
     pub jurisdiction: Jurisdiction,
 }
 
-/// A record to encrypt. Field values are zeroized when dropped.
-#[derive(Debug)]
+/// A record to encrypt. Field values are zeroized when dropped and never printed.
 pub struct PlainRecord {
     /// The record.
     pub record: RecordRef,
@@ -114,8 +113,7 @@ pub enum FieldFailure {
     UnknownKeyVersion,
 }
 
-/// What happened to one requested field.
-#[derive(Debug)]
+/// What happened to one requested field. Debug output never shows plaintext.
 pub enum Outcome {
     /// Permitted and decrypted.
     Plaintext(Zeroizing<Vec<u8>>),
@@ -185,6 +183,32 @@ pub enum Error {
     /// A cryptographic operation failed (e.g. the OS RNG).
     #[error(transparent)]
     Crypto(#[from] crypto::Error),
+}
+
+impl std::fmt::Debug for PlainRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlainRecord")
+            .field("record", &self.record)
+            .field(
+                "fields",
+                &self
+                    .fields
+                    .iter()
+                    .map(|(name, value)| format!("{name}: <{} bytes redacted>", value.len()))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Plaintext(bytes) => write!(f, "Plaintext(<{} bytes redacted>)", bytes.len()),
+            Outcome::Denied(denial) => f.debug_tuple("Denied").field(denial).finish(),
+            Outcome::Failed(failure) => f.debug_tuple("Failed").field(failure).finish(),
+        }
+    }
 }
 
 /// Reasons a denied caller may read.
@@ -259,8 +283,13 @@ fn rfc3339_now() -> String {
         .unwrap_or_default()
 }
 
-fn new_request_id() -> String {
-    hex::encode(rand::rng().random::<[u8; 16]>())
+fn new_request_id() -> Result<String, crypto::Error> {
+    let mut id = [0u8; 16];
+    // The OS RNG, fallibly: `rand::rng()` would panic if seeding failed.
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut id)
+        .map_err(|_| crypto::Error::Random)?;
+    Ok(hex::encode(id))
 }
 
 /// The data flow of the service, independent of the transport.
@@ -282,14 +311,14 @@ struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
-    fn new(caller: &'a Caller, stated: &'a StatedPurpose) -> Self {
-        Self {
+    fn new(caller: &'a Caller, stated: &'a StatedPurpose) -> Result<Self, Error> {
+        Ok(Self {
             caller,
             principal: caller.principal(),
             stated,
-            request_id: new_request_id(),
+            request_id: new_request_id()?,
             request_time: unix_now(),
-        }
+        })
     }
 
     fn facts(&self) -> RequestFacts<'_> {
@@ -434,7 +463,7 @@ impl Gatekeeper {
         }
         let key_version = self.keyring.current_for_encryption(&record.jurisdiction)?;
         let stated = StatedPurpose::default();
-        let context = Context::new(caller, &stated);
+        let context = Context::new(caller, &stated)?;
         let snapshot = self.policies.current();
         let names: Vec<FieldName> = request
             .fields
@@ -573,7 +602,7 @@ impl Gatekeeper {
             .collect();
         let names: Vec<FieldName> = selected.iter().map(|(name, _)| (*name).clone()).collect();
 
-        let context = Context::new(caller, &request.stated);
+        let context = Context::new(caller, &request.stated)?;
         let snapshot = self.policies.current();
         let envelopes = match parsed {
             Ok(envelopes) => envelopes,
@@ -748,7 +777,7 @@ impl Gatekeeper {
             check_field_names(&request.fields, &self.limits, "`fields`")?;
             request.fields
         };
-        let context = Context::new(caller, &request.stated);
+        let context = Context::new(caller, &request.stated)?;
         let record_log = record_entry(
             &request.record_type,
             request.record_id.as_ref(),

@@ -253,6 +253,8 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         tonic::transport::Server::builder()
             .timeout(Duration::from_secs(30))
             .concurrency_limit_per_connection(256)
+            // hyper's default is unlimited streams per connection.
+            .max_concurrent_streams(256)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(ringfence)

@@ -113,6 +113,8 @@ impl Observed {
         }
     }
 
+    /// Walks one expression node. Every EST expression is an object with exactly one
+    /// key (the operator); anything else is not understood and observes everything.
     fn expression(&mut self, expression: &Value) {
         match expression {
             Value::Object(map) if map.len() == 1 => {
@@ -120,9 +122,34 @@ impl Observed {
                     self.operator(operator, argument);
                 }
             }
-            Value::Object(map) => map.values().for_each(|value| self.expression(value)),
-            Value::Array(items) => items.iter().for_each(|item| self.expression(item)),
-            _ => {}
+            _ => self.everything(),
+        }
+    }
+
+    /// Walks the named child expressions of an operator's argument object; an argument
+    /// of another shape, or with other keys, observes everything.
+    fn children(&mut self, argument: &Value, names: &[&str], optional: &[&str]) {
+        let Value::Object(map) = argument else {
+            self.everything();
+            return;
+        };
+        if map
+            .keys()
+            .any(|key| !names.contains(&key.as_str()) && !optional.contains(&key.as_str()))
+        {
+            self.everything();
+            return;
+        }
+        for name in names {
+            match map.get(*name) {
+                Some(child) => self.expression(child),
+                None => self.everything(),
+            }
+        }
+        for name in optional {
+            if let Some(child) = map.get(*name) {
+                self.expression(child);
+            }
         }
     }
 
@@ -132,16 +159,26 @@ impl Observed {
                 Some("resource") => self.resource_identity = true,
                 Some("context") => self.whole_context = true,
                 Some(_) => {}
-                None => self.expression(argument),
+                None => self.everything(),
             },
+            // Literals, including entity literals, observe nothing.
             "Value" => {}
+            "Set" => match argument {
+                Value::Array(items) => items.iter().for_each(|item| self.expression(item)),
+                _ => self.everything(),
+            },
+            // Keys of a record literal are names, not operators: walk the values only.
+            "Record" => match argument {
+                Value::Object(fields) => fields.values().for_each(|value| self.expression(value)),
+                _ => self.everything(),
+            },
             "." | "has" => {
-                let left = argument.get("left");
                 let attribute = match argument.get("attr") {
                     Some(Value::String(name)) => Some(name.as_str()),
                     Some(Value::Array(path)) => path.first().and_then(Value::as_str),
                     _ => None,
                 };
+                let left = argument.get("left");
                 match (left.and_then(variable), attribute) {
                     (Some("resource"), Some(name)) => {
                         self.resource_attributes.insert(name.to_owned());
@@ -154,7 +191,11 @@ impl Observed {
                             self.context_raw.insert(name.to_owned());
                         }
                     }
-                    _ => self.expression(argument),
+                    (_, Some(_)) => match left {
+                        Some(left) => self.expression(left),
+                        None => self.everything(),
+                    },
+                    (_, None) => self.everything(),
                 }
             }
             "==" | "!=" => {
@@ -175,7 +216,7 @@ impl Observed {
                 };
                 match compared {
                     Some((name, literal)) => self.context_literal(name, literal),
-                    None => self.expression(argument),
+                    None => self.children(argument, &["left", "right"], &[]),
                 }
             }
             "contains" => {
@@ -193,7 +234,7 @@ impl Observed {
                         self.context_literals.entry(name.to_owned()).or_default();
                         self.context_attributes.insert(name.to_owned());
                     }
-                    _ => self.expression(argument),
+                    _ => self.children(argument, &["left", "right"], &[]),
                 }
             }
             "in" => {
@@ -203,7 +244,7 @@ impl Observed {
                     .and_then(|right| right.get("Value"))
                     .is_some_and(is_jurisdiction_entity);
                 if !(on_resource && of_jurisdiction) {
-                    self.expression(argument);
+                    self.children(argument, &["left", "right"], &[]);
                 }
             }
             "is" => {
@@ -219,10 +260,31 @@ impl Observed {
                         }
                     }
                 } else {
-                    self.expression(argument);
+                    match argument.get("left") {
+                        Some(left) => self.expression(left),
+                        None => self.everything(),
+                    }
+                    if let Some(inner) = argument.get("in") {
+                        self.expression(inner);
+                    }
                 }
             }
-            _ => self.expression(argument),
+            "!" | "neg" | "isEmpty" => self.children(argument, &["arg"], &[]),
+            "<" | "<=" | ">" | ">=" | "&&" | "||" | "+" | "-" | "*" | "containsAll"
+            | "containsAny" | "getTag" | "hasTag" => {
+                self.children(argument, &["left", "right"], &[]);
+            }
+            // The pattern is a literal; only the left side is an expression.
+            "like" => match argument.get("left") {
+                Some(left) => self.expression(left),
+                None => self.everything(),
+            },
+            "if-then-else" => self.children(argument, &["if", "then", "else"], &[]),
+            // An extension function call: `{"ip": [args]}`, `{"decimal": [args]}`, ...
+            _ => match argument {
+                Value::Array(arguments) => arguments.iter().for_each(|item| self.expression(item)),
+                _ => self.everything(),
+            },
         }
     }
 }
@@ -329,6 +391,30 @@ mod tests {
         assert_eq!(raw.context_use("ticket"), ContextUse::Raw);
         let literal: BTreeSet<String> = ["a".to_owned()].into();
         assert_eq!(raw.context_use("purpose"), ContextUse::Literals(&literal));
+    }
+
+    #[test]
+    fn record_literals_do_not_hide_uses() {
+        // Keys of a record literal may be any name, `Value` and `Var` included.
+        for text in [
+            r#"forbid(principal, action, resource) when { {Value: resource.field} == {Value: "tax_id"} };"#,
+            r#"forbid(principal, action, resource) when { {Var: resource.field, Record: 1}.Var == "tax_id" };"#,
+        ] {
+            let observed = observe(text);
+            assert!(observed.resource_attribute("field"), "{text}");
+        }
+        let hidden_identity = observe(
+            r#"forbid(principal, action, resource) when { {Value: resource} == {Value: Field::"US/user_profile/tax_id"} };"#,
+        );
+        assert!(hidden_identity.resource_identity);
+        let hidden_purpose = observe(
+            r#"permit(principal, action, resource) when { {Value: context.purpose} == {Value: "x"} };"#,
+        );
+        assert_eq!(hidden_purpose.context_use("purpose"), ContextUse::Raw);
+        let extension = observe(
+            r#"permit(principal, action, resource) when { decimal("1.0").lessThan(decimal("2.0")) && ip("10.0.0.1").isLoopback() && context.purpose like "a*" };"#,
+        );
+        assert_eq!(extension.context_use("purpose"), ContextUse::Raw);
     }
 
     #[test]

@@ -929,7 +929,11 @@ impl PolicySnapshot {
                         record_type,
                         field,
                     )?);
-                    if let Ok(mut cache) = self.cache.write() {
+                    // An erring decision carries Cedar's error text, which can name
+                    // this field's entity: it is neither cached nor shared.
+                    if decision.errors.is_empty()
+                        && let Ok(mut cache) = self.cache.write()
+                    {
                         if cache.len() >= CACHE_CAPACITY {
                             cache.clear();
                         }
@@ -938,7 +942,9 @@ impl PolicySnapshot {
                     decision
                 }
             };
-            local.push((field_key, Arc::clone(&decision)));
+            if decision.errors.is_empty() {
+                local.push((field_key, Arc::clone(&decision)));
+            }
             decisions.push(Verdict {
                 classification,
                 decision,
@@ -992,9 +998,10 @@ fn actions_in_scope(est: &Value) -> Option<BTreeSet<Action>> {
             // An action this service never asks about: the policy never applies.
             Some(named(scope.get("entity")?).into_iter().collect())
         }
+        // A list of actions this service asks about; any other member may be a group
+        // whose members are not analysed, so the policy is kept for every action.
         Some("in") => match scope.get("entities") {
-            Some(Value::Array(entities)) => Some(entities.iter().filter_map(named).collect()),
-            // `in` an action group: group members are not analysed, so keep it.
+            Some(Value::Array(entities)) => entities.iter().map(named).collect(),
             _ => None,
         },
         _ => None,

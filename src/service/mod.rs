@@ -19,6 +19,9 @@ use crate::policy;
 
 /// Records of one `DecryptRecords` stream processed concurrently (answers stay in order).
 const STREAM_CONCURRENCY: usize = 32;
+/// Records of all `DecryptRecords` streams together in progress at once: bounds the
+/// memory and CPU that bulk jobs can hold, whatever the number of streams.
+const STREAM_RECORDS_IN_FLIGHT: usize = 128;
 
 impl From<gatekeeper::Error> for Status {
     fn from(error: gatekeeper::Error) -> Self {
@@ -91,12 +94,16 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
 #[derive(Debug, Clone)]
 pub struct RingfenceService {
     gate: Arc<Gatekeeper>,
+    stream_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl RingfenceService {
     /// Serves `gate`.
     pub fn new(gate: Arc<Gatekeeper>) -> Self {
-        Self { gate }
+        Self {
+            gate,
+            stream_permits: Arc::new(tokio::sync::Semaphore::new(STREAM_RECORDS_IN_FLIGHT)),
+        }
     }
 }
 
@@ -150,6 +157,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         let caller = Arc::new(caller(&request)?);
         let inbound = request.into_inner();
         let gate = Arc::clone(&self.gate);
+        let permits = Arc::clone(&self.stream_permits);
         let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_CONCURRENCY);
         tokio::spawn(async move {
             let mut answers = inbound
@@ -157,7 +165,11 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
                 .map(|(index, message)| {
                     let gate = Arc::clone(&gate);
                     let caller = Arc::clone(&caller);
+                    let permits = Arc::clone(&permits);
                     async move {
+                        let Ok(_permit) = permits.acquire_owned().await else {
+                            return Err(Status::unavailable("server is shutting down"));
+                        };
                         let answer = match message {
                             Ok(message) => decrypt_one(&gate, &caller, message).await,
                             Err(status) => Err(status),
