@@ -31,28 +31,17 @@ use zeroize::Zeroizing;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const FIELDS: [&str; 20] = [
-    "user_handle",
-    "display_name",
-    "avatar_url",
-    "locale",
-    "time_zone",
-    "email",
-    "phone",
-    "date_of_birth",
-    "home_address",
-    "postal_code",
-    "city",
-    "last_login_ip",
-    "device_ids",
-    "precise_location",
-    "contacts_hash",
-    "watch_history",
-    "payment_token",
-    "government_id",
-    "tax_id",
-    "legal_hold_notes",
-];
+/// The fields of `user_profile` in the shipped field catalog (20 of them), loaded once.
+fn profile_fields() -> &'static [String] {
+    static FIELDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    FIELDS.get_or_init(|| {
+        let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let snapshot = ringfence::policy::PolicySnapshot::load(&policies).unwrap();
+        let record_type = ringfence::record::RecordType::new("user_profile").unwrap();
+        let fields = snapshot.catalog().fields(&record_type).unwrap();
+        fields.map(|field| field.as_str().to_owned()).collect()
+    })
+}
 
 fn scratch_dir() -> tempfile::TempDir {
     if Path::new("/dev/shm").is_dir() {
@@ -102,7 +91,7 @@ fn bench(c: &mut Criterion) {
     };
     let plain = PlainRecord {
         record: record_ref("user-00000001"),
-        fields: FIELDS
+        fields: profile_fields()
             .iter()
             .map(|f| {
                 (
@@ -146,7 +135,10 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     let snapshot = policies.current();
-    let fields: Vec<FieldName> = FIELDS.iter().map(|f| FieldName::new(f).unwrap()).collect();
+    let fields: Vec<FieldName> = profile_fields()
+        .iter()
+        .map(|f| FieldName::new(f).unwrap())
+        .collect();
     let principal = Principal::Employee("alice".to_owned());
     let us = Jurisdiction::new("US").unwrap();
     let record_type = RecordType::new("user_profile").unwrap();

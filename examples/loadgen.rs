@@ -38,28 +38,17 @@ use tonic::transport::Channel;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const FIELDS: [&str; 20] = [
-    "user_handle",
-    "display_name",
-    "avatar_url",
-    "locale",
-    "time_zone",
-    "email",
-    "phone",
-    "date_of_birth",
-    "home_address",
-    "postal_code",
-    "city",
-    "last_login_ip",
-    "device_ids",
-    "precise_location",
-    "contacts_hash",
-    "watch_history",
-    "payment_token",
-    "government_id",
-    "tax_id",
-    "legal_hold_notes",
-];
+/// The fields of `user_profile` in the shipped field catalog (20 of them), loaded once.
+fn profile_fields() -> &'static [String] {
+    static FIELDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    FIELDS.get_or_init(|| {
+        let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let snapshot = ringfence::policy::PolicySnapshot::load(&policies).unwrap();
+        let record_type = ringfence::record::RecordType::new("user_profile").unwrap();
+        let fields = snapshot.catalog().fields(&record_type).unwrap();
+        fields.map(|field| field.as_str().to_owned()).collect()
+    })
+}
 
 struct Options {
     clients: usize,
@@ -174,7 +163,7 @@ async fn setup(channel: Channel, count: usize) -> Vec<pb::EncryptedRecord> {
             record_type: "user_profile".to_owned(),
             record_id: format!("user-{n:08}"),
             jurisdiction: "US".to_owned(),
-            fields: FIELDS
+            fields: profile_fields()
                 .iter()
                 .map(|field| pb::PlainField {
                     name: (*field).to_owned(),
@@ -209,7 +198,7 @@ fn decrypt_request(record: &pb::EncryptedRecord, ticket: String) -> pb::DecryptR
 }
 
 fn check(response: &pb::DecryptRecordResponse) {
-    assert_eq!(response.fields.len(), FIELDS.len());
+    assert_eq!(response.fields.len(), profile_fields().len());
     let plaintexts = response
         .fields
         .iter()
@@ -242,7 +231,7 @@ async fn in_process(options: &Options, data_dir: &Path) {
                 record_id: RecordId::new(&format!("user-{n:08}")).unwrap(),
                 jurisdiction: Jurisdiction::new("US").unwrap(),
             },
-            fields: FIELDS
+            fields: profile_fields()
                 .iter()
                 .map(|f| {
                     let value =
@@ -282,7 +271,7 @@ async fn in_process(options: &Options, data_dir: &Path) {
                 };
                 next += 1;
                 let decrypted = gate.decrypt_record(&alice, request).await.unwrap();
-                assert_eq!(decrypted.fields.len(), FIELDS.len());
+                assert_eq!(decrypted.fields.len(), profile_fields().len());
                 done.fetch_add(1, Ordering::Relaxed);
             }
         }));
