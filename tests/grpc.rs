@@ -764,9 +764,13 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
     )
     .unwrap();
     let log_dir = dir.path().join("data/log");
-    // The first commit rotates into segment 2, which is /dev/full: every write fails.
+    // Every commit (and every recovery) rotates. Segments 2 and 4 are /dev/full, where
+    // every write fails: the encrypt fails in 2; the decrypt recovers into 3, rotates
+    // into 4 and fails again; the next request succeeds in 6.
     let (log, _) = DecisionLog::open_with_segment_size(&log_dir, 0).unwrap();
-    std::os::unix::fs::symlink("/dev/full", segment_path(&log_dir, 2)).unwrap();
+    for segment in [2, 4] {
+        std::os::unix::fs::symlink("/dev/full", segment_path(&log_dir, segment)).unwrap();
+    }
     let policies = std::sync::Arc::new(PolicyStore::load(&shipped_policies()).unwrap());
     let gate = std::sync::Arc::new(ringfence::Gatekeeper::new(
         keyring,
@@ -828,4 +832,23 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::NotServing
     );
+
+    // Writes succeed again (segment 5 is a regular file): service resumes by itself.
+    encrypt_profile(&mut client, "u-2", "US").await;
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "ringfence.v1.Ringfence".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let report = ringfence::audit::verify(&server.log_dir()).unwrap();
+    assert_eq!(report.entries, 1, "only the acknowledged encrypt");
+    assert_eq!(report.failed_segments.len(), 2);
 }

@@ -210,8 +210,15 @@ struct Writer {
     max_segment_bytes: u64,
     seq: u64,
     last_hash: String,
-    failure: Option<String>,
+    failure: Option<Failure>,
     healthy: Arc<AtomicBool>,
+}
+
+/// Why the writer is refusing appends, and what it must do before it may resume.
+struct Failure {
+    reason: String,
+    /// The segment to seal with a marker (none when opening the next segment failed).
+    seal: Option<u64>,
 }
 
 /// Path of segment `number` in `dir`.
@@ -233,6 +240,56 @@ pub fn segment_numbers(dir: &Path) -> std::io::Result<Vec<u64>> {
         .collect();
     numbers.sort_unstable();
     Ok(numbers)
+}
+
+/// Suffix of the marker that seals a segment after a failed write or fsync.
+pub const FAILED_SUFFIX: &str = ".failed";
+
+/// Written next to a segment whose write or fsync failed: entries after
+/// `last_durable_seq` in it were never acknowledged, and the chain continues from
+/// (`last_durable_seq`, `head`) in the next segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedMarker {
+    /// The sealed segment.
+    pub segment: u64,
+    /// Last entry acknowledged as durable (0 for none).
+    pub last_durable_seq: u64,
+    /// Hash of that entry (the genesis hash for none).
+    pub head: String,
+    /// What failed.
+    pub reason: String,
+}
+
+/// Path of the failure marker of segment `number`.
+pub fn failed_marker_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!(
+        "{SEGMENT_PREFIX}{number:06}{SEGMENT_SUFFIX}{FAILED_SUFFIX}"
+    ))
+}
+
+/// Reads the failure marker of a segment, if there is one.
+pub fn read_failed_marker(dir: &Path, number: u64) -> Result<Option<FailedMarker>, String> {
+    let path = failed_marker_path(dir, number);
+    match fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|error| format!("{}: {error}", path.display())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(format!("{}: {error}", path.display())),
+    }
+}
+
+fn write_failed_marker(dir: &Path, marker: &FailedMarker) -> std::io::Result<()> {
+    let path = failed_marker_path(dir, marker.segment);
+    let text = serde_json::to_string(marker).map_err(std::io::Error::other)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    File::open(dir)?.sync_all()
 }
 
 fn open_segment(path: &Path) -> std::io::Result<File> {
@@ -327,6 +384,16 @@ impl DecisionLog {
         let mut segment = numbers.last().copied().unwrap_or(1);
         for (index, number) in numbers.iter().rev().enumerate() {
             let path = segment_path(dir, *number);
+            // A sealed segment is never appended to; its marker says where the chain stands.
+            if let Some(marker) =
+                read_failed_marker(dir, *number).map_err(|reason| open_error(&path, reason))?
+            {
+                if index == 0 {
+                    segment = number + 1;
+                }
+                head = Some((marker.last_durable_seq, marker.head));
+                break;
+            }
             let (found, torn) = segment_head(&path).map_err(|reason| open_error(&path, reason))?;
             if index == 0 && torn {
                 torn_tail = Some(path.clone());
@@ -419,8 +486,9 @@ impl Writer {
 
     /// Writes and fsyncs a batch; every entry gets the same durable-or-not answer.
     fn commit(&mut self, batch: &[Job]) -> Vec<Result<Appended, Error>> {
-        if let Some(failure) = &self.failure {
-            let error = Error::Unavailable(failure.clone());
+        if self.failure.is_some()
+            && let Err(error) = self.recover()
+        {
             return batch.iter().map(|_| Err(error.clone())).collect();
         }
         if self.segment_bytes >= self.max_segment_bytes
@@ -428,6 +496,7 @@ impl Writer {
         {
             return self.fail(
                 format!("cannot start segment {}: {error}", self.segment + 1),
+                None,
                 batch.len(),
             );
         }
@@ -460,21 +529,66 @@ impl Writer {
             }
             // After a failed write or fsync the kernel may have dropped dirty pages;
             // retrying on the same file could "succeed" without the data (fsyncgate),
-            // so the writer refuses every later append until restarted.
+            // so that segment is sealed and never written again.
             Err(error) => self.fail(
                 format!("write to segment {} failed: {error}", self.segment),
+                Some(self.segment),
                 batch.len(),
             ),
         }
     }
 
-    fn fail(&mut self, reason: String, count: usize) -> Vec<Result<Appended, Error>> {
-        tracing::error!(%reason, "decision log failed; refusing all requests that need it");
+    fn fail(
+        &mut self,
+        reason: String,
+        seal: Option<u64>,
+        count: usize,
+    ) -> Vec<Result<Appended, Error>> {
+        tracing::error!(%reason, "decision log failed; refusing requests until a new segment can be written");
         self.healthy.store(false, Ordering::Relaxed);
-        self.failure = Some(reason.clone());
+        self.failure = Some(Failure {
+            reason: reason.clone(),
+            seal,
+        });
         (0..count)
             .map(|_| Err(Error::Unavailable(reason.clone())))
             .collect()
+    }
+
+    /// Seals the failed segment (if not yet done) and opens the next one. Until both
+    /// succeed, every append fails.
+    fn recover(&mut self) -> Result<(), Error> {
+        let Some(failure) = &self.failure else {
+            return Ok(());
+        };
+        let reason = failure.reason.clone();
+        if let Some(segment) = failure.seal {
+            let marker = FailedMarker {
+                segment,
+                last_durable_seq: self.seq,
+                head: self.last_hash.clone(),
+                reason: reason.clone(),
+            };
+            write_failed_marker(&self.dir, &marker).map_err(|error| {
+                Error::Unavailable(format!("{reason}; sealing it failed too: {error}"))
+            })?;
+            if let Some(failure) = &mut self.failure {
+                failure.seal = None;
+            }
+        }
+        self.rotate().map_err(|error| {
+            Error::Unavailable(format!(
+                "{reason}; cannot start segment {}: {error}",
+                self.segment + 1
+            ))
+        })?;
+        tracing::warn!(
+            segment = self.segment,
+            "decision log writable again; continuing in a new segment"
+        );
+        self.failure = None;
+        self.healthy.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {

@@ -199,14 +199,15 @@ fn a_missing_segment_is_detected() {
 
 #[cfg(unix)]
 #[test]
-fn a_failed_write_fails_closed_and_stays_failed() {
+fn a_failed_write_fails_closed_then_resumes_in_a_new_segment() {
     // /dev/full accepts opens and fails every write with ENOSPC.
     if !Path::new("/dev/full").exists() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime();
-    // A zero segment size makes the first commit rotate into segment 2: /dev/full.
+    // A zero segment size rotates before every batch: the first batch goes to segment 2,
+    // which is /dev/full.
     let (log, _) = DecisionLog::open_with_segment_size(dir.path(), 0).unwrap();
     std::os::unix::fs::symlink("/dev/full", segment_path(dir.path(), 2)).unwrap();
     runtime.block_on(async {
@@ -216,6 +217,52 @@ fn a_failed_write_fails_closed_and_stays_failed() {
             "{error}"
         );
         assert!(!log.is_healthy());
-        assert!(log.append(entry(2)).await.is_err());
+        // The next append seals segment 2 and continues in a fresh segment.
+        let appended = log.append(entry(2)).await.unwrap();
+        assert_eq!(appended.seq, 1, "the failed entry was never acknowledged");
+        assert!(log.is_healthy());
     });
+    let marker = read_failed_marker(dir.path(), 2).unwrap().unwrap();
+    assert_eq!(marker.last_durable_seq, 0);
+    assert_eq!(marker.head, GENESIS_HASH);
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.entries, 1);
+    assert_eq!(report.failed_segments.len(), 1);
+    // A restart continues the chain after the sealed segment.
+    drop(log);
+    let state = write_entries(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+    assert_eq!(state.last_seq, 1);
+    assert_eq!(verify(dir.path()).unwrap().entries, 3);
+}
+
+#[test]
+fn entries_after_the_last_acknowledged_one_in_a_sealed_segment_are_not_chained() {
+    let dir = tempfile::tempdir().unwrap();
+    write_entries(dir.path(), 4, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let lines = lines_of(&segment);
+    let (_, head_of_2) = split_line(&lines[1]).unwrap();
+    // As if the batch holding seq 3 and 4 failed its fsync: sealed after seq 2.
+    let marker = FailedMarker {
+        segment: 1,
+        last_durable_seq: 2,
+        head: head_of_2.to_owned(),
+        reason: "test".to_owned(),
+    };
+    fs::write(
+        failed_marker_path(dir.path(), 1),
+        serde_json::to_string(&marker).unwrap(),
+    )
+    .unwrap();
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.entries, 2);
+    assert_eq!(report.failed_segments, vec![(segment.clone(), 2)]);
+    // The writer continues from seq 2 in segment 2.
+    let state = write_entries(dir.path(), 1, DEFAULT_SEGMENT_BYTES);
+    assert_eq!((state.last_seq, state.segment), (2, 2));
+    assert_eq!(verify(dir.path()).unwrap().entries, 3);
+    // Deleting an acknowledged entry of the sealed segment is still detected.
+    write_lines(&segment, &lines[..1]);
+    let failure = verify(dir.path()).unwrap_err();
+    assert!(failure.problem.contains("entries deleted"), "{failure}");
 }

@@ -130,6 +130,12 @@ pub fn run(command: Command) -> ExitCode {
                     report.last_time.as_deref().unwrap_or("-"),
                     report.head
                 );
+                for (segment, unacknowledged) in &report.failed_segments {
+                    println!(
+                        "note: {} was sealed after a failed write; {unacknowledged} line(s) after its last acknowledged entry were never acknowledged",
+                        segment.display()
+                    );
+                }
                 for torn in &report.torn_tails {
                     println!(
                         "note: {} ends in a torn line left by a crash mid-write",

@@ -67,6 +67,7 @@ pub fn run(args: Args) -> ExitCode {
         Err(error) => return fail(EXIT_FAILURE, format!("cannot start runtime: {error}")),
     };
     runtime.block_on(async move {
+        let shutdown = shutdown_signal();
         let mut running = match server::start(config).await {
             Ok(running) => running,
             Err(error @ Error::Policies(_)) => return fail(EXIT_INVALID_POLICIES, error),
@@ -79,7 +80,7 @@ pub fn run(args: Args) -> ExitCode {
                     Err(error) => fail(EXIT_FAILURE, error),
                 };
             }
-            () = shutdown_signal() => {}
+            () = shutdown => {}
         }
         tracing::info!("shutting down");
         match running.stop().await {
@@ -89,24 +90,34 @@ pub fn run(args: Args) -> ExitCode {
     })
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when it is first polled: a signal that arrives while the server starts is not lost
+/// (and does not kill the process with the default action).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        async move {
+            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-                Err(_) => std::future::pending::<()>().await,
+            };
+            tokio::select! {
+                () = wait(interrupt) => {}
+                () = wait(terminate) => {}
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = terminate => {}
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
