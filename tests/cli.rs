@@ -443,6 +443,87 @@ fn a_supplied_master_key_never_appears_in_output_and_a_wrong_one_is_refused() {
 }
 
 #[test]
+fn kill_9_under_load_loses_no_entry_of_any_answered_request() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let (server, started, _) = spawn_serve(dir.path(), &[], None);
+    let address = address_of(&started);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let answered = runtime.block_on(async {
+        let mut client =
+            ringfence::pb::ringfence_client::RingfenceClient::connect(format!("http://{address}"))
+                .await
+                .unwrap();
+        let record = encrypt_profile(&mut client, "u-1", "US").await;
+        let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let mut client = client.clone();
+            let record = record.clone();
+            let answered = std::sync::Arc::clone(&answered);
+            tasks.push(tokio::spawn(async move {
+                // Bounded: stops at the first failure (the kill) or after 10 s.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while std::time::Instant::now() < deadline {
+                    let request = decrypt_request(record.clone(), &["email"], "support", "INC-1");
+                    match client
+                        .decrypt_record(as_caller(request, "us-support-tool", Some("alice")))
+                        .await
+                    {
+                        Ok(response) => {
+                            let response = response.into_inner();
+                            assert!(matches!(
+                                outcome(&response, "email"),
+                                ringfence::pb::field_outcome::Outcome::Plaintext(_)
+                            ));
+                            answered.lock().unwrap().push(response.request_id);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
+        // Let the load run, then kill -9 the server in the middle of it.
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        drop(server);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let mut ids = Vec::new();
+        ids.extend(answered.lock().unwrap().iter().cloned());
+        ids
+    });
+    assert!(answered.len() > 10, "load did not run: {}", answered.len());
+
+    // Restart on the same data: the log opens (a torn tail, if any, is set aside) and verifies.
+    let (server, _, _) = spawn_serve(dir.path(), &[], None);
+    stop(server);
+    let verify = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "verify"]));
+    assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+    let logged = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "query", "--kind", "decrypt"]));
+    let logged: std::collections::HashSet<String> = logged
+        .stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["request_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for request_id in &answered {
+        assert!(
+            logged.contains(request_id),
+            "plaintext was returned for {request_id} but its entry is missing"
+        );
+    }
+}
+
+#[test]
 fn audit_verify_names_the_first_bad_entry() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
