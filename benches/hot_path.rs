@@ -59,6 +59,17 @@ fn record_ref(id: &str) -> RecordRef {
     }
 }
 
+/// What the bench's decisions are about: alice through the US support tool.
+fn facts_for<'a>(principal: &'a Principal, stated: &'a StatedPurpose) -> RequestFacts<'a> {
+    RequestFacts {
+        principal,
+        service: "us-support-tool",
+        authentication: "bench",
+        stated,
+        request_time: 1_790_000_000,
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -145,13 +156,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("decide_20_fields");
     group.bench_function("one_cedar_evaluation_per_field", |b| {
         let stated = StatedPurpose::new("support", "INC-1").unwrap();
-        let facts = RequestFacts {
-            principal: &principal,
-            service: "us-support-tool",
-            authentication: "bench",
-            stated: &stated,
-            request_time: 1_790_000_000,
-        };
+        let facts = facts_for(&principal, &stated);
         b.iter(|| {
             snapshot
                 .decide_each(Action::Decrypt, &facts, &us, &record_type, &fields)
@@ -162,13 +167,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let ticket = format!("INC-{}", tickets.fetch_add(1, Ordering::Relaxed));
             let stated = StatedPurpose::new("support", &ticket).unwrap();
-            let facts = RequestFacts {
-                principal: &principal,
-                service: "us-support-tool",
-                authentication: "bench",
-                stated: &stated,
-                request_time: 1_790_000_000,
-            };
+            let facts = facts_for(&principal, &stated);
             snapshot
                 .decide(Action::Decrypt, &facts, &us, &record_type, &fields)
                 .unwrap()
@@ -176,13 +175,7 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("classes_cached", |b| {
         let stated = StatedPurpose::new("support", "INC-1").unwrap();
-        let facts = RequestFacts {
-            principal: &principal,
-            service: "us-support-tool",
-            authentication: "bench",
-            stated: &stated,
-            request_time: 1_790_000_000,
-        };
+        let facts = facts_for(&principal, &stated);
         b.iter(|| {
             snapshot
                 .decide(Action::Decrypt, &facts, &us, &record_type, &fields)

@@ -56,11 +56,14 @@ pub enum Command {
 }
 
 pub fn run(command: Command) -> ExitCode {
-    match command {
-        Command::Query { log, .. } if !log.is_dir() => fail(
+    let (Command::Verify { log } | Command::Query { log, .. }) = &command;
+    if !log.is_dir() {
+        return fail(
             EXIT_FAILURE,
             format!("`{}` is not a decision log directory", log.display()),
-        ),
+        );
+    }
+    match command {
         Command::Query {
             log,
             principal,
@@ -115,10 +118,6 @@ pub fn run(command: Command) -> ExitCode {
                 ),
             }
         }
-        Command::Verify { log } if !log.is_dir() => fail(
-            EXIT_FAILURE,
-            format!("`{}` is not a decision log directory", log.display()),
-        ),
         Command::Verify { log } => match ringfence::audit::verify(&log) {
             Ok(report) => {
                 println!(
