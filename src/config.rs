@@ -41,6 +41,9 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Whether to reload the policy directory when its files change (SIGHUP always
+    /// reloads).
+    pub watch_policies: bool,
 }
 
 /// A configuration that must not be served.
@@ -84,6 +87,7 @@ impl ServeConfig {
             identity: identity::Mode::Disabled,
             limits: Limits::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            watch_policies: true,
         }
     }
 

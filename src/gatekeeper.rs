@@ -126,6 +126,8 @@ pub enum Outcome {
 /// The answer to a decrypt request.
 #[derive(Debug)]
 pub struct Decrypted {
+    /// Hash of the policy set that decided the request.
+    pub policy_set: String,
     /// The record's id, echoed back.
     pub record_id: RecordId,
     /// Id of the request's decision log entry.
@@ -137,6 +139,8 @@ pub struct Decrypted {
 /// The answer to an encrypt request.
 #[derive(Debug)]
 pub struct Encrypted {
+    /// Hash of the policy set that decided the request.
+    pub policy_set: String,
     /// Id of the request's decision log entry.
     pub request_id: String,
     /// The encrypted record.
@@ -146,6 +150,8 @@ pub struct Encrypted {
 /// The answer to an authorize request.
 #[derive(Debug)]
 pub struct Authorized {
+    /// Hash of the policy set that decided the request.
+    pub policy_set: String,
     /// Id of the request's decision log entry.
     pub request_id: String,
     /// Per field: `None` when allowed, the denial otherwise.
@@ -545,6 +551,7 @@ impl Gatekeeper {
             sealed.push((name.clone(), key.seal(&scope, name, nonce, value)?));
         }
         Ok(Encrypted {
+            policy_set: snapshot.hash().to_owned(),
             request_id: context.request_id,
             record: SealedRecord {
                 record: request.record.clone(),
@@ -751,6 +758,7 @@ impl Gatekeeper {
             self.log.append(follow_up).await?;
         }
         Ok(Decrypted {
+            policy_set: snapshot.hash().to_owned(),
             record_id: record.record_id.clone(),
             request_id: context.request_id,
             fields: outcomes,
@@ -818,6 +826,7 @@ impl Gatekeeper {
         entry.outcome = "decided".to_owned();
         self.log.append(entry).await?;
         Ok(Authorized {
+            policy_set: snapshot.hash().to_owned(),
             request_id: context.request_id,
             fields: answers,
         })

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod keys;
 pub mod policy;
 pub mod record;
+pub mod reload;
 pub mod server;
 pub mod service;
 

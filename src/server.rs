@@ -18,6 +18,7 @@ use crate::identity;
 use crate::keys::{self, Keyring, MasterKeySource};
 use crate::pb;
 use crate::policy::{LoadError, PolicyStore};
+use crate::reload;
 use crate::service::{self, RingfenceService};
 
 /// gRPC name of the ringfence service, as health checks know it.
@@ -132,6 +133,7 @@ pub struct Running {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), Error>>,
     background: Vec<JoinHandle<()>>,
+    _policy_watcher: reload::Watcher,
 }
 
 impl Running {
@@ -225,26 +227,9 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
             }
         }
     }));
-    #[cfg(unix)]
-    {
-        let policies = Arc::clone(gate.policies());
-        if let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            background.push(tokio::spawn(async move {
-                while hangups.recv().await.is_some() {
-                    match policies.reload() {
-                        Ok(snapshot) => {
-                            tracing::info!(hash = snapshot.hash(), "policy set reloaded")
-                        }
-                        Err(error) => tracing::error!(
-                            "policy reload rejected; the running set stays in place: {error}"
-                        ),
-                    }
-                }
-            }));
-        }
-    }
+    let (policy_watcher, reload_tasks) =
+        reload::spawn(Arc::clone(gate.policies()), config.watch_policies);
+    background.extend(reload_tasks);
 
     // Small request/response frames must not wait for Nagle's algorithm.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -270,5 +255,6 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         shutdown: Some(shutdown),
         task,
         background,
+        _policy_watcher: policy_watcher,
     })
 }

@@ -23,16 +23,6 @@ fn ringfence() -> Command {
     command
 }
 
-fn copy_policies(to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(shipped_policies()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
-        }
-    }
-}
-
 struct Output {
     code: i32,
     stdout: String,
@@ -571,4 +561,142 @@ fn audit_verify_names_the_first_bad_entry() {
         "{}",
         bad.stderr
     );
+}
+
+#[test]
+fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
+    let shipped = shipped_policies();
+    let ok = run(ringfence()
+        .args(["policy", "test", "--policies"])
+        .arg(&shipped));
+    assert_eq!(ok.code, 0, "{}{}", ok.stdout, ok.stderr);
+    assert!(ok.stdout.contains(" passed, 0 failed"), "{}", ok.stdout);
+    assert!(
+        ok.stdout
+            .contains("PASS every parent-company employee is denied every US profile field"),
+        "{}",
+        ok.stdout
+    );
+    assert!(
+        ok.stdout.contains("policy coverage: 100.0% (9 of 9"),
+        "{}",
+        ok.stdout
+    );
+
+    let json = run(ringfence()
+        .args(["policy", "test", "--format", "json", "--policies"])
+        .arg(&shipped));
+    assert_eq!(json.code, 0, "{}", json.stderr);
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert!(report["passed"].as_u64().unwrap() >= 30);
+    assert_eq!(report["failed"], 0);
+    assert_eq!(report["coverage"]["uncovered"], serde_json::json!([]));
+
+    let junit = run(ringfence()
+        .args([
+            "policy",
+            "test",
+            "--format",
+            "junit",
+            "--min-coverage",
+            "100",
+            "--policies",
+        ])
+        .arg(&shipped));
+    assert_eq!(junit.code, 0, "{}", junit.stderr);
+    assert!(junit.stdout.starts_with("<?xml"), "{}", junit.stdout);
+    assert!(junit.stdout.contains("failures=\"0\""), "{}", junit.stdout);
+
+    // Coverage below the threshold: the filter runs only one suite.
+    let low = run(ringfence()
+        .args([
+            "policy",
+            "test",
+            "--filter",
+            "parent-company/*",
+            "--min-coverage",
+            "90%",
+            "--policies",
+        ])
+        .arg(&shipped));
+    assert_eq!(low.code, 6, "{}{}", low.stdout, low.stderr);
+    assert!(
+        low.stderr.contains("below --min-coverage 90%"),
+        "{}",
+        low.stderr
+    );
+    assert!(
+        low.stderr.contains("us-legal-reads-restricted"),
+        "{}",
+        low.stderr
+    );
+
+    // A weakened forbid: the cases that pin it fail, and say how.
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(dir.path());
+    let us = dir.path().join("us-data.cedar");
+    let text = std::fs::read_to_string(&us).unwrap();
+    std::fs::write(
+        &us,
+        text.replace(
+            " ||\n  principal.employer == Organization::\"parentco\"",
+            "",
+        ),
+    )
+    .unwrap();
+    let failed = run(ringfence()
+        .args(["policy", "test", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(failed.code, 5, "{}{}", failed.stdout, failed.stderr);
+    assert!(
+        failed
+            .stdout
+            .contains("FAIL parent-company employees on US-only teams are denied by employer"),
+        "{}",
+        failed.stdout
+    );
+    assert!(
+        failed.stdout.contains("Employee::\"pat\""),
+        "{}",
+        failed.stdout
+    );
+    assert!(
+        failed.stdout.contains("expected deny, got allow"),
+        "{}",
+        failed.stdout
+    );
+    let failed_junit = run(ringfence()
+        .args(["policy", "test", "--format", "junit", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(failed_junit.code, 5);
+    assert!(
+        failed_junit.stdout.contains("<failure message="),
+        "{}",
+        failed_junit.stdout
+    );
+
+    // A typo in a suite is an invalid suite, not a pass.
+    std::fs::write(&us, &text).unwrap();
+    std::fs::write(
+        dir.path().join("tests/typo.yaml"),
+        "cases:\n  - name: x\n    service: us-signup\n    expcet: deny\n",
+    )
+    .unwrap();
+    let typo = run(ringfence()
+        .args(["policy", "test", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(typo.code, 7, "{}{}", typo.stdout, typo.stderr);
+    assert!(typo.stderr.contains("typo.yaml:4:"), "{}", typo.stderr);
+    assert!(
+        typo.stderr.contains("unknown field `expcet`"),
+        "{}",
+        typo.stderr
+    );
+
+    // Invalid policies come first.
+    std::fs::write(&us, "permit (principal, action, resource) when { nope };").unwrap();
+    let invalid = run(ringfence()
+        .args(["policy", "test", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(invalid.code, 3, "{}{}", invalid.stdout, invalid.stderr);
 }

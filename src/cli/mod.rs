@@ -16,6 +16,14 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_INVALID_POLICIES: u8 = 3;
 /// Exit code: the decision log failed verification.
 pub const EXIT_LOG_TAMPERED: u8 = 4;
+/// Exit code: a policy test case failed.
+pub const EXIT_TESTS_FAILED: u8 = 5;
+/// Exit code: the policy tests passed but covered fewer policies than `--min-coverage`.
+pub const EXIT_COVERAGE_LOW: u8 = 6;
+/// Exit code: a policy test suite file is invalid.
+pub const EXIT_INVALID_SUITE: u8 = 7;
+/// Exit code of a command-line usage error (clap's own).
+pub const EXIT_USAGE: u8 = 2;
 
 /// ringfence: field-level encryption with jurisdiction-scoped keys, Cedar-policy
 /// decryption and a tamper-evident decision log.

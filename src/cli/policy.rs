@@ -4,10 +4,25 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ringfence::config::DEFAULT_POLICIES;
+use ringfence::policy::suite::{self, Suite};
 use ringfence::policy::{Action, PolicySnapshot, Principal, RequestFacts};
 use ringfence::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};
 
-use super::{EXIT_FAILURE, EXIT_INVALID_POLICIES, fail};
+use super::{
+    EXIT_COVERAGE_LOW, EXIT_FAILURE, EXIT_INVALID_POLICIES, EXIT_INVALID_SUITE, EXIT_TESTS_FAILED,
+    EXIT_USAGE, fail,
+};
+
+/// Output format of `policy test`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    /// Every case, failures in full, summary and coverage.
+    Human,
+    /// One JSON document.
+    Json,
+    /// JUnit XML for CI systems.
+    Junit,
+}
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum ActionArg {
@@ -22,6 +37,24 @@ pub enum Command {
         /// Policy directory.
         #[arg(long, default_value = DEFAULT_POLICIES)]
         policies: PathBuf,
+    },
+    /// Run the test suites under `<policies>/tests/` and report policy coverage.
+    ///
+    /// Exit codes: 0 all passed (and coverage met), 3 invalid policies, 5 a case failed,
+    /// 6 coverage below --min-coverage, 7 an invalid suite file.
+    Test {
+        /// Policy directory.
+        #[arg(long, default_value = DEFAULT_POLICIES)]
+        policies: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+        /// Run only cases whose `suite/case name` (or case name) matches this glob.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Fail unless at least this percentage of policies determined a decision.
+        #[arg(long, value_parser = parse_percent)]
+        min_coverage: Option<f64>,
     },
     /// Decide one request and say why: the decision per field and the policies that
     /// determined it. Evaluates each field on its own, without the decision cache.
@@ -56,8 +89,75 @@ pub enum Command {
     },
 }
 
+fn parse_percent(text: &str) -> Result<f64, String> {
+    match text.trim_end_matches('%').parse::<f64>() {
+        Ok(value) if (0.0..=100.0).contains(&value) => Ok(value),
+        _ => Err(format!("`{text}` is not a percentage from 0 to 100")),
+    }
+}
+
+fn test(policies: PathBuf, format: Format, filter: Option<String>, min: Option<f64>) -> ExitCode {
+    let snapshot = match PolicySnapshot::load(&policies) {
+        Ok(snapshot) => snapshot,
+        Err(error) => return fail(EXIT_INVALID_POLICIES, error),
+    };
+    let suites = match Suite::load_all(&policies) {
+        Ok(suites) => suites,
+        Err(error) => return fail(EXIT_INVALID_SUITE, error),
+    };
+    let matcher = match filter.as_deref().map(globset::Glob::new).transpose() {
+        Ok(glob) => glob.map(|glob| glob.compile_matcher()),
+        Err(error) => return fail(EXIT_USAGE, format!("--filter: {error}")),
+    };
+    let select = |suite_name: &str, case: &str| {
+        matcher.as_ref().is_none_or(|matcher| {
+            matcher.is_match(case) || matcher.is_match(format!("{suite_name}/{case}"))
+        })
+    };
+    let report = suite::run(&snapshot, &suites, Some(&select));
+    if report.suites.is_empty() {
+        return fail(
+            EXIT_USAGE,
+            format!("--filter {:?} matches no case", filter.unwrap_or_default()),
+        );
+    }
+    match format {
+        Format::Human => print!("{}", report.human()),
+        Format::Json => match serde_json::to_string_pretty(&report.json()) {
+            Ok(text) => println!("{text}"),
+            Err(error) => return fail(EXIT_FAILURE, error),
+        },
+        Format::Junit => print!("{}", report.junit(min)),
+    }
+    if report.failed() > 0 {
+        if matches!(format, Format::Human) {
+            return ExitCode::from(EXIT_TESTS_FAILED);
+        }
+        return fail(EXIT_TESTS_FAILED, report.summary());
+    }
+    if let Some(min) = min
+        && report.coverage.percent() < min
+    {
+        return fail(
+            EXIT_COVERAGE_LOW,
+            format!(
+                "policy coverage {:.1}% is below --min-coverage {min}%; never determined a decision: {}",
+                report.coverage.percent(),
+                report.coverage.uncovered.join(", ")
+            ),
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 pub fn run(command: Command) -> ExitCode {
     match command {
+        Command::Test {
+            policies,
+            format,
+            filter,
+            min_coverage,
+        } => test(policies, format, filter, min_coverage),
         Command::Validate { policies } => match PolicySnapshot::load(&policies) {
             Ok(snapshot) => {
                 println!(

@@ -40,6 +40,10 @@ pub struct Args {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Do not reload policies when files in the policy directory change (SIGHUP still
+    /// reloads).
+    #[arg(long)]
+    no_watch_policies: bool,
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -57,6 +61,7 @@ pub fn run(args: Args) -> ExitCode {
             identity::Mode::Disabled
         },
         max_message_bytes: args.max_message_bytes,
+        watch_policies: !args.no_watch_policies,
         ..ServeConfig::defaults()
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

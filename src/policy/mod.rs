@@ -11,6 +11,7 @@
 
 pub mod analysis;
 pub mod catalog;
+pub mod suite;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -380,6 +381,7 @@ impl Names {
 pub struct PolicySnapshot {
     names: Names,
     hash: String,
+    schema: Schema,
     all_policies: PolicySet,
     by_action: BTreeMap<Action, PolicySet>,
     entities: Entities,
@@ -670,6 +672,7 @@ impl PolicySnapshot {
         Ok(Self {
             names,
             hash: hex::encode(hasher.finalize()),
+            schema,
             all_policies,
             by_action,
             entities,
@@ -706,6 +709,68 @@ impl PolicySnapshot {
     /// What the policy set can observe of resources and contexts.
     pub fn observed(&self) -> &Observed {
         &self.observed
+    }
+
+    /// A copy of this snapshot whose directory also holds `fixtures` (Cedar entities
+    /// JSON, validated against the schema), for test suites that try out people or
+    /// services that are not in the production directory. `Field` and `Jurisdiction`
+    /// entities come from the catalog and the directory and cannot be added.
+    pub fn with_fixtures(&self, fixtures: Vec<Value>) -> Result<PolicySnapshot, String> {
+        for fixture in &fixtures {
+            let uid = fixture.get("uid");
+            let uid = uid.and_then(|u| u.get("__entity")).or(uid);
+            let entity_type = uid.and_then(|u| u.get("type")).and_then(Value::as_str);
+            if let Some(kind @ ("Field" | analysis::JURISDICTION_TYPE)) = entity_type {
+                return Err(format!(
+                    "`{kind}` entities cannot be fixtures: fields come from {CATALOG_FILE}, jurisdictions from {DIRECTORY_FILE}"
+                ));
+            }
+        }
+        let entities = self
+            .entities
+            .clone()
+            .add_entities_from_json_value(Value::Array(fixtures), Some(&self.schema))
+            .map_err(|error| render(&error))?;
+        Ok(PolicySnapshot {
+            names: Names::new().map_err(|error| error.to_string())?,
+            hash: self.hash.clone(),
+            schema: self.schema.clone(),
+            all_policies: self.all_policies.clone(),
+            by_action: self.by_action.clone(),
+            entities,
+            catalog: self.catalog.clone(),
+            jurisdictions: self.jurisdictions.clone(),
+            observed: self.observed.clone(),
+            hidden_ids: self.hidden_ids.clone(),
+            policy_files: self.policy_files.clone(),
+            authorizer: Authorizer::new(),
+            cache: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Ids of the directory's employees that are members of `group` (as Cedar's
+    /// `principal in group`, transitively), sorted. `group` is a Cedar entity
+    /// reference such as `Organization::"parentco"`; it must exist.
+    pub fn employees_in(&self, group: &str) -> Result<Vec<String>, String> {
+        let group_uid = EntityUid::from_str(group).map_err(|_| {
+            format!("`{group}` is not an entity reference like `Team::\"usds-legal\"`")
+        })?;
+        if self.entities.get(&group_uid).is_none() {
+            return Err(format!("`{group}` is not in the directory"));
+        }
+        let mut members: Vec<String> = self
+            .entities
+            .iter()
+            .map(cedar_policy::Entity::uid)
+            .filter(|uid| {
+                uid.type_name() == &self.names.employee
+                    && uid != &group_uid
+                    && self.entities.is_ancestor_of(&group_uid, uid)
+            })
+            .map(|uid| uid.id().unescaped().to_owned())
+            .collect();
+        members.sort_unstable();
+        Ok(members)
     }
 
     /// Number of policies.
@@ -1101,20 +1166,89 @@ fn probe_schema(schema: &Schema) -> Result<(), String> {
     Ok(())
 }
 
+/// What started a policy load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The server started.
+    Startup,
+    /// A file in the policy directory changed.
+    FileChange,
+    /// The process received SIGHUP.
+    Hangup,
+}
+
+impl Trigger {
+    /// The name shown in status and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup",
+            Trigger::FileChange => "file-change",
+            Trigger::Hangup => "SIGHUP",
+        }
+    }
+}
+
+/// One attempt to load the policy directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadAttempt {
+    /// When it finished (RFC 3339).
+    pub at: String,
+    /// What started it.
+    pub trigger: Trigger,
+    /// The hash of the loaded set, or every problem found.
+    pub result: Result<String, Vec<String>>,
+}
+
+/// How the policy set got to be what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// Hash of the running set.
+    pub policy_set: String,
+    /// When the running set was loaded (RFC 3339).
+    pub loaded_at: String,
+    /// Reloads that swapped in a set (or found the same one).
+    pub reloads_succeeded: u64,
+    /// Reloads refused because the directory did not validate.
+    pub reloads_failed: u64,
+    /// The latest attempt.
+    pub last: LoadAttempt,
+}
+
+fn rfc3339_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// The current policy snapshot, swappable atomically while requests run.
 #[derive(Debug)]
 pub struct PolicyStore {
     dir: PathBuf,
     current: ArcSwap<PolicySnapshot>,
+    /// Serializes reloads and records their outcomes.
+    status: std::sync::Mutex<StoreStatus>,
 }
 
 impl PolicyStore {
     /// Loads the policy directory; fails on any diagnostic.
     pub fn load(dir: &Path) -> Result<Self, LoadError> {
         let snapshot = PolicySnapshot::load(dir)?;
+        let at = rfc3339_now();
+        let status = StoreStatus {
+            policy_set: snapshot.hash().to_owned(),
+            loaded_at: at.clone(),
+            reloads_succeeded: 0,
+            reloads_failed: 0,
+            last: LoadAttempt {
+                at,
+                trigger: Trigger::Startup,
+                result: Ok(snapshot.hash().to_owned()),
+            },
+        };
         Ok(Self {
             dir: dir.to_owned(),
             current: ArcSwap::from_pointee(snapshot),
+            status: std::sync::Mutex::new(status),
         })
     }
 
@@ -1128,13 +1262,63 @@ impl PolicyStore {
         &self.dir
     }
 
-    /// Loads the directory again; swaps the new snapshot in only if it is valid.
-    /// On error the running snapshot stays in place.
-    pub fn reload(&self) -> Result<Arc<PolicySnapshot>, LoadError> {
-        let snapshot = Arc::new(PolicySnapshot::load(&self.dir)?);
-        self.current.store(Arc::clone(&snapshot));
-        Ok(snapshot)
+    /// The running set and the outcome of reloads.
+    pub fn status(&self) -> StoreStatus {
+        match self.status.lock() {
+            Ok(status) => status.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
+
+    /// Loads the directory again and swaps the new snapshot in only if the whole set
+    /// validates; requests in flight finish with the snapshot they started with. On
+    /// error the running snapshot stays in place. A set with the running set's hash is
+    /// not swapped (its decision cache stays warm). Reloads run one at a time.
+    pub fn reload(&self, trigger: Trigger) -> Result<Arc<PolicySnapshot>, LoadError> {
+        let mut status = match self.status.lock() {
+            Ok(status) => status,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let loaded = PolicySnapshot::load(&self.dir);
+        let at = rfc3339_now();
+        match loaded {
+            Ok(snapshot) => {
+                let snapshot = if snapshot.hash() == status.policy_set {
+                    self.current()
+                } else {
+                    let snapshot = Arc::new(snapshot);
+                    self.current.store(Arc::clone(&snapshot));
+                    status.policy_set = snapshot.hash().to_owned();
+                    status.loaded_at = at.clone();
+                    snapshot
+                };
+                status.reloads_succeeded += 1;
+                status.last = LoadAttempt {
+                    at,
+                    trigger,
+                    result: Ok(snapshot.hash().to_owned()),
+                };
+                Ok(snapshot)
+            }
+            Err(error) => {
+                status.reloads_failed += 1;
+                status.last = LoadAttempt {
+                    at,
+                    trigger,
+                    result: Err(error.diagnostics.clone()),
+                };
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Files whose change can change the policy set (test suites cannot).
+pub fn affects_policy_set(file_name: &str) -> bool {
+    file_name == SCHEMA_FILE
+        || file_name == DIRECTORY_FILE
+        || file_name == CATALOG_FILE
+        || file_name.ends_with(".cedar")
 }
 
 #[cfg(test)]

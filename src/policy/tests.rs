@@ -462,7 +462,7 @@ fn reload_keeps_the_old_set_when_the_new_one_is_invalid() {
     let store = PolicyStore::load(copy.path()).unwrap();
     let before = store.current().hash().to_owned();
     std::fs::write(copy.path().join("bad.cedar"), "permit (").unwrap();
-    assert!(store.reload().is_err());
+    assert!(store.reload(Trigger::Hangup).is_err());
     assert_eq!(store.current().hash(), before);
     std::fs::remove_file(copy.path().join("bad.cedar")).unwrap();
     std::fs::write(
@@ -470,7 +470,7 @@ fn reload_keeps_the_old_set_when_the_new_one_is_invalid() {
         "@id(\"ok\")\nforbid (principal, action, resource) when { false };\n",
     )
     .unwrap();
-    let after = store.reload().unwrap();
+    let after = store.reload(Trigger::Hangup).unwrap();
     assert_ne!(after.hash(), before);
     assert_eq!(store.current().hash(), after.hash());
 }

@@ -86,6 +86,7 @@ impl From<Encrypted> for pb::EncryptRecordResponse {
         Self {
             record: Some(encrypted.record.into()),
             request_id: encrypted.request_id,
+            policy_set: encrypted.policy_set,
         }
     }
 }
@@ -157,6 +158,7 @@ impl From<Decrypted> for pb::DecryptRecordResponse {
             record_id: decrypted.record_id.as_str().to_owned(),
             fields,
             request_id: decrypted.request_id,
+            policy_set: decrypted.policy_set,
         }
     }
 }
@@ -196,6 +198,7 @@ impl From<Authorized> for pb::AuthorizeResponse {
                 })
                 .collect(),
             request_id: authorized.request_id,
+            policy_set: authorized.policy_set,
         }
     }
 }

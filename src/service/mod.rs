@@ -148,6 +148,33 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         Ok(Response::new(authorized.into()))
     }
 
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        caller(&request)?;
+        let status = self.gate.policies().status();
+        let last = status.last;
+        let (succeeded, policy_set, diagnostics) = match last.result {
+            Ok(hash) => (true, hash, Vec::new()),
+            Err(diagnostics) => (false, String::new(), diagnostics),
+        };
+        Ok(Response::new(pb::GetStatusResponse {
+            policy_set: status.policy_set,
+            policy_set_loaded_at: status.loaded_at,
+            reloads_succeeded: status.reloads_succeeded,
+            reloads_failed: status.reloads_failed,
+            last_reload: Some(pb::PolicyReload {
+                at: last.at,
+                succeeded,
+                policy_set,
+                diagnostics,
+                trigger: last.trigger.as_str().to_owned(),
+            }),
+            decision_log_healthy: self.gate.log().is_healthy(),
+        }))
+    }
+
     type DecryptRecordsStream = ReceiverStream<Result<pb::DecryptRecordResponse, Status>>;
 
     async fn decrypt_records(

@@ -217,3 +217,49 @@ pub fn ciphertext_mut<'a>(record: &'a mut pb::EncryptedRecord, field: &str) -> &
         .unwrap()
         .ciphertext
 }
+
+/// Copies the shipped policy directory, test suites included, to `to`.
+pub fn copy_policies(to: &Path) {
+    copy_dir(&shipped_policies(), to);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, target).unwrap();
+        }
+    }
+}
+
+/// Replaces a file the way editors do: write a temporary file, then rename it over.
+pub fn replace_file(path: &Path, text: &str) {
+    let temporary = path.with_extension("tmp-edit");
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+/// Starts a server on a private copy of the shipped policies (returned as the second
+/// value) so a test can edit them.
+pub async fn start_with_own_policies() -> (TestServer, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    copy_policies(&policies);
+    let config = ServeConfig {
+        policies: policies.clone(),
+        ..test_config(dir.path())
+    };
+    let running = server::start(config.clone()).await.unwrap();
+    (
+        TestServer {
+            running,
+            dir,
+            config,
+        },
+        policies,
+    )
+}

@@ -1,0 +1,126 @@
+//! Hot reload of the policy directory: a file watcher and SIGHUP both ask for a reload;
+//! one task performs them, one at a time, after the directory has been quiet for a
+//! moment (editors and `git checkout` write several files in a row).
+//!
+//! [`PolicyStore::reload`] swaps a new set in only when the whole directory validates,
+//! so a half-edited directory is refused and the running set keeps serving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::policy::{self, PolicyStore, Trigger};
+
+/// Quiet time after the last change before the directory is loaded.
+pub const SETTLE: Duration = Duration::from_millis(250);
+
+/// Keeps the file watcher alive; dropping it stops watching.
+pub struct Watcher {
+    _inner: Option<notify::RecommendedWatcher>,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("watching", &self._inner.is_some())
+            .finish()
+    }
+}
+
+fn relevant(event: &notify::Event) -> bool {
+    !matches!(event.kind, EventKind::Access(_))
+        && event.paths.iter().any(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(policy::affects_policy_set)
+        })
+}
+
+/// Starts watching the policy directory (when `watch`) and listening for SIGHUP, and
+/// the task that reloads. Returns the watcher to keep and the tasks to abort on stop.
+pub fn spawn(policies: Arc<PolicyStore>, watch: bool) -> (Watcher, Vec<JoinHandle<()>>) {
+    let (requests, mut received) = mpsc::unbounded_channel::<Trigger>();
+    let mut tasks = Vec::new();
+
+    let watcher = if watch {
+        let sender = requests.clone();
+        let started =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+                Ok(event) if relevant(&event) => {
+                    let _ = sender.send(Trigger::FileChange);
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "policy directory watch error"),
+            })
+            .and_then(|mut watcher| {
+                watcher.watch(policies.dir(), RecursiveMode::NonRecursive)?;
+                Ok(watcher)
+            });
+        match started {
+            Ok(watcher) => {
+                tracing::info!(dir = %policies.dir().display(), "watching the policy directory for changes");
+                Some(watcher)
+            }
+            Err(error) => {
+                tracing::warn!(%error, dir = %policies.dir().display(), "cannot watch the policy directory; reload with SIGHUP");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            let sender = requests.clone();
+            tasks.push(tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    if sender.send(Trigger::Hangup).is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        Err(error) => tracing::warn!(%error, "cannot listen for SIGHUP"),
+    }
+    drop(requests);
+
+    tasks.push(tokio::spawn(async move {
+        while let Some(mut trigger) = received.recv().await {
+            // Wait until nothing has changed for SETTLE; a SIGHUP among the changes
+            // names the reload.
+            loop {
+                match tokio::time::timeout(SETTLE, received.recv()).await {
+                    Ok(Some(Trigger::Hangup)) => trigger = Trigger::Hangup,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let store = Arc::clone(&policies);
+            let before = store.current().hash().to_owned();
+            match tokio::task::spawn_blocking(move || store.reload(trigger)).await {
+                Ok(Ok(snapshot)) if snapshot.hash() == before => {
+                    tracing::info!(trigger = trigger.as_str(), hash = %before, "policy directory reloaded: unchanged")
+                }
+                Ok(Ok(snapshot)) => tracing::info!(
+                    trigger = trigger.as_str(),
+                    hash = snapshot.hash(),
+                    previous = %before,
+                    policies = snapshot.len(),
+                    "policy set reloaded"
+                ),
+                Ok(Err(error)) => tracing::error!(
+                    trigger = trigger.as_str(),
+                    running = %before,
+                    "policy reload rejected; the running set stays in place: {error}"
+                ),
+                Err(error) => tracing::error!(%error, "policy reload task failed"),
+            }
+        }
+    }));
+    (Watcher { _inner: watcher }, tasks)
+}
