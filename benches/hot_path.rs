@@ -86,7 +86,7 @@ fn bench(c: &mut Criterion) {
     )
     .unwrap();
     let (log, _) = runtime
-        .block_on(async { DecisionLog::open(&dir.path().join("log")) })
+        .block_on(async { DecisionLog::open_with(&dir.path().join("log"), signed_log_options()) })
         .unwrap();
     let gate = Gatekeeper::new(keyring, Arc::clone(&policies), log, Limits::default());
 
@@ -227,7 +227,7 @@ fn log_appends(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (log, _) = runtime
-        .block_on(async { DecisionLog::open(&dir.path().join("log")) })
+        .block_on(async { DecisionLog::open_with(&dir.path().join("log"), signed_log_options()) })
         .unwrap();
     let entry = Entry {
         time: "2026-11-23T00:00:00Z".to_owned(),
@@ -248,6 +248,7 @@ fn log_appends(c: &mut Criterion) {
         policy_set: Some("ab".repeat(32)),
         fields: Vec::new(),
         outcome: "decided".to_owned(),
+        checkpoint: None,
     };
     let mut group = c.benchmark_group("decision_log_append_on_disk");
     group
@@ -284,3 +285,11 @@ fn log_appends(c: &mut Criterion) {
 
 criterion_group!(benches, bench, log_appends);
 criterion_main!(benches);
+
+/// The server's log configuration: checkpoints signed once a second.
+fn signed_log_options() -> ringfence::audit::LogOptions {
+    ringfence::audit::LogOptions {
+        signer: Some(ringfence::audit::CheckpointSigner::from_seed(&[1u8; 32])),
+        ..ringfence::audit::LogOptions::default()
+    }
+}

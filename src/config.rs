@@ -44,6 +44,13 @@ pub struct ServeConfig {
     /// Whether to reload the policy directory when its files change (SIGHUP always
     /// reloads).
     pub watch_policies: bool,
+    /// Checkpoint signing key (PKCS#8 PEM); default `<data_dir>/audit-signing-key.pem`,
+    /// created on first start.
+    pub checkpoint_key: Option<PathBuf>,
+    /// Decision log segment size before rotation, in bytes.
+    pub log_segment_bytes: u64,
+    /// Decision log segment age before rotation.
+    pub log_segment_age: std::time::Duration,
 }
 
 /// A configuration that must not be served.
@@ -88,6 +95,9 @@ impl ServeConfig {
             limits: Limits::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             watch_policies: true,
+            checkpoint_key: None,
+            log_segment_bytes: crate::audit::DEFAULT_SEGMENT_BYTES,
+            log_segment_age: crate::audit::DEFAULT_SEGMENT_AGE,
         }
     }
 

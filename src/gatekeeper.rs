@@ -359,6 +359,7 @@ impl<'a> Context<'a> {
             policy_set: policy_set.map(str::to_owned),
             fields: Vec::new(),
             outcome: String::new(),
+            checkpoint: None,
         }
     }
 }

@@ -25,6 +25,8 @@ use crate::service::{self, RingfenceService};
 pub const SERVICE_NAME: &str = "ringfence.v1.Ringfence";
 /// Subdirectory of the data directory that holds the decision log.
 pub const LOG_DIR: &str = "log";
+/// Subdirectory of the data directory that keeps every policy set that decided, by hash.
+pub const POLICY_ARCHIVE_DIR: &str = "policy-sets";
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,10 @@ pub fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
             config.data_dir.display()
         ))
     })?;
+    let archived = policies
+        .archive_to(&config.data_dir.join(POLICY_ARCHIVE_DIR))
+        .map_err(|problem| Error::Io(format!("cannot archive the policy set: {problem}")))?;
+    tracing::debug!(archive = %archived.display(), "policy set archived for replay");
     let (master, source) = keys::load_master_key(
         config.master_key_env.as_ref(),
         config.master_key_file.as_deref(),
@@ -105,7 +111,27 @@ pub fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
         tracing::info!(%jurisdiction, "created root key version 1");
     }
 
-    let (log, state) = DecisionLog::open(&config.data_dir.join(LOG_DIR))?;
+    let signing_key = config
+        .checkpoint_key
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join(audit::checkpoint::SIGNING_KEY_FILE));
+    let (signer, created) = audit::CheckpointSigner::load_or_create(
+        &signing_key,
+        &config.data_dir.join(audit::checkpoint::PUBLIC_KEY_FILE),
+    )
+    .map_err(|error| Error::Io(error.to_string()))?;
+    if created {
+        tracing::info!(key = %signing_key.display(), key_id = signer.key_id(), "created the decision log checkpoint signing key");
+    }
+    let (log, state) = DecisionLog::open_with(
+        &config.data_dir.join(LOG_DIR),
+        audit::LogOptions {
+            max_segment_bytes: config.log_segment_bytes,
+            max_segment_age: config.log_segment_age,
+            signer: Some(signer),
+            ..audit::LogOptions::default()
+        },
+    )?;
     if let Some(torn) = &state.torn_tail {
         tracing::warn!(
             segment = %torn.display(),
@@ -134,6 +160,7 @@ pub struct Running {
     task: JoinHandle<Result<(), Error>>,
     background: Vec<JoinHandle<()>>,
     _policy_watcher: reload::Watcher,
+    log: DecisionLog,
 }
 
 impl Running {
@@ -145,10 +172,15 @@ impl Running {
         for task in &self.background {
             task.abort();
         }
-        match (&mut self.task).await {
+        let served = match (&mut self.task).await {
             Ok(result) => result,
             Err(error) => Err(Error::Transport(error.to_string())),
+        };
+        // Requests have finished: sign the final head so nothing is left unvouched.
+        if let Err(error) = self.log.checkpoint().await {
+            tracing::warn!(%error, "no final checkpoint");
         }
+        served
     }
 
     /// Waits until the server stops by itself (a transport error).
@@ -256,5 +288,6 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         task,
         background,
         _policy_watcher: policy_watcher,
+        log: gate.log().clone(),
     })
 }

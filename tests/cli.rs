@@ -308,7 +308,7 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         .args(["audit", "verify"]));
     assert_eq!(verify.code, 0, "{}", verify.stderr);
     assert!(
-        verify.stdout.contains("intact: 2 entries"),
+        verify.stdout.contains("(2 decisions, 2 checkpoints)"),
         "{}",
         verify.stdout
     );
@@ -333,9 +333,75 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
     let entry: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
     assert_eq!(entry["kind"], "decrypt");
     assert!(
-        query.stderr.contains("1 of 2 entries matched"),
+        query.stderr.contains("1 of 4 entries matched"),
         "{}",
         query.stderr
+    );
+
+    // What an auditor does: export the public key, keep the latest checkpoint, verify
+    // signatures and completeness against it, and replay every decision.
+    let public_key = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "public-key"]));
+    assert_eq!(public_key.code, 0, "{}", public_key.stderr);
+    assert!(public_key.stdout.starts_with("-----BEGIN PUBLIC KEY-----"));
+    std::fs::write(dir.path().join("auditor.pem"), &public_key.stdout).unwrap();
+    let checkpoint = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "checkpoint"]));
+    assert_eq!(checkpoint.code, 0, "{}", checkpoint.stderr);
+    assert!(checkpoint.stdout.contains("\"kind\":\"checkpoint\""));
+    std::fs::write(dir.path().join("saved-checkpoint.json"), &checkpoint.stdout).unwrap();
+    let keyed = run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "verify",
+        "--public-key",
+        "auditor.pem",
+        "--checkpoint",
+        "saved-checkpoint.json",
+    ]));
+    assert_eq!(keyed.code, 0, "{}{}", keyed.stdout, keyed.stderr);
+    assert!(
+        keyed.stdout.contains("every signature valid"),
+        "{}",
+        keyed.stdout
+    );
+    assert!(
+        keyed
+            .stdout
+            .contains("saved checkpoint at seq 4: present and unchanged"),
+        "{}",
+        keyed.stdout
+    );
+    let replay = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "replay"]));
+    assert_eq!(replay.code, 0, "{}{}", replay.stdout, replay.stderr);
+    assert!(
+        replay
+            .stdout
+            .contains("2 entries replayed (21 field decisions) with 1 policy set(s): 0 differ"),
+        "{}",
+        replay.stdout
+    );
+
+    // A decision altered in the log (the chain breaks too, but replay reads entries as
+    // they are): replay names the entry and field.
+    let segment = dir.path().join("ringfence-data/log/decisions-000001.jsonl");
+    let text = std::fs::read_to_string(&segment).unwrap();
+    let altered = text.replacen("\"field\":\"email\",\"classification\":\"pii\",\"decision\":\"allow\",\"policies\":[\"us-gatekeeper-engineers-read-us\"]", "\"field\":\"email\",\"classification\":\"pii\",\"decision\":\"deny\"", 1);
+    assert_ne!(altered, text);
+    std::fs::write(&segment, altered).unwrap();
+    let differs = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "replay", "--field", "email"]));
+    assert_eq!(differs.code, 8, "{}{}", differs.stdout, differs.stderr);
+    assert!(
+        differs.stdout.contains(
+            "field email: recorded deny, replayed allow by us-gatekeeper-engineers-read-us"
+        ),
+        "{}",
+        differs.stdout
     );
     let none =
         run(ringfence()
@@ -485,13 +551,43 @@ fn kill_9_under_load_loses_no_entry_of_any_answered_request() {
     });
     assert!(answered.len() > 10, "load did not run: {}", answered.len());
 
-    // Restart on the same data: the log opens (a torn tail, if any, is set aside) and verifies.
+    // Whether the kill landed mid-write: the last segment then ends without a newline.
+    let log_dir = dir.path().join("ringfence-data/log");
+    let mut segments: Vec<_> = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "jsonl"))
+        .collect();
+    segments.sort();
+    let last = std::fs::read(segments.last().unwrap()).unwrap();
+    let torn = last.last().is_some_and(|byte| *byte != b'\n');
+
+    // Restart on the same data: the log opens (a torn tail, if any, is set aside) and
+    // verifies, checkpoint signatures included.
     let (server, _, _) = spawn_serve(dir.path(), &[], None);
     stop(server);
-    let verify = run(ringfence()
-        .current_dir(dir.path())
-        .args(["audit", "verify"]));
+    let verify = run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "verify",
+        "--public-key",
+        "ringfence-data/audit-signing-key.pub.pem",
+    ]));
     assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+    assert!(
+        verify.stdout.contains("every signature valid"),
+        "{}",
+        verify.stdout
+    );
+    assert_eq!(
+        verify.stdout.contains("ends in a torn line"),
+        torn,
+        "torn tail reported iff present: {}",
+        verify.stdout
+    );
+    let replay = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "replay"]));
+    assert_eq!(replay.code, 0, "{}{}", replay.stdout, replay.stderr);
     let logged = run(ringfence()
         .current_dir(dir.path())
         .args(["audit", "query", "--kind", "decrypt"]));
@@ -536,6 +632,7 @@ fn audit_verify_names_the_first_bad_entry() {
             policy_set: None,
             fields: vec![],
             outcome: "decided".to_owned(),
+            checkpoint: None,
         };
         let (line, hash) = ringfence::audit::chain_line(seq, &prev, &entry).unwrap();
         text.push_str(&line);
@@ -547,7 +644,8 @@ fn audit_verify_names_the_first_bad_entry() {
     let ok = run(ringfence().args(["audit", "verify", "--log"]).arg(&log));
     assert_eq!(ok.code, 0, "{}", ok.stderr);
     assert!(
-        ok.stdout.contains("intact: 3 entries in 1 segments"),
+        ok.stdout
+            .contains("intact: 3 entries (3 decisions, 0 checkpoints) in 1 segment(s)"),
         "{}",
         ok.stdout
     );

@@ -340,7 +340,17 @@ async fn every_request_has_one_chained_entry_and_no_plaintext() {
         "no policy permits this access"
     );
 
-    let entries = server.log_entries();
+    let all = server.log_entries();
+    for (index, entry) in all.iter().enumerate() {
+        assert_eq!(entry["seq"], index as u64 + 1);
+    }
+    // Signed checkpoints are interleaved by time; the rest is one entry per request.
+    assert_eq!(all[1]["kind"], "checkpoint", "the first batch carries a checkpoint");
+    let entries: Vec<serde_json::Value> = all
+        .iter()
+        .filter(|e| e["kind"] != "checkpoint")
+        .cloned()
+        .collect();
     let kinds: Vec<&str> = entries
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
@@ -353,8 +363,7 @@ async fn every_request_has_one_chained_entry_and_no_plaintext() {
         .unwrap()
         .hash()
         .to_owned();
-    for (index, entry) in entries.iter().enumerate() {
-        assert_eq!(entry["seq"], index as u64 + 1);
+    for entry in &entries {
         assert_eq!(entry["policy_set"], snapshot_hash.as_str());
         assert_eq!(entry["record"]["record_id"], "u-5");
     }
@@ -384,7 +393,7 @@ async fn every_request_has_one_chained_entry_and_no_plaintext() {
     assert_eq!(bob_email["policies"][0], "parent-company-never-reads-us");
 
     let report = ringfence::audit::verify(&server.log_dir()).unwrap();
-    assert_eq!(report.entries, 5);
+    assert_eq!(report.entries, all.len() as u64);
     let bytes = server.log_bytes();
     for field in PROFILE_FIELDS {
         let secret = secret_value("u-5", field);
@@ -829,6 +838,18 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::NotServing
     );
+    // The status call says why.
+    let now = client
+        .get_status(as_caller(pb::GetStatusRequest {}, "us-support-tool", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!now.decision_log_healthy);
+    assert!(
+        now.decision_log_problem.contains("No space left on device"),
+        "{now:?}"
+    );
+    assert!(now.decision_log_failed_commits >= 2, "{now:?}");
 
     // Writes succeed again (segment 5 is a regular file): service resumes by itself.
     encrypt_profile(&mut client, "u-2", "US").await;
@@ -848,6 +869,15 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
     let report = ringfence::audit::verify(&server.log_dir()).unwrap();
     assert_eq!(report.entries, 1, "only the acknowledged encrypt");
     assert_eq!(report.failed_segments.len(), 2);
+    let now = client
+        .get_status(as_caller(pb::GetStatusRequest {}, "us-support-tool", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        now.decision_log_healthy && now.decision_log_problem.is_empty(),
+        "{now:?}"
+    );
 }
 
 /// Asks whether lena (US legal) may read every US profile field for a legal request:

@@ -6,7 +6,9 @@
 //! commit). It never receives plaintext or key material: [`Entry`] has no place for
 //! either. Line format and verification rules: `docs/decision-log.md`.
 
+pub mod checkpoint;
 mod query;
+pub mod replay;
 mod verify;
 
 use std::fs::{self, File, OpenOptions};
@@ -14,13 +16,15 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-pub use query::{Filter, QueryStats, parse_time, query};
-pub use verify::{VerifyFailure, VerifyReport, verify};
+pub use checkpoint::{CHECKPOINT_KIND, Checkpoint, CheckpointSigner, CheckpointVerifier};
+pub use query::{Filter, QueryStats, for_each_entry, parse_time, query};
+pub use verify::{VerifyFailure, VerifyOptions, VerifyReport, verify, verify_with};
 
 /// Prefix of segment file names: `decisions-000001.jsonl`.
 pub const SEGMENT_PREFIX: &str = "decisions-";
@@ -30,6 +34,10 @@ pub const SEGMENT_SUFFIX: &str = ".jsonl";
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Size after which the writer continues in a new segment.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Age after which the writer continues in a new segment (one segment a day at most).
+pub const DEFAULT_SEGMENT_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+/// Longest time between signed checkpoints while entries are written.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
 /// Most entries committed by one fsync.
 const MAX_BATCH: usize = 1024;
@@ -121,6 +129,56 @@ pub struct Entry {
     /// Request-level outcome: `decided`, `encrypted`, `denied`, `integrity_failure`, or the
     /// error text of a `rejected` or `unauthenticated` entry.
     pub outcome: String,
+    /// For `kind: "checkpoint"`: the signature over the chain head before this entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+impl Entry {
+    /// A checkpoint entry carrying `checkpoint`.
+    pub fn checkpoint(checkpoint: Checkpoint) -> Self {
+        Self {
+            time: checkpoint.signed_at.clone(),
+            request_time: 0,
+            request_id: String::new(),
+            kind: CHECKPOINT_KIND.to_owned(),
+            service: None,
+            principal: None,
+            authentication: String::new(),
+            action: None,
+            purpose: String::new(),
+            ticket: String::new(),
+            record: None,
+            policy_set: None,
+            fields: Vec::new(),
+            outcome: "signed".to_owned(),
+            checkpoint: Some(checkpoint),
+        }
+    }
+}
+
+/// How the writer rotates segments and signs checkpoints.
+#[derive(Debug)]
+pub struct LogOptions {
+    /// Size after which the writer continues in a new segment.
+    pub max_segment_bytes: u64,
+    /// Age after which the writer continues in a new segment.
+    pub max_segment_age: Duration,
+    /// Longest time between checkpoints while entries are written.
+    pub checkpoint_interval: Duration,
+    /// Signs checkpoints; none means the log has no checkpoints.
+    pub signer: Option<CheckpointSigner>,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            max_segment_bytes: DEFAULT_SEGMENT_BYTES,
+            max_segment_age: DEFAULT_SEGMENT_AGE,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            signer: None,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -169,6 +227,12 @@ pub struct ChainFields {
     /// When.
     #[serde(default)]
     pub time: String,
+    /// Entry kind.
+    #[serde(default)]
+    pub kind: String,
+    /// The signature of a checkpoint entry.
+    #[serde(default)]
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// A receipt that an entry is durable.
@@ -178,16 +242,40 @@ pub struct Appended {
     pub seq: u64,
 }
 
+/// Why the log is failing, and how often commits failed, for status reporting.
+#[derive(Debug, Default)]
+struct Problem {
+    reason: std::sync::Mutex<Option<String>>,
+    failed_commits: std::sync::atomic::AtomicU64,
+}
+
+impl Problem {
+    fn set(&self, reason: Option<String>) {
+        if let Ok(mut slot) = self.reason.lock() {
+            *slot = reason;
+        }
+    }
+}
+
 struct Job {
     entry: Entry,
     reply: oneshot::Sender<Result<Appended, Error>>,
 }
 
+// Nearly every request is an append: boxing it would add an allocation per entry.
+#[allow(clippy::large_enum_variant)]
+enum Request {
+    Append(Job),
+    /// Sign the current head now (if anything is unsigned); answers the checkpoint's seq.
+    Checkpoint(oneshot::Sender<Result<u64, Error>>),
+}
+
 /// Handle to the decision log; cheap to share. Dropping the last handle stops the writer.
 #[derive(Debug, Clone)]
 pub struct DecisionLog {
-    sender: mpsc::Sender<Job>,
+    sender: mpsc::Sender<Request>,
     healthy: Arc<AtomicBool>,
+    problem: Arc<Problem>,
     dir: PathBuf,
 }
 
@@ -207,11 +295,17 @@ struct Writer {
     file: File,
     segment: u64,
     segment_bytes: u64,
-    max_segment_bytes: u64,
+    segment_started: Instant,
+    options: LogOptions,
+    /// When the last checkpoint was written; `None` makes the next batch carry one.
+    last_checkpoint: Option<Instant>,
+    /// Sequence number the last checkpoint vouched for.
+    checkpointed_seq: u64,
     seq: u64,
     last_hash: String,
     failure: Option<Failure>,
     healthy: Arc<AtomicBool>,
+    problem: Arc<Problem>,
 }
 
 /// Why the writer is refusing appends, and what it must do before it may resume.
@@ -308,8 +402,16 @@ fn open_segment(path: &Path) -> std::io::Result<File> {
 /// Longest line accepted when reading a segment back; entries are far smaller.
 pub const MAX_LINE_BYTES: u64 = 16 * 1024 * 1024;
 
-/// The chain head in one segment: last (seq, hash), whether its end is torn.
-fn segment_head(path: &Path) -> Result<(Option<(u64, String)>, bool), String> {
+/// The last entry of a segment.
+struct Head {
+    seq: u64,
+    hash: String,
+    /// Whether it is a checkpoint.
+    signed: bool,
+}
+
+/// The chain head in one segment, and whether its end is torn.
+fn segment_head(path: &Path) -> Result<(Option<Head>, bool), String> {
     use std::io::Read as _;
     let file = File::open(path).map_err(|error| error.to_string())?;
     if !file
@@ -350,7 +452,11 @@ fn segment_head(path: &Path) -> Result<(Option<(u64, String)>, bool), String> {
         }
         let fields: ChainFields =
             serde_json::from_str(&body).map_err(|error| format!("line {number}: {error}"))?;
-        head = Some((fields.seq, hash.to_owned()));
+        head = Some(Head {
+            seq: fields.seq,
+            hash: hash.to_owned(),
+            signed: fields.kind == CHECKPOINT_KIND,
+        });
     }
 }
 
@@ -359,14 +465,26 @@ impl DecisionLog {
     /// continues from the last intact entry; a torn final line (a crash mid-write) is
     /// left in place, reported, and the writer continues in a fresh segment.
     pub fn open(dir: &Path) -> Result<(Self, OpenState), Error> {
-        Self::open_with_segment_size(dir, DEFAULT_SEGMENT_BYTES)
+        Self::open_with(dir, LogOptions::default())
     }
 
-    /// As [`DecisionLog::open`], rotating segments after `max_segment_bytes`.
+    /// As [`DecisionLog::open`], rotating segments after `max_segment_bytes`, without
+    /// checkpoints.
     pub fn open_with_segment_size(
         dir: &Path,
         max_segment_bytes: u64,
     ) -> Result<(Self, OpenState), Error> {
+        Self::open_with(
+            dir,
+            LogOptions {
+                max_segment_bytes,
+                ..LogOptions::default()
+            },
+        )
+    }
+
+    /// As [`DecisionLog::open`], with explicit rotation and checkpoint options.
+    pub fn open_with(dir: &Path, options: LogOptions) -> Result<(Self, OpenState), Error> {
         let open_error = |path: &Path, reason: String| Error::Open {
             path: path.to_owned(),
             reason,
@@ -391,7 +509,11 @@ impl DecisionLog {
                 if index == 0 {
                     segment = number + 1;
                 }
-                head = Some((marker.last_durable_seq, marker.head));
+                head = Some(Head {
+                    seq: marker.last_durable_seq,
+                    hash: marker.head,
+                    signed: false,
+                });
                 break;
             }
             let (found, torn) = segment_head(&path).map_err(|reason| open_error(&path, reason))?;
@@ -404,7 +526,15 @@ impl DecisionLog {
                 break;
             }
         }
-        let (seq, last_hash) = head.unwrap_or_else(|| (0, GENESIS_HASH.to_owned()));
+        let Head {
+            seq,
+            hash: last_hash,
+            signed: ends_signed,
+        } = head.unwrap_or_else(|| Head {
+            seq: 0,
+            hash: GENESIS_HASH.to_owned(),
+            signed: false,
+        });
         let path = segment_path(dir, segment);
         let file = open_segment(&path).map_err(|error| open_error(&path, error.to_string()))?;
         let segment_bytes = file
@@ -412,16 +542,22 @@ impl DecisionLog {
             .map_err(|error| open_error(&path, error.to_string()))?
             .len();
         let healthy = Arc::new(AtomicBool::new(true));
+        let problem = Arc::new(Problem::default());
         let mut writer = Writer {
             dir: dir.to_owned(),
             file,
             segment,
             segment_bytes,
-            max_segment_bytes,
+            segment_started: Instant::now(),
+            options,
+            last_checkpoint: None,
+            // A log that ends in a checkpoint needs no new one until entries follow.
+            checkpointed_seq: if ends_signed { seq } else { 0 },
             seq,
             last_hash,
             failure: None,
             healthy: Arc::clone(&healthy),
+            problem: Arc::clone(&problem),
         };
         let (sender, receiver) = mpsc::channel(8 * MAX_BATCH);
         std::thread::Builder::new()
@@ -432,6 +568,7 @@ impl DecisionLog {
             Self {
                 sender,
                 healthy,
+                problem,
                 dir: dir.to_owned(),
             },
             OpenState {
@@ -446,7 +583,20 @@ impl DecisionLog {
     pub async fn append(&self, entry: Entry) -> Result<Appended, Error> {
         let (reply, receipt) = oneshot::channel();
         self.sender
-            .send(Job { entry, reply })
+            .send(Request::Append(Job { entry, reply }))
+            .await
+            .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))?;
+        receipt
+            .await
+            .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))?
+    }
+
+    /// Writes a checkpoint over the current head now, unless the last entry already is
+    /// one; returns the sequence number of the latest checkpoint (0: none, no signer).
+    pub async fn checkpoint(&self) -> Result<u64, Error> {
+        let (reply, receipt) = oneshot::channel();
+        self.sender
+            .send(Request::Checkpoint(reply))
             .await
             .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))?;
         receipt
@@ -459,6 +609,20 @@ impl DecisionLog {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Why the log refuses appends, while it does.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .reason
+            .lock()
+            .ok()
+            .and_then(|reason| reason.clone())
+    }
+
+    /// Commits that failed since the log was opened.
+    pub fn failed_commits(&self) -> u64 {
+        self.problem.failed_commits.load(Ordering::Relaxed)
+    }
+
     /// The log directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -466,22 +630,56 @@ impl DecisionLog {
 }
 
 impl Writer {
-    fn run(&mut self, mut receiver: mpsc::Receiver<Job>) {
+    fn run(&mut self, mut receiver: mpsc::Receiver<Request>) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        let mut checkpoint_requests = Vec::new();
         while let Some(first) = receiver.blocking_recv() {
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match receiver.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                match request {
+                    Request::Append(job) => batch.push(job),
+                    Request::Checkpoint(reply) => checkpoint_requests.push(reply),
                 }
+                if batch.len() < MAX_BATCH {
+                    next = receiver.try_recv().ok();
+                }
+            }
+            if !checkpoint_requests.is_empty() {
+                // Asked for explicitly: this commit carries one.
+                self.last_checkpoint = None;
             }
             let results = self.commit(&batch);
             for (job, result) in batch.drain(..).zip(results) {
                 // A requester that gave up has nothing to be told.
                 let _ = job.reply.send(result);
             }
+            for reply in checkpoint_requests.drain(..) {
+                let answer = match &self.failure {
+                    None => Ok(self.checkpointed_seq),
+                    Some(failure) => Err(Error::Unavailable(failure.reason.clone())),
+                };
+                let _ = reply.send(answer);
+            }
         }
+        // Every handle is gone: vouch for the final head so a clean shutdown leaves
+        // nothing unsigned.
+        if self.failure.is_none() {
+            self.last_checkpoint = None;
+            let _ = self.commit(&[]);
+        }
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.options.signer.is_some()
+            && self
+                .last_checkpoint
+                .is_none_or(|at| at.elapsed() >= self.options.checkpoint_interval)
+    }
+
+    fn rotation_due(&self) -> bool {
+        self.segment_bytes >= self.options.max_segment_bytes
+            || (self.segment_bytes > 0
+                && self.segment_started.elapsed() >= self.options.max_segment_age)
     }
 
     /// Writes and fsyncs a batch; every entry gets the same durable-or-not answer.
@@ -491,7 +689,10 @@ impl Writer {
         {
             return batch.iter().map(|_| Err(error.clone())).collect();
         }
-        if self.segment_bytes >= self.max_segment_bytes
+        // A checkpoint alone (an empty batch) closes the segment it signs; only
+        // entries start a new one.
+        if !batch.is_empty()
+            && self.rotation_due()
             && let Err(error) = self.rotate()
         {
             return self.fail(
@@ -516,6 +717,28 @@ impl Writer {
                 Err(error) => return batch.iter().map(|_| Err(error.clone())).collect(),
             }
         }
+        // A checkpoint rides along with the batch and its fsync: it signs the head
+        // after the batch's last entry and is itself the next entry of the chain.
+        let mut checkpoint_line = false;
+        if self.checkpoint_due()
+            && seq > self.checkpointed_seq
+            && let Some(signer) = &self.options.signer
+        {
+            let signed_at = time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            let entry = Entry::checkpoint(signer.sign(seq, &last_hash, &signed_at));
+            if let Ok((line, hash)) = chain_line(seq + 1, &last_hash, &entry) {
+                buffer.push_str(&line);
+                buffer.push('\n');
+                seq += 1;
+                last_hash = hash;
+                checkpoint_line = true;
+            }
+        }
+        if buffer.is_empty() {
+            return Vec::new();
+        }
         let written = self
             .file
             .write_all(buffer.as_bytes())
@@ -525,6 +748,10 @@ impl Writer {
                 self.seq = seq;
                 self.last_hash = last_hash;
                 self.segment_bytes += buffer.len() as u64;
+                if checkpoint_line {
+                    self.last_checkpoint = Some(Instant::now());
+                    self.checkpointed_seq = seq;
+                }
                 receipts.into_iter().map(Ok).collect()
             }
             // After a failed write or fsync the kernel may have dropped dirty pages;
@@ -546,6 +773,8 @@ impl Writer {
     ) -> Vec<Result<Appended, Error>> {
         tracing::error!(%reason, "decision log failed; refusing requests until a new segment can be written");
         self.healthy.store(false, Ordering::Relaxed);
+        self.problem.set(Some(reason.clone()));
+        self.problem.failed_commits.fetch_add(1, Ordering::Relaxed);
         self.failure = Some(Failure {
             reason: reason.clone(),
             seal,
@@ -587,6 +816,7 @@ impl Writer {
             "decision log writable again; continuing in a new segment"
         );
         self.failure = None;
+        self.problem.set(None);
         self.healthy.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -596,6 +826,9 @@ impl Writer {
         self.file = open_segment(&segment_path(&self.dir, next))?;
         self.segment = next;
         self.segment_bytes = 0;
+        self.segment_started = Instant::now();
+        // Each segment gets a checkpoint with its first batch.
+        self.last_checkpoint = None;
         Ok(())
     }
 }

@@ -128,6 +128,16 @@ pub fn query(
     filter: &Filter,
     mut emit: impl FnMut(&str) -> std::io::Result<()>,
 ) -> std::io::Result<QueryStats> {
+    for_each_entry(dir, filter, |line, _| emit(line))
+}
+
+/// Calls `visit` with the line and the parsed entry of every entry that matches
+/// `filter`, in log order.
+pub fn for_each_entry(
+    dir: &Path,
+    filter: &Filter,
+    mut visit: impl FnMut(&str, &Value) -> std::io::Result<()>,
+) -> std::io::Result<QueryStats> {
     let mut stats = QueryStats::default();
     for number in segment_numbers(dir)? {
         let file = std::fs::File::open(segment_path(dir, number))?;
@@ -138,7 +148,7 @@ pub fn query(
                     stats.entries += 1;
                     if filter.matches(&entry) {
                         stats.matched += 1;
-                        emit(&line)?;
+                        visit(&line, &entry)?;
                     }
                 }
                 Err(_) => stats.unreadable += 1,

@@ -28,6 +28,7 @@ fn entry(n: usize) -> Entry {
             outcome: "decrypt".to_owned(),
         }],
         outcome: "decided".to_owned(),
+        checkpoint: None,
     }
 }
 
@@ -265,4 +266,244 @@ fn entries_after_the_last_acknowledged_one_in_a_sealed_segment_are_not_chained()
     write_lines(&segment, &lines[..1]);
     let failure = verify(dir.path()).unwrap_err();
     assert!(failure.problem.contains("entries deleted"), "{failure}");
+}
+
+fn signer() -> CheckpointSigner {
+    CheckpointSigner::from_seed(&[3u8; 32])
+}
+
+fn public_key() -> CheckpointVerifier {
+    CheckpointVerifier::from_pem(&signer().public_key_pem().unwrap()).unwrap()
+}
+
+/// Appends `count` entries one after another (one commit each) with a checkpoint in
+/// every commit, then closes the log (which signs the final head).
+fn write_signed(dir: &Path, count: usize, max_segment_bytes: u64) {
+    let runtime = runtime();
+    let (log, _) = DecisionLog::open_with(
+        dir,
+        LogOptions {
+            max_segment_bytes,
+            checkpoint_interval: std::time::Duration::ZERO,
+            signer: Some(signer()),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    runtime.block_on(async {
+        for n in 0..count {
+            log.append(entry(n)).await.unwrap();
+        }
+        log.checkpoint().await.unwrap();
+    });
+}
+
+fn with_key() -> VerifyOptions {
+    VerifyOptions {
+        public_key: Some(public_key()),
+        saved_checkpoint: None,
+    }
+}
+
+#[test]
+fn checkpoints_are_chained_signed_and_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    write_signed(dir.path(), 3, DEFAULT_SEGMENT_BYTES);
+    let lines = lines_of(&segment_path(dir.path(), 1));
+    // entry, checkpoint, entry, checkpoint, entry, checkpoint.
+    let kinds: Vec<String> = lines
+        .iter()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "decrypt",
+            "checkpoint",
+            "decrypt",
+            "checkpoint",
+            "decrypt",
+            "checkpoint"
+        ]
+    );
+    let report = verify_with(dir.path(), &with_key()).unwrap();
+    assert_eq!((report.entries, report.checkpoints), (6, 3));
+    assert_eq!((report.last_checkpoint, report.unsigned_tail), (Some(6), 0));
+    assert!(report.signatures_checked);
+    // Without a key the chain still verifies; signatures are not claimed.
+    let unkeyed = verify(dir.path()).unwrap();
+    assert!(!unkeyed.signatures_checked);
+    // A log with entries and no checkpoint does not pass a keyed verification.
+    let plain = tempfile::tempdir().unwrap();
+    write_entries(plain.path(), 2, DEFAULT_SEGMENT_BYTES);
+    let failure = verify_with(plain.path(), &with_key()).unwrap_err();
+    assert!(
+        failure.problem.contains("no signed checkpoint"),
+        "{failure}"
+    );
+}
+
+/// Re-chains `lines` from their bodies as an attacker with the old key would not be
+/// able to, but one with `forger` can: recomputed hashes, re-signed checkpoints.
+fn rechain(lines: &[String], forger: Option<&CheckpointSigner>) -> Vec<String> {
+    let mut prev = GENESIS_HASH.to_owned();
+    let mut out = Vec::new();
+    for (index, line) in lines.iter().enumerate() {
+        let mut entry: Entry = serde_json::from_str(line).unwrap();
+        let seq = index as u64 + 1;
+        if let (Some(checkpoint), Some(forger)) = (&entry.checkpoint, forger) {
+            entry.checkpoint = Some(forger.sign(seq - 1, &prev, &checkpoint.signed_at));
+        }
+        let (line, hash) = chain_line(seq, &prev, &entry).unwrap();
+        out.push(line);
+        prev = hash;
+    }
+    out
+}
+
+#[test]
+fn tampering_with_a_signed_log_is_detected_with_the_public_key() {
+    let dir = tempfile::tempdir().unwrap();
+    write_signed(dir.path(), 4, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let original = lines_of(&segment);
+    assert_eq!(original.len(), 8);
+
+    // Rewriting an entry and recomputing every hash after it: the checkpoints after the
+    // edit vouch for heads that no longer exist.
+    let mut edited = original.clone();
+    edited[2] = edited[2].replace("\"request_id\":\"req-1\"", "\"request_id\":\"rX\"");
+    assert_ne!(edited[2], original[2]);
+    write_lines(&segment, &rechain(&edited, None));
+    let failure = verify_with(dir.path(), &with_key()).unwrap_err();
+    assert_eq!((failure.line, failure.seq), (4, Some(4)), "{failure}");
+    assert!(failure.problem.contains("checkpoint"), "{failure}");
+
+    // Deleting an entry and re-chaining: same.
+    let mut deleted = original.clone();
+    deleted.remove(0);
+    write_lines(&segment, &rechain(&deleted, None));
+    assert!(verify_with(dir.path(), &with_key()).is_err());
+
+    // Re-signing every checkpoint with another key: the chain is consistent, the
+    // signatures are not the auditor's.
+    let forger = CheckpointSigner::from_seed(&[9u8; 32]);
+    write_lines(&segment, &rechain(&edited, Some(&forger)));
+    assert!(verify(dir.path()).is_ok(), "consistent without the key");
+    let failure = verify_with(dir.path(), &with_key()).unwrap_err();
+    assert_eq!(failure.line, 2, "{failure}");
+    assert!(
+        failure.problem.contains("not by the given public key"),
+        "{failure}"
+    );
+
+    // A forged signature that claims the right key id.
+    let mut relabelled = original.clone();
+    let mut checkpoint_entry: Entry = serde_json::from_str(&relabelled[1]).unwrap();
+    let mut forged = forger.sign(
+        1,
+        &checkpoint_entry.checkpoint.as_ref().unwrap().head,
+        "2026-01-01T00:00:00Z",
+    );
+    forged.key_id = public_key().key_id().to_owned();
+    checkpoint_entry.checkpoint = Some(forged);
+    // `rechain` recomputes every link.
+    relabelled[1] = serde_json::to_string(&checkpoint_entry).unwrap();
+    write_lines(&segment, &rechain(&relabelled, None));
+    let failure = verify_with(dir.path(), &with_key()).unwrap_err();
+    assert!(failure.problem.contains("does not verify"), "{failure}");
+    write_lines(&segment, &original);
+    verify_with(dir.path(), &with_key()).unwrap();
+}
+
+#[test]
+fn truncation_is_detected_against_a_saved_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    write_signed(dir.path(), 4, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let original = lines_of(&segment);
+    // The auditor saved the checkpoint at seq 6 (vouching for seq 5).
+    let saved = VerifyOptions {
+        public_key: Some(public_key()),
+        saved_checkpoint: Some(original[5].clone()),
+    };
+    let report = verify_with(dir.path(), &saved).unwrap();
+    assert_eq!(report.saved_checkpoint, Some(6));
+
+    // Truncating back past it: the remaining chain is intact, but the saved checkpoint
+    // is gone.
+    write_lines(&segment, &original[..4]);
+    assert!(verify_with(dir.path(), &with_key()).is_ok());
+    let failure = verify_with(dir.path(), &saved).unwrap_err();
+    assert!(failure.problem.contains("truncated"), "{failure}");
+    assert_eq!(failure.seq, Some(4));
+
+    // Rewriting everything consistently (recomputed hashes, no checkpoints after the
+    // edit) still differs from the saved line.
+    let mut rewritten = original[..5].to_vec();
+    rewritten[0] = rewritten[0].replace("\"request_id\":\"req-0\"", "\"request_id\":\"rX\"");
+    assert_ne!(rewritten[0], original[0]);
+    rewritten.truncate(1);
+    write_lines(&segment, &rechain(&rewritten, None));
+    assert!(verify_with(dir.path(), &saved).is_err());
+
+    // A saved line that is not a checkpoint, or altered, is refused up front.
+    let not_checkpoint = VerifyOptions {
+        public_key: None,
+        saved_checkpoint: Some(original[0].clone()),
+    };
+    assert!(
+        verify_with(dir.path(), &not_checkpoint)
+            .unwrap_err()
+            .problem
+            .contains("not a checkpoint")
+    );
+    let altered = VerifyOptions {
+        public_key: None,
+        saved_checkpoint: Some(original[5].replace("\"seq\":6", "\"seq\":7")),
+    };
+    assert!(
+        verify_with(dir.path(), &altered)
+            .unwrap_err()
+            .problem
+            .contains("altered")
+    );
+}
+
+#[test]
+fn segments_rotate_by_age_and_a_dropped_segment_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    let (log, _) = DecisionLog::open_with(
+        dir.path(),
+        LogOptions {
+            max_segment_age: std::time::Duration::from_millis(100),
+            signer: Some(signer()),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    runtime.block_on(async {
+        for n in 0..3 {
+            log.append(entry(n)).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        }
+        log.checkpoint().await.unwrap();
+    });
+    let report = verify_with(dir.path(), &with_key()).unwrap();
+    assert_eq!(report.segments, 3, "{report:?}");
+    // Each segment starts with its entry and a checkpoint: the chain spans segments.
+    assert_eq!(report.checkpoints, 3);
+    assert_eq!(report.unsigned_tail, 0);
+    fs::remove_file(segment_path(dir.path(), 2)).unwrap();
+    let failure = verify_with(dir.path(), &with_key()).unwrap_err();
+    assert!(
+        failure.problem.contains("segment 2 is missing"),
+        "{failure}"
+    );
 }

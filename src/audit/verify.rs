@@ -5,9 +5,49 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{
-    ChainFields, GENESIS_HASH, read_failed_marker, segment_numbers, segment_path, split_line,
+    CHECKPOINT_KIND, ChainFields, CheckpointVerifier, GENESIS_HASH, read_failed_marker,
+    segment_numbers, segment_path, split_line,
 };
 
+/// What to check besides the chain itself.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Check every checkpoint's signature with this key; require at least one
+    /// checkpoint in a non-empty log.
+    pub public_key: Option<CheckpointVerifier>,
+    /// A checkpoint line saved earlier (as `audit checkpoint` prints it): the log must
+    /// still contain it, unchanged. Detects truncation and rewriting back to it.
+    pub saved_checkpoint: Option<String>,
+}
+
+/// A saved checkpoint line, parsed.
+#[derive(Debug, Clone)]
+struct Saved {
+    seq: u64,
+    hash: String,
+}
+
+fn parse_saved(line: &str, public_key: Option<&CheckpointVerifier>) -> Result<Saved, String> {
+    let line = line.trim();
+    let (body, hash) =
+        split_line(line).ok_or_else(|| "the saved checkpoint is not a log line".to_owned())?;
+    if hex::encode(Sha256::digest(body.as_bytes())) != hash {
+        return Err("the saved checkpoint line is altered (hash mismatch)".to_owned());
+    }
+    let fields: ChainFields = serde_json::from_str(&body)
+        .map_err(|error| format!("the saved checkpoint line: {error}"))?;
+    let Some(checkpoint) = fields.checkpoint.filter(|_| fields.kind == CHECKPOINT_KIND) else {
+        return Err("the saved line is not a checkpoint entry".to_owned());
+    };
+    if let Some(key) = public_key {
+        key.check(&checkpoint)
+            .map_err(|problem| format!("the saved checkpoint: {problem}"))?;
+    }
+    Ok(Saved {
+        seq: fields.seq,
+        hash: hash.to_owned(),
+    })
+}
 /// Summary of an intact log.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct VerifyReport {
@@ -26,6 +66,17 @@ pub struct VerifyReport {
     /// Segments sealed after a failed write, with the number of lines in them after
     /// the last acknowledged entry (never acknowledged to any caller, not verified).
     pub failed_segments: Vec<(PathBuf, u64)>,
+    /// Checkpoint entries found (each links to the head before it).
+    pub checkpoints: u64,
+    /// Whether their signatures were checked (a public key was given).
+    pub signatures_checked: bool,
+    /// Sequence number of the last checkpoint entry.
+    pub last_checkpoint: Option<u64>,
+    /// Entries after the last checkpoint: not yet vouched for by a signature (a crash,
+    /// or entries written since the last checkpoint).
+    pub unsigned_tail: u64,
+    /// Sequence number of the saved checkpoint that was found intact, if one was given.
+    pub saved_checkpoint: Option<u64>,
 }
 
 /// The first problem found, located by segment, line and sequence number.
@@ -43,8 +94,60 @@ pub struct VerifyFailure {
 }
 
 /// Verifies every segment in `dir`: each line's hash, each `prev_hash` link, and
-/// sequence numbers without gaps, duplicates or reordering across segments.
+/// sequence numbers without gaps, duplicates or reordering across segments; each
+/// checkpoint links to the head before it.
 pub fn verify(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
+    verify_with(dir, &VerifyOptions::default())
+}
+
+/// As [`verify`], also checking checkpoint signatures and a saved checkpoint.
+pub fn verify_with(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, VerifyFailure> {
+    let saved = options
+        .saved_checkpoint
+        .as_deref()
+        .map(|line| parse_saved(line, options.public_key.as_ref()))
+        .transpose()
+        .map_err(|problem| VerifyFailure {
+            segment: dir.to_owned(),
+            line: 0,
+            seq: None,
+            problem,
+        })?;
+    let check = Checks {
+        public_key: options.public_key.as_ref(),
+        saved: saved.as_ref(),
+    };
+    let mut report = verify_chain(dir, &check)?;
+    report.signatures_checked = options.public_key.is_some();
+    report.unsigned_tail = report.entries - report.last_checkpoint.unwrap_or(0);
+    let end = |problem: String| VerifyFailure {
+        segment: dir.to_owned(),
+        line: 0,
+        seq: Some(report.entries),
+        problem,
+    };
+    if let Some(saved) = &saved
+        && report.saved_checkpoint.is_none()
+    {
+        return Err(end(format!(
+            "the log ends at seq {} but the saved checkpoint is at seq {}: entries after seq {} were truncated",
+            report.entries, saved.seq, report.entries
+        )));
+    }
+    if options.public_key.is_some() && report.entries > 0 && report.checkpoints == 0 {
+        return Err(end(
+            "no signed checkpoint in the log: nothing vouches for it".to_owned(),
+        ));
+    }
+    Ok(report)
+}
+
+struct Checks<'a> {
+    public_key: Option<&'a CheckpointVerifier>,
+    saved: Option<&'a Saved>,
+}
+
+fn verify_chain(dir: &Path, check: &Checks<'_>) -> Result<VerifyReport, VerifyFailure> {
     let fail = |segment: &Path, line: u64, seq: Option<u64>, problem: String| VerifyFailure {
         segment: segment.to_owned(),
         line,
@@ -117,7 +220,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
                     .push((path.clone(), total - index as u64));
                 break;
             }
-            verify_line(&path, line_number, raw, &mut report)?;
+            verify_line(&path, line_number, raw, &mut report, check)?;
         }
         if let Some(marker) = &marker {
             if report.entries != marker.last_durable_seq || report.head != marker.head {
@@ -149,6 +252,7 @@ fn verify_line(
     line_number: u64,
     raw: &[u8],
     report: &mut VerifyReport,
+    check: &Checks<'_>,
 ) -> Result<(), VerifyFailure> {
     let fail = |seq: Option<u64>, problem: String| VerifyFailure {
         segment: path.to_owned(),
@@ -178,6 +282,45 @@ fn verify_line(
             Some(fields.seq),
             format!("prev_hash does not link to seq {}", report.entries),
         ));
+    }
+    if fields.kind == CHECKPOINT_KIND {
+        let Some(checkpoint) = &fields.checkpoint else {
+            return Err(fail(
+                Some(fields.seq),
+                "checkpoint entry without a signature".to_owned(),
+            ));
+        };
+        if checkpoint.seq != report.entries || checkpoint.head != report.head {
+            return Err(fail(
+                Some(fields.seq),
+                format!(
+                    "checkpoint vouches for seq {} but follows seq {}: checkpoint moved or chain rewritten",
+                    checkpoint.seq, report.entries
+                ),
+            ));
+        }
+        if let Some(key) = check.public_key {
+            key.check(checkpoint)
+                .map_err(|problem| fail(Some(fields.seq), format!("checkpoint {problem}")))?;
+        }
+        report.checkpoints += 1;
+        report.last_checkpoint = Some(fields.seq);
+    } else if fields.checkpoint.is_some() {
+        return Err(fail(
+            Some(fields.seq),
+            format!("a `{}` entry carries a checkpoint", fields.kind),
+        ));
+    }
+    if let Some(saved) = check.saved
+        && saved.seq == fields.seq
+    {
+        if saved.hash != hash {
+            return Err(fail(
+                Some(fields.seq),
+                "differs from the saved checkpoint: the log was rewritten".to_owned(),
+            ));
+        }
+        report.saved_checkpoint = Some(fields.seq);
     }
     report.entries = fields.seq;
     report.head = hash.to_owned();

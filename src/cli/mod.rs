@@ -22,6 +22,8 @@ pub const EXIT_TESTS_FAILED: u8 = 5;
 pub const EXIT_COVERAGE_LOW: u8 = 6;
 /// Exit code: a policy test suite file is invalid.
 pub const EXIT_INVALID_SUITE: u8 = 7;
+/// Exit code: a replayed decision differs from the logged one (or cannot be replayed).
+pub const EXIT_REPLAY_MISMATCH: u8 = 8;
 /// Exit code of a command-line usage error (clap's own).
 pub const EXIT_USAGE: u8 = 2;
 

@@ -44,6 +44,16 @@ pub struct Args {
     /// reloads).
     #[arg(long)]
     no_watch_policies: bool,
+    /// Decision log checkpoint signing key (PKCS#8 PEM Ed25519), created if missing.
+    /// Default: audit-signing-key.pem in the data directory.
+    #[arg(long)]
+    checkpoint_key: Option<PathBuf>,
+    /// Start a new decision log segment after this many MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    log_segment_mib: u64,
+    /// Start a new decision log segment after this many hours.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
+    log_segment_hours: u64,
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -62,6 +72,9 @@ pub fn run(args: Args) -> ExitCode {
         },
         max_message_bytes: args.max_message_bytes,
         watch_policies: !args.no_watch_policies,
+        checkpoint_key: args.checkpoint_key,
+        log_segment_bytes: args.log_segment_mib * 1024 * 1024,
+        log_segment_age: std::time::Duration::from_secs(args.log_segment_hours * 3600),
         ..ServeConfig::defaults()
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

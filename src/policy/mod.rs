@@ -92,6 +92,56 @@ impl Principal {
     }
 }
 
+impl FromStr for Principal {
+    type Err = String;
+
+    /// Parses what `Display` writes: `Employee::"alice"` or `Service::"us-signup"`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "`{}` is not `Employee::\"id\"` or `Service::\"id\"`",
+                crate::record::shown(text)
+            )
+        };
+        let (kind, quoted) = text.split_once("::").ok_or_else(bad)?;
+        let id = unquote(quoted).ok_or_else(bad)?;
+        match kind {
+            "Employee" => Ok(Principal::Employee(id)),
+            "Service" => Ok(Principal::Service(id)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// Reverses Rust's `{:?}` quoting of a string.
+fn unquote(quoted: &str) -> Option<String> {
+    let inner = quoted.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next()? {
+            '"' => out.push('"'),
+            '\'' => out.push('\''),
+            '\\' => out.push('\\'),
+            'n' => out.push('\n'),
+            'r' => out.push('\r'),
+            't' => out.push('\t'),
+            '0' => out.push('\0'),
+            'u' => {
+                let rest: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                let hex = rest.strip_prefix('{')?;
+                out.push(char::from_u32(u32::from_str_radix(hex, 16).ok()?)?);
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}::{:?}", self.type_name(), self.id())
@@ -381,6 +431,8 @@ impl Names {
 pub struct PolicySnapshot {
     names: Names,
     hash: String,
+    /// The files hashed, by name, exactly as read: what [`PolicySnapshot::archive`] keeps.
+    sources: Vec<(String, String)>,
     schema: Schema,
     all_policies: PolicySet,
     by_action: BTreeMap<Action, PolicySet>,
@@ -448,7 +500,9 @@ impl PolicySnapshot {
             diagnostics: Vec::new(),
         };
         let mut hasher = Sha256::new();
+        let mut sources: Vec<(String, String)> = Vec::new();
         let mut hash_file = |name: &str, text: &str| {
+            sources.push((name.to_owned(), text.to_owned()));
             hasher.update((name.len() as u64).to_be_bytes());
             hasher.update(name.as_bytes());
             hasher.update((text.len() as u64).to_be_bytes());
@@ -672,6 +726,7 @@ impl PolicySnapshot {
         Ok(Self {
             names,
             hash: hex::encode(hasher.finalize()),
+            sources,
             schema,
             all_policies,
             by_action,
@@ -689,6 +744,69 @@ impl PolicySnapshot {
     /// SHA-256 (hex) over the schema, policy files, directory and catalog.
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// Keeps the exact files this set was loaded from in `root/<hash>/`, so decisions
+    /// citing the hash can be replayed later. Written to a temporary directory and
+    /// renamed into place; an existing archive of the same hash is kept as is.
+    pub fn archive(&self, root: &Path) -> Result<PathBuf, String> {
+        let target = root.join(&self.hash);
+        if target.is_dir() {
+            return Ok(target);
+        }
+        let fail = |path: &Path, error: std::io::Error| format!("{}: {error}", path.display());
+        std::fs::create_dir_all(root).map_err(|error| fail(root, error))?;
+        let temporary = root.join(format!(".{}.{}.tmp", self.hash, std::process::id()));
+        if temporary.exists() {
+            std::fs::remove_dir_all(&temporary).map_err(|error| fail(&temporary, error))?;
+        }
+        std::fs::create_dir(&temporary).map_err(|error| fail(&temporary, error))?;
+        for (name, text) in &self.sources {
+            let path = temporary.join(name);
+            let mut file = std::fs::File::create(&path).map_err(|error| fail(&path, error))?;
+            std::io::Write::write_all(&mut file, text.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(|error| fail(&path, error))?;
+        }
+        match std::fs::rename(&temporary, &target) {
+            Ok(()) => {}
+            // Another process archived the same set first.
+            Err(_) if target.is_dir() => {
+                let _ = std::fs::remove_dir_all(&temporary);
+            }
+            Err(error) => return Err(fail(&target, error)),
+        }
+        std::fs::File::open(root)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|error| fail(root, error))?;
+        Ok(target)
+    }
+
+    /// Loads an archived set from `root/<hash>/` and checks that it still hashes to
+    /// `hash`.
+    pub fn load_archived(root: &Path, hash: &str) -> Result<PolicySnapshot, String> {
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "`{}` is not a policy set hash",
+                crate::record::shown(hash)
+            ));
+        }
+        let dir = root.join(hash);
+        if !dir.is_dir() {
+            return Err(format!(
+                "policy set {hash} is not archived in {}",
+                root.display()
+            ));
+        }
+        let snapshot = PolicySnapshot::load(&dir).map_err(|error| error.to_string())?;
+        if snapshot.hash() != hash {
+            return Err(format!(
+                "the archive {} hashes to {}, not {hash}: it was altered",
+                dir.display(),
+                snapshot.hash()
+            ));
+        }
+        Ok(snapshot)
     }
 
     /// The field catalog.
@@ -734,6 +852,7 @@ impl PolicySnapshot {
         Ok(PolicySnapshot {
             names: Names::new().map_err(|error| error.to_string())?,
             hash: self.hash.clone(),
+            sources: self.sources.clone(),
             schema: self.schema.clone(),
             all_policies: self.all_policies.clone(),
             by_action: self.by_action.clone(),
@@ -1227,6 +1346,8 @@ pub struct PolicyStore {
     current: ArcSwap<PolicySnapshot>,
     /// Serializes reloads and records their outcomes.
     status: std::sync::Mutex<StoreStatus>,
+    /// Where every set that decides is archived by hash, once configured.
+    archive: std::sync::OnceLock<PathBuf>,
 }
 
 impl PolicyStore {
@@ -1249,7 +1370,16 @@ impl PolicyStore {
             dir: dir.to_owned(),
             current: ArcSwap::from_pointee(snapshot),
             status: std::sync::Mutex::new(status),
+            archive: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Archives the running set under `root` (see [`PolicySnapshot::archive`]) and
+    /// every set a reload swaps in from now on, before it decides anything.
+    pub fn archive_to(&self, root: &Path) -> Result<PathBuf, String> {
+        let archived = self.current().archive(root)?;
+        let _ = self.archive.set(root.to_owned());
+        Ok(archived)
     }
 
     /// The snapshot to decide a whole request with.
@@ -1279,7 +1409,16 @@ impl PolicyStore {
             Ok(status) => status,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let loaded = PolicySnapshot::load(&self.dir);
+        let loaded = PolicySnapshot::load(&self.dir).and_then(|snapshot| {
+            // A set is archived before it decides anything, so every decision it makes
+            // can be replayed.
+            if let Some(root) = self.archive.get() {
+                snapshot.archive(root).map_err(|problem| LoadError {
+                    diagnostics: vec![format!("cannot archive the policy set: {problem}")],
+                })?;
+            }
+            Ok(snapshot)
+        });
         let at = rfc3339_now();
         match loaded {
             Ok(snapshot) => {

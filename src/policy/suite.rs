@@ -715,11 +715,7 @@ pub type Selector<'a> = &'a dyn Fn(&str, &str) -> bool;
 
 /// Runs `suites` against `snapshot`. `selected` chooses cases by suite and case name
 /// (all when `None`). Coverage counts the cases that ran.
-pub fn run(
-    snapshot: &PolicySnapshot,
-    suites: &[Suite],
-    selected: Option<Selector<'_>>,
-) -> Report {
+pub fn run(snapshot: &PolicySnapshot, suites: &[Suite], selected: Option<Selector<'_>>) -> Report {
     let mut covered: BTreeMap<String, usize> = BTreeMap::new();
     let mut reports = Vec::new();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();

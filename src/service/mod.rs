@@ -172,6 +172,8 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
                 trigger: last.trigger.as_str().to_owned(),
             }),
             decision_log_healthy: self.gate.log().is_healthy(),
+            decision_log_problem: self.gate.log().problem().unwrap_or_default(),
+            decision_log_failed_commits: self.gate.log().failed_commits(),
         }))
     }
 
