@@ -1,8 +1,10 @@
 //! The README's worked example: against a server started with
-//! `cargo run --release -- serve --danger-trust-identity-headers`, encrypt a US user
-//! profile as the US signup service, then ask for it as three different people.
+//! `cargo run --release -- serve --dev`, encrypt a US user profile as the US signup
+//! service, then ask for it as three different people. Each service connects with its
+//! own client certificate from the development PKI (mutual TLS); each person is named
+//! by a signed employee token minted by the development identity provider.
 //!
-//!     cargo run --release --example walkthrough [-- http://127.0.0.1:50051]
+//!     cargo run --release --example walkthrough [-- 127.0.0.1:50051 ringfence-data]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -10,29 +12,57 @@
     clippy::indexing_slicing
 )]
 
+use std::path::Path;
+
+use ringfence::dev::DevPki;
 use ringfence::pb;
 use ringfence::pb::field_outcome::Outcome;
 use ringfence::pb::ringfence_client::RingfenceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-fn as_caller<T>(message: T, service: &str, employee: Option<&str>) -> tonic::Request<T> {
+/// A client that authenticates as `service` with its development certificate.
+async fn connect_as(
+    address: &str,
+    pki: &DevPki,
+    service: &str,
+) -> Result<RingfenceClient<Channel>, Box<dyn std::error::Error>> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(pki.ca_cert())?))
+        .identity(Identity::from_pem(
+            std::fs::read(pki.client_cert(service))?,
+            std::fs::read(pki.client_key(service))?,
+        ))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{address}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(RingfenceClient::new(channel))
+}
+
+/// A request carrying `employee`'s token (`authorization: Bearer ...`).
+fn for_employee<T>(
+    message: T,
+    pki: &DevPki,
+    employee: &str,
+) -> Result<tonic::Request<T>, Box<dyn std::error::Error>> {
+    let token = pki
+        .token_signer()?
+        .mint(employee, time::Duration::minutes(5))?;
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()
-        .insert("x-ringfence-service", service.parse().unwrap());
-    if let Some(employee) = employee {
-        request
-            .metadata_mut()
-            .insert("x-ringfence-employee", employee.parse().unwrap());
-    }
-    request
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let address = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "http://127.0.0.1:50051".to_owned());
-    let mut client = RingfenceClient::connect(address).await?;
+    let mut args = std::env::args().skip(1);
+    let address = args.next().unwrap_or_else(|| "127.0.0.1:50051".to_owned());
+    let data_dir = args.next().unwrap_or_else(|| "ringfence-data".to_owned());
+    let pki = DevPki::of(Path::new(&data_dir));
+    let mut client = connect_as(&address, &pki, "us-signup").await?;
 
     let fields = [
         ("display_name", "Ada L."),
@@ -41,22 +71,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("government_id", "123-45-6789"),
     ];
     let encrypted = client
-        .encrypt_record(as_caller(
-            pb::EncryptRecordRequest {
-                record_type: "user_profile".to_owned(),
-                record_id: "user-1001".to_owned(),
-                jurisdiction: "US".to_owned(),
-                fields: fields
-                    .iter()
-                    .map(|(name, value)| pb::PlainField {
-                        name: (*name).to_owned(),
-                        value: value.as_bytes().to_vec(),
-                    })
-                    .collect(),
-            },
-            "us-signup",
-            None,
-        ))
+        .encrypt_record(tonic::Request::new(pb::EncryptRecordRequest {
+            record_type: "user_profile".to_owned(),
+            record_id: "user-1001".to_owned(),
+            jurisdiction: "US".to_owned(),
+            fields: fields
+                .iter()
+                .map(|(name, value)| pb::PlainField {
+                    name: (*name).to_owned(),
+                    value: value.as_bytes().to_vec(),
+                })
+                .collect(),
+        }))
         .await?
         .into_inner();
     let record = encrypted.record.expect("a record");
@@ -75,17 +101,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("alice", "us-support-tool", "", ""),
         ("bob", "us-support-tool", "support", "INC-1234"),
     ] {
+        let mut client = connect_as(&address, &pki, service).await?;
         let answer = client
-            .decrypt_record(as_caller(
+            .decrypt_record(for_employee(
                 pb::DecryptRecordRequest {
                     record: Some(record.clone()),
                     fields: Vec::new(),
                     purpose: purpose.to_owned(),
                     ticket: ticket.to_owned(),
                 },
-                service,
-                Some(who),
-            ))
+                &pki,
+                who,
+            )?)
             .await?
             .into_inner();
         println!(

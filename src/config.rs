@@ -4,8 +4,31 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::gatekeeper::Limits;
-use crate::identity;
 use crate::record::Jurisdiction;
+use crate::tls::TlsFiles;
+use crate::token::TokenConfig;
+
+/// How callers prove who they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// Nothing configured: every request is refused with UNAUTHENTICATED.
+    None,
+    /// Development only: believe the identity headers; plain TCP on loopback.
+    DangerTrustIdentityHeaders,
+    /// mTLS: the service from its client certificate; employees from signed tokens
+    /// when `tokens` is set.
+    Mtls {
+        /// Server certificate, key and client CA.
+        tls: TlsFiles,
+        /// Trust domain of client certificates' SPIFFE IDs.
+        trust_domain: String,
+        /// Employee token verification.
+        tokens: Option<TokenConfig>,
+    },
+    /// mTLS and tokens from the development PKI in the data directory, created on
+    /// first start (`ringfence dev init`); loopback only.
+    Dev,
+}
 
 /// Default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -36,7 +59,7 @@ pub struct ServeConfig {
     /// Whether a development master key may be created or used.
     pub allow_development_master_key: bool,
     /// How callers are authenticated.
-    pub identity: identity::Mode,
+    pub auth: Auth,
     /// Request limits.
     pub limits: Limits,
     /// Largest gRPC message accepted, in bytes.
@@ -56,6 +79,11 @@ pub struct ServeConfig {
 /// A configuration that must not be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
+    /// The development PKI was asked for on a non-loopback address.
+    #[error(
+        "--dev keeps its CA key in the data directory, so it is refused on `{0}`: listen on a loopback address, or pass --tls-cert, --tls-key and --client-ca"
+    )]
+    DevOffLoopback(SocketAddr),
     /// The danger mode was asked for on a non-loopback address.
     #[error(
         "--danger-trust-identity-headers lets any caller claim any identity, so it is refused on `{0}`: listen on a loopback address (127.0.0.1 or [::1])"
@@ -63,7 +91,7 @@ pub enum Error {
     DangerOffLoopback(SocketAddr),
     /// A non-loopback address without transport security.
     #[error(
-        "refusing to listen on non-loopback address `{0}`: TLS and mTLS caller authentication are not available yet, so ringfence serves loopback only"
+        "refusing to listen on non-loopback address `{0}` without TLS: pass --tls-cert, --tls-key and --client-ca (mutual TLS)"
     )]
     NotLoopback(SocketAddr),
     /// No jurisdictions.
@@ -91,7 +119,7 @@ impl ServeConfig {
             master_key_file: None,
             master_key_env: None,
             allow_development_master_key: true,
-            identity: identity::Mode::Disabled,
+            auth: Auth::None,
             limits: Limits::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             watch_policies: true,
@@ -104,10 +132,14 @@ impl ServeConfig {
     /// Checks the configuration as a whole.
     pub fn check(&self) -> Result<(), Error> {
         if !self.listen.ip().is_loopback() {
-            return Err(match self.identity {
-                identity::Mode::DangerTrustIdentityHeaders => Error::DangerOffLoopback(self.listen),
-                identity::Mode::Disabled => Error::NotLoopback(self.listen),
-            });
+            match self.auth {
+                Auth::Mtls { .. } => {}
+                Auth::DangerTrustIdentityHeaders => {
+                    return Err(Error::DangerOffLoopback(self.listen));
+                }
+                Auth::Dev => return Err(Error::DevOffLoopback(self.listen)),
+                Auth::None => return Err(Error::NotLoopback(self.listen)),
+            }
         }
         if self.jurisdictions.is_empty() {
             return Err(Error::NoJurisdictions);
@@ -161,8 +193,20 @@ mod tests {
         let mut config = ServeConfig::defaults();
         config.listen = "0.0.0.0:50051".parse().unwrap();
         assert_eq!(config.check(), Err(Error::NotLoopback(config.listen)));
-        config.identity = identity::Mode::DangerTrustIdentityHeaders;
+        config.auth = Auth::DangerTrustIdentityHeaders;
         assert_eq!(config.check(), Err(Error::DangerOffLoopback(config.listen)));
+        config.auth = Auth::Dev;
+        assert_eq!(config.check(), Err(Error::DevOffLoopback(config.listen)));
+        config.auth = Auth::Mtls {
+            tls: TlsFiles {
+                cert: "c".into(),
+                key: "k".into(),
+                client_ca: "ca".into(),
+            },
+            trust_domain: "example.org".to_owned(),
+            tokens: None,
+        };
+        config.check().unwrap();
         config.listen = "[::1]:0".parse().unwrap();
         config.check().unwrap();
     }

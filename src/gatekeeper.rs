@@ -412,6 +412,39 @@ impl Gatekeeper {
         &self.log
     }
 
+    /// Records a request or connection whose caller could not be authenticated (no or a
+    /// bad client certificate, a refused token, identity headers where identity is
+    /// proven). `reason` names the failed check and never holds secrets.
+    pub async fn record_authentication_failure(
+        &self,
+        reason: &str,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Result<(), Error> {
+        let outcome = match remote {
+            Some(remote) => format!("{reason} (from {remote})"),
+            None => reason.to_owned(),
+        };
+        let entry = Entry {
+            time: rfc3339_now(),
+            request_time: unix_now(),
+            request_id: new_request_id()?,
+            kind: "unauthenticated".to_owned(),
+            service: None,
+            principal: None,
+            authentication: String::new(),
+            action: None,
+            purpose: String::new(),
+            ticket: String::new(),
+            record: None,
+            policy_set: None,
+            fields: Vec::new(),
+            outcome,
+            checkpoint: None,
+        };
+        self.log.append(entry).await?;
+        Ok(())
+    }
+
     /// Decides with the current snapshot; an unknown principal or service is recorded
     /// in the log as an authentication failure before the error is returned.
     async fn decide<'s>(

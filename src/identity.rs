@@ -4,36 +4,49 @@
 //! extensions and nothing in a request body can change it. Whether the named service
 //! and employee exist is checked against the directory by `policy`.
 //!
-//! Today the only mode that authenticates anyone is the explicitly insecure
-//! [`Mode::DangerTrustIdentityHeaders`], which believes the `x-ringfence-*` metadata
-//! headers and is refused unless the server listens on loopback only.
+//! [`Mode::Verified`]: the service is the one named by its verified client
+//! certificate (mTLS, see [`crate::tls`]); the employee, if any, is the subject of a
+//! signed token in the `authorization: Bearer` header (see [`crate::token`]). Identity
+//! headers are refused in this mode. [`Mode::DangerTrustIdentityHeaders`] believes
+//! the `x-ringfence-*` headers and exists for local experiments on loopback only.
+
+use std::sync::Arc;
 
 use crate::policy::Principal;
+use crate::tls::PeerInfo;
+use crate::token::TokenVerifier;
 
 /// Metadata header naming the calling service in the danger mode.
 pub const SERVICE_HEADER: &str = "x-ringfence-service";
 /// Metadata header naming the employee the service acts for in the danger mode.
 pub const EMPLOYEE_HEADER: &str = "x-ringfence-employee";
+/// Metadata header carrying the employee token: `authorization: Bearer <jwt>`.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
 /// Longest directory id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 128;
+/// `authentication` of callers identified by their client certificate alone.
+pub const METHOD_MTLS: &str = "mtls";
+/// `authentication` of employees identified by a token, calling through an mTLS service.
+pub const METHOD_MTLS_TOKEN: &str = "mtls+token";
+/// `authentication` in the danger mode.
+pub const METHOD_DANGER: &str = "danger-trust-identity-headers";
+
+/// Proven identity: client certificates, and optionally employee tokens.
+#[derive(Debug)]
+pub struct Verified {
+    /// Employee token verifier; without it, calls carrying a token are refused.
+    pub tokens: Option<Arc<TokenVerifier>>,
+}
 
 /// How callers are authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Mode {
     /// No authentication is configured: every request is refused.
     Disabled,
     /// Development only: believe identity headers. Loopback listeners only.
     DangerTrustIdentityHeaders,
-}
-
-impl Mode {
-    /// The name recorded in the decision log and given to policies.
-    pub fn method_name(self) -> &'static str {
-        match self {
-            Mode::Disabled => "none",
-            Mode::DangerTrustIdentityHeaders => "danger-trust-identity-headers",
-        }
-    }
+    /// mTLS for services, signed tokens for employees.
+    Verified(Arc<Verified>),
 }
 
 /// An authenticated caller.
@@ -76,9 +89,31 @@ pub enum Error {
         "`{0}` metadata header must be 1 to 128 characters of A-Z, a-z, 0-9, `.`, `_`, `@` or `-`"
     )]
     Invalid(&'static str),
+    /// The connection is not TLS with a client certificate.
+    #[error("this server requires mutual TLS: connect with TLS and a client certificate")]
+    NoClientCertificate,
+    /// The client certificate names no service.
+    #[error("client certificate refused: {0}")]
+    Certificate(String),
+    /// Identity headers in a mode where identity is proven.
+    #[error(
+        "identity headers (`{0}`) are not accepted: the service is taken from the client certificate and the employee from a signed token"
+    )]
+    IdentityHeader(&'static str),
+    /// The `authorization` header is not `Bearer <token>`.
+    #[error("`authorization` metadata must be `Bearer <token>`")]
+    NotBearer,
+    /// A token arrived but the server verifies none.
+    #[error("this server is not configured to accept employee tokens (no JWKS)")]
+    TokensNotConfigured,
+    /// The token failed a check.
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
 }
 
-fn directory_id(value: &str) -> bool {
+/// Whether `value` is a valid directory id: 1 to 128 characters of A-Z, a-z, 0-9,
+/// `.`, `_`, `@` or `-`.
+pub fn is_directory_id(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= MAX_ID_LEN
         && value
@@ -90,29 +125,74 @@ fn directory_id(value: &str) -> bool {
 /// is not visible ASCII.
 pub type HeaderValues<'a> = Vec<Option<&'a str>>;
 
-/// Authenticates a caller from request metadata, given a lookup of header values.
+/// Authenticates a caller from what the transport proved (`peer`) and the request
+/// metadata, given a lookup of header values.
 pub fn authenticate<'a>(
-    mode: Mode,
+    mode: &Mode,
+    peer: Option<&PeerInfo>,
     header: impl Fn(&'static str) -> HeaderValues<'a>,
 ) -> Result<Caller, Error> {
+    let one = |name: &'static str| -> Result<Option<Option<&'a str>>, Error> {
+        let values = header(name);
+        match values.as_slice() {
+            [] => Ok(None),
+            [value] => Ok(Some(*value)),
+            _ => Err(Error::Repeated(name)),
+        }
+    };
     match mode {
         Mode::Disabled => Err(Error::NotConfigured),
         Mode::DangerTrustIdentityHeaders => {
-            let one = |name: &'static str| -> Result<Option<&'a str>, Error> {
-                let values = header(name);
-                match values.as_slice() {
-                    [] => Ok(None),
-                    [Some(value)] if directory_id(value) => Ok(Some(value)),
-                    [_] => Err(Error::Invalid(name)),
-                    _ => Err(Error::Repeated(name)),
+            let id = |name: &'static str| -> Result<Option<&'a str>, Error> {
+                match one(name)? {
+                    None => Ok(None),
+                    Some(Some(value)) if is_directory_id(value) => Ok(Some(value)),
+                    Some(_) => Err(Error::Invalid(name)),
                 }
             };
-            let service = one(SERVICE_HEADER)?.ok_or(Error::Missing(SERVICE_HEADER))?;
-            let employee = one(EMPLOYEE_HEADER)?;
+            let service = id(SERVICE_HEADER)?.ok_or(Error::Missing(SERVICE_HEADER))?;
+            let employee = id(EMPLOYEE_HEADER)?;
             Ok(Caller {
                 service: service.to_owned(),
                 employee: employee.map(str::to_owned),
-                method: mode.method_name(),
+                method: METHOD_DANGER,
+            })
+        }
+        Mode::Verified(verified) => {
+            for name in [SERVICE_HEADER, EMPLOYEE_HEADER] {
+                if !header(name).is_empty() {
+                    return Err(Error::IdentityHeader(name));
+                }
+            }
+            let service = match peer.and_then(|peer| peer.service.as_ref()) {
+                None => return Err(Error::NoClientCertificate),
+                Some(Err(reason)) => return Err(Error::Certificate(reason.clone())),
+                Some(Ok(service)) => service.clone(),
+            };
+            let employee = match one(AUTHORIZATION_HEADER)? {
+                None => None,
+                Some(value) => {
+                    let token = value
+                        .and_then(|value| {
+                            let (scheme, token) = value.split_once(' ')?;
+                            scheme
+                                .eq_ignore_ascii_case("bearer")
+                                .then_some(token.trim())
+                        })
+                        .ok_or(Error::NotBearer)?;
+                    let tokens = verified.tokens.as_ref().ok_or(Error::TokensNotConfigured)?;
+                    Some(tokens.verify(token)?)
+                }
+            };
+            let method = if employee.is_some() {
+                METHOD_MTLS_TOKEN
+            } else {
+                METHOD_MTLS
+            };
+            Ok(Caller {
+                service,
+                employee,
+                method,
             })
         }
     }
@@ -137,7 +217,8 @@ mod tests {
     #[test]
     fn danger_mode_reads_service_and_employee() {
         let caller = authenticate(
-            Mode::DangerTrustIdentityHeaders,
+            &Mode::DangerTrustIdentityHeaders,
+            None,
             headers(&[
                 (SERVICE_HEADER, "us-support-tool"),
                 (EMPLOYEE_HEADER, "alice"),
@@ -146,7 +227,8 @@ mod tests {
         .unwrap();
         assert_eq!(caller.principal(), Principal::Employee("alice".to_owned()));
         let service_only = authenticate(
-            Mode::DangerTrustIdentityHeaders,
+            &Mode::DangerTrustIdentityHeaders,
+            None,
             headers(&[(SERVICE_HEADER, "us-signup")]),
         )
         .unwrap();
@@ -158,14 +240,15 @@ mod tests {
 
     #[test]
     fn missing_repeated_and_invalid_headers_are_refused() {
-        let mode = Mode::DangerTrustIdentityHeaders;
+        let mode = &Mode::DangerTrustIdentityHeaders;
         assert_eq!(
-            authenticate(mode, headers(&[(EMPLOYEE_HEADER, "alice")])),
+            authenticate(mode, None, headers(&[(EMPLOYEE_HEADER, "alice")])),
             Err(Error::Missing(SERVICE_HEADER))
         );
         assert_eq!(
             authenticate(
                 mode,
+                None,
                 headers(&[
                     (SERVICE_HEADER, "a"),
                     (EMPLOYEE_HEADER, "x"),
@@ -177,16 +260,17 @@ mod tests {
         assert_eq!(
             authenticate(
                 mode,
+                None,
                 headers(&[(SERVICE_HEADER, "a"), (EMPLOYEE_HEADER, "Employee::\"x\"")])
             ),
             Err(Error::Invalid(EMPLOYEE_HEADER))
         );
         assert_eq!(
-            authenticate(mode, |_| vec![None]),
+            authenticate(mode, None, |_| vec![None]),
             Err(Error::Invalid(SERVICE_HEADER))
         );
         assert_eq!(
-            authenticate(Mode::Disabled, headers(&[(SERVICE_HEADER, "a")])),
+            authenticate(&Mode::Disabled, None, headers(&[(SERVICE_HEADER, "a")])),
             Err(Error::NotConfigured)
         );
     }

@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod config;
 pub mod crypto;
+pub mod dev;
 pub mod gatekeeper;
 pub mod identity;
 pub mod keys;
@@ -20,6 +21,8 @@ pub mod record;
 pub mod reload;
 pub mod server;
 pub mod service;
+pub mod tls;
+pub mod token;
 
 /// Generated protobuf and gRPC code for `ringfence.v1`; never edited by hand.
 pub mod pb {

@@ -13,6 +13,19 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::policy::{self, PolicyStore, Trigger};
+use crate::token::TokenVerifier;
+
+fn reload_jwks(tokens: &TokenVerifier, trigger: &str) {
+    match tokens.reload() {
+        Ok(keys) => {
+            tracing::info!(trigger, keys, jwks = %tokens.jwks_path().display(), "employee token keys reloaded")
+        }
+        Err(error) => tracing::error!(
+            trigger,
+            "JWKS reload rejected; the current keys stay in place: {error}"
+        ),
+    }
+}
 
 /// Quiet time after the last change before the directory is loaded.
 pub const SETTLE: Duration = Duration::from_millis(250);
@@ -39,26 +52,53 @@ fn relevant(event: &notify::Event) -> bool {
         })
 }
 
-/// Starts watching the policy directory (when `watch`) and listening for SIGHUP, and
-/// the task that reloads. Returns the watcher to keep and the tasks to abort on stop.
-pub fn spawn(policies: Arc<PolicyStore>, watch: bool) -> (Watcher, Vec<JoinHandle<()>>) {
+/// Starts watching the policy directory and the JWKS file (when `watch`) and
+/// listening for SIGHUP, and the task that reloads. Returns the watcher to keep and
+/// the tasks to abort on stop.
+pub fn spawn(
+    policies: Arc<PolicyStore>,
+    watch: bool,
+    tokens: Option<Arc<TokenVerifier>>,
+) -> (Watcher, Vec<JoinHandle<()>>) {
     let (requests, mut received) = mpsc::unbounded_channel::<Trigger>();
     let mut tasks = Vec::new();
 
     let watcher = if watch {
         let sender = requests.clone();
-        let started =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(event) if relevant(&event) => {
-                    let _ = sender.send(Trigger::FileChange);
-                }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "policy directory watch error"),
-            })
-            .and_then(|mut watcher| {
-                watcher.watch(policies.dir(), RecursiveMode::NonRecursive)?;
-                Ok(watcher)
-            });
+        let jwks = tokens.clone();
+        let jwks_file = jwks
+            .as_ref()
+            .and_then(|tokens| tokens.jwks_path().file_name().map(ToOwned::to_owned));
+        let started = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let event = match event {
+                Ok(event) => event,
+                Err(error) => return tracing::warn!(%error, "watch error"),
+            };
+            tracing::trace!(?event, "watched directory changed");
+            if relevant(&event) {
+                let _ = sender.send(Trigger::FileChange);
+            }
+            if let (Some(tokens), Some(name)) = (&jwks, &jwks_file)
+                && !matches!(event.kind, EventKind::Access(_))
+                && event
+                    .paths
+                    .iter()
+                    .any(|path| path.file_name() == Some(name.as_os_str()))
+            {
+                reload_jwks(tokens, "file-change");
+            }
+        })
+        .and_then(|mut watcher| {
+            watcher.watch(policies.dir(), RecursiveMode::NonRecursive)?;
+            if let Some(tokens) = &tokens {
+                let dir = match tokens.jwks_path().parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir,
+                    _ => std::path::Path::new("."),
+                };
+                watcher.watch(dir, RecursiveMode::NonRecursive)?;
+            }
+            Ok(watcher)
+        });
         match started {
             Ok(watcher) => {
                 tracing::info!(dir = %policies.dir().display(), "watching the policy directory for changes");
@@ -77,8 +117,12 @@ pub fn spawn(policies: Arc<PolicyStore>, watch: bool) -> (Watcher, Vec<JoinHandl
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hangups) => {
             let sender = requests.clone();
+            let tokens = tokens.clone();
             tasks.push(tokio::spawn(async move {
                 while hangups.recv().await.is_some() {
+                    if let Some(tokens) = &tokens {
+                        reload_jwks(tokens, "SIGHUP");
+                    }
                     if sender.send(Trigger::Hangup).is_err() {
                         break;
                     }

@@ -12,7 +12,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
 use crate::audit::{self, DecisionLog};
-use crate::config::{self, ServeConfig};
+use crate::config::{self, Auth, ServeConfig};
+use crate::dev::DevPki;
 use crate::gatekeeper::Gatekeeper;
 use crate::identity;
 use crate::keys::{self, Keyring, MasterKeySource};
@@ -20,6 +21,8 @@ use crate::pb;
 use crate::policy::{LoadError, PolicyStore};
 use crate::reload;
 use crate::service::{self, RingfenceService};
+use crate::tls;
+use crate::token::TokenVerifier;
 
 /// gRPC name of the ringfence service, as health checks know it.
 pub const SERVICE_NAME: &str = "ringfence.v1.Ringfence";
@@ -82,6 +85,19 @@ pub fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
             config.data_dir.display()
         ))
     })?;
+    if config.auth == Auth::Dev {
+        let pki = DevPki::of(&config.data_dir);
+        let created = pki
+            .init(&snapshot.service_ids())
+            .map_err(|error| Error::Io(format!("cannot create the development PKI: {error}")))?;
+        for path in created {
+            tracing::info!(path = %path.display(), "created development PKI file");
+        }
+        tracing::warn!(
+            dir = %pki.dir.display(),
+            "--dev: mTLS and employee tokens from a development CA and identity provider whose keys sit in the data directory. NOT FOR PRODUCTION"
+        );
+    }
     let archived = policies
         .archive_to(&config.data_dir.join(POLICY_ARCHIVE_DIR))
         .map_err(|problem| Error::Io(format!("cannot archive the policy set: {problem}")))?;
@@ -192,8 +208,119 @@ impl Running {
     }
 }
 
+/// What `start_with` needs to authenticate callers.
+type Identity = (
+    identity::Mode,
+    Option<(Arc<rustls::ServerConfig>, String)>,
+    Option<Arc<TokenVerifier>>,
+);
+
+/// The identity mode, TLS configuration and token verifier of a configuration.
+fn identity_mode(config: &ServeConfig) -> Result<Identity, Error> {
+    let (tls_files, trust_domain, token_config) = match &config.auth {
+        Auth::None => {
+            tracing::warn!(
+                "no caller authentication is configured: every request will be refused with UNAUTHENTICATED (use --dev, or --tls-cert/--tls-key/--client-ca)"
+            );
+            return Ok((identity::Mode::Disabled, None, None));
+        }
+        Auth::DangerTrustIdentityHeaders => {
+            tracing::warn!(
+                "--danger-trust-identity-headers: callers are believed on their word ({} / {} headers), over plain TCP. Development only.",
+                identity::SERVICE_HEADER,
+                identity::EMPLOYEE_HEADER
+            );
+            return Ok((identity::Mode::DangerTrustIdentityHeaders, None, None));
+        }
+        Auth::Mtls {
+            tls,
+            trust_domain,
+            tokens,
+        } => (tls.clone(), trust_domain.clone(), tokens.clone()),
+        Auth::Dev => {
+            let pki = DevPki::of(&config.data_dir);
+            (
+                pki.tls_files(),
+                crate::dev::DEV_TRUST_DOMAIN.to_owned(),
+                Some(pki.token_config()),
+            )
+        }
+    };
+    let server_config =
+        tls::server_config(&tls_files).map_err(|error| Error::Io(error.to_string()))?;
+    let tokens = token_config
+        .map(|token_config| TokenVerifier::load(token_config).map(Arc::new))
+        .transpose()
+        .map_err(|error| Error::Io(error.to_string()))?;
+    tracing::info!(
+        trust_domain,
+        employee_tokens = tokens.is_some(),
+        "mutual TLS: services from client certificates{}",
+        if tokens.is_some() {
+            ", employees from signed tokens"
+        } else {
+            ""
+        }
+    );
+    Ok((
+        identity::Mode::Verified(Arc::new(identity::Verified {
+            tokens: tokens.clone(),
+        })),
+        Some((server_config, trust_domain)),
+        tokens,
+    ))
+}
+
+/// Most failed handshakes written to the decision log per second; the rest are counted
+/// and the count is written with the next one (a flood of bad handshakes must not
+/// fill the disk).
+const HANDSHAKE_FAILURES_LOGGED_PER_SECOND: u32 = 20;
+
+/// Writes failed TLS handshakes to the decision log as authentication failures.
+fn handshake_failures(gate: Arc<Gatekeeper>) -> tls::FailureHook {
+    let window = std::sync::Mutex::new((std::time::Instant::now(), 0u32, 0u64));
+    Arc::new(move |remote, reason| {
+        let suppressed = {
+            let Ok(mut window) = window.lock() else {
+                return;
+            };
+            let (started, logged, suppressed) = &mut *window;
+            if started.elapsed() >= Duration::from_secs(1) {
+                *started = std::time::Instant::now();
+                *logged = 0;
+            }
+            if *logged >= HANDSHAKE_FAILURES_LOGGED_PER_SECOND {
+                *suppressed += 1;
+                return;
+            }
+            *logged += 1;
+            std::mem::take(suppressed)
+        };
+        tracing::info!(%remote, %reason, "refused connection");
+        let reason = if suppressed > 0 {
+            format!("{reason}; {suppressed} more failed handshakes not logged individually")
+        } else {
+            reason
+        };
+        let gate = Arc::clone(&gate);
+        tokio::spawn(async move {
+            if let Err(error) = gate
+                .record_authentication_failure(&reason, Some(remote))
+                .await
+            {
+                tracing::error!(%error, "failed handshake not logged");
+            }
+        });
+    })
+}
+
 /// Prepares, binds and starts serving.
 pub async fn start(config: ServeConfig) -> Result<Running, Error> {
+    if matches!(config.auth, Auth::Mtls { .. }) {
+        // Refuse a broken TLS or token configuration before creating anything.
+        config.check()?;
+        identity_mode(&config)?;
+    }
     let gate = prepare(&config)?;
     start_with(gate, &config).await
 }
@@ -201,17 +328,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, Error> {
 /// Binds and serves an already assembled gatekeeper (tests use this to inject faults).
 pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<Running, Error> {
     config.check()?;
-    if config.identity == identity::Mode::DangerTrustIdentityHeaders {
-        tracing::warn!(
-            "--danger-trust-identity-headers: callers are believed on their word ({} / {} headers). Development only.",
-            identity::SERVICE_HEADER,
-            identity::EMPLOYEE_HEADER
-        );
-    } else {
-        tracing::warn!(
-            "no caller authentication is configured: every request will be refused with UNAUTHENTICATED (use --danger-trust-identity-headers for local development)"
-        );
-    }
+    let (mode, tls, tokens) = identity_mode(config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| Error::Io(format!("cannot listen on `{}`: {error}", config.listen)))?;
@@ -230,13 +347,12 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         .build_v1()
         .map_err(|error| Error::Transport(error.to_string()))?;
 
-    let mode = config.identity;
     let ringfence =
         pb::ringfence_server::RingfenceServer::new(RingfenceService::new(Arc::clone(&gate)))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
     let ringfence = InterceptedService::new(ringfence, move |request| {
-        service::authenticate(mode, request)
+        service::authenticate(&mode, request)
     });
 
     let mut background = Vec::new();
@@ -260,11 +376,10 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         }
     }));
     let (policy_watcher, reload_tasks) =
-        reload::spawn(Arc::clone(gate.policies()), config.watch_policies);
+        reload::spawn(Arc::clone(gate.policies()), config.watch_policies, tokens);
     background.extend(reload_tasks);
 
-    // Small request/response frames must not wait for Nagle's algorithm.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = tls::incoming(listener, tls, handshake_failures(Arc::clone(&gate)));
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()

@@ -345,7 +345,10 @@ async fn every_request_has_one_chained_entry_and_no_plaintext() {
         assert_eq!(entry["seq"], index as u64 + 1);
     }
     // Signed checkpoints are interleaved by time; the rest is one entry per request.
-    assert_eq!(all[1]["kind"], "checkpoint", "the first batch carries a checkpoint");
+    assert_eq!(
+        all[1]["kind"], "checkpoint",
+        "the first batch carries a checkpoint"
+    );
     let entries: Vec<serde_json::Value> = all
         .iter()
         .filter(|e| e["kind"] != "checkpoint")
@@ -617,17 +620,29 @@ async fn identity_comes_from_authentication_only() {
         .collect();
     assert_eq!(
         unauthenticated.len(),
-        2,
-        "unknown principal and unknown service are logged"
+        4,
+        "every refusal is logged: missing header, unknown principal, unknown service, repeated header"
     );
-    assert_eq!(unauthenticated[0]["principal"], "Employee::\"mallory\"");
+    assert!(
+        unauthenticated[0]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("missing `x-ringfence-service`")
+    );
+    assert_eq!(unauthenticated[1]["principal"], "Employee::\"mallory\"");
+    assert!(
+        unauthenticated[3]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("more than once")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_identity_mode_every_request_is_unauthenticated() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.identity = ringfence::identity::Mode::Disabled;
+    config.auth = ringfence::config::Auth::None;
     let running = ringfence::server::start(config).await.unwrap();
     let mut client = ringfence::pb::ringfence_client::RingfenceClient::connect(format!(
         "http://{}",

@@ -1,6 +1,7 @@
 //! Subcommands of the `ringfence` binary and their exit codes.
 
 mod audit;
+mod dev;
 mod keys;
 mod policy;
 mod serve;
@@ -46,9 +47,12 @@ enum Command {
     /// Inspect and rotate root keys (versions and dates only; never key bytes).
     #[command(subcommand)]
     Keys(keys::Command),
-    /// Verify the decision log offline.
+    /// Verify, query and replay the decision log offline.
     #[command(subcommand)]
     Audit(audit::Command),
+    /// Development helpers: a local CA, client certificates and employee tokens.
+    #[command(subcommand)]
+    Dev(dev::Command),
 }
 
 /// Runs a parsed command line.
@@ -58,6 +62,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Policy(command) => policy::run(command),
         Command::Keys(command) => keys::run(command),
         Command::Audit(command) => audit::run(command),
+        Command::Dev(command) => dev::run(command),
     }
 }
 

@@ -4,17 +4,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ringfence::config::{DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLICIES, ServeConfig};
-use ringfence::identity;
+use ringfence::config::{
+    Auth, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLICIES, ServeConfig,
+};
 use ringfence::keys::{MASTER_KEY_ENV, MasterKeyText};
 use ringfence::record::Jurisdiction;
 use ringfence::server::{self, Error};
+use ringfence::tls::TlsFiles;
+use ringfence::token::TokenConfig;
 
 use super::{DataDir, EXIT_FAILURE, EXIT_INVALID_POLICIES, fail};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Address to listen on (loopback only until TLS is available).
+    /// Address to listen on (non-loopback addresses need mutual TLS).
     #[arg(long, default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
     #[command(flatten)]
@@ -33,10 +36,41 @@ pub struct Args {
     /// Refuse to create or use a development master key.
     #[arg(long)]
     no_dev_master_key: bool,
+    /// Development: mutual TLS and employee tokens from a local CA and identity provider
+    /// in <data-dir>/dev-pki (created on first start, see `ringfence dev init`).
+    /// Refused off loopback.
+    #[arg(long, conflicts_with_all = ["danger_trust_identity_headers", "tls_cert"])]
+    dev: bool,
     /// DEVELOPMENT ONLY: believe the x-ringfence-service and x-ringfence-employee
-    /// metadata headers as the caller's identity. Refused off loopback.
-    #[arg(long)]
+    /// metadata headers as the caller's identity, over plain TCP. Refused off loopback.
+    #[arg(long, conflicts_with = "tls_cert")]
     danger_trust_identity_headers: bool,
+    /// Server certificate chain (PEM) for mutual TLS.
+    #[arg(long, requires_all = ["tls_key", "client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that client certificates must chain to.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Trust domain of client certificates: a service is named by the URI SAN
+    /// spiffe://<trust-domain>/svc/<service> or the DNS SAN <service>.svc.<trust-domain>.
+    #[arg(long, default_value = "ringfence.local", requires = "tls_cert")]
+    trust_domain: String,
+    /// JWKS file of the identity provider that signs employee tokens (reloaded on
+    /// change and on SIGHUP). Without it, calls carrying a token are refused.
+    #[arg(long, requires_all = ["tls_cert", "token_issuer", "token_audience"])]
+    jwks: Option<PathBuf>,
+    /// Required `iss` of employee tokens.
+    #[arg(long, requires = "jwks")]
+    token_issuer: Option<String>,
+    /// Required `aud` of employee tokens.
+    #[arg(long, requires = "jwks")]
+    token_audience: Option<String>,
+    /// Allowed clock skew for token expiry and not-before, in seconds (at most 300).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=300))]
+    token_leeway_secs: u64,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
@@ -56,7 +90,37 @@ pub struct Args {
     log_segment_hours: u64,
 }
 
+fn auth(args: &Args) -> Auth {
+    if args.dev {
+        return Auth::Dev;
+    }
+    if args.danger_trust_identity_headers {
+        return Auth::DangerTrustIdentityHeaders;
+    }
+    match (&args.tls_cert, &args.tls_key, &args.client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => Auth::Mtls {
+            tls: TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            },
+            trust_domain: args.trust_domain.clone(),
+            tokens: match (&args.jwks, &args.token_issuer, &args.token_audience) {
+                (Some(jwks), Some(issuer), Some(audience)) => Some(TokenConfig {
+                    jwks: jwks.clone(),
+                    issuer: issuer.clone(),
+                    audience: audience.clone(),
+                    leeway: std::time::Duration::from_secs(args.token_leeway_secs),
+                }),
+                _ => None,
+            },
+        },
+        _ => Auth::None,
+    }
+}
+
 pub fn run(args: Args) -> ExitCode {
+    let auth = auth(&args);
     let config = ServeConfig {
         listen: args.listen,
         data_dir: args.data.data_dir,
@@ -65,11 +129,7 @@ pub fn run(args: Args) -> ExitCode {
         master_key_file: args.master_key_file,
         master_key_env: std::env::var(MASTER_KEY_ENV).ok().map(MasterKeyText::new),
         allow_development_master_key: !args.no_dev_master_key,
-        identity: if args.danger_trust_identity_headers {
-            identity::Mode::DangerTrustIdentityHeaders
-        } else {
-            identity::Mode::Disabled
-        },
+        auth,
         max_message_bytes: args.max_message_bytes,
         watch_policies: !args.no_watch_policies,
         checkpoint_key: args.checkpoint_key,

@@ -892,6 +892,19 @@ impl PolicySnapshot {
         Ok(members)
     }
 
+    /// Ids of the directory's `Service` entities, sorted.
+    pub fn service_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .entities
+            .iter()
+            .map(cedar_policy::Entity::uid)
+            .filter(|uid| uid.type_name() == &self.names.service)
+            .map(|uid| uid.id().unescaped().to_owned())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Number of policies.
     pub fn len(&self) -> usize {
         self.all_policies.policies().count()

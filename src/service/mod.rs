@@ -16,6 +16,7 @@ use crate::identity::{self, Caller};
 use crate::keys;
 use crate::pb;
 use crate::policy;
+use crate::tls::PeerInfo;
 
 /// Records of one `DecryptRecords` stream processed concurrently (answers stay in order).
 const STREAM_CONCURRENCY: usize = 32;
@@ -68,26 +69,29 @@ impl From<identity::Error> for Status {
     }
 }
 
-/// Authenticates each request and puts the [`Caller`] into its extensions.
-pub fn authenticate(mode: identity::Mode, mut request: Request<()>) -> Result<Request<()>, Status> {
-    let caller = identity::authenticate(mode, |name| {
+/// The outcome of authenticating one request, put into its extensions by
+/// [`authenticate`]; handlers log failures before refusing.
+#[derive(Debug, Clone)]
+pub struct Authentication(pub Result<Caller, identity::Error>);
+
+/// Authenticates each request from its connection's proven identity and its metadata,
+/// and puts the outcome into its extensions. Never refuses by itself: the handler
+/// records a failure in the decision log first.
+pub fn authenticate(
+    mode: &identity::Mode,
+    mut request: Request<()>,
+) -> Result<Request<()>, Status> {
+    let peer = request.extensions().get::<PeerInfo>().cloned();
+    let outcome = identity::authenticate(mode, peer.as_ref(), |name| {
         request
             .metadata()
             .get_all(name)
             .iter()
             .map(|value| value.to_str().ok())
             .collect()
-    })?;
-    request.extensions_mut().insert(caller);
+    });
+    request.extensions_mut().insert(Authentication(outcome));
     Ok(request)
-}
-
-fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    request
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("request is not authenticated"))
 }
 
 /// The `ringfence.v1.Ringfence` service.
@@ -95,6 +99,29 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
 pub struct RingfenceService {
     gate: Arc<Gatekeeper>,
     stream_permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl RingfenceService {
+    /// The authenticated caller, or UNAUTHENTICATED after the failure is logged.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let error = match request.extensions().get::<Authentication>() {
+            Some(Authentication(Ok(caller))) => return Ok(caller.clone()),
+            Some(Authentication(Err(error))) => error.to_string(),
+            None => "request is not authenticated".to_owned(),
+        };
+        let remote = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|peer| peer.remote);
+        if let Err(log_error) = self
+            .gate
+            .record_authentication_failure(&error, remote)
+            .await
+        {
+            tracing::error!(%log_error, "authentication failure not logged");
+        }
+        Err(Status::unauthenticated(error))
+    }
 }
 
 impl RingfenceService {
@@ -123,7 +150,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         &self,
         request: Request<pb::EncryptRecordRequest>,
     ) -> Result<Response<pb::EncryptRecordResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = self.caller(&request).await?;
         let plain = gatekeeper::PlainRecord::try_from(request.into_inner())?;
         let encrypted = self.gate.encrypt_record(&caller, plain).await?;
         Ok(Response::new(encrypted.into()))
@@ -133,7 +160,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         &self,
         request: Request<pb::DecryptRecordRequest>,
     ) -> Result<Response<pb::DecryptRecordResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = self.caller(&request).await?;
         let response = decrypt_one(&self.gate, &caller, request.into_inner()).await?;
         Ok(Response::new(response))
     }
@@ -142,7 +169,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         &self,
         request: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = self.caller(&request).await?;
         let ask = gatekeeper::AuthorizeRequest::try_from(request.into_inner())?;
         let authorized = self.gate.authorize(&caller, ask).await?;
         Ok(Response::new(authorized.into()))
@@ -152,7 +179,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         &self,
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        caller(&request)?;
+        self.caller(&request).await?;
         let status = self.gate.policies().status();
         let last = status.last;
         let (succeeded, policy_set, diagnostics) = match last.result {
@@ -183,7 +210,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         &self,
         request: Request<Streaming<pb::DecryptRecordRequest>>,
     ) -> Result<Response<Self::DecryptRecordsStream>, Status> {
-        let caller = Arc::new(caller(&request)?);
+        let caller = Arc::new(self.caller(&request).await?);
         let inbound = request.into_inner();
         let gate = Arc::clone(&self.gate);
         let permits = Arc::clone(&self.stream_permits);

@@ -84,7 +84,7 @@ pub fn test_config(dir: &Path) -> ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("data"),
         policies: shipped_policies(),
-        identity: identity::Mode::DangerTrustIdentityHeaders,
+        auth: ringfence::config::Auth::DangerTrustIdentityHeaders,
         ..ServeConfig::defaults()
     }
 }
@@ -262,4 +262,35 @@ pub async fn start_with_own_policies() -> (TestServer, PathBuf) {
         },
         policies,
     )
+}
+
+/// A client that connects with mutual TLS: trusts `ca_pem` for the server (named
+/// `localhost`) and presents `client` (certificate and key PEM) when given.
+pub async fn mtls_client(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<RingfenceClient<Channel>, tonic::transport::Error> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(RingfenceClient::new(channel))
+}
+
+/// Wraps a message with an employee token.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        identity::AUTHORIZATION_HEADER,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    request
 }

@@ -1,0 +1,340 @@
+//! The listener: TLS 1.3 with mandatory client certificates (mTLS) via rustls, or plain
+//! TCP for the loopback-only development modes.
+//!
+//! ringfence performs the handshakes itself (instead of tonic's built-in TLS) so that
+//! every failed handshake — no client certificate, one from another CA, an expired
+//! one — is reported to the caller-supplied hook (the server writes it to the
+//! decision log as an authentication failure), and so that the calling service's
+//! identity is read from the verified certificate once per connection.
+//!
+//! Service identity: a URI SAN `spiffe://<trust-domain>/svc/<id>`, or failing that a
+//! DNS SAN `<id>.svc.<trust-domain>`; `<id>` must then be a `Service` of the directory.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Longest time a client may take to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; further connections wait to be accepted.
+const MAX_HANDSHAKES: usize = 256;
+
+/// Files of the server's TLS identity and the CA that issues client certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM, PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificate(s) that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+}
+
+/// Errors of TLS setup.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A file is unreadable or holds no usable certificate or key.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never key material).
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration refused: {0}")]
+    Config(String),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|error| Error::File {
+        path: path.to_owned(),
+        reason: error.to_string(),
+    })
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let bytes = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| Error::File {
+            path: path.to_owned(),
+            reason: format!("not PEM certificates: {error}"),
+        })?;
+    if certs.is_empty() {
+        return Err(Error::File {
+            path: path.to_owned(),
+            reason: "no `-----BEGIN CERTIFICATE-----` block".to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The rustls server configuration: TLS 1.3 only, client certificates required and
+/// verified against `files.client_ca`, ALPN `h2`.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let chain = certificates(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|_| Error::File {
+        path: files.key.clone(),
+        reason: "no PEM private key (PKCS#8, PKCS#1 or SEC1)".to_owned(),
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certificates(&files.client_ca)? {
+        roots.add(ca).map_err(|error| Error::File {
+            path: files.client_ca.clone(),
+            reason: format!("unusable CA certificate: {error}"),
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|error| Error::Config(error.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| Error::Config(error.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|error| Error::Config(error.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What the transport proved about a connection; put into every request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The client's address.
+    pub remote: Option<SocketAddr>,
+    /// The service named by the verified client certificate, or why there is none
+    /// (`None` for plain TCP).
+    pub service: Option<Result<String, String>>,
+}
+
+fn valid_id(id: &str) -> bool {
+    crate::identity::is_directory_id(id)
+}
+
+/// The calling service named by a verified client certificate (DER).
+pub fn service_identity(leaf: &[u8], trust_domain: &str) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|_| "the client certificate cannot be parsed".to_owned())?;
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|_| {
+            "the client certificate's subject alternative names cannot be parsed".to_owned()
+        })?
+        .map(|san| san.value.general_names.clone())
+        .unwrap_or_default();
+    let spiffe_prefix = format!("spiffe://{trust_domain}/svc/");
+    let dns_suffix = format!(".svc.{trust_domain}");
+    let mut uris = Vec::new();
+    for name in &names {
+        if let x509_parser::extensions::GeneralName::URI(uri) = name {
+            if let Some(id) = uri.strip_prefix(&spiffe_prefix) {
+                return if valid_id(id) {
+                    Ok(id.to_owned())
+                } else {
+                    Err(format!(
+                        "the SPIFFE ID `{}` does not name a service id",
+                        crate::record::shown(uri)
+                    ))
+                };
+            }
+            uris.push(crate::record::shown(uri));
+        }
+    }
+    if !uris.is_empty() {
+        return Err(format!(
+            "the client certificate's SPIFFE ID {} is not of the form `{spiffe_prefix}<service>`",
+            uris.join(", ")
+        ));
+    }
+    for name in &names {
+        if let x509_parser::extensions::GeneralName::DNSName(dns) = name
+            && let Some(id) = dns.strip_suffix(&dns_suffix)
+            && valid_id(id)
+        {
+            return Ok(id.to_owned());
+        }
+    }
+    Err(format!(
+        "the client certificate names no service: it needs a URI SAN `{spiffe_prefix}<service>` or a DNS SAN `<service>{dns_suffix}`"
+    ))
+}
+
+/// One accepted connection.
+pub enum Conn {
+    /// Plain TCP (loopback development modes only).
+    Plain(TcpStream, PeerInfo),
+    /// TLS with a verified client certificate.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, PeerInfo),
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        match self {
+            Conn::Plain(_, peer) | Conn::Tls(_, peer) => peer.clone(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(stream, _) => Pin::new(stream).poll_read(cx, buf),
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(stream, _) => Pin::new(stream).poll_write(cx, buf),
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(stream, _) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(stream, _) => stream.is_write_vectored(),
+            Conn::Tls(stream, _) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(stream, _) => Pin::new(stream).poll_flush(cx),
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(stream, _) => Pin::new(stream).poll_shutdown(cx),
+            Conn::Tls(stream, _) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Called with the client's address and the reason of every failed handshake.
+pub type FailureHook = Arc<dyn Fn(SocketAddr, String) + Send + Sync>;
+
+/// Accepts connections from `listener`: plain when `tls` is `None`, else TLS
+/// handshakes (concurrently, each bounded by [`HANDSHAKE_TIMEOUT`]) whose failures go to
+/// `on_failure`. The stream ends when the server stops polling it.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<(Arc<rustls::ServerConfig>, String)>,
+    on_failure: FailureHook,
+) -> ReceiverStream<io::Result<Conn>> {
+    let (sender, receiver) = mpsc::channel::<io::Result<Conn>>(64);
+    let acceptor = tls.map(|(config, trust_domain)| {
+        (
+            tokio_rustls::TlsAcceptor::from(config),
+            Arc::<str>::from(trust_domain),
+        )
+    });
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = sender.closed() => return,
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Resource exhaustion (EMFILE etc.): back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // Small request/response frames must not wait for Nagle's algorithm.
+            let _ = stream.set_nodelay(true);
+            let Some((acceptor, trust_domain)) = &acceptor else {
+                let peer = PeerInfo {
+                    remote: Some(remote),
+                    service: None,
+                };
+                if sender.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
+                return;
+            };
+            let (acceptor, trust_domain) = (acceptor.clone(), Arc::clone(trust_domain));
+            let (sender, on_failure) = (sender.clone(), Arc::clone(&on_failure));
+            tokio::spawn(async move {
+                let _permit = permit;
+                let handshake =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        return on_failure(remote, format!("TLS handshake failed: {error}"));
+                    }
+                    Err(_) => {
+                        return on_failure(
+                            remote,
+                            format!(
+                                "TLS handshake not completed within {} s",
+                                HANDSHAKE_TIMEOUT.as_secs()
+                            ),
+                        );
+                    }
+                };
+                let service = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|leaf| service_identity(leaf.as_ref(), &trust_domain))
+                    .unwrap_or_else(|| Err("no client certificate".to_owned()));
+                let peer = PeerInfo {
+                    remote: Some(remote),
+                    service: Some(service),
+                };
+                let _ = sender.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
+            });
+        }
+    });
+    ReceiverStream::new(receiver)
+}

@@ -1,0 +1,463 @@
+//! Employee tokens: JWTs issued by the company's identity provider, verified against
+//! the provider's public keys (a JWKS file, reloadable). The algorithm comes from the
+//! key (Ed25519 → EdDSA, P-256 → ES256, RSA → RS256), never from the token; `alg:
+//! none` and HMAC keys are refused. Issuer, audience, expiry and not-before are
+//! required and checked with a small leeway. The subject is the employee's directory
+//! id; no other claim is used (the directory, not the token, says who someone is).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse,
+};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+/// Largest token accepted, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Largest leeway accepted for clock skew.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+/// Smallest RSA modulus accepted, in bits.
+const MIN_RSA_BITS: usize = 2048;
+
+/// Where keys come from and what tokens must say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenConfig {
+    /// JWKS file of the identity provider's signing keys.
+    pub jwks: PathBuf,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: String,
+    /// Allowed clock skew for `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
+/// A JWKS that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("JWKS `{path}`: {reason}")]
+pub struct JwksError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Why a token was refused; each names the check that failed, never key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not `Bearer <token>`, too long, or not a JWT.
+    #[error("employee token is malformed: {0}")]
+    Malformed(String),
+    /// The header names a key the JWKS does not have, or no key where one is needed.
+    #[error("employee token is signed by an unknown key: {0}")]
+    UnknownKey(String),
+    /// The header's algorithm is not the key's.
+    #[error("employee token algorithm is not allowed for its key (expected {0:?})")]
+    Algorithm(Algorithm),
+    /// The signature does not verify.
+    #[error("employee token signature is invalid")]
+    Signature,
+    /// `exp` is in the past.
+    #[error("employee token has expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("employee token is not valid yet (nbf)")]
+    NotYetValid,
+    /// Wrong `iss`.
+    #[error("employee token issuer is not the configured identity provider")]
+    Issuer,
+    /// Wrong `aud`.
+    #[error("employee token audience does not include this service")]
+    Audience,
+    /// A required claim is missing.
+    #[error("employee token lacks the required claim `{0}`")]
+    MissingClaim(String),
+    /// A claim has the wrong type.
+    #[error("employee token claim `{0}` is malformed")]
+    ClaimFormat(String),
+    /// The subject is not a directory id.
+    #[error("employee token subject is not a valid directory id")]
+    Subject,
+}
+
+struct Key {
+    key: DecodingKey,
+    algorithm: Algorithm,
+}
+
+struct Keys {
+    by_id: HashMap<String, Arc<Key>>,
+    /// The key to use for tokens without `kid`, when the set has exactly one.
+    only: Option<Arc<Key>>,
+}
+
+/// Verifies employee tokens; the key set can be reloaded while requests run.
+pub struct TokenVerifier {
+    config: TokenConfig,
+    keys: ArcSwap<Keys>,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier")
+            .field("jwks", &self.config.jwks)
+            .field("issuer", &self.config.issuer)
+            .field("audience", &self.config.audience)
+            .field("keys", &self.keys.load().by_id.len())
+            .finish()
+    }
+}
+
+fn algorithm_of(jwk: &Jwk) -> Result<Algorithm, String> {
+    let algorithm = match &jwk.algorithm {
+        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
+            let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(okp.x.trim_end_matches('='))
+                .map_err(|_| "Ed25519 `x` is not base64url".to_owned())?;
+            let x: [u8; 32] = x
+                .try_into()
+                .map_err(|_| "Ed25519 `x` is not 32 bytes".to_owned())?;
+            let key = ed25519_dalek::VerifyingKey::from_bytes(&x)
+                .map_err(|_| "Ed25519 `x` is not a curve point".to_owned())?;
+            if key.is_weak() {
+                return Err("weak (small-order) Ed25519 key".to_owned());
+            }
+            Algorithm::EdDSA
+        }
+        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+            Algorithm::ES256
+        }
+        AlgorithmParameters::RSA(rsa) => {
+            let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(rsa.n.trim_end_matches('='))
+                .map_err(|_| "RSA `n` is not base64url".to_owned())?;
+            let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
+            if bits < MIN_RSA_BITS {
+                return Err(format!(
+                    "RSA key of {bits} bits; at least {MIN_RSA_BITS} required"
+                ));
+            }
+            Algorithm::RS256
+        }
+        AlgorithmParameters::OctetKey(_) => {
+            return Err("symmetric (HMAC) keys are not accepted".to_owned());
+        }
+        _ => return Err("unsupported key type (use Ed25519, P-256 or RSA)".to_owned()),
+    };
+    if let Some(declared) = &jwk.common.key_algorithm {
+        let expected = match algorithm {
+            Algorithm::EdDSA => KeyAlgorithm::EdDSA,
+            Algorithm::ES256 => KeyAlgorithm::ES256,
+            _ => KeyAlgorithm::RS256,
+        };
+        if *declared != expected {
+            return Err(format!("`alg` {declared:?} does not match the key type"));
+        }
+    }
+    Ok(algorithm)
+}
+
+fn load_keys(path: &Path) -> Result<Keys, JwksError> {
+    let fail = |reason: String| JwksError {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|error| fail(error.to_string()))?;
+    let set: JwkSet =
+        serde_json::from_str(&text).map_err(|error| fail(format!("not a JWKS: {error}")))?;
+    let mut by_id = HashMap::new();
+    let mut all = Vec::new();
+    for (index, jwk) in set.keys.iter().enumerate() {
+        let name = jwk
+            .common
+            .key_id
+            .clone()
+            .unwrap_or_else(|| format!("#{index}"));
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        let algorithm =
+            algorithm_of(jwk).map_err(|reason| fail(format!("key `{name}`: {reason}")))?;
+        let key =
+            DecodingKey::from_jwk(jwk).map_err(|error| fail(format!("key `{name}`: {error}")))?;
+        let key = Arc::new(Key { key, algorithm });
+        if let Some(kid) = &jwk.common.key_id
+            && by_id.insert(kid.clone(), Arc::clone(&key)).is_some()
+        {
+            return Err(fail(format!("key id `{kid}` appears twice")));
+        }
+        all.push(key);
+    }
+    if all.is_empty() {
+        return Err(fail("no signing key".to_owned()));
+    }
+    let only = if all.len() == 1 { all.pop() } else { None };
+    Ok(Keys { by_id, only })
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+impl TokenVerifier {
+    /// Loads the JWKS; fails if it holds no usable signing key.
+    pub fn load(config: TokenConfig) -> Result<Self, JwksError> {
+        if config.leeway > MAX_LEEWAY {
+            return Err(JwksError {
+                path: config.jwks.clone(),
+                reason: format!("leeway above {} s", MAX_LEEWAY.as_secs()),
+            });
+        }
+        let keys = load_keys(&config.jwks)?;
+        Ok(Self {
+            config,
+            keys: ArcSwap::from_pointee(keys),
+        })
+    }
+
+    /// The JWKS file.
+    pub fn jwks_path(&self) -> &Path {
+        &self.config.jwks
+    }
+
+    /// Reads the JWKS again; keeps the current keys if the file is unusable.
+    /// Returns the number of keys with an id.
+    pub fn reload(&self) -> Result<usize, JwksError> {
+        let keys = load_keys(&self.config.jwks)?;
+        let count = keys.by_id.len().max(usize::from(keys.only.is_some()));
+        self.keys.store(Arc::new(keys));
+        Ok(count)
+    }
+
+    /// Verifies a token (without the `Bearer ` prefix) and returns its subject.
+    pub fn verify(&self, token: &str) -> Result<String, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Malformed(format!(
+                "longer than {MAX_TOKEN_BYTES} bytes"
+            )));
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|error| match error.kind() {
+            ErrorKind::Json(_) => TokenError::Malformed(
+                "the header is not a JWT header with an accepted algorithm (`none` is never accepted)"
+                    .to_owned(),
+            ),
+            _ => TokenError::Malformed("not a signed JWT (header.payload.signature)".to_owned()),
+        })?;
+        let keys = self.keys.load();
+        let key = match &header.kid {
+            Some(kid) => keys.by_id.get(kid).ok_or_else(|| {
+                TokenError::UnknownKey(format!("no key with kid `{}`", crate::record::shown(kid)))
+            })?,
+            None => keys.only.as_ref().ok_or_else(|| {
+                TokenError::UnknownKey(
+                    "the token has no `kid` and the JWKS has several keys".to_owned(),
+                )
+            })?,
+        };
+        let mut validation = Validation::new(key.algorithm);
+        validation.leeway = self.config.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|error| {
+                match error.kind() {
+                    ErrorKind::ExpiredSignature => TokenError::Expired,
+                    ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                    ErrorKind::InvalidSignature => TokenError::Signature,
+                    ErrorKind::InvalidIssuer => TokenError::Issuer,
+                    ErrorKind::InvalidAudience => TokenError::Audience,
+                    ErrorKind::MissingRequiredClaim(claim) => {
+                        TokenError::MissingClaim(claim.clone())
+                    }
+                    ErrorKind::InvalidClaimFormat(claim) => TokenError::ClaimFormat(claim.clone()),
+                    ErrorKind::InvalidAlgorithm
+                    | ErrorKind::MissingAlgorithm
+                    | ErrorKind::InvalidAlgorithmName
+                    | ErrorKind::UnsupportedAlgorithm => TokenError::Algorithm(key.algorithm),
+                    ErrorKind::Json(_) => TokenError::ClaimFormat("sub".to_owned()),
+                    _ => TokenError::Malformed("the token cannot be decoded".to_owned()),
+                }
+            })?;
+        if !crate::identity::is_directory_id(&data.claims.sub) {
+            return Err(TokenError::Subject);
+        }
+        Ok(data.claims.sub)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use rsa::traits::PublicKeyParts as _;
+
+    const ISSUER: &str = "https://idp.example.org";
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn claims(subject: &str) -> serde_json::Value {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        serde_json::json!({"sub": subject, "iss": ISSUER, "aud": "ringfence", "exp": now + 300, "nbf": now - 5})
+    }
+
+    fn verifier(jwks: &serde_json::Value) -> Result<TokenVerifier, JwksError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        let verifier = TokenVerifier::load(TokenConfig {
+            jwks: path,
+            issuer: ISSUER.to_owned(),
+            audience: "ringfence".to_owned(),
+            leeway: Duration::from_secs(30),
+        });
+        drop(dir);
+        verifier
+    }
+
+    fn sign(algorithm: Algorithm, kid: &str, key: &EncodingKey, subject: &str) -> String {
+        let mut header = Header::new(algorithm);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, &claims(subject), key).unwrap()
+    }
+
+    #[test]
+    fn eddsa_es256_and_rs256_tokens_verify_with_the_key_they_name() {
+        let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let rsa = rsa::RsaPrivateKey::new(&mut rand_core06::OsRng, 2048).unwrap();
+        let ec_point = ec.public_key_raw();
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": b64(ed.public_key_raw()), "kid": "ed"},
+            {"kty": "EC", "crv": "P-256", "x": b64(&ec_point[1..33]), "y": b64(&ec_point[33..65]), "kid": "ec", "alg": "ES256"},
+            {"kty": "RSA", "n": b64(&rsa.n().to_bytes_be()), "e": b64(&rsa.e().to_bytes_be()), "kid": "rsa"},
+            {"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB", "kid": "encryption-key-is-skipped"}
+        ]});
+        let verifier = verifier(&jwks).unwrap();
+        let ed_key = EncodingKey::from_ed_der(ed.serialized_der());
+        let ec_key = EncodingKey::from_ec_der(ec.serialized_der());
+        let rsa_der = rsa::pkcs1::EncodeRsaPrivateKey::to_pkcs1_der(&rsa).unwrap();
+        let rsa_key = EncodingKey::from_rsa_der(rsa_der.as_bytes());
+        assert_eq!(
+            verifier.verify(&sign(Algorithm::EdDSA, "ed", &ed_key, "alice")),
+            Ok("alice".to_owned())
+        );
+        assert_eq!(
+            verifier.verify(&sign(Algorithm::ES256, "ec", &ec_key, "lena")),
+            Ok("lena".to_owned())
+        );
+        assert_eq!(
+            verifier.verify(&sign(Algorithm::RS256, "rsa", &rsa_key, "bob")),
+            Ok("bob".to_owned())
+        );
+        // A token whose header names another key's kid fails: signature or algorithm.
+        assert_eq!(
+            verifier.verify(&sign(Algorithm::ES256, "rsa", &ec_key, "alice")),
+            Err(TokenError::Algorithm(Algorithm::RS256))
+        );
+        assert_eq!(
+            verifier.verify(&sign(Algorithm::EdDSA, "ec", &ed_key, "alice")),
+            Err(TokenError::Algorithm(Algorithm::ES256))
+        );
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        assert_eq!(
+            verifier.verify(&sign(
+                Algorithm::EdDSA,
+                "ed",
+                &EncodingKey::from_ed_der(other.serialized_der()),
+                "alice"
+            )),
+            Err(TokenError::Signature)
+        );
+        // Several keys: a token without kid is refused.
+        let header = b64(br#"{"alg":"EdDSA"}"#);
+        let no_kid = format!("{header}.{}.x", b64(claims("alice").to_string().as_bytes()));
+        assert!(matches!(
+            verifier.verify(&no_kid),
+            Err(TokenError::UnknownKey(_))
+        ));
+        // Missing claims.
+        let mut bare = Header::new(Algorithm::EdDSA);
+        bare.kid = Some("ed".to_owned());
+        let without_exp = jsonwebtoken::encode(
+            &bare,
+            &serde_json::json!({"sub": "alice", "iss": ISSUER, "aud": "ringfence"}),
+            &ed_key,
+        )
+        .unwrap();
+        assert_eq!(
+            verifier.verify(&without_exp),
+            Err(TokenError::MissingClaim("exp".to_owned()))
+        );
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let without_sub = jsonwebtoken::encode(
+            &bare,
+            &serde_json::json!({"iss": ISSUER, "aud": "ringfence", "exp": now + 60}),
+            &ed_key,
+        )
+        .unwrap();
+        assert!(verifier.verify(&without_sub).is_err());
+        let odd_subject = jsonwebtoken::encode(&bare, &serde_json::json!({"sub": "Employee::\"x\"", "iss": ISSUER, "aud": "ringfence", "exp": now + 60}), &ed_key).unwrap();
+        assert_eq!(verifier.verify(&odd_subject), Err(TokenError::Subject));
+        assert!(matches!(
+            verifier.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)),
+            Err(TokenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn unusable_jwks_are_refused_with_a_reason_and_without_panics() {
+        let cases = [
+            (
+                serde_json::json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}),
+                "HMAC",
+            ),
+            (
+                serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64(&[9; 31]), "kid": "short"}]}),
+                "32 bytes",
+            ),
+            (
+                serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64(&[0; 32]), "kid": "weak"}]}),
+                "weak",
+            ),
+            (
+                serde_json::json!({"keys": [{"kty": "RSA", "n": b64(&[0xc5; 128]), "e": "AQAB", "kid": "small"}]}),
+                "1024 bits",
+            ),
+            (
+                serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64(rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap().public_key_raw()), "kid": "a", "alg": "RS256"}]}),
+                "does not match",
+            ),
+            (serde_json::json!({"keys": []}), "no signing key"),
+            (serde_json::json!({"nokeys": 1}), "not a JWKS"),
+        ];
+        for (jwks, expected) in cases {
+            let error = verifier(&jwks)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {jwks}"));
+            assert!(error.to_string().contains(expected), "{jwks}: {error}");
+        }
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let twice = serde_json::json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": b64(key.public_key_raw()), "kid": "k"},
+            {"kty": "OKP", "crv": "Ed25519", "x": b64(key.public_key_raw()), "kid": "k"}
+        ]});
+        assert!(
+            verifier(&twice)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("twice")
+        );
+    }
+}

@@ -1,0 +1,519 @@
+//! Caller identity as deployed: mutual TLS for services (certificates generated here
+//! with rcgen), signed employee tokens (JWKS), and every way of getting them wrong.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use ringfence::config::Auth;
+use ringfence::dev::{Ca, ClientCert, Issued, TokenClaims, TokenSigner};
+use ringfence::pb;
+use ringfence::pb::field_outcome::Outcome;
+use ringfence::tls::TlsFiles;
+use ringfence::token::TokenConfig;
+use tonic::Code;
+
+const TRUST_DOMAIN: &str = "example.org";
+const ISSUER: &str = "https://idp.example.org";
+const AUDIENCE: &str = "ringfence";
+
+struct Fixture {
+    server: TestServer,
+    ca: Ca,
+    signer: TokenSigner,
+    jwks: PathBuf,
+}
+
+fn service_cert(ca: &Ca, uris: &[String], dns: &[String]) -> Issued {
+    ca.client_cert(&ClientCert {
+        common_name: "test client",
+        uris,
+        dns,
+        validity: None,
+    })
+    .unwrap()
+}
+
+fn spiffe(service: &str) -> Vec<String> {
+    vec![ringfence::dev::spiffe_id(TRUST_DOMAIN, service)]
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let ca = Ca::generate("test CA").unwrap();
+        let server_cert = ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
+        std::fs::write(pki.join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(pki.join("server.pem"), &server_cert.cert_pem).unwrap();
+        std::fs::write(pki.join("server-key.pem"), server_cert.key_pem.as_str()).unwrap();
+        let signer = TokenSigner::generate().unwrap();
+        let jwks = pki.join("jwks.json");
+        std::fs::write(&jwks, signer.jwks()).unwrap();
+        let config = ringfence::ServeConfig {
+            auth: Auth::Mtls {
+                tls: TlsFiles {
+                    cert: pki.join("server.pem"),
+                    key: pki.join("server-key.pem"),
+                    client_ca: pki.join("ca.pem"),
+                },
+                trust_domain: TRUST_DOMAIN.to_owned(),
+                tokens: Some(TokenConfig {
+                    jwks: jwks.clone(),
+                    issuer: ISSUER.to_owned(),
+                    audience: AUDIENCE.to_owned(),
+                    leeway: Duration::from_secs(30),
+                }),
+            },
+            ..test_config(dir.path())
+        };
+        let running = ringfence::server::start(config.clone()).await.unwrap();
+        Fixture {
+            server: TestServer {
+                running,
+                dir,
+                config,
+            },
+            ca,
+            signer,
+            jwks,
+        }
+    }
+
+    async fn client(
+        &self,
+        cert: &Issued,
+    ) -> pb::ringfence_client::RingfenceClient<tonic::transport::Channel> {
+        mtls_client(
+            self.server.running.local_addr,
+            self.ca.cert_pem(),
+            Some((cert.cert_pem.as_str(), cert.key_pem.as_str())),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn service(
+        &self,
+        service: &str,
+    ) -> pb::ringfence_client::RingfenceClient<tonic::transport::Channel> {
+        self.client(&service_cert(&self.ca, &spiffe(service), &[]))
+            .await
+    }
+
+    fn claims(&self, subject: &str) -> TokenClaims {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        TokenClaims {
+            sub: subject.to_owned(),
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
+            iat: now,
+            nbf: now,
+            exp: now + 600,
+        }
+    }
+
+    fn token(&self, subject: &str) -> String {
+        self.signer.sign(&self.claims(subject)).unwrap()
+    }
+
+    /// Entries of kind `unauthenticated`, once at least `count` are there (handshake
+    /// failures are logged asynchronously).
+    async fn unauthenticated(&self, count: usize) -> Vec<serde_json::Value> {
+        for _ in 0..100 {
+            let entries: Vec<_> = self
+                .server
+                .log_entries()
+                .into_iter()
+                .filter(|entry| entry["kind"] == "unauthenticated")
+                .collect();
+            if entries.len() >= count {
+                return entries;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("fewer than {count} authentication failures logged");
+    }
+}
+
+fn authorize() -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        record_type: "user_profile".into(),
+        record_id: String::new(),
+        jurisdiction: "US".into(),
+        fields: vec!["email".into()],
+        purpose: "support".into(),
+        ticket: "INC-1".into(),
+    }
+}
+
+async fn refused(
+    client: &mut pb::ringfence_client::RingfenceClient<tonic::transport::Channel>,
+    request: tonic::Request<pb::AuthorizeRequest>,
+) -> tonic::Status {
+    client
+        .authorize(request)
+        .await
+        .expect_err("expected a refusal")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_certificate_and_an_employee_token_decrypt() {
+    let fx = Fixture::start().await;
+    let mut signup = fx.service("us-signup").await;
+    let record = signup
+        .encrypt_record(tonic::Request::new(profile("u-1", "US")))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    let mut support = fx.service("us-support-tool").await;
+    let response = support
+        .decrypt_record(with_token(
+            decrypt_request(record.clone(), &["email", "tax_id"], "support", "INC-1"),
+            &fx.token("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        outcome(&response, "email"),
+        Outcome::Plaintext(p) if p == &secret_value("u-1", "email")
+    ));
+    assert!(matches!(outcome(&response, "tax_id"), Outcome::Denied(_)));
+
+    // The parent company's employee, through the same service: denied by policy.
+    let bob = support
+        .decrypt_record(with_token(
+            decrypt_request(record, &["email"], "support", "INC-1"),
+            &fx.token("bob"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(outcome(&bob, "email"), Outcome::Denied(_)));
+
+    let entries = fx.server.log_entries();
+    let requests: Vec<_> = entries
+        .iter()
+        .filter(|entry| entry["kind"] != "checkpoint")
+        .collect();
+    assert_eq!(requests[0]["principal"], "Service::\"us-signup\"");
+    assert_eq!(requests[0]["authentication"], "mtls");
+    assert_eq!(requests[1]["principal"], "Employee::\"alice\"");
+    assert_eq!(requests[1]["service"], "us-support-tool");
+    assert_eq!(requests[1]["authentication"], "mtls+token");
+    assert_eq!(requests[2]["principal"], "Employee::\"bob\"");
+    fx.server.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_certificates_fail_the_handshake_and_are_logged() {
+    let fx = Fixture::start().await;
+    let addr = fx.server.running.local_addr;
+    let other_ca = Ca::generate("another CA").unwrap();
+    let foreign = service_cert(&other_ca, &spiffe("us-support-tool"), &[]);
+    let now = time::OffsetDateTime::now_utc();
+    let expired = fx
+        .ca
+        .client_cert(&ClientCert {
+            common_name: "expired",
+            uris: &spiffe("us-support-tool"),
+            dns: &[],
+            validity: Some((
+                now - time::Duration::days(30),
+                now - time::Duration::days(1),
+            )),
+        })
+        .unwrap();
+    let attempts: [(&str, Option<&Issued>, &str); 3] = [
+        ("no client certificate", None, "peer sent no certificates"),
+        (
+            "certificate from another CA",
+            Some(&foreign),
+            "UnknownIssuer",
+        ),
+        ("expired certificate", Some(&expired), "certificate expired"),
+    ];
+    for (what, cert, reason) in attempts {
+        let client = mtls_client(
+            addr,
+            fx.ca.cert_pem(),
+            cert.map(|c| (c.cert_pem.as_str(), c.key_pem.as_str())),
+        )
+        .await;
+        // TLS 1.3 reports a refused client certificate after the handshake, on first use.
+        if let Ok(mut client) = client {
+            let status = client
+                .authorize(tonic::Request::new(authorize()))
+                .await
+                .expect_err(what);
+            assert_ne!(status.code(), Code::Ok, "{what}");
+        }
+        // Logged (once per attempt; the client may try more than once).
+        let mut logged = false;
+        for _ in 0..100 {
+            if fx.server.log_entries().iter().any(|entry| {
+                entry["kind"] == "unauthenticated"
+                    && entry["outcome"].as_str().unwrap().contains(reason)
+            }) {
+                logged = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(logged, "{what}: not logged");
+    }
+    let outcomes: Vec<String> = fx
+        .unauthenticated(3)
+        .await
+        .iter()
+        .map(|entry| entry["outcome"].as_str().unwrap().to_owned())
+        .collect();
+    for outcome in &outcomes {
+        assert!(outcome.starts_with("TLS handshake failed"), "{outcome}");
+        assert!(outcome.contains("(from 127.0.0.1:"), "{outcome}");
+    }
+    // Nothing was decided for anyone.
+    assert!(
+        fx.server
+            .log_entries()
+            .iter()
+            .all(|entry| entry["kind"] == "unauthenticated" || entry["kind"] == "checkpoint")
+    );
+    fx.server.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_comes_from_the_certificate_san() {
+    let fx = Fixture::start().await;
+    // DNS SAN fallback.
+    let mut by_dns = fx
+        .client(&service_cert(
+            &fx.ca,
+            &[],
+            &["us-support-tool.svc.example.org".to_owned()],
+        ))
+        .await;
+    let answer = by_dns
+        .authorize(with_token(authorize(), &fx.token("alice")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.fields[0].allowed);
+
+    let cases: Vec<(Vec<String>, Vec<String>, &str)> = vec![
+        (
+            vec!["spiffe://other.org/svc/us-support-tool".to_owned()],
+            vec![],
+            "is not of the form `spiffe://example.org/svc/<service>`",
+        ),
+        (
+            vec![],
+            vec!["us-support-tool.example.org".to_owned()],
+            "names no service",
+        ),
+        (vec![], vec![], "names no service"),
+        (spiffe("nobody"), vec![], "unknown service `nobody`"),
+    ];
+    for (uris, dns, expected) in cases {
+        let mut client = fx.client(&service_cert(&fx.ca, &uris, &dns)).await;
+        let status = refused(&mut client, with_token(authorize(), &fx.token("alice"))).await;
+        assert_eq!(status.code(), Code::Unauthenticated, "{uris:?} {dns:?}");
+        assert!(status.message().contains(expected), "{}", status.message());
+    }
+    let logged = fx.unauthenticated(4).await;
+    assert!(
+        logged[0]["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("client certificate refused")
+    );
+    fx.server.running.stop().await.unwrap();
+}
+
+fn b64(value: &serde_json::Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn employee_tokens_are_verified_and_every_failure_is_logged() {
+    let fx = Fixture::start().await;
+    let mut support = fx.service("us-support-tool").await;
+    let good = fx.token("alice");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+
+    let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+    parts[1] =
+        b64(&serde_json::json!({"sub": "lena", "iss": ISSUER, "aud": AUDIENCE, "exp": now + 600}));
+    let payload_swapped = parts.join(".");
+    let other_signer = TokenSigner::generate().unwrap();
+    let header = |alg: &str| b64(&serde_json::json!({"alg": alg, "typ": "JWT"}));
+    let claims =
+        b64(&serde_json::json!({"sub": "alice", "iss": ISSUER, "aud": AUDIENCE, "exp": now + 600}));
+    let with = |change: &dyn Fn(&mut TokenClaims)| {
+        let mut claims = fx.claims("alice");
+        change(&mut claims);
+        fx.signer.sign(&claims).unwrap()
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("bad signature", payload_swapped, "signature is invalid"),
+        (
+            "unknown key",
+            other_signer.sign(&fx.claims("alice")).unwrap(),
+            "unknown key",
+        ),
+        (
+            "wrong issuer",
+            with(&|c| c.iss = "https://evil.example".into()),
+            "issuer",
+        ),
+        (
+            "wrong audience",
+            with(&|c| c.aud = "someone-else".into()),
+            "audience",
+        ),
+        ("expired", with(&|c| c.exp = now - 3600), "expired"),
+        (
+            "not yet valid",
+            with(&|c| c.nbf = now + 3600),
+            "not valid yet",
+        ),
+        (
+            "alg none",
+            format!("{}.{claims}.", header("none")),
+            "malformed",
+        ),
+        (
+            "HS256 with the public key",
+            format!("{}.{claims}.c2ln", header("HS256")),
+            "not allowed",
+        ),
+        ("not a JWT", "garbage".to_owned(), "malformed"),
+    ];
+    for (what, token, expected) in &cases {
+        let status = refused(&mut support, with_token(authorize(), token)).await;
+        assert_eq!(status.code(), Code::Unauthenticated, "{what}");
+        assert!(
+            status.message().contains(expected),
+            "{what}: {}",
+            status.message()
+        );
+        // Key material never appears in the message.
+        assert!(
+            !status.message().contains(&fx.signer.jwks()[20..40]),
+            "{what}"
+        );
+    }
+    // A subject that is not in the directory.
+    let status = refused(&mut support, with_token(authorize(), &fx.token("mallory"))).await;
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status.message().contains("unknown principal"),
+        "{}",
+        status.message()
+    );
+
+    // Naming someone else in headers while authenticated is refused, not obeyed.
+    let mut spoof = with_token(authorize(), &good);
+    spoof.metadata_mut().insert(
+        ringfence::identity::EMPLOYEE_HEADER,
+        "lena".parse().unwrap(),
+    );
+    let status = refused(&mut support, spoof).await;
+    assert!(
+        status.message().contains("identity headers"),
+        "{}",
+        status.message()
+    );
+    let status = refused(
+        &mut support,
+        as_caller(authorize(), "us-support-tool", Some("lena")),
+    )
+    .await;
+    assert!(
+        status.message().contains("identity headers"),
+        "{}",
+        status.message()
+    );
+    let mut basic = tonic::Request::new(authorize());
+    basic
+        .metadata_mut()
+        .insert("authorization", "Basic YWxpY2U6cHc=".parse().unwrap());
+    let status = refused(&mut support, basic).await;
+    assert!(status.message().contains("Bearer"), "{}", status.message());
+
+    let logged = fx.unauthenticated(cases.len() + 4).await;
+    assert_eq!(logged.len(), cases.len() + 4);
+    for (entry, (what, _, expected)) in logged.iter().zip(&cases) {
+        let outcome = entry["outcome"].as_str().unwrap();
+        assert!(outcome.contains(expected), "{what}: {outcome}");
+    }
+    // The good token still works.
+    let answer = support
+        .authorize(with_token(authorize(), &good))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.fields[0].allowed);
+    fx.server.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_jwks_is_picked_up_without_restart() {
+    let fx = Fixture::start().await;
+    let mut support = fx.service("us-support-tool").await;
+    let next = TokenSigner::generate().unwrap();
+    let new_token = next.sign(&fx.claims("alice")).unwrap();
+    let status = refused(&mut support, with_token(authorize(), &new_token)).await;
+    assert!(
+        status.message().contains("unknown key"),
+        "{}",
+        status.message()
+    );
+    replace_file(&fx.jwks, &next.jwks());
+    let mut accepted = false;
+    for _ in 0..100 {
+        if support
+            .authorize(with_token(authorize(), &new_token))
+            .await
+            .is_ok()
+        {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(accepted, "the new key was never loaded");
+    // The old key is gone with the old JWKS.
+    let status = refused(&mut support, with_token(authorize(), &fx.token("alice"))).await;
+    assert!(
+        status.message().contains("unknown key"),
+        "{}",
+        status.message()
+    );
+    // A broken JWKS is refused; the keys in use stay.
+    replace_file(
+        &fx.jwks,
+        "{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}",
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        support
+            .authorize(with_token(authorize(), &new_token))
+            .await
+            .is_ok()
+    );
+    fx.server.running.stop().await.unwrap();
+}
