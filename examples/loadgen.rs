@@ -13,7 +13,9 @@
 //! (where the spawned server keeps its log; put it on tmpfs to take fsync out),
 //! `--addr HOST:PORT` (drive an already running server; no CPU figure then),
 //! `--in-process` (no gRPC: N tasks call the gatekeeper directly; the CPU figure is
-//! then decide + log + decrypt alone).
+//! then decide + log + decrypt alone), `--mtls` (serve with `--dev`: mutual TLS with
+//! client certificates and employee tokens, as deployed, instead of plain TCP with
+//! identity headers).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -59,6 +61,38 @@ struct Options {
     data_dir: Option<PathBuf>,
     addr: Option<String>,
     in_process: bool,
+    mtls: bool,
+}
+
+/// With `--mtls`: the development PKI of the spawned server and alice's token.
+static MTLS: std::sync::OnceLock<(ringfence::dev::DevPki, String)> = std::sync::OnceLock::new();
+
+/// A channel to `addr` as `service`: plain, or mutual TLS with its client certificate.
+async fn channel(addr: &str, service: &str) -> Channel {
+    match MTLS.get() {
+        None => Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        Some((pki, _)) => {
+            let read = |path: PathBuf| std::fs::read(path).unwrap();
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(pki.ca_cert())))
+                .identity(tonic::transport::Identity::from_pem(
+                    read(pki.client_cert(service)),
+                    read(pki.client_key(service)),
+                ))
+                .domain_name("localhost");
+            Channel::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        }
+    }
 }
 
 fn options() -> Options {
@@ -71,6 +105,7 @@ fn options() -> Options {
         data_dir: None,
         addr: None,
         in_process: false,
+        mtls: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -84,6 +119,7 @@ fn options() -> Options {
             "--data-dir" => options.data_dir = Some(PathBuf::from(value())),
             "--addr" => options.addr = Some(value()),
             "--in-process" => options.in_process = true,
+            "--mtls" => options.mtls = true,
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -104,16 +140,16 @@ fn server_binary() -> PathBuf {
     binary
 }
 
-fn spawn_server(data_dir: &Path) -> (Child, String) {
+fn spawn_server(data_dir: &Path, mtls: bool) -> (Child, String) {
     let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let mut child = Command::new(server_binary())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--danger-trust-identity-headers",
-            "--policies",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg(if mtls {
+            "--dev"
+        } else {
+            "--danger-trust-identity-headers"
+        })
+        .arg("--policies")
         .arg(policies)
         .arg("--data-dir")
         .arg(data_dir)
@@ -144,14 +180,23 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-fn caller<T>(message: T, service: &str, employee: &str) -> tonic::Request<T> {
+/// A request as `employee` via `service`: identity headers, or with `--mtls` alice's
+/// token (the service is the channel's certificate).
+fn caller<T>(message: T, service: &str, employee: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-ringfence-service", service.parse().unwrap());
-    request
-        .metadata_mut()
-        .insert("x-ringfence-employee", employee.parse().unwrap());
+    let metadata = request.metadata_mut();
+    match (MTLS.get(), employee) {
+        (Some((_, token)), Some(_)) => {
+            metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        (Some(_), None) => {}
+        (None, employee) => {
+            metadata.insert("x-ringfence-service", service.parse().unwrap());
+            if let Some(employee) = employee {
+                metadata.insert("x-ringfence-employee", employee.parse().unwrap());
+            }
+        }
+    }
     request
 }
 
@@ -171,10 +216,7 @@ async fn setup(channel: Channel, count: usize) -> Vec<pb::EncryptedRecord> {
                 })
                 .collect(),
         };
-        let mut request = tonic::Request::new(request);
-        request
-            .metadata_mut()
-            .insert("x-ringfence-service", "us-signup".parse().unwrap());
+        let request = caller(request, "us-signup", None);
         records.push(
             client
                 .encrypt_record(request)
@@ -311,16 +353,20 @@ async fn main() {
     let (child, addr) = match &options.addr {
         Some(addr) => (None, addr.clone()),
         None => {
-            let (child, addr) = spawn_server(&data_dir);
+            let (child, addr) = spawn_server(&data_dir, options.mtls);
+            if options.mtls {
+                let pki = ringfence::dev::DevPki::of(&data_dir);
+                let token = pki
+                    .token_signer()
+                    .unwrap()
+                    .mint("alice", time::Duration::hours(1))
+                    .unwrap();
+                let _ = MTLS.set((pki, token));
+            }
             (Some(child), addr)
         }
     };
-    let endpoint = format!("http://{addr}");
-    let setup_channel = Channel::from_shared(endpoint.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let setup_channel = channel(&addr, "us-signup").await;
     let records = Arc::new(setup(setup_channel, options.records).await);
 
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
@@ -330,11 +376,7 @@ async fn main() {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client_index in 0..options.clients {
-        let channel = Channel::from_shared(endpoint.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = channel(&addr, "us-support-tool").await;
         let records = Arc::clone(&records);
         let done = Arc::clone(&done);
         let tickets = Arc::clone(&tickets);
@@ -374,7 +416,7 @@ async fn main() {
                     .decrypt_records(caller(
                         tokio_stream::wrappers::ReceiverStream::new(receiver),
                         "us-support-tool",
-                        "alice",
+                        Some("alice"),
                     ))
                     .await
                     .unwrap()
@@ -396,7 +438,7 @@ async fn main() {
                     let request = caller(
                         decrypt_request(record, ticket(&tickets)),
                         "us-support-tool",
-                        "alice",
+                        Some("alice"),
                     );
                     let begin = Instant::now();
                     let response = client.decrypt_record(request).await.unwrap().into_inner();

@@ -100,6 +100,9 @@ pub enum Error {
     /// A jurisdiction listed twice.
     #[error("jurisdiction `{0}` is listed more than once")]
     DuplicateJurisdiction(Jurisdiction),
+    /// A trust domain that is not a DNS name.
+    #[error("trust domain `{0}` must be a lowercase DNS name such as example.org")]
+    TrustDomain(String),
     /// A limit of zero.
     #[error("{0} must be greater than zero")]
     ZeroLimit(&'static str),
@@ -140,6 +143,11 @@ impl ServeConfig {
                 Auth::Dev => return Err(Error::DevOffLoopback(self.listen)),
                 Auth::None => return Err(Error::NotLoopback(self.listen)),
             }
+        }
+        if let Auth::Mtls { trust_domain, .. } = &self.auth
+            && !crate::tls::valid_trust_domain(trust_domain)
+        {
+            return Err(Error::TrustDomain(trust_domain.clone()));
         }
         if self.jurisdictions.is_empty() {
             return Err(Error::NoJurisdictions);

@@ -408,6 +408,10 @@ impl DevPki {
             created.push(tls.cert);
         }
         for service in services {
+            if !crate::identity::is_directory_id(service) {
+                // Not usable in a SPIFFE ID or a file name; such a service cannot use mTLS.
+                continue;
+            }
             let path = self.client_cert(service);
             if path.exists() {
                 continue;

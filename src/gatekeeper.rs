@@ -305,6 +305,37 @@ pub struct Gatekeeper {
     policies: Arc<PolicyStore>,
     log: DecisionLog,
     limits: Limits,
+    failures: FailureWindow,
+}
+
+/// Most authentication failures written to the decision log per second; the rest are
+/// counted and the count is written with the next one, so a flood of bad handshakes
+/// or tokens cannot fill the disk or starve the log writer.
+pub const AUTHENTICATION_FAILURES_LOGGED_PER_SECOND: u32 = 20;
+
+/// The current one-second window of logged authentication failures.
+#[derive(Debug)]
+struct FailureWindow(std::sync::Mutex<(std::time::Instant, u32, u64)>);
+
+impl FailureWindow {
+    /// Whether one more failure may be logged now, and how many were suppressed since
+    /// the last one logged.
+    fn admit(&self) -> Option<u64> {
+        let Ok(mut window) = self.0.lock() else {
+            return None;
+        };
+        let (started, logged, suppressed) = &mut *window;
+        if started.elapsed() >= std::time::Duration::from_secs(1) {
+            *started = std::time::Instant::now();
+            *logged = 0;
+        }
+        if *logged >= AUTHENTICATION_FAILURES_LOGGED_PER_SECOND {
+            *suppressed += 1;
+            return None;
+        }
+        *logged += 1;
+        Some(std::mem::take(suppressed))
+    }
 }
 
 /// What is common to all entries of one request.
@@ -399,6 +430,7 @@ impl Gatekeeper {
             policies,
             log,
             limits,
+            failures: FailureWindow(std::sync::Mutex::new((std::time::Instant::now(), 0, 0))),
         }
     }
 
@@ -415,32 +447,35 @@ impl Gatekeeper {
     /// Records a request or connection whose caller could not be authenticated (no or a
     /// bad client certificate, a refused token, identity headers where identity is
     /// proven). `reason` names the failed check and never holds secrets.
+    /// `service` is the service its certificate proved, when the failure came after
+    /// that (a refused token). At most [`AUTHENTICATION_FAILURES_LOGGED_PER_SECOND`]
+    /// are written individually; the next one written says how many were not.
     pub async fn record_authentication_failure(
         &self,
         reason: &str,
         remote: Option<std::net::SocketAddr>,
+        service: Option<&str>,
     ) -> Result<(), Error> {
-        let outcome = match remote {
+        let Some(suppressed) = self.failures.admit() else {
+            return Ok(());
+        };
+        let mut outcome = match remote {
             Some(remote) => format!("{reason} (from {remote})"),
             None => reason.to_owned(),
         };
-        let entry = Entry {
-            time: rfc3339_now(),
-            request_time: unix_now(),
-            request_id: new_request_id()?,
-            kind: "unauthenticated".to_owned(),
-            service: None,
-            principal: None,
-            authentication: String::new(),
-            action: None,
-            purpose: String::new(),
-            ticket: String::new(),
-            record: None,
-            policy_set: None,
-            fields: Vec::new(),
+        if suppressed > 0 {
+            outcome.push_str(&format!(
+                "; {suppressed} more authentication failures not logged individually"
+            ));
+        }
+        let mut entry = Entry::bare(
+            rfc3339_now(),
+            unix_now(),
+            new_request_id()?,
+            "unauthenticated",
             outcome,
-            checkpoint: None,
-        };
+        );
+        entry.service = service.map(str::to_owned);
         self.log.append(entry).await?;
         Ok(())
     }

@@ -271,41 +271,15 @@ fn identity_mode(config: &ServeConfig) -> Result<Identity, Error> {
     ))
 }
 
-/// Most failed handshakes written to the decision log per second; the rest are counted
-/// and the count is written with the next one (a flood of bad handshakes must not
-/// fill the disk).
-const HANDSHAKE_FAILURES_LOGGED_PER_SECOND: u32 = 20;
-
-/// Writes failed TLS handshakes to the decision log as authentication failures.
+/// Writes failed TLS handshakes to the decision log as authentication failures (rate
+/// limited by the gatekeeper).
 fn handshake_failures(gate: Arc<Gatekeeper>) -> tls::FailureHook {
-    let window = std::sync::Mutex::new((std::time::Instant::now(), 0u32, 0u64));
     Arc::new(move |remote, reason| {
-        let suppressed = {
-            let Ok(mut window) = window.lock() else {
-                return;
-            };
-            let (started, logged, suppressed) = &mut *window;
-            if started.elapsed() >= Duration::from_secs(1) {
-                *started = std::time::Instant::now();
-                *logged = 0;
-            }
-            if *logged >= HANDSHAKE_FAILURES_LOGGED_PER_SECOND {
-                *suppressed += 1;
-                return;
-            }
-            *logged += 1;
-            std::mem::take(suppressed)
-        };
         tracing::info!(%remote, %reason, "refused connection");
-        let reason = if suppressed > 0 {
-            format!("{reason}; {suppressed} more failed handshakes not logged individually")
-        } else {
-            reason
-        };
         let gate = Arc::clone(&gate);
         tokio::spawn(async move {
             if let Err(error) = gate
-                .record_authentication_failure(&reason, Some(remote))
+                .record_authentication_failure(&reason, Some(remote), None)
                 .await
             {
                 tracing::error!(%error, "failed handshake not logged");
@@ -372,6 +346,17 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
                 };
                 health.set_service_status(SERVICE_NAME, status).await;
                 health.set_service_status("", status).await;
+            }
+        }
+    }));
+    // Entries written just before a quiet spell get their checkpoint within a second,
+    // not with the next request.
+    let checkpoints = gate.log().clone();
+    background.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(audit::DEFAULT_CHECKPOINT_INTERVAL).await;
+            if let Err(error) = checkpoints.checkpoint().await {
+                tracing::debug!(%error, "periodic checkpoint not written");
             }
         }
     }));

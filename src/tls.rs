@@ -26,8 +26,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Longest time a client may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; further connections wait to be accepted.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once; connections beyond are closed at once (and
+/// reported), so slow or idle clients cannot hold the listener.
 const MAX_HANDSHAKES: usize = 256;
 
 /// Files of the server's TLS identity and the CA that issues client certificates.
@@ -140,39 +141,56 @@ pub fn service_identity(leaf: &[u8], trust_domain: &str) -> Result<String, Strin
         .unwrap_or_default();
     let spiffe_prefix = format!("spiffe://{trust_domain}/svc/");
     let dns_suffix = format!(".svc.{trust_domain}");
-    let mut uris = Vec::new();
-    for name in &names {
-        if let x509_parser::extensions::GeneralName::URI(uri) = name {
-            if let Some(id) = uri.strip_prefix(&spiffe_prefix) {
-                return if valid_id(id) {
-                    Ok(id.to_owned())
-                } else {
-                    Err(format!(
-                        "the SPIFFE ID `{}` does not name a service id",
-                        crate::record::shown(uri)
-                    ))
-                };
-            }
-            uris.push(crate::record::shown(uri));
+    let uris: Vec<&str> = names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => {}
+        [uri] => {
+            return match uri.strip_prefix(&spiffe_prefix) {
+                Some(id) if valid_id(id) => Ok(id.to_owned()),
+                _ => Err(format!(
+                    "the client certificate's SPIFFE ID `{}` is not of the form `{spiffe_prefix}<service>`",
+                    crate::record::shown(uri)
+                )),
+            };
         }
+        // SPIFFE allows exactly one URI SAN: several could name several services.
+        _ => return Err("the client certificate has more than one URI SAN".to_owned()),
     }
-    if !uris.is_empty() {
-        return Err(format!(
-            "the client certificate's SPIFFE ID {} is not of the form `{spiffe_prefix}<service>`",
-            uris.join(", ")
-        ));
+    let services: Vec<&str> = names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => dns.strip_suffix(&dns_suffix),
+            _ => None,
+        })
+        .filter(|id| valid_id(id))
+        .collect();
+    match services.as_slice() {
+        [id] => Ok((*id).to_owned()),
+        [] => Err(format!(
+            "the client certificate names no service: it needs a URI SAN `{spiffe_prefix}<service>` or a DNS SAN `<service>{dns_suffix}`"
+        )),
+        _ => Err("the client certificate's DNS SANs name more than one service".to_owned()),
     }
-    for name in &names {
-        if let x509_parser::extensions::GeneralName::DNSName(dns) = name
-            && let Some(id) = dns.strip_suffix(&dns_suffix)
-            && valid_id(id)
-        {
-            return Ok(id.to_owned());
-        }
-    }
-    Err(format!(
-        "the client certificate names no service: it needs a URI SAN `{spiffe_prefix}<service>` or a DNS SAN `<service>{dns_suffix}`"
-    ))
+}
+
+/// Whether `domain` can be a trust domain: a DNS name (lowercase letters, digits, `-`
+/// and `.`, no empty labels).
+pub fn valid_trust_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && domain.len() <= 253
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 /// One accepted connection.
@@ -297,8 +315,14 @@ pub fn incoming(
                 }
                 continue;
             };
-            let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
-                return;
+            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                on_failure(
+                    remote,
+                    format!(
+                        "connection closed: {MAX_HANDSHAKES} TLS handshakes already in progress"
+                    ),
+                );
+                continue;
             };
             let (acceptor, trust_domain) = (acceptor.clone(), Arc::clone(trust_domain));
             let (sender, on_failure) = (sender.clone(), Arc::clone(&on_failure));

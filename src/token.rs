@@ -1,8 +1,8 @@
 //! Employee tokens: JWTs issued by the company's identity provider, verified against
 //! the provider's public keys (a JWKS file, reloadable). The algorithm comes from the
 //! key (Ed25519 → EdDSA, P-256 → ES256, RSA → RS256), never from the token; `alg:
-//! none` and HMAC keys are refused. Issuer, audience, expiry and not-before are
-//! required and checked with a small leeway. The subject is the employee's directory
+//! none` and HMAC keys are refused. Issuer, audience, subject and expiry are required;
+//! not-before is checked when present; both with a small leeway. The subject is the employee's directory
 //! id; no other claim is used (the directory, not the token, says who someone is).
 
 use std::collections::HashMap;
@@ -17,6 +17,7 @@ use jsonwebtoken::jwk::{
     AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse,
 };
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use sha2::Digest as _;
 
 /// Largest token accepted, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -24,6 +25,9 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
 /// Smallest RSA modulus accepted, in bits.
 const MIN_RSA_BITS: usize = 2048;
+/// Verified tokens remembered (by SHA-256) until they expire, so a service that sends
+/// the same token with every call pays for one signature check, not one per call.
+const CACHE_CAPACITY: usize = 4096;
 
 /// Where keys come from and what tokens must say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,10 +101,20 @@ struct Keys {
     only: Option<Arc<Key>>,
 }
 
+/// A token that passed every check: its subject and when it stops being valid.
+struct Accepted {
+    subject: String,
+    expires: i64,
+}
+
 /// Verifies employee tokens; the key set can be reloaded while requests run.
 pub struct TokenVerifier {
     config: TokenConfig,
     keys: ArcSwap<Keys>,
+    /// Accepted tokens by SHA-256, with the key generation that accepted them;
+    /// emptied whenever the keys are reloaded, so a key removed from the JWKS revokes
+    /// its tokens at once.
+    accepted: std::sync::Mutex<(u64, HashMap<[u8; 32], Accepted>)>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -163,7 +177,11 @@ fn algorithm_of(jwk: &Jwk) -> Result<Algorithm, String> {
     Ok(algorithm)
 }
 
-fn load_keys(path: &Path) -> Result<Keys, JwksError> {
+/// Reads a JWKS. Keys that cannot be used (an unsupported curve or type, HMAC, a bad
+/// encoding) are skipped with a warning, so an identity provider that publishes one
+/// new kind of key does not lock everyone out; a set with no usable key is refused
+/// unless `allow_empty` (a reload that empties the JWKS revokes every token).
+fn load_keys(path: &Path, allow_empty: bool) -> Result<Keys, JwksError> {
     let fail = |reason: String| JwksError {
         path: path.to_owned(),
         reason,
@@ -173,6 +191,7 @@ fn load_keys(path: &Path) -> Result<Keys, JwksError> {
         serde_json::from_str(&text).map_err(|error| fail(format!("not a JWKS: {error}")))?;
     let mut by_id = HashMap::new();
     let mut all = Vec::new();
+    let mut skipped = Vec::new();
     for (index, jwk) in set.keys.iter().enumerate() {
         let name = jwk
             .common
@@ -182,11 +201,19 @@ fn load_keys(path: &Path) -> Result<Keys, JwksError> {
         if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
             continue;
         }
-        let algorithm =
-            algorithm_of(jwk).map_err(|reason| fail(format!("key `{name}`: {reason}")))?;
-        let key =
-            DecodingKey::from_jwk(jwk).map_err(|error| fail(format!("key `{name}`: {error}")))?;
-        let key = Arc::new(Key { key, algorithm });
+        let usable = algorithm_of(jwk).and_then(|algorithm| {
+            DecodingKey::from_jwk(jwk)
+                .map(|key| Key { key, algorithm })
+                .map_err(|error| error.to_string())
+        });
+        let key = match usable {
+            Ok(key) => Arc::new(key),
+            Err(reason) => {
+                tracing::warn!(jwks = %path.display(), key = %name, %reason, "JWKS key skipped");
+                skipped.push(format!("key `{name}`: {reason}"));
+                continue;
+            }
+        };
         if let Some(kid) = &jwk.common.key_id
             && by_id.insert(kid.clone(), Arc::clone(&key)).is_some()
         {
@@ -194,8 +221,13 @@ fn load_keys(path: &Path) -> Result<Keys, JwksError> {
         }
         all.push(key);
     }
-    if all.is_empty() {
-        return Err(fail("no signing key".to_owned()));
+    if all.is_empty() && !(allow_empty && set.keys.is_empty()) {
+        let mut reason = "no usable signing key".to_owned();
+        if !skipped.is_empty() {
+            reason.push_str(": ");
+            reason.push_str(&skipped.join("; "));
+        }
+        return Err(fail(reason));
     }
     let only = if all.len() == 1 { all.pop() } else { None };
     Ok(Keys { by_id, only })
@@ -204,6 +236,9 @@ fn load_keys(path: &Path) -> Result<Keys, JwksError> {
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: String,
+    /// Required and checked by `jsonwebtoken` to be a number in the future.
+    #[serde(default)]
+    exp: Option<f64>,
 }
 
 impl TokenVerifier {
@@ -215,10 +250,11 @@ impl TokenVerifier {
                 reason: format!("leeway above {} s", MAX_LEEWAY.as_secs()),
             });
         }
-        let keys = load_keys(&config.jwks)?;
+        let keys = load_keys(&config.jwks, false)?;
         Ok(Self {
             config,
             keys: ArcSwap::from_pointee(keys),
+            accepted: std::sync::Mutex::new((0, HashMap::new())),
         })
     }
 
@@ -230,9 +266,17 @@ impl TokenVerifier {
     /// Reads the JWKS again; keeps the current keys if the file is unusable.
     /// Returns the number of keys with an id.
     pub fn reload(&self) -> Result<usize, JwksError> {
-        let keys = load_keys(&self.config.jwks)?;
+        let keys = load_keys(&self.config.jwks, true)?;
         let count = keys.by_id.len().max(usize::from(keys.only.is_some()));
+        // Under the cache lock: a verification that started with the old keys cannot
+        // put its result into the cache of the new generation.
+        let mut accepted = match self.accepted.lock() {
+            Ok(accepted) => accepted,
+            Err(poisoned) => poisoned.into_inner(),
+        };
         self.keys.store(Arc::new(keys));
+        accepted.0 += 1;
+        accepted.1.clear();
         Ok(count)
     }
 
@@ -243,6 +287,42 @@ impl TokenVerifier {
                 "longer than {MAX_TOKEN_BYTES} bytes"
             )));
         }
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let leeway = i64::try_from(self.config.leeway.as_secs()).unwrap_or(0);
+        let generation = {
+            let Ok(mut accepted) = self.accepted.lock() else {
+                return Err(TokenError::Malformed("token cache unavailable".to_owned()));
+            };
+            if let Some(known) = accepted.1.get(&digest) {
+                if known.expires.saturating_add(leeway) >= now {
+                    return Ok(known.subject.clone());
+                }
+                accepted.1.remove(&digest);
+                return Err(TokenError::Expired);
+            }
+            accepted.0
+        };
+        let (subject, expires) = self.verify_signed(token)?;
+        if let Ok(mut accepted) = self.accepted.lock()
+            && accepted.0 == generation
+        {
+            if accepted.1.len() >= CACHE_CAPACITY {
+                accepted.1.clear();
+            }
+            accepted.1.insert(
+                digest,
+                Accepted {
+                    subject: subject.clone(),
+                    expires,
+                },
+            );
+        }
+        Ok(subject)
+    }
+
+    /// Every check, signature included; returns the subject and `exp`.
+    fn verify_signed(&self, token: &str) -> Result<(String, i64), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|error| match error.kind() {
             ErrorKind::Json(_) => TokenError::Malformed(
                 "the header is not a JWT header with an accepted algorithm (`none` is never accepted)"
@@ -290,7 +370,8 @@ impl TokenVerifier {
         if !crate::identity::is_directory_id(&data.claims.sub) {
             return Err(TokenError::Subject);
         }
-        Ok(data.claims.sub)
+        // `exp` is required and a number; seconds beyond i64 saturate.
+        Ok((data.claims.sub, data.claims.exp.unwrap_or_default() as i64))
     }
 }
 
@@ -416,6 +497,44 @@ mod tests {
     }
 
     #[test]
+    fn accepted_tokens_are_remembered_until_the_keys_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let jwks_of = |key: &rcgen::KeyPair| {
+            serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64(key.public_key_raw()), "kid": "k"}]}).to_string()
+        };
+        let first = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        std::fs::write(&path, jwks_of(&first)).unwrap();
+        let verifier = TokenVerifier::load(TokenConfig {
+            jwks: path.clone(),
+            issuer: ISSUER.to_owned(),
+            audience: "ringfence".to_owned(),
+            leeway: Duration::ZERO,
+        })
+        .unwrap();
+        let token = sign(
+            Algorithm::EdDSA,
+            "k",
+            &EncodingKey::from_ed_der(first.serialized_der()),
+            "alice",
+        );
+        assert_eq!(verifier.verify(&token), Ok("alice".to_owned()));
+        assert_eq!(
+            verifier.verify(&token),
+            Ok("alice".to_owned()),
+            "from the cache"
+        );
+        // A tampered copy is not the cached token.
+        let tampered = format!("{}x", &token[..token.len() - 1]);
+        assert!(verifier.verify(&tampered).is_err());
+        // Rotating the key revokes tokens already accepted under the old one.
+        let second = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        std::fs::write(&path, jwks_of(&second)).unwrap();
+        verifier.reload().unwrap();
+        assert_eq!(verifier.verify(&token), Err(TokenError::Signature));
+    }
+
+    #[test]
     fn unusable_jwks_are_refused_with_a_reason_and_without_panics() {
         let cases = [
             (
@@ -438,7 +557,7 @@ mod tests {
                 serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64(rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap().public_key_raw()), "kid": "a", "alg": "RS256"}]}),
                 "does not match",
             ),
-            (serde_json::json!({"keys": []}), "no signing key"),
+            (serde_json::json!({"keys": []}), "no usable signing key"),
             (serde_json::json!({"nokeys": 1}), "not a JWKS"),
         ];
         for (jwks, expected) in cases {

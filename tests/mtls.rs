@@ -325,6 +325,11 @@ async fn the_service_comes_from_the_certificate_san() {
             "names no service",
         ),
         (vec![], vec![], "names no service"),
+        (
+            [spiffe("us-support-tool"), spiffe("us-signup")].concat(),
+            vec![],
+            "more than one URI SAN",
+        ),
         (spiffe("nobody"), vec![], "unknown service `nobody`"),
     ];
     for (uris, dns, expected) in cases {
@@ -333,7 +338,7 @@ async fn the_service_comes_from_the_certificate_san() {
         assert_eq!(status.code(), Code::Unauthenticated, "{uris:?} {dns:?}");
         assert!(status.message().contains(expected), "{}", status.message());
     }
-    let logged = fx.unauthenticated(4).await;
+    let logged = fx.unauthenticated(5).await;
     assert!(
         logged[0]["outcome"]
             .as_str()
@@ -515,5 +520,21 @@ async fn a_rotated_jwks_is_picked_up_without_restart() {
             .await
             .is_ok()
     );
+    // Emptying the JWKS revokes every token, cached ones included.
+    replace_file(&fx.jwks, "{\"keys\": []}");
+    let mut revoked = false;
+    for _ in 0..100 {
+        if let Err(status) = support.authorize(with_token(authorize(), &new_token)).await {
+            assert!(
+                status.message().contains("unknown key"),
+                "{}",
+                status.message()
+            );
+            revoked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(revoked, "the emptied JWKS was never loaded");
     fx.server.running.stop().await.unwrap();
 }

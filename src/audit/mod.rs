@@ -135,13 +135,19 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A checkpoint entry carrying `checkpoint`.
-    pub fn checkpoint(checkpoint: Checkpoint) -> Self {
+    /// An entry about no record and no decision: only when, what and the outcome.
+    pub fn bare(
+        time: String,
+        request_time: i64,
+        request_id: String,
+        kind: &str,
+        outcome: String,
+    ) -> Self {
         Self {
-            time: checkpoint.signed_at.clone(),
-            request_time: 0,
-            request_id: String::new(),
-            kind: CHECKPOINT_KIND.to_owned(),
+            time,
+            request_time,
+            request_id,
+            kind: kind.to_owned(),
             service: None,
             principal: None,
             authentication: String::new(),
@@ -151,8 +157,22 @@ impl Entry {
             record: None,
             policy_set: None,
             fields: Vec::new(),
-            outcome: "signed".to_owned(),
-            checkpoint: Some(checkpoint),
+            outcome,
+            checkpoint: None,
+        }
+    }
+
+    /// A checkpoint entry carrying `checkpoint`.
+    pub fn checkpoint(checkpoint: Checkpoint) -> Self {
+        Self {
+            checkpoint: Some(checkpoint.clone()),
+            ..Self::bare(
+                checkpoint.signed_at,
+                0,
+                String::new(),
+                CHECKPOINT_KIND,
+                "signed".to_owned(),
+            )
         }
     }
 }

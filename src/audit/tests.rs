@@ -452,6 +452,31 @@ fn truncation_is_detected_against_a_saved_checkpoint() {
     write_lines(&segment, &rechain(&rewritten, None));
     assert!(verify_with(dir.path(), &saved).is_err());
 
+    // Unsigned entries appended well after the last checkpoint: a checkpoint that the
+    // writer would have written is missing.
+    let mut appended = original.clone();
+    let mut late = entry(9);
+    late.time = "2099-01-01T00:00:00Z".to_owned();
+    appended.push(serde_json::to_string(&late).unwrap());
+    write_lines(&segment, &rechain(&appended, None));
+    assert!(verify(dir.path()).is_ok(), "the chain itself is intact");
+    let failure = verify_with(dir.path(), &with_key()).unwrap_err();
+    assert!(failure.problem.contains("unsigned"), "{failure}");
+    // One written right after the last checkpoint (a crash before the next one) is
+    // reported, not refused.
+    let mut appended = original.clone();
+    let mut prompt = entry(9);
+    prompt.time = serde_json::from_str::<serde_json::Value>(&original[7]).unwrap()["time"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    appended.push(serde_json::to_string(&prompt).unwrap());
+    write_lines(&segment, &rechain(&appended, None));
+    assert_eq!(
+        verify_with(dir.path(), &with_key()).unwrap().unsigned_tail,
+        1
+    );
+
     // A saved line that is not a checkpoint, or altered, is refused up front.
     let not_checkpoint = VerifyOptions {
         public_key: None,

@@ -72,6 +72,8 @@ pub struct VerifyReport {
     pub signatures_checked: bool,
     /// Sequence number of the last checkpoint entry.
     pub last_checkpoint: Option<u64>,
+    /// When the last checkpoint was signed.
+    pub last_checkpoint_signed_at: Option<String>,
     /// Entries after the last checkpoint: not yet vouched for by a signature (a crash,
     /// or entries written since the last checkpoint).
     pub unsigned_tail: u64,
@@ -139,7 +141,37 @@ pub fn verify_with(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, 
             "no signed checkpoint in the log: nothing vouches for it".to_owned(),
         ));
     }
+    // The writer signs the head at least every second while entries come in, with the
+    // entries in one write: unsigned entries timed well after the last checkpoint mean
+    // later checkpoints were removed (unless a crash tore the last write).
+    if options.public_key.is_some()
+        && report.unsigned_tail > 0
+        && report.torn_tails.is_empty()
+        && let (Some(signed), Some(last)) = (
+            report
+                .last_checkpoint_signed_at
+                .as_deref()
+                .and_then(parse_time),
+            report.last_time.as_deref().and_then(parse_time),
+        )
+        && last - signed > UNSIGNED_TAIL_SLACK
+    {
+        return Err(end(format!(
+            "the last {} entries are unsigned and end {} s after the last checkpoint (seq {}): checkpoints after it were removed, or the entries were added later",
+            report.unsigned_tail,
+            (last - signed).whole_seconds(),
+            report.last_checkpoint.unwrap_or_default()
+        )));
+    }
     Ok(report)
+}
+
+/// How far unsigned entries may run past the last checkpoint (the writer checkpoints
+/// every second while it writes; this leaves room for slow disks and clock steps).
+const UNSIGNED_TAIL_SLACK: time::Duration = time::Duration::seconds(30);
+
+fn parse_time(text: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
 }
 
 struct Checks<'a> {
@@ -305,6 +337,7 @@ fn verify_line(
         }
         report.checkpoints += 1;
         report.last_checkpoint = Some(fields.seq);
+        report.last_checkpoint_signed_at = Some(checkpoint.signed_at.clone());
     } else if fields.checkpoint.is_some() {
         return Err(fail(
             Some(fields.seq),

@@ -196,24 +196,39 @@ pub fn run(command: Command) -> ExitCode {
             if let Err(problem) = check_log_dir(&log) {
                 return fail(EXIT_FAILURE, problem);
             }
+            // Only a checkpoint of a log that verifies is worth keeping.
+            let report = match ringfence::audit::verify(&log) {
+                Ok(report) => report,
+                Err(failure) => {
+                    return fail(
+                        EXIT_LOG_TAMPERED,
+                        format!("decision log is not intact: {failure}"),
+                    );
+                }
+            };
+            let Some(seq) = report.last_checkpoint else {
+                return fail(
+                    EXIT_FAILURE,
+                    format!("`{}` has no checkpoint yet", log.display()),
+                );
+            };
             let filter = Filter {
                 kind: Some(CHECKPOINT_KIND.to_owned()),
                 ..Filter::default()
             };
-            let mut latest = None;
-            let result = ringfence::audit::query(&log, &filter, |line| {
-                latest = Some(line.to_owned());
+            let mut found = None;
+            let result = ringfence::audit::for_each_entry(&log, &filter, |line, entry| {
+                if entry.get("seq").and_then(serde_json::Value::as_u64) == Some(seq) {
+                    found = Some(line.to_owned());
+                }
                 Ok(())
             });
-            match (result, latest) {
+            match (result, found) {
                 (Ok(_), Some(line)) => {
                     println!("{line}");
                     ExitCode::SUCCESS
                 }
-                (Ok(_), None) => fail(
-                    EXIT_FAILURE,
-                    format!("`{}` has no checkpoint yet", log.display()),
-                ),
+                (Ok(_), None) => fail(EXIT_FAILURE, format!("checkpoint at seq {seq} not found")),
                 (Err(error), _) => fail(
                     EXIT_FAILURE,
                     format!("cannot read `{}`: {error}", log.display()),

@@ -768,6 +768,10 @@ impl PolicySnapshot {
                 .and_then(|()| file.sync_all())
                 .map_err(|error| fail(&path, error))?;
         }
+        // The names inside must be durable before the directory becomes visible.
+        std::fs::File::open(&temporary)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|error| fail(&temporary, error))?;
         match std::fs::rename(&temporary, &target) {
             Ok(()) => {}
             // Another process archived the same set first.
@@ -1357,8 +1361,10 @@ fn rfc3339_now() -> String {
 pub struct PolicyStore {
     dir: PathBuf,
     current: ArcSwap<PolicySnapshot>,
-    /// Serializes reloads and records their outcomes.
+    /// Records reload outcomes; held only briefly.
     status: std::sync::Mutex<StoreStatus>,
+    /// Serializes reloads (held across loading and archiving, never by readers).
+    reloading: std::sync::Mutex<()>,
     /// Where every set that decides is archived by hash, once configured.
     archive: std::sync::OnceLock<PathBuf>,
 }
@@ -1383,6 +1389,7 @@ impl PolicyStore {
             dir: dir.to_owned(),
             current: ArcSwap::from_pointee(snapshot),
             status: std::sync::Mutex::new(status),
+            reloading: std::sync::Mutex::new(()),
             archive: std::sync::OnceLock::new(),
         })
     }
@@ -1418,10 +1425,11 @@ impl PolicyStore {
     /// error the running snapshot stays in place. A set with the running set's hash is
     /// not swapped (its decision cache stays warm). Reloads run one at a time.
     pub fn reload(&self, trigger: Trigger) -> Result<Arc<PolicySnapshot>, LoadError> {
-        let mut status = match self.status.lock() {
-            Ok(status) => status,
+        let _one_at_a_time = match self.reloading.lock() {
+            Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
+        let running = self.current();
         let loaded = PolicySnapshot::load(&self.dir).and_then(|snapshot| {
             // A set is archived before it decides anything, so every decision it makes
             // can be replayed.
@@ -1433,24 +1441,32 @@ impl PolicyStore {
             Ok(snapshot)
         });
         let at = rfc3339_now();
-        match loaded {
+        let swapped = matches!(&loaded, Ok(snapshot) if snapshot.hash() != running.hash());
+        let result = loaded.map(|snapshot| {
+            if swapped {
+                let snapshot = Arc::new(snapshot);
+                self.current.store(Arc::clone(&snapshot));
+                snapshot
+            } else {
+                running
+            }
+        });
+        let mut status = match self.status.lock() {
+            Ok(status) => status,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match &result {
             Ok(snapshot) => {
-                let snapshot = if snapshot.hash() == status.policy_set {
-                    self.current()
-                } else {
-                    let snapshot = Arc::new(snapshot);
-                    self.current.store(Arc::clone(&snapshot));
+                if swapped {
                     status.policy_set = snapshot.hash().to_owned();
                     status.loaded_at = at.clone();
-                    snapshot
-                };
+                }
                 status.reloads_succeeded += 1;
                 status.last = LoadAttempt {
                     at,
                     trigger,
                     result: Ok(snapshot.hash().to_owned()),
                 };
-                Ok(snapshot)
             }
             Err(error) => {
                 status.reloads_failed += 1;
@@ -1459,15 +1475,17 @@ impl PolicyStore {
                     trigger,
                     result: Err(error.diagnostics.clone()),
                 };
-                Err(error)
             }
         }
+        result
     }
 }
 
-/// Files whose change can change the policy set (test suites cannot).
+/// Files whose change can change the policy set (test suites cannot). Names starting
+/// with `..` are the symlinks Kubernetes swaps when a mounted ConfigMap changes.
 pub fn affects_policy_set(file_name: &str) -> bool {
-    file_name == SCHEMA_FILE
+    file_name.starts_with("..")
+        || file_name == SCHEMA_FILE
         || file_name == DIRECTORY_FILE
         || file_name == CATALOG_FILE
         || file_name.ends_with(".cedar")

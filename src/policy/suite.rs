@@ -24,8 +24,14 @@ use crate::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};
 pub const TESTS_DIR: &str = "tests";
 /// Failures listed per case before the rest are counted only.
 const FAILURES_SHOWN: usize = 20;
-/// `authentication` in the context of test requests.
-const TEST_AUTHENTICATION: &str = "policy-test";
+/// `authentication` in the context of test requests, as a deployed server sets it:
+/// an employee with a token, or a service with its certificate alone.
+fn authentication_of(principal: &Principal) -> &'static str {
+    match principal {
+        Principal::Employee(_) => crate::identity::METHOD_MTLS_TOKEN,
+        Principal::Service(_) => crate::identity::METHOD_MTLS,
+    }
+}
 
 /// A value or a list of values; a list makes the case a matrix.
 #[derive(Debug, Clone, Deserialize)]
@@ -876,7 +882,7 @@ fn run_case(
                         let facts = RequestFacts {
                             principal: &principal,
                             service,
-                            authentication: TEST_AUTHENTICATION,
+                            authentication: authentication_of(&principal),
                             stated: &stated,
                             request_time: case.at.unwrap_or(now),
                         };

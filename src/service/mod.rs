@@ -109,13 +109,15 @@ impl RingfenceService {
             Some(Authentication(Err(error))) => error.to_string(),
             None => "request is not authenticated".to_owned(),
         };
-        let remote = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|peer| peer.remote);
+        let peer = request.extensions().get::<PeerInfo>();
+        let remote = peer.and_then(|peer| peer.remote);
+        let service = peer
+            .and_then(|peer| peer.service.as_ref())
+            .and_then(|service| service.as_ref().ok())
+            .map(String::as_str);
         if let Err(log_error) = self
             .gate
-            .record_authentication_failure(&error, remote)
+            .record_authentication_failure(&error, remote, service)
             .await
         {
             tracing::error!(%log_error, "authentication failure not logged");
