@@ -1,6 +1,8 @@
-//! Hot reload of the policy directory: a file watcher and SIGHUP both ask for a reload;
-//! one task performs them, one at a time, after the directory has been quiet for a
-//! moment (editors and `git checkout` write several files in a row).
+//! Hot reload of the policy directory and the employee-token JWKS: a file watcher and
+//! SIGHUP both ask for a reload. Policy reloads run in one task, one at a time, after
+//! the directory has been quiet for a moment (editors and `git checkout` write several
+//! files in a row); a JWKS reload is immediate and keeps the old keys if the new file
+//! is unusable.
 //!
 //! [`PolicyStore::reload`] swaps a new set in only when the whole directory validates,
 //! so a half-edited directory is refused and the running set keeps serving.

@@ -252,16 +252,6 @@ fn identity_mode(config: &ServeConfig) -> Result<Identity, Error> {
         .map(|token_config| TokenVerifier::load(token_config).map(Arc::new))
         .transpose()
         .map_err(|error| Error::Io(error.to_string()))?;
-    tracing::info!(
-        trust_domain,
-        employee_tokens = tokens.is_some(),
-        "mutual TLS: services from client certificates{}",
-        if tokens.is_some() {
-            ", employees from signed tokens"
-        } else {
-            ""
-        }
-    );
     Ok((
         identity::Mode::Verified(Arc::new(identity::Verified {
             tokens: tokens.clone(),
@@ -303,6 +293,18 @@ pub async fn start(config: ServeConfig) -> Result<Running, Error> {
 pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<Running, Error> {
     config.check()?;
     let (mode, tls, tokens) = identity_mode(config)?;
+    if let Some((_, trust_domain)) = &tls {
+        tracing::info!(
+            trust_domain,
+            employee_tokens = tokens.is_some(),
+            "mutual TLS: services from client certificates{}",
+            if tokens.is_some() {
+                ", employees from signed tokens"
+            } else {
+                ""
+            }
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| Error::Io(format!("cannot listen on `{}`: {error}", config.listen)))?;
