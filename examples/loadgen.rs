@@ -36,21 +36,10 @@ use ringfence::pb;
 use ringfence::pb::ringfence_client::RingfenceClient;
 use tonic::transport::Channel;
 
-// The same allocator as the `ringfence` binary, so numbers compare.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../benches/common/mod.rs"]
+mod common;
 
-/// The fields of `user_profile` in the shipped field catalog (20 of them), loaded once.
-fn profile_fields() -> &'static [String] {
-    static FIELDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    FIELDS.get_or_init(|| {
-        let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        let snapshot = ringfence::policy::PolicySnapshot::load(&policies).unwrap();
-        let record_type = ringfence::record::RecordType::new("user_profile").unwrap();
-        let fields = snapshot.catalog().fields(&record_type).unwrap();
-        fields.map(|field| field.as_str().to_owned()).collect()
-    })
-}
+use common::profile_fields;
 
 struct Options {
     clients: usize,

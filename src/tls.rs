@@ -25,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::identity::is_directory_id;
+
 /// Longest time a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in progress at once; connections beyond are closed at once (and
@@ -124,10 +126,6 @@ pub struct PeerInfo {
     pub service: Option<Result<String, String>>,
 }
 
-fn valid_id(id: &str) -> bool {
-    crate::identity::is_directory_id(id)
-}
-
 /// The calling service named by a verified client certificate (DER).
 pub fn service_identity(leaf: &[u8], trust_domain: &str) -> Result<String, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
@@ -152,7 +150,7 @@ pub fn service_identity(leaf: &[u8], trust_domain: &str) -> Result<String, Strin
         [] => {}
         [uri] => {
             return match uri.strip_prefix(&spiffe_prefix) {
-                Some(id) if valid_id(id) => Ok(id.to_owned()),
+                Some(id) if is_directory_id(id) => Ok(id.to_owned()),
                 _ => Err(format!(
                     "the client certificate's SPIFFE ID `{}` is not of the form `{spiffe_prefix}<service>`",
                     crate::record::shown(uri)
@@ -168,7 +166,7 @@ pub fn service_identity(leaf: &[u8], trust_domain: &str) -> Result<String, Strin
             x509_parser::extensions::GeneralName::DNSName(dns) => dns.strip_suffix(&dns_suffix),
             _ => None,
         })
-        .filter(|id| valid_id(id))
+        .filter(|id| is_directory_id(id))
         .collect();
     match services.as_slice() {
         [id] => Ok((*id).to_owned()),

@@ -368,13 +368,8 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         )
         .await
         .unwrap();
-        let record = signup
-            .encrypt_record(tonic::Request::new(profile("u-1", "US")))
-            .await
-            .unwrap()
-            .into_inner()
-            .record
-            .unwrap();
+        let record =
+            encrypted_record(&mut signup, tonic::Request::new(profile("u-1", "US"))).await;
         let mut support = mtls_client(
             address,
             &ca,

@@ -171,13 +171,7 @@ async fn refused(
 async fn a_service_certificate_and_an_employee_token_decrypt() {
     let fx = Fixture::start().await;
     let mut signup = fx.service("us-signup").await;
-    let record = signup
-        .encrypt_record(tonic::Request::new(profile("u-1", "US")))
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap();
+    let record = encrypted_record(&mut signup, tonic::Request::new(profile("u-1", "US"))).await;
     let mut support = fx.service("us-support-tool").await;
     let response = support
         .decrypt_record(with_token(

@@ -63,12 +63,6 @@ impl From<gatekeeper::Error> for Status {
     }
 }
 
-impl From<identity::Error> for Status {
-    fn from(error: identity::Error) -> Self {
-        Status::unauthenticated(error.to_string())
-    }
-}
-
 /// The outcome of authenticating one request, put into its extensions by
 /// [`authenticate`]; handlers log failures before refusing.
 #[derive(Debug, Clone)]
@@ -81,8 +75,7 @@ pub fn authenticate(
     mode: &identity::Mode,
     mut request: Request<()>,
 ) -> Result<Request<()>, Status> {
-    let peer = request.extensions().get::<PeerInfo>().cloned();
-    let outcome = identity::authenticate(mode, peer.as_ref(), |name| {
+    let outcome = identity::authenticate(mode, request.extensions().get::<PeerInfo>(), |name| {
         request
             .metadata()
             .get_all(name)

@@ -174,8 +174,20 @@ pub async fn encrypt_profile(
     jurisdiction: &str,
 ) -> pb::EncryptedRecord {
     let service = format!("{}-signup", jurisdiction.to_lowercase());
+    encrypted_record(
+        client,
+        as_caller(profile(record_id, jurisdiction), &service, None),
+    )
+    .await
+}
+
+/// Sends an encrypt request (whatever authenticates it) and returns the record.
+pub async fn encrypted_record(
+    client: &mut RingfenceClient<Channel>,
+    request: tonic::Request<pb::EncryptRecordRequest>,
+) -> pb::EncryptedRecord {
     client
-        .encrypt_record(as_caller(profile(record_id, jurisdiction), &service, None))
+        .encrypt_record(request)
         .await
         .unwrap()
         .into_inner()
