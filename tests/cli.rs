@@ -400,6 +400,34 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
     });
     stop_logged(child, &logs);
 
+    // Private keys created on the way (checkpoint signing key, development CA, token
+    // issuer, server and client keys) never reach the server's output or the log.
+    let data = dir.path().join("ringfence-data");
+    let mut private_keys = vec![
+        data.join("audit-signing-key.pem"),
+        data.join("dev-pki/ca-key.pem"),
+        data.join("dev-pki/server-key.pem"),
+        data.join("dev-pki/token-signing-key.pem"),
+        data.join("dev-pki/clients/us-support-tool-key.pem"),
+    ];
+    private_keys.retain(|path| path.exists());
+    assert_eq!(private_keys.len(), 5, "private key files missing");
+    let mut logged = started.clone();
+    for entry in std::fs::read_dir(data.join("log")).unwrap() {
+        logged.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    for path in &private_keys {
+        let pem = std::fs::read_to_string(path).unwrap();
+        let body: String = pem
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+            .collect();
+        assert!(body.len() > 40, "{}", path.display());
+        for chunk in [&body[..40], &body[body.len() - 40..]] {
+            assert!(!logged.contains(chunk), "{} leaked", path.display());
+        }
+    }
+
     // Restart: the same keys open the old record's keyring, the chain continues.
     let (child, started, _) = spawn_serve(dir.path(), &["--dev"], None);
     assert!(!started.contains("created root key"), "{started}");
