@@ -67,9 +67,9 @@ fn bench(c: &mut Criterion) {
     let dir = scratch_dir();
     let policies_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let policies = Arc::new(PolicyStore::load(&policies_dir).unwrap());
-    let (keyring, _) = Keyring::open_or_create(
+    let keyring = Keyring::create_unlogged(
         &dir.path().join("keyring.json"),
-        &SecretKey::generate().unwrap(),
+        &ringfence::keys::LocalMasterKey::generate().unwrap(),
         &ServeConfig::defaults().jurisdictions,
     )
     .unwrap();
@@ -237,6 +237,7 @@ fn log_appends(c: &mut Criterion) {
         fields: Vec::new(),
         outcome: "decided".to_owned(),
         checkpoint: None,
+        key_event: None,
     };
     let mut group = c.benchmark_group("decision_log_append_on_disk");
     group

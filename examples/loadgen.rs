@@ -131,12 +131,30 @@ fn server_binary() -> PathBuf {
 
 fn spawn_server(data_dir: &Path, mtls: bool) -> (Child, String) {
     let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    if !mtls {
+        // Outside --dev the server creates no keys: make them (a no-op when present).
+        let status = Command::new(server_binary())
+            .args([
+                "keys",
+                "init",
+                "--danger-allow-development-master-key",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "keys init failed");
+    }
     let mut child = Command::new(server_binary())
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .arg(if mtls {
-            "--dev"
+        .args(if mtls {
+            &["--dev"][..]
         } else {
-            "--danger-trust-identity-headers"
+            &[
+                "--danger-trust-identity-headers",
+                "--danger-allow-development-master-key",
+            ][..]
         })
         .arg("--policies")
         .arg(policies)
@@ -247,8 +265,10 @@ async fn in_process(options: &Options, data_dir: &Path) {
 
     let mut config = ringfence::ServeConfig::defaults();
     config.data_dir = data_dir.to_owned();
+    config.allow_development_master_key = true;
+    config.create_missing_keys = true;
     config.policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    let gate = ringfence::server::prepare(&config).unwrap();
+    let gate = ringfence::server::prepare(&config).await.unwrap();
     let signup = Caller {
         service: "us-signup".to_owned(),
         employee: None,

@@ -38,6 +38,10 @@ pub const DEFAULT_DATA_DIR: &str = "ringfence-data";
 pub const DEFAULT_POLICIES: &str = "policies";
 /// Jurisdictions configured by default.
 pub const DEFAULT_JURISDICTIONS: &[&str] = &["US", "SG", "EU"];
+/// Subdirectory of the data directory that holds the decision log.
+pub const LOG_DIR: &str = "log";
+/// Subdirectory of the data directory that keeps every policy set that decided, by hash.
+pub const POLICY_ARCHIVE_DIR: &str = "policy-sets";
 /// Default largest gRPC message accepted, in bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
@@ -50,14 +54,19 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Policy directory.
     pub policies: PathBuf,
-    /// Jurisdictions that accept new encryptions; each gets a root key on first start.
+    /// Jurisdictions that accept new encryptions; each must hold keys.
     pub jurisdictions: Vec<Jurisdiction>,
     /// Master key file (else `RINGFENCE_MASTER_KEY`, else a development key).
     pub master_key_file: Option<PathBuf>,
     /// The master key from the environment, if set.
     pub master_key_env: Option<crate::keys::MasterKeyText>,
-    /// Whether a development master key may be created or used.
+    /// Whether the development master key of the data directory may be used
+    /// (`--dev`, `--danger-allow-development-master-key`).
     pub allow_development_master_key: bool,
+    /// Whether missing root keys (and, with `allow_development_master_key`, a
+    /// development master key) are created at start: `--dev` only. Otherwise keys come
+    /// from `ringfence keys init` and a configured jurisdiction without keys is refused.
+    pub create_missing_keys: bool,
     /// How callers are authenticated.
     pub auth: Auth,
     /// Request limits.
@@ -121,7 +130,8 @@ impl ServeConfig {
                 .collect(),
             master_key_file: None,
             master_key_env: None,
-            allow_development_master_key: true,
+            allow_development_master_key: false,
+            create_missing_keys: false,
             auth: Auth::None,
             limits: Limits::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,

@@ -384,7 +384,7 @@ impl DevPki {
             std::fs::write(path, text).map_err(|error| file_error(path, error.to_string()))
         };
         let write_private = |path: &Path, text: &str| {
-            crate::keys::write_private_file(path, text.as_bytes())
+            crate::fsutil::write_private_file(path, text.as_bytes())
                 .map_err(|error| file_error(path, error.to_string()))
         };
 

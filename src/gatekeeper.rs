@@ -391,6 +391,7 @@ impl<'a> Context<'a> {
             fields: Vec::new(),
             outcome: String::new(),
             checkpoint: None,
+            key_event: None,
         }
     }
 }

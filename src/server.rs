@@ -16,7 +16,8 @@ use crate::config::{self, Auth, ServeConfig};
 use crate::dev::DevPki;
 use crate::gatekeeper::Gatekeeper;
 use crate::identity;
-use crate::keys::{self, Keyring, MasterKeySource};
+use crate::keyadmin;
+use crate::keys::{self, Keyring};
 use crate::pb;
 use crate::policy::{LoadError, PolicyStore};
 use crate::reload;
@@ -26,10 +27,7 @@ use crate::token::TokenVerifier;
 
 /// gRPC name of the ringfence service, as health checks know it.
 pub const SERVICE_NAME: &str = "ringfence.v1.Ringfence";
-/// Subdirectory of the data directory that holds the decision log.
-pub const LOG_DIR: &str = "log";
-/// Subdirectory of the data directory that keeps every policy set that decided, by hash.
-pub const POLICY_ARCHIVE_DIR: &str = "policy-sets";
+pub use crate::config::{LOG_DIR, POLICY_ARCHIVE_DIR};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +52,10 @@ pub enum Error {
     Transport(String),
 }
 
-/// Opens everything the gatekeeper needs, creating the data directory, keyring and
-/// development master key on first start.
-pub fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
+/// Opens everything the gatekeeper needs: policies, master key, keyring (created, with
+/// a development master key, only when `create_missing_keys` is set, as by `--dev`),
+/// the decision log (refusing a keyring rolled back behind its newest checkpoint).
+pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
     config.check()?;
     let policies = Arc::new(PolicyStore::load(&config.policies)?);
     let snapshot = policies.current();
@@ -102,13 +101,20 @@ pub fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
         .archive_to(&config.data_dir.join(POLICY_ARCHIVE_DIR))
         .map_err(|problem| Error::Io(format!("cannot archive the policy set: {problem}")))?;
     tracing::debug!(archive = %archived.display(), "policy set archived for replay");
-    let (master, source) = keys::load_master_key(
+    let paths = keyadmin::DataPaths {
+        data_dir: config.data_dir.clone(),
+        checkpoint_key: config.checkpoint_key.clone(),
+    };
+    let master = keys::load_master_key(
         config.master_key_env.as_ref(),
         config.master_key_file.as_deref(),
         &config.data_dir,
-        config.allow_development_master_key,
+        keys::MasterKeyPolicy {
+            allow_development: config.allow_development_master_key,
+            create_development: config.create_missing_keys,
+        },
     )?;
-    if let MasterKeySource::Development { path, created } = &source {
+    if let keys::MasterKeyOrigin::Development { path, created } = master.origin() {
         tracing::warn!(
             path = %path.display(),
             created,
@@ -116,38 +122,58 @@ pub fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
             keys::MASTER_KEY_ENV
         );
     }
-    let keyring_path = config.data_dir.join(keys::KEYRING_FILE);
-    let (mut keyring, created) =
-        Keyring::open_or_create(&keyring_path, &master, &config.jurisdictions)?;
-    // From here on the server only derives: neither the master key nor the key-wrapping
-    // key derived from it stays in memory.
-    keyring.forget_wrapping_key();
-    drop(master);
-    for jurisdiction in created {
-        tracing::info!(%jurisdiction, "created root key version 1");
-    }
+    // One writer at a time: the keyring lock while reading (and in development,
+    // creating) keys, the log lock for the server's whole life.
+    let holder =
+        crate::fsutil::describe_process(&format!("`ringfence serve` on {}", config.listen));
+    let keyring_lock = keys::lock(&config.data_dir, &holder)?;
+    let keyring_path = paths.keyring();
+    let existing = Keyring::open_if_present(&keyring_path, &master)?;
+    let before = existing
+        .as_ref()
+        .map(Keyring::generations)
+        .unwrap_or_default();
 
-    let signing_key = config
-        .checkpoint_key
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join(audit::checkpoint::SIGNING_KEY_FILE));
-    let (signer, created) = audit::CheckpointSigner::load_or_create(
-        &signing_key,
-        &config.data_dir.join(audit::checkpoint::PUBLIC_KEY_FILE),
-    )
-    .map_err(|error| Error::Io(error.to_string()))?;
+    let (signer, created, signing_key) = paths
+        .signer()
+        .map_err(|error| Error::Io(error.to_string()))?;
     if created {
         tracing::info!(key = %signing_key.display(), key_id = signer.key_id(), "created the decision log checkpoint signing key");
     }
     let (log, state) = DecisionLog::open_with(
-        &config.data_dir.join(LOG_DIR),
+        &paths.log(),
         audit::LogOptions {
             max_segment_bytes: config.log_segment_bytes,
             max_segment_age: config.log_segment_age,
             signer: Some(signer),
+            key_generations: Some(before),
+            holder: holder.clone(),
             ..audit::LogOptions::default()
         },
     )?;
+    let mut keyring = match existing {
+        Some(keyring) => keyring,
+        None if config.create_missing_keys => Keyring::empty(&keyring_path),
+        None => return Err(keys::Error::NoKeyring(keyring_path).into()),
+    };
+    let mut events = Vec::new();
+    if config.create_missing_keys {
+        for jurisdiction in &config.jurisdictions {
+            if !keyring.holds(jurisdiction) {
+                events.push(keyring.initialize(jurisdiction, &master)?);
+            }
+        }
+        if !events.is_empty() {
+            keyring.save()?;
+        }
+    }
+    drop(keyring_lock);
+    drop(master);
+    keyring.configure_encryption(&config.jurisdictions)?;
+    keyadmin::log_events(&log, keyring.generations(), &events, &holder).await?;
+    for event in &events {
+        tracing::info!(jurisdiction = %event.jurisdiction, key_id = %event.key_id, "created root key version 1");
+    }
     if let Some(torn) = &state.torn_tail {
         tracing::warn!(
             segment = %torn.display(),
@@ -285,7 +311,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, Error> {
         config.check()?;
         identity_mode(&config)?;
     }
-    let gate = prepare(&config)?;
+    let gate = prepare(&config).await?;
     start_with(gate, &config).await
 }
 

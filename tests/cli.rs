@@ -256,16 +256,33 @@ fn spawn_serve(
     extra: &[&str],
     master_key: Option<&str>,
 ) -> (Server, String, std::sync::mpsc::Receiver<String>) {
+    let dev = extra.contains(&"--dev");
     let mut command = ringfence();
+    if !dev {
+        // Outside --dev, keys come from `keys init` (idempotent for a keyring that has them).
+        let mut init = ringfence();
+        init.current_dir(dir).args(["keys", "init"]);
+        match master_key {
+            Some(key) => init.env("RINGFENCE_MASTER_KEY", key),
+            None => init.arg("--danger-allow-development-master-key"),
+        };
+        let init = run(&mut init);
+        assert_eq!(init.code, 0, "keys init: {}", init.stderr);
+    }
     command
         .current_dir(dir)
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(if extra.contains(&"--dev") {
+        .args(if dev {
             &[][..]
         } else {
             &["--danger-trust-identity-headers"][..]
         })
         .args(extra)
+        .args(if dev || master_key.is_some() {
+            &[][..]
+        } else {
+            &["--danger-allow-development-master-key"][..]
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if let Some(key) = master_key {
@@ -437,7 +454,7 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         .args(["audit", "verify"]));
     assert_eq!(verify.code, 0, "{}", verify.stderr);
     assert!(
-        verify.stdout.contains(" decisions, 2 checkpoints)"),
+        verify.stdout.contains(" checkpoints, 3 key events)"),
         "{}",
         verify.stdout
     );
@@ -537,21 +554,53 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
             .current_dir(dir.path())
             .args(["audit", "query", "--since", "last week"]));
     assert_eq!(bad_time.code, 2, "{}", bad_time.stderr);
+    // A log that fails its chain takes no further entries, key events included.
+    let refused = run(ringfence().current_dir(dir.path()).args([
+        "keys",
+        "rotate",
+        "--jurisdiction",
+        "US",
+        "--dev",
+    ]));
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("hash mismatch"),
+        "{}",
+        refused.stderr
+    );
+    std::fs::write(&segment, &text).unwrap();
 
-    let keys = run(ringfence().current_dir(dir.path()).args(["keys", "list"]));
+    // The development master key is refused unless asked for by name.
+    let refused = run(ringfence().current_dir(dir.path()).args(["keys", "list"]));
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("--danger-allow-development-master-key"),
+        "{}",
+        refused.stderr
+    );
+    let keys = run(ringfence()
+        .current_dir(dir.path())
+        .args(["keys", "list", "--dev"]));
     assert_eq!(keys.code, 0, "{}", keys.stderr);
     assert!(keys.stdout.contains("US\tv1\t"), "{}", keys.stdout);
-    let rotate =
-        run(ringfence()
-            .current_dir(dir.path())
-            .args(["keys", "rotate", "--jurisdiction", "US"]));
+    let rotate = run(ringfence().current_dir(dir.path()).args([
+        "keys",
+        "rotate",
+        "--jurisdiction",
+        "US",
+        "--dev",
+    ]));
     assert_eq!(rotate.code, 0, "{}", rotate.stderr);
     assert!(
-        rotate.stdout.contains("US: new current key version 2"),
+        rotate.stdout.contains("US\tv2\t") && rotate.stdout.contains("generation 2\t(rotate)"),
         "{}",
         rotate.stdout
     );
-    let keys = run(ringfence().current_dir(dir.path()).args(["keys", "list"]));
+    let keys = run(ringfence()
+        .current_dir(dir.path())
+        .args(["keys", "list", "--dev"]));
     assert!(
         keys.stdout.contains("US\tv2\t") && keys.stdout.contains("(current)"),
         "{}",
@@ -567,22 +616,14 @@ fn a_supplied_master_key_never_appears_in_output_and_a_wrong_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     copy_policies(&dir.path().join("policies"));
     let key = "5a".repeat(32);
-    let (child, started, _) = spawn_serve(dir.path(), &["--no-dev-master-key"], Some(&key));
+    let (child, started, _) = spawn_serve(dir.path(), &[], Some(&key));
     assert!(!started.contains(&key));
     assert!(!started.contains("DEVELOPMENT"), "{started}");
     assert!(!dir.path().join("ringfence-data/dev-master.key").exists());
     stop(child);
 
-    let wrong = run(ringfence()
-        .current_dir(dir.path())
-        .env("RINGFENCE_MASTER_KEY", "6b".repeat(32))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--danger-trust-identity-headers",
-        ]));
-    assert_eq!(wrong.code, 1);
+    let wrong = serve_refused(dir.path(), Some(&"6b".repeat(32)), &[]);
+    assert_eq!(wrong.code, 1, "{}", wrong.stderr);
     assert!(
         wrong.stderr.contains("does not open keyring"),
         "{}",
@@ -590,15 +631,7 @@ fn a_supplied_master_key_never_appears_in_output_and_a_wrong_one_is_refused() {
     );
     assert!(!wrong.stderr.contains(&"6b".repeat(32)));
 
-    let garbled = run(ringfence()
-        .current_dir(dir.path())
-        .env("RINGFENCE_MASTER_KEY", "not-a-key-but-secret")
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--danger-trust-identity-headers",
-        ]));
+    let garbled = serve_refused(dir.path(), Some("not-a-key-but-secret"), &[]);
     assert_eq!(garbled.code, 1);
     assert!(
         garbled.stderr.contains("is not 32 bytes"),
@@ -607,12 +640,7 @@ fn a_supplied_master_key_never_appears_in_output_and_a_wrong_one_is_refused() {
     );
     assert!(!garbled.stderr.contains("not-a-key-but-secret"));
 
-    let none = run(ringfence().current_dir(dir.path()).args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--no-dev-master-key",
-    ]));
+    let none = serve_refused(dir.path(), None, &[]);
     assert_eq!(none.code, 1);
     assert!(
         none.stderr.contains("no master key was supplied"),
@@ -756,6 +784,7 @@ fn audit_verify_names_the_first_bad_entry() {
             fields: vec![],
             outcome: "decided".to_owned(),
             checkpoint: None,
+            key_event: None,
         };
         let (line, hash) = ringfence::audit::chain_line(seq, &prev, &entry).unwrap();
         text.push_str(&line);
@@ -767,8 +796,9 @@ fn audit_verify_names_the_first_bad_entry() {
     let ok = run(ringfence().args(["audit", "verify", "--log"]).arg(&log));
     assert_eq!(ok.code, 0, "{}", ok.stderr);
     assert!(
-        ok.stdout
-            .contains("intact: 3 entries (3 decisions, 0 checkpoints) in 1 segment(s)"),
+        ok.stdout.contains(
+            "intact: 3 entries (3 decisions, 0 checkpoints, 0 key events) in 1 segment(s)"
+        ),
         "{}",
         ok.stdout
     );
@@ -920,4 +950,323 @@ fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
         .args(["policy", "test", "--policies"])
         .arg(dir.path()));
     assert_eq!(invalid.code, 3, "{}{}", invalid.stdout, invalid.stderr);
+}
+
+/// Runs `serve` in danger-headers mode in `dir` until it exits (for refusals), with a
+/// supplied master key if given.
+fn serve_refused(dir: &Path, key: Option<&str>, extra: &[&str]) -> Output {
+    let mut command = ringfence();
+    command.current_dir(dir).args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--danger-trust-identity-headers",
+    ]);
+    if let Some(key) = key {
+        command.env("RINGFENCE_MASTER_KEY", key);
+    }
+    run(command.args(extra))
+}
+
+/// `keys` with a supplied master key in `dir`.
+fn keys_with(dir: &Path, key: &str, args: &[&str]) -> Output {
+    run(ringfence()
+        .current_dir(dir)
+        .env("RINGFENCE_MASTER_KEY", key)
+        .arg("keys")
+        .args(args))
+}
+
+/// The `key_event` entries of the log in `dir`, as (operation, jurisdiction, version).
+fn key_events(dir: &Path) -> Vec<(String, String, u64)> {
+    let mut events = Vec::new();
+    let log = dir.join("ringfence-data/log");
+    let mut segments: Vec<_> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "jsonl"))
+        .collect();
+    segments.sort();
+    for segment in segments {
+        for line in std::fs::read_to_string(segment).unwrap().lines() {
+            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(
+                entry["format"], 2,
+                "every new entry carries its format: {line}"
+            );
+            if entry["kind"] == "key_event" {
+                let event = &entry["key_event"];
+                assert!(
+                    entry["principal"].as_str().unwrap().contains("pid"),
+                    "{line}"
+                );
+                events.push((
+                    event["operation"].as_str().unwrap().to_owned(),
+                    event["jurisdiction"].as_str().unwrap().to_owned(),
+                    event["version"].as_u64().unwrap(),
+                ));
+            }
+        }
+    }
+    events
+}
+
+fn verify_with_public_key(dir: &Path) -> Output {
+    let public_key = run(ringfence().current_dir(dir).args(["audit", "public-key"]));
+    assert_eq!(public_key.code, 0, "{}", public_key.stderr);
+    std::fs::write(dir.join("auditor.pem"), &public_key.stdout).unwrap();
+    run(ringfence()
+        .current_dir(dir)
+        .args(["audit", "verify", "--public-key", "auditor.pem"]))
+}
+
+#[test]
+fn concurrent_offline_rotations_all_land_once_each_and_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "3c".repeat(32);
+    let init = keys_with(dir.path(), &key, &["init", "--jurisdictions", "US,SG"]);
+    assert_eq!(init.code, 0, "{}", init.stderr);
+    // 20 pairs: a US and an SG rotation started together, all 40 at once.
+    let children: Vec<_> = (0..20)
+        .flat_map(|_| ["US", "SG"])
+        .map(|jurisdiction| {
+            ringfence()
+                .current_dir(dir.path())
+                .env("RINGFENCE_MASTER_KEY", &key)
+                .args(["keys", "rotate", "--jurisdiction", jurisdiction])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut reported = std::collections::BTreeSet::new();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let fields: Vec<&str> = stdout.trim().split('\t').collect();
+        assert!(
+            reported.insert((fields[0].to_owned(), fields[1].to_owned())),
+            "two rotations reported the same version: {stdout}"
+        );
+    }
+    let list = keys_with(dir.path(), &key, &["list"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    for jurisdiction in ["US", "SG"] {
+        let versions = list
+            .stdout
+            .lines()
+            .filter(|line| line.starts_with(&format!("{jurisdiction}\t")))
+            .count();
+        assert_eq!(versions, 21, "{}", list.stdout);
+        assert!(
+            list.stdout.contains(&format!("{jurisdiction}\tv21\t")),
+            "{}",
+            list.stdout
+        );
+    }
+    let events = key_events(dir.path());
+    assert_eq!(
+        events.iter().filter(|e| e.0 == "init").count(),
+        2,
+        "{events:?}"
+    );
+    let rotations: std::collections::BTreeSet<_> =
+        events.iter().filter(|e| e.0 == "rotate").collect();
+    assert_eq!(
+        rotations.len(),
+        40,
+        "one distinct entry per rotation: {events:?}"
+    );
+    let verify = verify_with_public_key(dir.path());
+    assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+    assert!(
+        verify.stdout.contains(", 42 key events)"),
+        "{}",
+        verify.stdout
+    );
+    assert!(
+        verify.stdout.contains("every signature valid"),
+        "{}",
+        verify.stdout
+    );
+    // No temporary keyring copies are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("ringfence-data"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn key_changes_are_refused_while_a_server_runs_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let key = "4d".repeat(32);
+    let (server, _, _) = spawn_serve(dir.path(), &[], Some(&key));
+    let keyring = std::fs::read(dir.path().join("ringfence-data/keyring.json")).unwrap();
+    let rotate = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
+    assert_eq!(rotate.code, 1, "{}", rotate.stderr);
+    assert!(
+        rotate
+            .stderr
+            .contains("`ringfence serve` on 127.0.0.1:0 (pid"),
+        "{}",
+        rotate.stderr
+    );
+    assert!(rotate.stderr.contains("stop it"), "{}", rotate.stderr);
+    assert_eq!(
+        std::fs::read(dir.path().join("ringfence-data/keyring.json")).unwrap(),
+        keyring,
+        "keyring untouched"
+    );
+    // A second server on the same data directory is refused the same way.
+    let second = serve_refused(dir.path(), Some(&key), &[]);
+    assert_eq!(second.code, 1, "{}", second.stderr);
+    assert!(second.stderr.contains("is in use by"), "{}", second.stderr);
+    stop(server);
+    let rotate = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
+    assert_eq!(rotate.code, 0, "{}", rotate.stderr);
+}
+
+#[test]
+fn serve_never_creates_keys_outside_dev_and_refuses_the_development_key() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let key = "7e".repeat(32);
+    let none = serve_refused(dir.path(), Some(&key), &[]);
+    assert_eq!(none.code, 1, "{}", none.stderr);
+    assert!(
+        none.stderr.contains("`ringfence keys init`"),
+        "{}",
+        none.stderr
+    );
+    assert!(!dir.path().join("ringfence-data/keyring.json").exists());
+    // A configured jurisdiction without keys is named with the command that fixes it.
+    let init = keys_with(dir.path(), &key, &["init", "--jurisdictions", "US"]);
+    assert_eq!(init.code, 0, "{}", init.stderr);
+    let missing = serve_refused(dir.path(), Some(&key), &["--jurisdictions", "US,SG"]);
+    assert_eq!(missing.code, 1, "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("no root key for `SG`")
+            && missing.stderr.contains("keys init --jurisdictions SG"),
+        "{}",
+        missing.stderr
+    );
+    let again = keys_with(dir.path(), &key, &["init", "--jurisdictions", "US"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(again.stdout.contains("nothing to do"), "{}", again.stdout);
+    // A development master key next to a keyring is refused by default.
+    let dev = tempfile::tempdir().unwrap();
+    copy_policies(&dev.path().join("policies"));
+    let created = run(ringfence().current_dir(dev.path()).args([
+        "keys",
+        "init",
+        "--danger-allow-development-master-key",
+    ]));
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    assert!(created.stderr.contains("DEVELOPMENT"), "{}", created.stderr);
+    let refused = serve_refused(dev.path(), None, &[]);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("refusing the development master key"),
+        "{}",
+        refused.stderr
+    );
+}
+
+#[test]
+fn a_rolled_back_keyring_is_refused_by_serve_and_keys_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let key = "1f".repeat(32);
+    let keyring = dir.path().join("ringfence-data/keyring.json");
+    assert_eq!(keys_with(dir.path(), &key, &["init"]).code, 0);
+    let old = std::fs::read(&keyring).unwrap();
+    let rotate = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
+    assert_eq!(rotate.code, 0, "{}", rotate.stderr);
+    // Someone with write access to the data directory restores the older file: every
+    // tag in it is genuine, only the log's checkpoint knows it is old.
+    std::fs::write(&keyring, &old).unwrap();
+    let serve = serve_refused(dir.path(), Some(&key), &[]);
+    assert_eq!(serve.code, 1, "{}", serve.stderr);
+    assert!(
+        serve
+            .stderr
+            .contains("keyring was rolled back: jurisdiction `US` is at generation 1")
+            && serve.stderr.contains("vouches for generation 2"),
+        "{}",
+        serve.stderr
+    );
+    let again = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    assert!(again.stderr.contains("rolled back"), "{}", again.stderr);
+    assert_eq!(std::fs::read(&keyring).unwrap(), old, "file untouched");
+    let verify = verify_with_public_key(dir.path());
+    assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+}
+
+#[test]
+fn keys_migrate_converts_the_old_format_once_and_logs_it() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ringfence-data");
+    std::fs::create_dir_all(&data).unwrap();
+    let key = "2a".repeat(32);
+    let master = ringfence::keys::parse_master_key(&key, "test").unwrap();
+    let wrapper = ringfence::crypto::LegacyKeyWrapper::new(&master).unwrap();
+    let us = ringfence::Jurisdiction::new("US").unwrap();
+    let root = ringfence::crypto::SecretKey::generate().unwrap();
+    let sealed = wrapper
+        .seal(&us, ringfence::KeyVersion::FIRST, &root)
+        .unwrap();
+    let legacy = serde_json::json!({
+        "format": "ringfence-keyring/1",
+        "jurisdictions": {"US": {"current": 1, "versions": [{
+            "version": 1, "created_at": "2026-01-01T00:00:00Z",
+            "sealed": base64::engine::general_purpose::STANDARD.encode(sealed),
+        }]}},
+    });
+    std::fs::write(data.join("keyring.json"), legacy.to_string()).unwrap();
+    let list = keys_with(dir.path(), &key, &["list"]);
+    assert_eq!(list.code, 1, "{}", list.stderr);
+    assert!(
+        list.stderr.contains("ringfence keys migrate"),
+        "{}",
+        list.stderr
+    );
+    let migrate = keys_with(dir.path(), &key, &["migrate"]);
+    assert_eq!(migrate.code, 0, "{}", migrate.stderr);
+    let expected_id = ringfence::crypto::DerivationKey::from_root(&root)
+        .key_id(&us, ringfence::KeyVersion::FIRST)
+        .unwrap()
+        .to_string();
+    assert!(migrate.stdout.contains(&expected_id), "{}", migrate.stdout);
+    let list = keys_with(dir.path(), &key, &["list"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(
+        list.stdout
+            .contains(&format!("US\tv1\t{expected_id}\t2026-01-01T00:00:00Z")),
+        "{}",
+        list.stdout
+    );
+    assert_eq!(
+        key_events(dir.path()),
+        vec![("migrate".to_owned(), "US".to_owned(), 1)]
+    );
+    let twice = keys_with(dir.path(), &key, &["migrate"]);
+    assert_eq!(twice.code, 1, "{}", twice.stderr);
+    assert!(
+        twice.stderr.contains("nothing to migrate"),
+        "{}",
+        twice.stderr
+    );
 }

@@ -344,14 +344,34 @@ async fn every_request_has_one_chained_entry_and_no_plaintext() {
     for (index, entry) in all.iter().enumerate() {
         assert_eq!(entry["seq"], index as u64 + 1);
     }
-    // Signed checkpoints are interleaved by time; the rest is one entry per request.
+    // The keys this server created first (one `key_event` each, never key bytes), then
+    // a checkpoint vouching for their generations; signed checkpoints are interleaved
+    // by time; the rest is one entry per request.
+    let first_request = all.iter().position(|e| e["kind"] == "encrypt").unwrap();
+    let before: Vec<&serde_json::Value> = all[..first_request]
+        .iter()
+        .filter(|e| e["kind"] != "checkpoint")
+        .collect();
+    assert_eq!(before.len(), 3, "{before:?}");
+    for (entry, jurisdiction) in before.into_iter().zip(["US", "SG", "EU"]) {
+        assert_eq!(entry["kind"], "key_event", "{entry}");
+        assert_eq!(entry["key_event"]["operation"], "init");
+        assert_eq!(entry["key_event"]["jurisdiction"], jurisdiction);
+        assert_eq!(entry["key_event"]["generation"], 1);
+        assert_eq!(entry["key_event"]["key_id"].as_str().unwrap().len(), 32);
+    }
+    let last = &all[first_request - 1];
     assert_eq!(
-        all[1]["kind"], "checkpoint",
-        "the first batch carries a checkpoint"
+        last["kind"], "checkpoint",
+        "a checkpoint follows the key events"
+    );
+    assert_eq!(
+        last["checkpoint"]["key_generations"],
+        serde_json::json!({"EU": 1, "SG": 1, "US": 1})
     );
     let entries: Vec<serde_json::Value> = all
         .iter()
-        .filter(|e| e["kind"] != "checkpoint")
+        .filter(|e| e["kind"] != "checkpoint" && e["kind"] != "key_event")
         .cloned()
         .collect();
     let kinds: Vec<&str> = entries
@@ -768,7 +788,6 @@ async fn health_and_reflection_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unwritable_log_fails_closed_with_unavailable() {
     use ringfence::audit::{DecisionLog, segment_path};
-    use ringfence::crypto::SecretKey;
     use ringfence::keys::Keyring;
     use ringfence::policy::PolicyStore;
 
@@ -778,9 +797,9 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
     let jurisdictions = ringfence::ServeConfig::defaults().jurisdictions;
-    let (keyring, _) = Keyring::open_or_create(
+    let keyring = Keyring::create_unlogged(
         &dir.path().join("data/keyring.json"),
-        &SecretKey::generate().unwrap(),
+        &ringfence::keys::LocalMasterKey::generate().unwrap(),
         &jurisdictions,
     )
     .unwrap();

@@ -6,6 +6,7 @@
 //! check checkpoints with `ringfence audit verify --public-key` or with OpenSSL (the
 //! signed message is plain text, see `docs/decision-log.md`).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,8 @@ pub const PUBLIC_KEY_FILE: &str = "audit-signing-key.pub.pem";
 pub const CHECKPOINT_KIND: &str = "checkpoint";
 /// First line of every signed message: names the format and its version.
 const DOMAIN: &str = "ringfence decision log checkpoint v1";
+/// First line of a message that also vouches for the keyring's generations.
+const DOMAIN_V2: &str = "ringfence decision log checkpoint v2";
 
 /// The signed part of a checkpoint entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +39,11 @@ pub struct Checkpoint {
     pub head: String,
     /// When it was signed (RFC 3339).
     pub signed_at: String,
+    /// The keyring generation of every jurisdiction when it was signed (rollback
+    /// protection: `serve` refuses an older keyring). Absent in checkpoints written
+    /// before keyring format 2.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub key_generations: BTreeMap<String, u64>,
     /// First 16 hex digits of SHA-256 over the raw public key.
     pub key_id: String,
     /// Base64 of the 64-byte Ed25519 signature over [`Checkpoint::message`].
@@ -43,9 +51,51 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// The exact bytes signed: four lines of text.
+    /// The exact bytes signed without key generations: four lines of text.
     pub fn message(seq: u64, head: &str, signed_at: &str) -> String {
         format!("{DOMAIN}\nseq {seq}\nhead {head}\nsigned_at {signed_at}\n")
+    }
+
+    /// The exact bytes signed: the four lines of [`Checkpoint::message`] (under the v2
+    /// domain) and a fifth, `keyring US:3,SG:1`, when key generations are carried.
+    pub fn message_with(
+        seq: u64,
+        head: &str,
+        signed_at: &str,
+        key_generations: &BTreeMap<String, u64>,
+    ) -> String {
+        if key_generations.is_empty() {
+            return Self::message(seq, head, signed_at);
+        }
+        let generations: Vec<String> = key_generations
+            .iter()
+            .map(|(jurisdiction, generation)| format!("{jurisdiction}:{generation}"))
+            .collect();
+        format!(
+            "{DOMAIN_V2}\nseq {seq}\nhead {head}\nsigned_at {signed_at}\nkeyring {}\n",
+            generations.join(",")
+        )
+    }
+
+    /// The message this checkpoint's signature covers.
+    pub fn signed_message(&self) -> String {
+        Self::message_with(self.seq, &self.head, &self.signed_at, &self.key_generations)
+    }
+
+    /// Checks that generation keys are jurisdiction codes, so the `keyring` line of the
+    /// signed message reads one way only.
+    pub fn check_generations(&self) -> Result<(), String> {
+        match self
+            .key_generations
+            .keys()
+            .find(|code| crate::record::Jurisdiction::new(code).is_err())
+        {
+            Some(code) => Err(format!(
+                "key generation for `{}`, which is not a jurisdiction code",
+                crate::record::shown(code)
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -109,7 +159,7 @@ impl CheckpointSigner {
                 let pem = key
                     .to_pkcs8_pem(LineEnding::LF)
                     .map_err(|error| key_error(error.to_string()))?;
-                crate::keys::write_private_file(path, pem.as_bytes())
+                crate::fsutil::write_private_file(path, pem.as_bytes())
                     .map_err(|error| key_error(error.to_string()))?;
                 (key, true)
             }
@@ -156,13 +206,25 @@ impl CheckpointSigner {
 
     /// Signs (seq, head) now.
     pub fn sign(&self, seq: u64, head: &str, signed_at: &str) -> Checkpoint {
+        self.sign_with(seq, head, signed_at, &BTreeMap::new())
+    }
+
+    /// Signs (seq, head) and the keyring generations now.
+    pub fn sign_with(
+        &self,
+        seq: u64,
+        head: &str,
+        signed_at: &str,
+        key_generations: &BTreeMap<String, u64>,
+    ) -> Checkpoint {
         let signature = self
             .key
-            .sign(Checkpoint::message(seq, head, signed_at).as_bytes());
+            .sign(Checkpoint::message_with(seq, head, signed_at, key_generations).as_bytes());
         Checkpoint {
             seq,
             head: head.to_owned(),
             signed_at: signed_at.to_owned(),
+            key_generations: key_generations.clone(),
             key_id: self.key_id.clone(),
             signature: base64::Engine::encode(
                 &base64::engine::general_purpose::STANDARD,
@@ -213,7 +275,8 @@ impl CheckpointVerifier {
         .map_err(|_| "signature is not base64".to_owned())?;
         let signature =
             Signature::from_slice(&bytes).map_err(|_| "signature is not 64 bytes".to_owned())?;
-        let message = Checkpoint::message(checkpoint.seq, &checkpoint.head, &checkpoint.signed_at);
+        checkpoint.check_generations()?;
+        let message = checkpoint.signed_message();
         self.key
             .verify_strict(message.as_bytes(), &signature)
             .map_err(|_| "signature does not verify: checkpoint forged or altered".to_owned())
@@ -223,6 +286,35 @@ impl CheckpointVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_generations_are_signed_and_cannot_be_lowered_dropped_or_smuggled() {
+        let signer = CheckpointSigner::from_seed(&[7u8; 32]);
+        let verifier = CheckpointVerifier::from_pem(&signer.public_key_pem().unwrap()).unwrap();
+        let generations = BTreeMap::from([("SG".to_owned(), 1), ("US".to_owned(), 5)]);
+        let checkpoint =
+            signer.sign_with(9, &"cd".repeat(32), "2026-11-28T08:00:00Z", &generations);
+        verifier.check(&checkpoint).unwrap();
+        assert!(checkpoint.signed_message().ends_with("keyring SG:1,US:5\n"));
+        let mut lowered = checkpoint.clone();
+        lowered.key_generations.insert("US".to_owned(), 4);
+        assert!(verifier.check(&lowered).is_err());
+        let mut dropped = checkpoint.clone();
+        dropped.key_generations.clear();
+        assert!(
+            verifier.check(&dropped).is_err(),
+            "a v2 signature is no v1 signature"
+        );
+        // Keys that would print the same `keyring` line are refused outright.
+        let mut smuggled = checkpoint.clone();
+        smuggled.key_generations = BTreeMap::from([("SG:1,US".to_owned(), 5)]);
+        assert!(
+            verifier
+                .check(&smuggled)
+                .unwrap_err()
+                .contains("not a jurisdiction")
+        );
+    }
 
     #[test]
     fn a_signature_verifies_only_for_what_was_signed_and_only_with_its_key() {

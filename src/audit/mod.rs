@@ -11,6 +11,7 @@ mod query;
 pub mod replay;
 mod verify;
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -38,6 +39,14 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_SEGMENT_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest time between signed checkpoints while entries are written.
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Format version every entry carries as `format` (entries without one are format 1).
+pub const ENTRY_FORMAT: u32 = 2;
+/// `kind` of entries that record a change to the keyring.
+pub const KEY_EVENT_KIND: &str = "key_event";
+/// The writer lock in the log directory: one process appends at a time.
+pub const WRITER_LOCK_FILE: &str = "writer.lock";
+/// How long opening the log waits for a previous writer in this process to let go.
+const LOCK_PATIENCE: Duration = Duration::from_secs(3);
 const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
 /// Most entries committed by one fsync.
 const MAX_BATCH: usize = 1024;
@@ -56,6 +65,30 @@ pub enum Error {
     /// An append did not become durable; nothing that depends on it may proceed.
     #[error("decision log unavailable: {0}")]
     Unavailable(String),
+    /// Another process appends to the log.
+    #[error("decision log `{dir}` is in use by {holder}")]
+    Locked {
+        /// The log directory.
+        dir: PathBuf,
+        /// Who holds it, as it described itself.
+        holder: String,
+    },
+    /// The keyring is older than what the log's newest checkpoint vouches for.
+    #[error(
+        "the keyring was rolled back: jurisdiction `{jurisdiction}` is at generation {keyring} but the decision log's newest checkpoint (seq {seq}, signed {signed_at}) vouches for generation {checkpoint}; restore the newest keyring.json"
+    )]
+    KeyringRolledBack {
+        /// The jurisdiction.
+        jurisdiction: String,
+        /// Its generation in the keyring (0: missing).
+        keyring: u64,
+        /// Its generation in the checkpoint.
+        checkpoint: u64,
+        /// The checkpoint's seq.
+        seq: u64,
+        /// When the checkpoint was signed.
+        signed_at: String,
+    },
 }
 
 /// What one log entry records of a record.
@@ -89,6 +122,21 @@ pub struct FieldEntry {
     pub key_version: Option<u32>,
     /// What happened: `decrypt`, `encrypt`, `denied`, `integrity_failure`, ...
     pub outcome: String,
+}
+
+/// A change to the keyring (`kind: "key_event"`); never key bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEventEntry {
+    /// `init`, `rotate`, `migrate`.
+    pub operation: String,
+    /// The jurisdiction changed.
+    pub jurisdiction: String,
+    /// The key version created or carried over.
+    pub version: u32,
+    /// Its key id.
+    pub key_id: String,
+    /// The jurisdiction's keyring generation after the change.
+    pub generation: u64,
 }
 
 /// One request's entry, before the writer chains it.
@@ -132,6 +180,9 @@ pub struct Entry {
     /// For `kind: "checkpoint"`: the signature over the chain head before this entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// For `kind: "key_event"`: what changed in the keyring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_event: Option<KeyEventEntry>,
 }
 
 impl Entry {
@@ -159,6 +210,7 @@ impl Entry {
             fields: Vec::new(),
             outcome,
             checkpoint: None,
+            key_event: None,
         }
     }
 
@@ -188,6 +240,11 @@ pub struct LogOptions {
     pub checkpoint_interval: Duration,
     /// Signs checkpoints; none means the log has no checkpoints.
     pub signer: Option<CheckpointSigner>,
+    /// The keyring's generation per jurisdiction. When set, opening refuses a keyring
+    /// older than the newest checkpoint vouches for, and checkpoints carry them.
+    pub key_generations: Option<BTreeMap<String, u64>>,
+    /// Who is writing, recorded in the writer lock (e.g. `ringfence serve (pid 7)`).
+    pub holder: String,
 }
 
 impl Default for LogOptions {
@@ -197,6 +254,8 @@ impl Default for LogOptions {
             max_segment_age: DEFAULT_SEGMENT_AGE,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             signer: None,
+            key_generations: None,
+            holder: crate::fsutil::describe_process("a ringfence decision log writer"),
         }
     }
 }
@@ -204,6 +263,7 @@ impl Default for LogOptions {
 #[derive(Serialize)]
 struct Chained<'a> {
     seq: u64,
+    format: u32,
     prev_hash: &'a str,
     #[serde(flatten)]
     entry: &'a Entry,
@@ -214,6 +274,7 @@ struct Chained<'a> {
 pub fn chain_line(seq: u64, prev_hash: &str, entry: &Entry) -> Result<(String, String), Error> {
     let mut body = serde_json::to_string(&Chained {
         seq,
+        format: ENTRY_FORMAT,
         prev_hash,
         entry,
     })
@@ -242,6 +303,9 @@ pub fn split_line(line: &str) -> Option<(String, &str)> {
 pub struct ChainFields {
     /// Sequence number, from 1.
     pub seq: u64,
+    /// Entry format version (absent: 1).
+    #[serde(default)]
+    pub format: Option<u32>,
     /// Hash of the previous entry.
     pub prev_hash: String,
     /// When.
@@ -296,6 +360,7 @@ pub struct DecisionLog {
     sender: mpsc::Sender<Request>,
     healthy: Arc<AtomicBool>,
     problem: Arc<Problem>,
+    key_generations: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
     dir: PathBuf,
 }
 
@@ -308,6 +373,8 @@ pub struct OpenState {
     pub segment: u64,
     /// A torn final line found in the previous segment, if any (left in place).
     pub torn_tail: Option<PathBuf>,
+    /// The newest checkpoint found, if any.
+    pub newest_checkpoint: Option<Checkpoint>,
 }
 
 struct Writer {
@@ -326,6 +393,9 @@ struct Writer {
     failure: Option<Failure>,
     healthy: Arc<AtomicBool>,
     problem: Arc<Problem>,
+    key_generations: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    /// Held for the writer's life: one process appends at a time.
+    _lock: crate::fsutil::LockFile,
 }
 
 /// Why the writer is refusing appends, and what it must do before it may resume.
@@ -430,8 +500,8 @@ struct Head {
     signed: bool,
 }
 
-/// The chain head in one segment, and whether its end is torn.
-fn segment_head(path: &Path) -> Result<(Option<Head>, bool), String> {
+/// The chain head in one segment, whether its end is torn, and its last checkpoint.
+fn segment_head(path: &Path) -> Result<(Option<Head>, bool, Option<Checkpoint>), String> {
     use std::io::Read as _;
     let file = File::open(path).map_err(|error| error.to_string())?;
     if !file
@@ -443,6 +513,7 @@ fn segment_head(path: &Path) -> Result<(Option<Head>, bool), String> {
     }
     let mut reader = BufReader::new(file);
     let mut head = None;
+    let mut checkpoint = None;
     let mut line = String::new();
     let mut number = 0u64;
     loop {
@@ -458,12 +529,12 @@ fn segment_head(path: &Path) -> Result<(Option<Head>, bool), String> {
             ));
         }
         if read == 0 {
-            return Ok((head, false));
+            return Ok((head, false, checkpoint));
         }
         number += 1;
         let Some(text) = line.strip_suffix('\n') else {
             // No newline: the write of this line never completed (a crash).
-            return Ok((head, true));
+            return Ok((head, true, checkpoint));
         };
         let (body, hash) =
             split_line(text).ok_or_else(|| format!("line {number}: not a chained entry"))?;
@@ -472,12 +543,36 @@ fn segment_head(path: &Path) -> Result<(Option<Head>, bool), String> {
         }
         let fields: ChainFields =
             serde_json::from_str(&body).map_err(|error| format!("line {number}: {error}"))?;
+        let signed = fields.kind == CHECKPOINT_KIND;
+        if signed && fields.checkpoint.is_some() {
+            checkpoint = fields.checkpoint;
+        }
         head = Some(Head {
             seq: fields.seq,
             hash: hash.to_owned(),
-            signed: fields.kind == CHECKPOINT_KIND,
+            signed,
         });
     }
+}
+
+/// Refuses `keyring` generations older than (or missing from) what `checkpoint` vouches for.
+pub fn check_key_generations(
+    checkpoint: &Checkpoint,
+    keyring: &BTreeMap<String, u64>,
+) -> Result<(), Error> {
+    for (jurisdiction, vouched) in &checkpoint.key_generations {
+        let held = keyring.get(jurisdiction).copied().unwrap_or(0);
+        if held < *vouched {
+            return Err(Error::KeyringRolledBack {
+                jurisdiction: crate::record::shown(jurisdiction),
+                keyring: held,
+                checkpoint: *vouched,
+                seq: checkpoint.seq,
+                signed_at: checkpoint.signed_at.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl DecisionLog {
@@ -516,8 +611,21 @@ impl DecisionLog {
         builder
             .create(dir)
             .map_err(|error| open_error(dir, error.to_string()))?;
+        let lock = crate::fsutil::LockFile::try_acquire(
+            &dir.join(WRITER_LOCK_FILE),
+            &options.holder,
+            LOCK_PATIENCE,
+        )
+        .map_err(|error| match error {
+            crate::fsutil::LockError::Held { holder, .. } => Error::Locked {
+                dir: dir.to_owned(),
+                holder: holder.to_string(),
+            },
+            other => open_error(dir, other.to_string()),
+        })?;
         let numbers = segment_numbers(dir).map_err(|error| open_error(dir, error.to_string()))?;
         let mut head = None;
+        let mut newest_checkpoint = None;
         let mut torn_tail = None;
         let mut segment = numbers.last().copied().unwrap_or(1);
         for (index, number) in numbers.iter().rev().enumerate() {
@@ -536,16 +644,39 @@ impl DecisionLog {
                 });
                 break;
             }
-            let (found, torn) = segment_head(&path).map_err(|reason| open_error(&path, reason))?;
+            let (found, torn, checkpoint) =
+                segment_head(&path).map_err(|reason| open_error(&path, reason))?;
             if index == 0 && torn {
                 torn_tail = Some(path.clone());
                 segment = number + 1;
+            }
+            if newest_checkpoint.is_none() {
+                newest_checkpoint = checkpoint;
             }
             if found.is_some() {
                 head = found;
                 break;
             }
         }
+        // The head's segment may hold no checkpoint yet (a crash before its first one):
+        // the newest checkpoint is then in an older segment.
+        if newest_checkpoint.is_none() && options.key_generations.is_some() {
+            for number in numbers.iter().rev() {
+                let path = segment_path(dir, *number);
+                let (_, _, checkpoint) =
+                    segment_head(&path).map_err(|reason| open_error(&path, reason))?;
+                if checkpoint.is_some() {
+                    newest_checkpoint = checkpoint;
+                    break;
+                }
+            }
+        }
+        if let (Some(checkpoint), Some(keyring)) = (&newest_checkpoint, &options.key_generations) {
+            check_key_generations(checkpoint, keyring)?;
+        }
+        let key_generations = Arc::new(std::sync::Mutex::new(
+            options.key_generations.clone().unwrap_or_default(),
+        ));
         let Head {
             seq,
             hash: last_hash,
@@ -578,6 +709,8 @@ impl DecisionLog {
             failure: None,
             healthy: Arc::clone(&healthy),
             problem: Arc::clone(&problem),
+            key_generations: Arc::clone(&key_generations),
+            _lock: lock,
         };
         let (sender, receiver) = mpsc::channel(8 * MAX_BATCH);
         std::thread::Builder::new()
@@ -589,12 +722,14 @@ impl DecisionLog {
                 sender,
                 healthy,
                 problem,
+                key_generations,
                 dir: dir.to_owned(),
             },
             OpenState {
                 last_seq: seq,
                 segment,
                 torn_tail,
+                newest_checkpoint,
             },
         ))
     }
@@ -622,6 +757,14 @@ impl DecisionLog {
         receipt
             .await
             .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))?
+    }
+
+    /// Sets the keyring generations that checkpoints from now on vouch for (after a
+    /// key change, before its `key_event` entries are appended).
+    pub fn set_key_generations(&self, generations: BTreeMap<String, u64>) {
+        if let Ok(mut slot) = self.key_generations.lock() {
+            *slot = generations;
+        }
     }
 
     /// Whether the last write succeeded.
@@ -747,7 +890,13 @@ impl Writer {
             let signed_at = time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
-            let entry = Entry::checkpoint(signer.sign(seq, &last_hash, &signed_at));
+            let generations = self
+                .key_generations
+                .lock()
+                .map(|generations| generations.clone())
+                .unwrap_or_default();
+            let entry =
+                Entry::checkpoint(signer.sign_with(seq, &last_hash, &signed_at, &generations));
             if let Ok((line, hash)) = chain_line(seq + 1, &last_hash, &entry) {
                 buffer.push_str(&line);
                 buffer.push('\n');

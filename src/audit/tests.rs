@@ -29,6 +29,7 @@ fn entry(n: usize) -> Entry {
         }],
         outcome: "decided".to_owned(),
         checkpoint: None,
+        key_event: None,
     }
 }
 
@@ -531,4 +532,164 @@ fn segments_rotate_by_age_and_a_dropped_segment_is_detected() {
         failure.problem.contains("segment 2 is missing"),
         "{failure}"
     );
+}
+
+#[test]
+fn a_second_writer_is_refused_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = DecisionLog::open_with(
+        dir.path(),
+        LogOptions {
+            holder: "`first writer` (pid 1)".to_owned(),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    let error = DecisionLog::open(dir.path()).unwrap_err();
+    assert!(matches!(error, Error::Locked { .. }), "{error}");
+    assert!(
+        error.to_string().contains("`first writer` (pid 1)"),
+        "{error}"
+    );
+    drop(log);
+    // Once the first writer is gone the directory is free again.
+    write_entries(dir.path(), 1, DEFAULT_SEGMENT_BYTES);
+}
+
+#[test]
+fn entries_of_unknown_format_are_refused_and_old_entries_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    write_entries(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let lines = lines_of(&segment);
+    assert!(
+        lines
+            .iter()
+            .all(|line| line.starts_with("{\"seq\":") && line.contains(",\"format\":2,"))
+    );
+    // Format-1 entries (no `format` member, as written before) still verify.
+    let mut prev = GENESIS_HASH.to_owned();
+    let mut old = Vec::new();
+    for (index, line) in lines.iter().enumerate() {
+        let (body, _) = split_line(line).unwrap();
+        let body = body.replace(",\"format\":2", "");
+        let body = body.replacen(
+            &format!("\"prev_hash\":\"{}\"", split_prev(line)),
+            &format!("\"prev_hash\":\"{prev}\""),
+            1,
+        );
+        let hash = hex::encode(Sha256::digest(body.as_bytes()));
+        old.push(format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]));
+        prev = hash;
+        assert_eq!(index + 1, old.len());
+    }
+    write_lines(&segment, &old);
+    assert_eq!(verify(dir.path()).unwrap().entries, 2);
+    // A format this verifier does not know is named, not guessed at.
+    let newer: Vec<String> = {
+        let (body, _) = split_line(&lines[0]).unwrap();
+        let body = body.replace(",\"format\":2,", ",\"format\":3,");
+        let hash = hex::encode(Sha256::digest(body.as_bytes()));
+        vec![format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1])]
+    };
+    write_lines(&segment, &newer);
+    let failure = verify(dir.path()).unwrap_err();
+    assert!(
+        failure.problem.contains("entry format 3 is unknown"),
+        "{failure}"
+    );
+}
+
+fn split_prev(line: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(line).unwrap();
+    value["prev_hash"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_keyring_older_than_the_newest_checkpoint_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let generations = |us: u64| {
+        Some(BTreeMap::from([
+            ("US".to_owned(), us),
+            ("SG".to_owned(), 1),
+        ]))
+    };
+    let runtime = runtime();
+    let (log, _) = DecisionLog::open_with(
+        dir.path(),
+        LogOptions {
+            signer: Some(signer()),
+            key_generations: generations(1),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    runtime.block_on(async {
+        log.append(entry(0)).await.unwrap();
+        log.set_key_generations(generations(3).unwrap());
+        log.append(entry(1)).await.unwrap();
+        log.checkpoint().await.unwrap();
+    });
+    drop(log);
+    let before = fs::read(segment_path(dir.path(), 1)).unwrap();
+    for (keyring, refused) in [
+        (generations(2), true),
+        (generations(3), false),
+        (generations(4), false),
+    ] {
+        let result = DecisionLog::open_with(
+            dir.path(),
+            LogOptions {
+                signer: Some(signer()),
+                key_generations: keyring,
+                ..LogOptions::default()
+            },
+        );
+        match result {
+            Err(error) => {
+                assert!(refused, "{error}");
+                assert!(
+                    error.to_string().contains("`US` is at generation 2"),
+                    "{error}"
+                );
+                assert!(
+                    error.to_string().contains("vouches for generation 3"),
+                    "{error}"
+                );
+            }
+            Ok((log, state)) => {
+                assert!(!refused);
+                assert_eq!(state.newest_checkpoint.unwrap().key_generations["US"], 3);
+                drop(log);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+    // A jurisdiction the checkpoint vouches for may not vanish from the keyring.
+    let missing = DecisionLog::open_with(
+        dir.path(),
+        LogOptions {
+            key_generations: Some(BTreeMap::from([("US".to_owned(), 3)])),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        missing.to_string().contains("`SG` is at generation 0"),
+        "{missing}"
+    );
+    assert_eq!(
+        fs::read(segment_path(dir.path(), 1)).unwrap(),
+        before,
+        "nothing written"
+    );
+    let verifier = public_key();
+    verify_with(
+        dir.path(),
+        &VerifyOptions {
+            public_key: Some(verifier),
+            saved_checkpoint: None,
+        },
+    )
+    .unwrap();
 }

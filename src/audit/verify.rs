@@ -68,6 +68,8 @@ pub struct VerifyReport {
     pub failed_segments: Vec<(PathBuf, u64)>,
     /// Checkpoint entries found (each links to the head before it).
     pub checkpoints: u64,
+    /// Keyring changes (`key_event` entries) verified.
+    pub key_events: u64,
     /// Whether their signatures were checked (a public key was given).
     pub signatures_checked: bool,
     /// Sequence number of the last checkpoint entry.
@@ -303,6 +305,18 @@ fn verify_line(
         return Err(fail(seq, "hash mismatch: entry altered".to_owned()));
     }
     let fields = fields.map_err(|error| fail(None, error.to_string()))?;
+    // Entries before format 2 carry no `format`; a newer one needs a newer verifier.
+    if let Some(format) = fields.format
+        && format != super::ENTRY_FORMAT
+    {
+        return Err(fail(
+            Some(fields.seq),
+            format!(
+                "entry format {format} is unknown to this verifier (it reads formats 1 and {})",
+                super::ENTRY_FORMAT
+            ),
+        ));
+    }
     if fields.seq != expected_seq {
         return Err(fail(
             Some(fields.seq),
@@ -343,6 +357,9 @@ fn verify_line(
             Some(fields.seq),
             format!("a `{}` entry carries a checkpoint", fields.kind),
         ));
+    }
+    if fields.kind == super::KEY_EVENT_KIND {
+        report.key_events += 1;
     }
     if let Some(saved) = check.saved
         && saved.seq == fields.seq

@@ -17,7 +17,7 @@ pub struct FilterArgs {
     /// Calling service id.
     #[arg(long)]
     service: Option<String>,
-    /// Entry kind: decrypt, encrypt, authorize, integrity_failure, rejected, unauthenticated, checkpoint.
+    /// Entry kind: decrypt, encrypt, authorize, integrity_failure, rejected, unauthenticated, checkpoint, key_event.
     #[arg(long)]
     kind: Option<String>,
     /// Record jurisdiction.
@@ -272,11 +272,12 @@ fn verify(
     match ringfence::audit::verify_with(log, &options) {
         Ok(report) => {
             println!(
-                "{}: intact: {} entries ({} decisions, {} checkpoints) in {} segment(s), {} .. {}, head {}",
+                "{}: intact: {} entries ({} decisions, {} checkpoints, {} key events) in {} segment(s), {} .. {}, head {}",
                 log.display(),
                 report.entries,
-                report.entries - report.checkpoints,
+                report.entries - report.checkpoints - report.key_events,
                 report.checkpoints,
+                report.key_events,
                 report.segments,
                 report.first_time.as_deref().unwrap_or("-"),
                 report.last_time.as_deref().unwrap_or("-"),

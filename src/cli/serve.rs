@@ -25,20 +25,21 @@ pub struct Args {
     /// Policy directory: schema, policies, directory, field catalog.
     #[arg(long, default_value = DEFAULT_POLICIES)]
     policies: PathBuf,
-    /// Jurisdictions that accept new encryptions, comma-separated.
+    /// Jurisdictions that accept new encryptions, comma-separated; each must hold keys
+    /// (`ringfence keys init`), except with --dev, which creates them.
     #[arg(long, value_delimiter = ',', default_value = "US,SG,EU")]
     jurisdictions: Vec<Jurisdiction>,
     /// File holding the master key (64 hex digits or base64 of 32 bytes).
-    /// Without it, the RINGFENCE_MASTER_KEY environment variable is used, and without
-    /// that a development key in the data directory.
+    /// Without it, the RINGFENCE_MASTER_KEY environment variable is used.
     #[arg(long)]
     master_key_file: Option<PathBuf>,
-    /// Refuse to create or use a development master key.
+    /// DEVELOPMENT ONLY: accept the development master key stored in the data
+    /// directory (implied by --dev, which also creates it and the keys).
     #[arg(long)]
-    no_dev_master_key: bool,
+    danger_allow_development_master_key: bool,
     /// Development: mutual TLS and employee tokens from a local CA and identity provider
-    /// in <data-dir>/dev-pki (created on first start, see `ringfence dev init`).
-    /// Refused off loopback.
+    /// in <data-dir>/dev-pki (created on first start, see `ringfence dev init`), and a
+    /// development master key and keyring created on first start. Refused off loopback.
     #[arg(long, conflicts_with_all = ["danger_trust_identity_headers", "tls_cert"])]
     dev: bool,
     /// DEVELOPMENT ONLY: believe the x-ringfence-service and x-ringfence-employee
@@ -128,7 +129,8 @@ pub fn run(args: Args) -> ExitCode {
         jurisdictions: args.jurisdictions,
         master_key_file: args.master_key_file,
         master_key_env: std::env::var(MASTER_KEY_ENV).ok().map(MasterKeyText::new),
-        allow_development_master_key: !args.no_dev_master_key,
+        allow_development_master_key: args.dev || args.danger_allow_development_master_key,
+        create_missing_keys: args.dev,
         auth,
         max_message_bytes: args.max_message_bytes,
         watch_policies: !args.no_watch_policies,

@@ -261,9 +261,9 @@ fn nonces_are_fresh() {
 }
 
 #[test]
-fn key_wrapping_binds_master_jurisdiction_and_version() {
+fn legacy_key_wrapping_binds_master_jurisdiction_and_version() {
     let master = SecretKey::generate().unwrap();
-    let wrapper = KeyWrapper::new(&master).unwrap();
+    let wrapper = LegacyKeyWrapper::new(&master).unwrap();
     let root = SecretKey::generate().unwrap();
     let us = Jurisdiction::new("US").unwrap();
     let sg = Jurisdiction::new("SG").unwrap();
@@ -280,11 +280,99 @@ fn key_wrapping_binds_master_jurisdiction_and_version() {
             .open(&us, KeyVersion::new(2).unwrap(), &sealed)
             .is_err()
     );
-    let other = KeyWrapper::new(&SecretKey::generate().unwrap()).unwrap();
+    let other = LegacyKeyWrapper::new(&SecretKey::generate().unwrap()).unwrap();
     assert!(other.open(&us, v1, &sealed).is_err());
     let mut flipped = sealed.clone();
     flipped[20] ^= 1;
     assert!(wrapper.open(&us, v1, &flipped).is_err());
+}
+
+#[test]
+fn jurisdiction_wrapping_keys_bind_master_jurisdiction_version_and_key_id() {
+    let master = SecretKey::generate().unwrap();
+    let us = Jurisdiction::new("US").unwrap();
+    let sg = Jurisdiction::new("SG").unwrap();
+    let us_key = WrappingKey::derive(&master, &us).unwrap();
+    let sg_key = WrappingKey::derive(&master, &sg).unwrap();
+    let root = SecretKey::generate().unwrap();
+    let v1 = KeyVersion::FIRST;
+    let v2 = KeyVersion::new(2).unwrap();
+    let id = DerivationKey::from_root(&root).key_id(&us, v1).unwrap();
+    let sealed = us_key.seal(v1, &id, &root).unwrap();
+    assert_eq!(sealed.len(), SEALED_KEY_LEN);
+    assert_eq!(
+        us_key.open(v1, &id, &sealed).unwrap().expose(),
+        root.expose()
+    );
+    // Another jurisdiction's wrapping key, another version, another key id, another
+    // master key, one flipped bit: none opens it.
+    assert!(sg_key.open(v1, &id, &sealed).is_err());
+    assert!(us_key.open(v2, &id, &sealed).is_err());
+    let other_id = DerivationKey::from_root(&root).key_id(&us, v2).unwrap();
+    assert_ne!(id, other_id, "a key id names the version too");
+    assert!(us_key.open(v1, &other_id, &sealed).is_err());
+    let other_master = WrappingKey::derive(&SecretKey::generate().unwrap(), &us).unwrap();
+    assert!(other_master.open(v1, &id, &sealed).is_err());
+    let mut flipped = sealed.clone();
+    flipped[20] ^= 1;
+    assert!(us_key.open(v1, &id, &flipped).is_err());
+    // Metadata tags: bound to the jurisdiction's key and to every byte.
+    let tag = us_key.authenticate(b"generation 3").unwrap();
+    assert!(us_key.verify(b"generation 3", &tag).is_ok());
+    assert!(us_key.verify(b"generation 2", &tag).is_err());
+    assert!(sg_key.verify(b"generation 3", &tag).is_err());
+    assert!(us_key.verify(b"generation 3", &tag[..31]).is_err());
+    assert!(format!("{us_key:?}").contains("redacted"));
+}
+
+#[test]
+fn key_hierarchy_matches_its_known_answer_vector() {
+    // tests/data/key_hierarchy_kat.json, computed independently with Python's hmac and
+    // hashlib from docs/crypto.md ("Key hierarchy").
+    let kat: serde_json::Value =
+        serde_json::from_str(include_str!("../../tests/data/key_hierarchy_kat.json")).unwrap();
+    let hex32 = |name: &str| -> [u8; 32] {
+        hex::decode(kat[name].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap()
+    };
+    let master = SecretKey::from_bytes(hex32("master_key"));
+    let jurisdiction = Jurisdiction::new(kat["jurisdiction"].as_str().unwrap()).unwrap();
+    let version = KeyVersion::new(kat["key_version"].as_u64().unwrap() as u32).unwrap();
+    let root = SecretKey::from_bytes(hex32("root_key"));
+    let key_id = DerivationKey::from_root(&root)
+        .key_id(&jurisdiction, version)
+        .unwrap();
+    assert_eq!(key_id.to_string(), kat["key_id"].as_str().unwrap());
+    let wrapping = WrappingKey::derive(&master, &jurisdiction).unwrap();
+    let same = WrappingKey::from_wrapping_key(
+        &SecretKey::from_bytes(hex32("wrapping_key")),
+        &jurisdiction,
+    )
+    .unwrap();
+    let message = kat["metadata"].as_str().unwrap().as_bytes();
+    let tag = wrapping.authenticate(message).unwrap();
+    assert_eq!(hex::encode(tag), kat["metadata_mac"].as_str().unwrap());
+    assert_eq!(same.authenticate(message).unwrap(), tag);
+    let sealed = hex::decode(kat["sealed_root_key"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        wrapping.open(version, &key_id, &sealed).unwrap().expose(),
+        root.expose()
+    );
+}
+
+#[test]
+fn hmac_and_hkdf_state_is_zeroized_on_drop() {
+    // Compile-time: HMAC-SHA256 (inside HKDF's `Hkdf<Sha256>` and our metadata tags)
+    // keeps its key-derived inner and outer midstates in two `<Sha256 as EagerHash>::Core`
+    // values (`hmac::block_api::HmacCore`); with `sha2`'s `zeroize` feature that type
+    // wipes itself on drop, and so does a whole SHA-256 hasher.
+    fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    zeroized_on_drop::<<sha2::Sha256 as hmac::EagerHash>::Core>();
+    zeroized_on_drop::<sha2::Sha256>();
+    zeroized_on_drop::<SecretKey>();
+    zeroized_on_drop::<DerivationKey>();
 }
 
 #[test]

@@ -55,6 +55,7 @@ impl TestServer {
         let mut segments: Vec<_> = std::fs::read_dir(self.log_dir())
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "jsonl"))
             .collect();
         segments.sort();
         segments
@@ -85,6 +86,8 @@ pub fn test_config(dir: &Path) -> ServeConfig {
         data_dir: dir.join("data"),
         policies: shipped_policies(),
         auth: ringfence::config::Auth::DangerTrustIdentityHeaders,
+        allow_development_master_key: true,
+        create_missing_keys: true,
         ..ServeConfig::defaults()
     }
 }

@@ -1,0 +1,257 @@
+//! Durable private files and single-writer locks for the data directory.
+//!
+//! Owns two file-system disciplines every writer of the data directory follows: files
+//! holding secrets or state are replaced atomically through a unique temporary file
+//! (fsync file, rename, fsync directory), and each file with one writer is guarded by an
+//! exclusive advisory lock (`flock`) on a lock file beside it that names its holder. It
+//! knows nothing of what the files contain.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read as _, Seek as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rand::TryRng as _;
+
+/// Writes a file readable by its owner only, atomically: a fresh temporary file with a
+/// unique name in the same directory, fsync, rename over `path`, fsync of the directory.
+/// Concurrent writers never share a temporary file; the last rename wins, so callers that
+/// read, modify and write hold a [`LockFile`] around the whole change.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut suffix = [0u8; 8];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut suffix)
+        .map_err(|_| {
+            std::io::Error::other("the operating system's random number generator failed")
+        })?;
+    let file_name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(
+        ".{file_name}.{}.{}.tmp",
+        std::process::id(),
+        hex::encode(suffix)
+    ));
+    let result = (|| {
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&temporary)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&temporary, path)
+    })();
+    if result.is_err() {
+        // Best effort: a failed write must not leave a partial copy of a secret behind.
+        let _ = fs::remove_file(&temporary);
+    }
+    result?;
+    sync_parent(path)
+}
+
+/// Makes a rename or creation in `path`'s directory durable.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => File::open(parent)?.sync_all(),
+        _ => File::open(".")?.sync_all(),
+    }
+}
+
+/// Who holds a lock, as written into the lock file by its holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder(pub String);
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.trim().is_empty() {
+            f.write_str("another process")
+        } else {
+            f.write_str(self.0.trim())
+        }
+    }
+}
+
+/// Why a lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error("`{path}` is held by {holder}")]
+    Held {
+        /// The lock file.
+        path: PathBuf,
+        /// Who holds it, as the holder described itself.
+        holder: Holder,
+    },
+    /// The lock file could not be opened or locked.
+    #[error("cannot lock `{path}`: {source}")]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// An exclusive lock on a lock file, released when dropped (or when the process ends,
+/// however it ends: the kernel drops `flock` locks with the last descriptor).
+#[derive(Debug)]
+pub struct LockFile {
+    path: PathBuf,
+    _file: File,
+}
+
+impl LockFile {
+    fn open(path: &Path) -> Result<File, LockError> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(path).map_err(|source| LockError::Io {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Reads who holds the lock at `path` (empty when nobody wrote a description).
+    pub fn holder(path: &Path) -> Holder {
+        let mut text = String::new();
+        let _ = File::open(path).and_then(|mut file| file.read_to_string(&mut text));
+        Holder(text)
+    }
+
+    fn claimed(path: &Path, mut file: File, holder: &str) -> Result<Self, LockError> {
+        let io = |source| LockError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        file.write_all(holder.as_bytes()).map_err(io)?;
+        Ok(Self {
+            path: path.to_owned(),
+            _file: file,
+        })
+    }
+
+    /// Waits for the lock at `path` (other writers of the same kind queue behind each
+    /// other) and records `holder` in it.
+    pub fn acquire(path: &Path, holder: &str) -> Result<Self, LockError> {
+        let file = Self::open(path)?;
+        file.lock().map_err(|source| LockError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::claimed(path, file, holder)
+    }
+
+    /// Takes the lock at `path` if it becomes free within `patience`; otherwise names
+    /// the holder. Used where waiting would hide a conflict (a running server).
+    pub fn try_acquire(path: &Path, holder: &str, patience: Duration) -> Result<Self, LockError> {
+        let file = Self::open(path)?;
+        let started = Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Self::claimed(path, file, holder),
+                Err(fs::TryLockError::WouldBlock) if started.elapsed() < patience => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(LockError::Held {
+                        path: path.to_owned(),
+                        holder: Self::holder(path),
+                    });
+                }
+                Err(fs::TryLockError::Error(source)) => {
+                    return Err(LockError::Io {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A one-line description of this process for lock files and log entries:
+/// `what (pid N, user U)`.
+pub fn describe_process(what: &str) -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    let uid = uid().map(|uid| format!(", uid {uid}")).unwrap_or_default();
+    if user.is_empty() {
+        format!("{what} (pid {}{uid})", std::process::id())
+    } else {
+        format!("{what} (pid {}, user {user}{uid})", std::process::id())
+    }
+}
+
+#[cfg(unix)]
+fn uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    // The owner of a file this process just created is its effective uid, without libc.
+    fs::metadata("/proc/self").ok().map(|meta| meta.uid())
+}
+
+#[cfg(not(unix))]
+fn uid() -> Option<u32> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_named_and_a_waiter_gets_the_lock_after_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let first = LockFile::acquire(&path, "first holder").unwrap();
+        let error = LockFile::try_acquire(&path, "second", Duration::from_millis(50)).unwrap_err();
+        assert!(error.to_string().contains("first holder"), "{error}");
+        let waiter = {
+            let path = path.clone();
+            std::thread::spawn(move || LockFile::acquire(&path, "second").map(|_| ()))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        drop(first);
+        waiter.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn private_files_are_replaced_whole_and_leave_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let writers: Vec<_> = (0..8)
+            .map(|n| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    write_private_file(&path, n.to_string().repeat(1000).as_bytes())
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap().unwrap();
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        let first = text.chars().next().unwrap();
+        assert!(text.chars().all(|c| c == first) && text.len() == 1000);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o077, 0);
+        }
+    }
+}

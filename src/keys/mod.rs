@@ -1,0 +1,738 @@
+//! The keyring: per-jurisdiction, versioned 256-bit root keys, each jurisdiction sealed
+//! and authenticated under a wrapping key of its own, changed by one writer at a time.
+//!
+//! Owns the keyring file (`keyring.json`), its lock file and the master-key sources
+//! ([`master`]). It never returns root key bytes: callers get a [`DerivationKey`] (the
+//! HKDF PRK of a root key) to derive record keys, and [`KeyEvent`]s describing each
+//! change for the decision log. It may not touch the decision log itself: the caller
+//! that holds both locks ([`crate::keyadmin`], the server) logs the events. Format and
+//! hierarchy: `docs/crypto.md`, "Keyring".
+
+mod legacy;
+pub mod master;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, DerivationKey, KeyId, SecretKey, WrappingKey};
+use crate::fsutil::{self, LockFile};
+use crate::record::{Jurisdiction, KeyVersion};
+
+pub use master::{
+    DEV_MASTER_KEY_FILE, LocalMasterKey, MASTER_KEY_ENV, MasterKeyOrigin, MasterKeyPolicy,
+    MasterKeySource, MasterKeyText, load_master_key, parse_master_key,
+};
+
+/// File name of the sealed keyring in the data directory.
+pub const KEYRING_FILE: &str = "keyring.json";
+/// File name of the keyring's writer lock in the data directory.
+pub const KEYRING_LOCK_FILE: &str = "keyring.lock";
+/// The keyring format this code reads and writes.
+pub const KEYRING_FORMAT: &str = "ringfence-keyring/2";
+/// The first format: one wrapping key, unauthenticated metadata. Only `keys migrate`
+/// reads it.
+pub const LEGACY_KEYRING_FORMAT: &str = "ringfence-keyring/1";
+const METADATA_LABEL: &[u8] = b"ringfence/v2 keyring-metadata";
+
+/// Errors of the keyring and master-key handling. Messages never contain key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{action} `{path}`: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The keyring file is not valid.
+    #[error("keyring `{path}` is invalid: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No keyring exists yet.
+    #[error(
+        "no keyring at `{0}`: create one with `ringfence keys init` (or run `ringfence serve --dev` for a development setup)"
+    )]
+    NoKeyring(PathBuf),
+    /// Configured jurisdictions without keys.
+    #[error(
+        "keyring `{path}` has no root key for {}: create them with `ringfence keys init --jurisdictions {}`",
+        jurisdictions.iter().map(|j| format!("`{j}`")).collect::<Vec<_>>().join(", "),
+        jurisdictions.iter().map(|j| j.as_str()).collect::<Vec<_>>().join(",")
+    )]
+    NotInitialized {
+        /// The keyring file.
+        path: PathBuf,
+        /// The jurisdictions without keys.
+        jurisdictions: Vec<Jurisdiction>,
+    },
+    /// The keyring is in the unauthenticated first format.
+    #[error(
+        "keyring `{0}` is in the old format `{LEGACY_KEYRING_FORMAT}`, whose metadata is not authenticated: convert it once with `ringfence keys migrate` (the old format is no longer served)"
+    )]
+    Legacy(PathBuf),
+    /// The master key opens no jurisdiction of the keyring.
+    #[error(
+        "the master key ({source_name}) does not open keyring `{path}`: wrong {MASTER_KEY_ENV} or key file, or the keyring was altered"
+    )]
+    WrongMasterKey {
+        /// The keyring file.
+        path: PathBuf,
+        /// Where the master key came from.
+        source_name: String,
+    },
+    /// One jurisdiction's metadata or sealed keys fail authentication while others pass.
+    #[error(
+        "keyring `{path}`: jurisdiction `{jurisdiction}` fails authentication ({what}): the file was edited or parts of it were replaced; restore it from a backup"
+    )]
+    Tampered {
+        /// The keyring file.
+        path: PathBuf,
+        /// The jurisdiction concerned.
+        jurisdiction: Jurisdiction,
+        /// What failed.
+        what: String,
+    },
+    /// A root key that unseals but does not match its key id.
+    #[error(
+        "keyring `{path}`: the root key sealed as `{jurisdiction}` v{version} does not match its key id `{key_id}`: keys were swapped or replaced"
+    )]
+    KeyIdMismatch {
+        /// The keyring file.
+        path: PathBuf,
+        /// The jurisdiction.
+        jurisdiction: Jurisdiction,
+        /// The version.
+        version: KeyVersion,
+        /// The stored key id.
+        key_id: KeyId,
+    },
+    /// A master key value could not be parsed; the value itself is never shown.
+    #[error("master key from {0} is not 32 bytes encoded as 64 hex digits or base64")]
+    BadMasterKey(String),
+    /// No master key was supplied.
+    #[error(
+        "no master key was supplied for keyring `{0}`: pass --master-key-file or set {MASTER_KEY_ENV}"
+    )]
+    NoMasterKey(PathBuf),
+    /// Only a development master key exists, and it was not allowed.
+    #[error(
+        "refusing the development master key `{0}` (it sits next to the keyring, so anyone who can read the data directory can unseal every key): pass --master-key-file or set {MASTER_KEY_ENV}; for development only, pass --dev or --danger-allow-development-master-key"
+    )]
+    DevelopmentKeyRefused(PathBuf),
+    /// The jurisdiction has no keys.
+    #[error("unknown jurisdiction `{0}`")]
+    UnknownJurisdiction(Jurisdiction),
+    /// The jurisdiction has no key of that version.
+    #[error("jurisdiction `{0}` has no key version {1}")]
+    UnknownKeyVersion(Jurisdiction, KeyVersion),
+    /// The keyring lock could not be taken.
+    #[error("cannot lock the keyring: {0}")]
+    Lock(#[from] fsutil::LockError),
+    /// Key generation or sealing failed.
+    #[error("key operation failed: {0}")]
+    Crypto(#[from] crypto::Error),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyringFile {
+    format: String,
+    jurisdictions: BTreeMap<String, JurisdictionFile>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct JurisdictionFile {
+    generation: u64,
+    current: u32,
+    versions: Vec<VersionFile>,
+    /// Hex HMAC-SHA256 of the metadata (docs/crypto.md, "Authenticated metadata").
+    mac: String,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct VersionFile {
+    version: u32,
+    key_id: String,
+    created_at: String,
+    /// base64 of `nonce || sealed key || tag`.
+    sealed: String,
+}
+
+struct VersionKeys {
+    derivation: DerivationKey,
+    key_id: KeyId,
+    created_at: String,
+    sealed: Vec<u8>,
+}
+
+struct JurisdictionKeys {
+    wrapping: WrappingKey,
+    generation: u64,
+    current: KeyVersion,
+    versions: BTreeMap<KeyVersion, VersionKeys>,
+}
+
+impl JurisdictionKeys {
+    /// The authenticated bytes: `lp16(label) || lp16(J) || u64be(generation) ||
+    /// u32be(current) || u32be(count) || per version ascending: u32be(version) ||
+    /// key_id || lp16(created_at) || lp16(sealed)`.
+    fn metadata(&self) -> Result<Vec<u8>, crypto::Error> {
+        metadata_bytes(
+            self.wrapping.jurisdiction(),
+            self.generation,
+            self.current,
+            self.versions.iter().map(|(version, keys)| {
+                (
+                    *version,
+                    &keys.key_id,
+                    keys.created_at.as_str(),
+                    keys.sealed.as_slice(),
+                )
+            }),
+        )
+    }
+}
+
+fn metadata_bytes<'a>(
+    jurisdiction: &Jurisdiction,
+    generation: u64,
+    current: KeyVersion,
+    versions: impl ExactSizeIterator<Item = (KeyVersion, &'a KeyId, &'a str, &'a [u8])>,
+) -> Result<Vec<u8>, crypto::Error> {
+    let mut out = Vec::with_capacity(64 + versions.len() * 128);
+    crypto::put_lp16(&mut out, METADATA_LABEL)?;
+    crypto::put_lp16(&mut out, jurisdiction.as_str().as_bytes())?;
+    out.extend_from_slice(&generation.to_be_bytes());
+    out.extend_from_slice(&current.get().to_be_bytes());
+    let count =
+        u32::try_from(versions.len()).map_err(|_| crypto::Error::TooLong("version list"))?;
+    out.extend_from_slice(&count.to_be_bytes());
+    for (version, key_id, created_at, sealed) in versions {
+        out.extend_from_slice(&version.get().to_be_bytes());
+        out.extend_from_slice(key_id.as_bytes());
+        crypto::put_lp16(&mut out, created_at.as_bytes())?;
+        crypto::put_lp16(&mut out, sealed)?;
+    }
+    Ok(out)
+}
+
+/// One change to the keyring, for the decision log. Never carries key bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEvent {
+    /// `init`, `rotate` or `migrate`.
+    pub operation: &'static str,
+    /// The jurisdiction changed.
+    pub jurisdiction: Jurisdiction,
+    /// The version created (or carried over, for `migrate`).
+    pub version: KeyVersion,
+    /// Its key id.
+    pub key_id: KeyId,
+    /// The jurisdiction's generation after the change.
+    pub generation: u64,
+}
+
+/// What an operator may see of a jurisdiction's keys: versions, ids and dates, no bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyInfo {
+    /// The jurisdiction.
+    pub jurisdiction: String,
+    /// The jurisdiction's generation (rises with every change).
+    pub generation: u64,
+    /// Version used for new encryptions.
+    pub current: u32,
+    /// Every version held: number, key id, creation time.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// One version as `keys list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VersionInfo {
+    /// Version number.
+    pub version: u32,
+    /// Key id (32 hex digits).
+    pub key_id: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+}
+
+/// The opened keyring. Debug output lists jurisdictions and versions only. Holds each
+/// jurisdiction's wrapping key (to seal new versions) and the PRK of every version.
+pub struct Keyring {
+    path: PathBuf,
+    keys: BTreeMap<Jurisdiction, JurisdictionKeys>,
+    encrypt_jurisdictions: BTreeSet<Jurisdiction>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("path", &self.path)
+            .field(
+                "versions",
+                &self
+                    .keys
+                    .iter()
+                    .map(|(j, k)| (j.as_str(), k.versions.len()))
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Takes the keyring's writer lock in `data_dir`, waiting for other writers.
+pub fn lock(data_dir: &Path, holder: &str) -> Result<LockFile, Error> {
+    Ok(LockFile::acquire(
+        &data_dir.join(KEYRING_LOCK_FILE),
+        holder,
+    )?)
+}
+
+impl Keyring {
+    /// A keyring with no jurisdictions yet, to be saved at `path`.
+    pub fn empty(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            keys: BTreeMap::new(),
+            encrypt_jurisdictions: BTreeSet::new(),
+        }
+    }
+
+    /// Creates and saves a keyring at `path` with version 1 for every jurisdiction,
+    /// configured for encryption, and logs nothing: for tests and benchmarks. Servers
+    /// and the CLI create keys through [`crate::keyadmin`], which logs every change.
+    pub fn create_unlogged(
+        path: &Path,
+        master: &dyn MasterKeySource,
+        jurisdictions: &[Jurisdiction],
+    ) -> Result<Self, Error> {
+        let mut keyring = Self::empty(path);
+        for jurisdiction in jurisdictions {
+            keyring.initialize(jurisdiction, master)?;
+        }
+        keyring.save()?;
+        keyring.configure_encryption(jurisdictions)?;
+        Ok(keyring)
+    }
+
+    /// Opens the keyring at `path` if it exists ([`Keyring::open`]).
+    pub fn open_if_present(
+        path: &Path,
+        master: &dyn MasterKeySource,
+    ) -> Result<Option<Self>, Error> {
+        match fs::symlink_metadata(path) {
+            Ok(_) => Self::open(path, master).map(Some),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Io {
+                action: "cannot read keyring",
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Opens an existing keyring: checks every jurisdiction's metadata tag, unseals
+    /// every key and checks it against its key id; all or nothing. No jurisdiction is
+    /// enabled for encryption until [`Keyring::configure_encryption`].
+    pub fn open(path: &Path, master: &dyn MasterKeySource) -> Result<Self, Error> {
+        let invalid = |reason: String| Error::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NoKeyring(path.to_owned()));
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    action: "cannot read keyring",
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let format = serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|error| invalid(error.to_string()))?
+            .get("format")
+            .and_then(|format| format.as_str().map(str::to_owned));
+        match format.as_deref() {
+            Some(KEYRING_FORMAT) => {}
+            Some(LEGACY_KEYRING_FORMAT) => return Err(Error::Legacy(path.to_owned())),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "unsupported format `{}`, expected `{KEYRING_FORMAT}`",
+                    crate::record::shown(other)
+                )));
+            }
+            None => return Err(invalid("no `format` member".to_owned())),
+        }
+        let file: KeyringFile =
+            serde_json::from_str(&text).map_err(|error| invalid(error.to_string()))?;
+        let mut keys = BTreeMap::new();
+        let mut failed = Vec::new();
+        for (code, entry) in &file.jurisdictions {
+            let jurisdiction = Jurisdiction::new(code).map_err(|e| invalid(e.to_string()))?;
+            let wrapping = master.wrapping_key(&jurisdiction)?;
+            match open_jurisdiction(wrapping, entry) {
+                Ok(opened) => {
+                    keys.insert(jurisdiction, opened);
+                }
+                Err(Opening::Invalid(reason)) => {
+                    return Err(invalid(format!("`{code}`: {reason}")));
+                }
+                Err(Opening::KeyId(version, key_id)) => {
+                    return Err(Error::KeyIdMismatch {
+                        path: path.to_owned(),
+                        jurisdiction,
+                        version,
+                        key_id,
+                    });
+                }
+                Err(Opening::Unauthentic(what)) => failed.push((jurisdiction, what)),
+                Err(Opening::Crypto(error)) => return Err(error.into()),
+            }
+        }
+        // One jurisdiction failing while others open is an edit; all failing is the
+        // wrong master key.
+        if !failed.is_empty() {
+            if keys.is_empty() {
+                return Err(Error::WrongMasterKey {
+                    path: path.to_owned(),
+                    source_name: master.describe(),
+                });
+            }
+            if let Some((jurisdiction, what)) = failed.into_iter().next() {
+                return Err(Error::Tampered {
+                    path: path.to_owned(),
+                    jurisdiction,
+                    what,
+                });
+            }
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            keys,
+            encrypt_jurisdictions: BTreeSet::new(),
+        })
+    }
+
+    /// Creates version 1 of `jurisdiction` (generation 1). Not saved until [`Keyring::save`].
+    pub fn initialize(
+        &mut self,
+        jurisdiction: &Jurisdiction,
+        master: &dyn MasterKeySource,
+    ) -> Result<KeyEvent, Error> {
+        if let Some(existing) = self.keys.get(jurisdiction) {
+            return Err(Error::Invalid {
+                path: self.path.clone(),
+                reason: format!(
+                    "`{jurisdiction}` is already initialized (current version {}); use `ringfence keys rotate`",
+                    existing.current
+                ),
+            });
+        }
+        let wrapping = master.wrapping_key(jurisdiction)?;
+        let version = KeyVersion::FIRST;
+        let (keys, key_id) = new_version(&wrapping, version)?;
+        self.keys.insert(
+            jurisdiction.clone(),
+            JurisdictionKeys {
+                wrapping,
+                generation: 1,
+                current: version,
+                versions: BTreeMap::from([(version, keys)]),
+            },
+        );
+        Ok(KeyEvent {
+            operation: "init",
+            jurisdiction: jurisdiction.clone(),
+            version,
+            key_id,
+            generation: 1,
+        })
+    }
+
+    /// Adds a new version for `jurisdiction` (highest held + 1) and makes it current.
+    /// Older versions keep decrypting. Not saved until [`Keyring::save`].
+    pub fn rotate(&mut self, jurisdiction: &Jurisdiction) -> Result<KeyEvent, Error> {
+        let keys = self
+            .keys
+            .get_mut(jurisdiction)
+            .ok_or_else(|| Error::UnknownJurisdiction(jurisdiction.clone()))?;
+        let newest = keys
+            .versions
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(keys.current);
+        let next = newest
+            .next()
+            .ok_or_else(|| Error::UnknownKeyVersion(jurisdiction.clone(), newest))?;
+        let (version_keys, key_id) = new_version(&keys.wrapping, next)?;
+        keys.versions.insert(next, version_keys);
+        keys.current = next;
+        keys.generation = keys.generation.saturating_add(1);
+        Ok(KeyEvent {
+            operation: "rotate",
+            jurisdiction: jurisdiction.clone(),
+            version: next,
+            key_id,
+            generation: keys.generation,
+        })
+    }
+
+    /// Writes the keyring atomically (unique temporary file, fsync, rename, fsync of the
+    /// directory). The caller holds the keyring lock.
+    pub fn save(&self) -> Result<(), Error> {
+        let mut file = KeyringFile {
+            format: KEYRING_FORMAT.to_owned(),
+            jurisdictions: BTreeMap::new(),
+        };
+        for (jurisdiction, keys) in &self.keys {
+            let mac = keys.wrapping.authenticate(&keys.metadata()?)?;
+            file.jurisdictions.insert(
+                jurisdiction.as_str().to_owned(),
+                JurisdictionFile {
+                    generation: keys.generation,
+                    current: keys.current.get(),
+                    versions: keys
+                        .versions
+                        .iter()
+                        .map(|(version, v)| VersionFile {
+                            version: version.get(),
+                            key_id: v.key_id.to_string(),
+                            created_at: v.created_at.clone(),
+                            sealed: base64::engine::general_purpose::STANDARD.encode(&v.sealed),
+                        })
+                        .collect(),
+                    mac: hex::encode(mac),
+                },
+            );
+        }
+        let text = serde_json::to_string_pretty(&file).map_err(|error| Error::Invalid {
+            path: self.path.clone(),
+            reason: error.to_string(),
+        })?;
+        fsutil::write_private_file(&self.path, text.as_bytes()).map_err(|source| Error::Io {
+            action: "cannot write keyring",
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Enables new encryptions for `jurisdictions`; every one of them must hold keys.
+    pub fn configure_encryption(&mut self, jurisdictions: &[Jurisdiction]) -> Result<(), Error> {
+        let missing: Vec<Jurisdiction> = jurisdictions
+            .iter()
+            .filter(|j| !self.keys.contains_key(*j))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::NotInitialized {
+                path: self.path.clone(),
+                jurisdictions: missing,
+            });
+        }
+        self.encrypt_jurisdictions = jurisdictions.iter().cloned().collect();
+        Ok(())
+    }
+
+    /// The generation of every jurisdiction, as checkpoints carry them.
+    pub fn generations(&self) -> BTreeMap<String, u64> {
+        self.keys
+            .iter()
+            .map(|(jurisdiction, keys)| (jurisdiction.as_str().to_owned(), keys.generation))
+            .collect()
+    }
+
+    /// Whether `jurisdiction` holds keys.
+    pub fn holds(&self, jurisdiction: &Jurisdiction) -> bool {
+        self.keys.contains_key(jurisdiction)
+    }
+
+    /// The key version new encryptions for `jurisdiction` use, if it is configured.
+    pub fn current_for_encryption(&self, jurisdiction: &Jurisdiction) -> Result<KeyVersion, Error> {
+        if !self.encrypt_jurisdictions.contains(jurisdiction) {
+            return Err(Error::UnknownJurisdiction(jurisdiction.clone()));
+        }
+        self.keys
+            .get(jurisdiction)
+            .map(|keys| keys.current)
+            .ok_or_else(|| Error::UnknownJurisdiction(jurisdiction.clone()))
+    }
+
+    /// The derivation key of one version, for encryption or decryption.
+    pub fn derivation_key(
+        &self,
+        jurisdiction: &Jurisdiction,
+        version: KeyVersion,
+    ) -> Result<&DerivationKey, Error> {
+        let keys = self
+            .keys
+            .get(jurisdiction)
+            .ok_or_else(|| Error::UnknownJurisdiction(jurisdiction.clone()))?;
+        keys.versions
+            .get(&version)
+            .map(|v| &v.derivation)
+            .ok_or_else(|| Error::UnknownKeyVersion(jurisdiction.clone(), version))
+    }
+
+    /// Whether `jurisdiction` accepts new encryptions.
+    pub fn is_configured(&self, jurisdiction: &Jurisdiction) -> bool {
+        self.encrypt_jurisdictions.contains(jurisdiction)
+    }
+
+    /// Versions, key ids and dates of every key; never key bytes.
+    pub fn summary(&self) -> Vec<KeyInfo> {
+        self.keys
+            .iter()
+            .map(|(jurisdiction, keys)| KeyInfo {
+                jurisdiction: jurisdiction.as_str().to_owned(),
+                generation: keys.generation,
+                current: keys.current.get(),
+                versions: keys
+                    .versions
+                    .iter()
+                    .map(|(version, v)| VersionInfo {
+                        version: version.get(),
+                        key_id: v.key_id.to_string(),
+                        created_at: v.created_at.clone(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The keyring file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn new_version(wrapping: &WrappingKey, version: KeyVersion) -> Result<(VersionKeys, KeyId), Error> {
+    let root = SecretKey::generate()?;
+    let derivation = DerivationKey::from_root(&root);
+    let key_id = derivation.key_id(wrapping.jurisdiction(), version)?;
+    let sealed = wrapping.seal(version, &key_id, &root)?;
+    Ok((
+        VersionKeys {
+            derivation,
+            key_id,
+            created_at: now_rfc3339(),
+            sealed,
+        },
+        key_id,
+    ))
+}
+
+enum Opening {
+    Invalid(String),
+    Unauthentic(String),
+    KeyId(KeyVersion, KeyId),
+    Crypto(crypto::Error),
+}
+
+fn open_jurisdiction(
+    wrapping: WrappingKey,
+    entry: &JurisdictionFile,
+) -> Result<JurisdictionKeys, Opening> {
+    let current = KeyVersion::new(entry.current)
+        .ok_or_else(|| Opening::Invalid("current version 0".to_owned()))?;
+    if entry.generation == 0 {
+        return Err(Opening::Invalid("generation 0".to_owned()));
+    }
+    let mut parsed = BTreeMap::new();
+    for version_entry in &entry.versions {
+        let version = KeyVersion::new(version_entry.version)
+            .ok_or_else(|| Opening::Invalid("version 0".to_owned()))?;
+        let key_id = KeyId::parse(&version_entry.key_id)
+            .ok_or_else(|| Opening::Invalid(format!("v{version}: key id is not 32 hex digits")))?;
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(&version_entry.sealed)
+            .map_err(|_| Opening::Invalid(format!("v{version}: sealed key is not base64")))?;
+        if parsed
+            .insert(version, (key_id, version_entry.created_at.as_str(), sealed))
+            .is_some()
+        {
+            return Err(Opening::Invalid(format!("version {version} appears twice")));
+        }
+    }
+    let tag =
+        hex::decode(&entry.mac).map_err(|_| Opening::Invalid("`mac` is not hex".to_owned()))?;
+    let metadata = metadata_bytes(
+        wrapping.jurisdiction(),
+        entry.generation,
+        current,
+        parsed
+            .iter()
+            .map(|(version, (key_id, created_at, sealed))| {
+                (*version, key_id, *created_at, sealed.as_slice())
+            }),
+    )
+    .map_err(Opening::Crypto)?;
+    // The tag covers generation, current version and the whole version list: checked
+    // before any key is unsealed, so an edited file is refused whole.
+    wrapping
+        .verify(&metadata, &tag)
+        .map_err(|_| Opening::Unauthentic("metadata tag".to_owned()))?;
+    if !parsed.contains_key(&current) {
+        return Err(Opening::Invalid(format!(
+            "current version {current} is not in the keyring"
+        )));
+    }
+    let mut versions = BTreeMap::new();
+    for (version, (key_id, created_at, sealed)) in parsed {
+        let root = wrapping
+            .open(version, &key_id, &sealed)
+            .map_err(|_| Opening::Unauthentic(format!("sealed key v{version}")))?;
+        let derivation = DerivationKey::from_root(&root);
+        let actual = derivation
+            .key_id(wrapping.jurisdiction(), version)
+            .map_err(Opening::Crypto)?;
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            actual.as_bytes().as_slice(),
+            key_id.as_bytes().as_slice(),
+        )) {
+            return Err(Opening::KeyId(version, key_id));
+        }
+        versions.insert(
+            version,
+            VersionKeys {
+                derivation,
+                key_id,
+                created_at: created_at.to_owned(),
+                sealed,
+            },
+        );
+    }
+    Ok(JurisdictionKeys {
+        wrapping,
+        generation: entry.generation,
+        current,
+        versions,
+    })
+}
+
+pub use legacy::migrate;
+
+#[cfg(test)]
+mod tests;
