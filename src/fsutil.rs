@@ -51,6 +51,52 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     sync_parent(path)
 }
 
+/// Creates `path` with `contents`, readable by its owner only, only if it does not exist
+/// yet: written to a temporary file, fsynced, then linked into place (`link` never
+/// replaces a file). Returns `false`, writing nothing, when `path` already exists, so
+/// two processes racing to create it agree on one.
+pub fn create_private_file(path: &Path, contents: &[u8]) -> std::io::Result<bool> {
+    let temporary = temporary_name(path)?;
+    let result = (|| {
+        write_new(&temporary, contents)?;
+        fs::hard_link(&temporary, path)
+    })();
+    let _ = fs::remove_file(&temporary);
+    match result {
+        Ok(()) => sync_parent(path).map(|()| true),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+fn temporary_name(path: &Path) -> std::io::Result<PathBuf> {
+    let mut suffix = [0u8; 8];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut suffix)
+        .map_err(|_| {
+            std::io::Error::other("the operating system's random number generator failed")
+        })?;
+    let file_name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(path.with_file_name(format!(
+        ".{file_name}.{}.{}.tmp",
+        std::process::id(),
+        hex::encode(suffix)
+    )))
+}
+
+fn write_new(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
 /// Makes a rename or creation in `path`'s directory durable.
 pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
@@ -65,13 +111,18 @@ pub struct Holder(pub String);
 
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.trim().is_empty() {
+        // Written by another process: shown without control characters.
+        let shown: String = self.0.trim().chars().filter(|c| !c.is_control()).collect();
+        if shown.is_empty() {
             f.write_str("another process")
         } else {
-            f.write_str(self.0.trim())
+            f.write_str(&shown)
         }
     }
 }
+
+/// Longest holder description read back from a lock file.
+const MAX_HOLDER_BYTES: u64 = 512;
 
 /// Why a lock could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -103,21 +154,57 @@ pub struct LockFile {
 }
 
 impl LockFile {
+    /// Opens (creating it if need be) the lock file, which must be a regular file of
+    /// its own: a symbolic link planted in its place is refused, never followed (the
+    /// holder description is written into the file).
     fn open(path: &Path) -> Result<File, LockError> {
-        let mut options = OpenOptions::new();
-        options.read(true).write(true).create(true).truncate(false);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        options.open(path).map_err(|source| LockError::Io {
+        let io = |source| LockError::Io {
             path: path.to_owned(),
             source,
-        })
+        };
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = match fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_file() => options.open(path).map_err(io)?,
+            Ok(_) => {
+                return Err(io(std::io::Error::other(
+                    "not a regular file (a link or directory in its place is refused)",
+                )));
+            }
+            // `create_new` (O_EXCL) never follows a link planted meanwhile.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                match options.clone().create_new(true).open(path) {
+                    Ok(file) => file,
+                    Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return Self::open(path);
+                    }
+                    Err(error) => return Err(io(error)),
+                }
+            }
+            Err(error) => return Err(io(error)),
+        };
+        // The file opened is the one checked: no link swapped in between.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let opened = file.metadata().map_err(io)?;
+            let named = fs::symlink_metadata(path).map_err(io)?;
+            if !named.is_file() || opened.ino() != named.ino() || opened.dev() != named.dev() {
+                return Err(io(std::io::Error::other("replaced while being opened")));
+            }
+        }
+        Ok(file)
     }
 
     /// Reads who holds the lock at `path` (empty when nobody wrote a description).
     pub fn holder(path: &Path) -> Holder {
         let mut text = String::new();
-        let _ = File::open(path).and_then(|mut file| file.read_to_string(&mut text));
+        if fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file()) {
+            let _ = File::open(path)
+                .and_then(|file| file.take(MAX_HOLDER_BYTES).read_to_string(&mut text));
+        }
         Holder(text)
     }
 
@@ -180,23 +267,18 @@ impl LockFile {
 }
 
 /// A one-line description of this process for lock files and log entries:
-/// `what (pid N, user U)`.
+/// `what (pid N, uid U)`. The uid comes from the kernel, never from the environment.
 pub fn describe_process(what: &str) -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_default();
-    let uid = uid().map(|uid| format!(", uid {uid}")).unwrap_or_default();
-    if user.is_empty() {
-        format!("{what} (pid {}{uid})", std::process::id())
-    } else {
-        format!("{what} (pid {}, user {user}{uid})", std::process::id())
+    match uid() {
+        Some(uid) => format!("{what} (pid {}, uid {uid})", std::process::id()),
+        None => format!("{what} (pid {})", std::process::id()),
     }
 }
 
 #[cfg(unix)]
 fn uid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt as _;
-    // The owner of a file this process just created is its effective uid, without libc.
+    // `/proc/self` belongs to the process's effective uid (no libc needed).
     fs::metadata("/proc/self").ok().map(|meta| meta.uid())
 }
 
@@ -223,6 +305,40 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         drop(first);
         waiter.join().unwrap().unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_planted_as_lock_file_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("master.key");
+        fs::write(&target, "precious").unwrap();
+        let path = dir.path().join("x.lock");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let error = LockFile::acquire(&path, "me").unwrap_err();
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
+        // A dangling link is not followed to create a file either.
+        let dangling = dir.path().join("y.lock");
+        std::os::unix::fs::symlink(dir.path().join("created-elsewhere"), &dangling).unwrap();
+        assert!(LockFile::acquire(&dangling, "me").is_err());
+        assert!(!dir.path().join("created-elsewhere").exists());
+        // Holder text from another process is shown without control characters.
+        assert_eq!(Holder("\u{1b}[2Jevil\n".to_owned()).to_string(), "[2Jevil");
+    }
+
+    #[test]
+    fn a_file_created_only_if_new_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev.key");
+        assert!(create_private_file(&path, b"first").unwrap());
+        assert!(!create_private_file(&path, b"second").unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"first");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary files left"
+        );
     }
 
     #[test]

@@ -52,12 +52,16 @@ impl DataPaths {
         self.data_dir.join(LOG_DIR)
     }
 
+    /// The checkpoint signing key file.
+    pub fn signing_key(&self) -> PathBuf {
+        self.checkpoint_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(audit::checkpoint::SIGNING_KEY_FILE))
+    }
+
     /// Loads (or on first use creates) the checkpoint signer; returns whether it was created.
     pub fn signer(&self) -> Result<(CheckpointSigner, bool, PathBuf), audit::checkpoint::Error> {
-        let path = self
-            .checkpoint_key
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join(audit::checkpoint::SIGNING_KEY_FILE));
+        let path = self.signing_key();
         let (signer, created) = CheckpointSigner::load_or_create(
             &path,
             &self.data_dir.join(audit::checkpoint::PUBLIC_KEY_FILE),
@@ -91,7 +95,7 @@ pub fn key_event_entry(event: &KeyEvent, actor: &str) -> Entry {
 }
 
 /// Appends `events` to an open log as `key_event` entries after telling it the new
-/// generations, then asks for a checkpoint over them.
+/// generations, then asks for a checkpoint over them (none when there are no events).
 pub async fn log_events(
     log: &DecisionLog,
     generations: BTreeMap<String, u64>,
@@ -99,6 +103,9 @@ pub async fn log_events(
     actor: &str,
 ) -> Result<(), audit::Error> {
     log.set_key_generations(generations);
+    if events.is_empty() {
+        return Ok(());
+    }
     for event in events {
         log.append(key_event_entry(event, actor)).await?;
     }
@@ -106,11 +113,34 @@ pub async fn log_events(
     Ok(())
 }
 
-/// A change to make: given the keyring as it is (none if there is no file), returns the
-/// keyring as it should be and the events that describe the difference. Runs with the
-/// keyring lock held; nothing is written until it returns.
+/// Changes found in the keyring that the log never recorded (a crash between saving the
+/// keyring and logging the change): one `unlogged` event per jurisdiction whose
+/// generation is ahead of what the newest checkpoint vouches for (all of them when no
+/// checkpoint vouches for any), describing where it stands now.
+pub fn unlogged_changes(states: &[KeyEvent], newest: Option<&audit::Checkpoint>) -> Vec<KeyEvent> {
+    let vouched = newest.map(|checkpoint| &checkpoint.key_generations);
+    states
+        .iter()
+        .filter(|state| {
+            let logged = vouched
+                .and_then(|generations| generations.get(state.jurisdiction.as_str()))
+                .copied()
+                .unwrap_or(0);
+            state.generation > logged
+        })
+        .map(|state| KeyEvent {
+            operation: "unlogged",
+            ..state.clone()
+        })
+        .collect()
+}
+
+/// A change to make: given the keyring file, returns where the keyring stood before
+/// ([`Keyring::states`]; empty for a new or format-1 keyring), the keyring as it should
+/// be, and the events that describe the difference. Runs with the keyring lock held;
+/// nothing is written until it returns.
 pub type Change<'a> =
-    dyn FnOnce(&Path) -> Result<(BTreeMap<String, u64>, Keyring, Vec<KeyEvent>), keys::Error> + 'a;
+    dyn FnOnce(&Path) -> Result<(Vec<KeyEvent>, Keyring, Vec<KeyEvent>), keys::Error> + 'a;
 
 /// Makes one key change with no server running: keyring lock (waiting for other
 /// offline writers), read and change in memory, decision log lock (refused while a
@@ -122,28 +152,55 @@ pub fn change_offline(
     change: Box<Change<'_>>,
 ) -> Result<Vec<KeyEvent>, Error> {
     let holder = crate::fsutil::describe_process(&format!("`{actor}`"));
-    let _keyring_lock = keys::lock(&paths.data_dir, &holder)?;
+    let keyring_lock = keys::lock(&paths.data_dir, &holder)?;
     let (before, keyring, events) = change(&paths.keyring())?;
+    let signing_key = paths.signing_key();
+    if !signing_key.exists()
+        && audit::segment_numbers(&paths.log()).is_ok_and(|numbers| !numbers.is_empty())
+    {
+        // A fresh key would sign this log's next checkpoint under another identity.
+        return Err(Error::Other(format!(
+            "no checkpoint signing key at `{}`, but the decision log `{}` has entries: pass the --checkpoint-key that `serve` uses",
+            signing_key.display(),
+            paths.log().display()
+        )));
+    }
     let (signer, _, _) = paths.signer()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|error| Error::Other(format!("cannot start runtime: {error}")))?;
-    runtime.block_on(async {
-        let (log, _) = DecisionLog::open_with(
-            &paths.log(),
-            LogOptions {
-                signer: Some(signer),
-                key_generations: Some(before),
-                holder: holder.clone(),
-                ..LogOptions::default()
-            },
-        )?;
+    let before_generations: BTreeMap<String, u64> = before
+        .iter()
+        .map(|state| (state.jurisdiction.as_str().to_owned(), state.generation))
+        .collect();
+    let (log, state) = DecisionLog::open_with(
+        &paths.log(),
+        LogOptions {
+            signer: Some(signer),
+            key_generations: Some(before_generations.clone()),
+            holder: holder.clone(),
+            ..LogOptions::default()
+        },
+    )?;
+    let result = runtime.block_on(async {
+        let unlogged = unlogged_changes(&before, state.newest_checkpoint.as_ref());
+        log_events(&log, before_generations, &unlogged, &holder).await?;
         if events.is_empty() {
-            return Ok(events);
+            return Ok(());
         }
         keyring.save()?;
-        log_events(&log, keyring.generations(), &events, &holder).await?;
-        Ok(events)
-    })
+        log_events(&log, keyring.generations(), &events, &holder)
+            .await
+            .map_err(|error| {
+                Error::Other(format!(
+                    "the keyring was changed but the change could not be logged ({error}); the next start of `serve` or a `keys` command records it as `unlogged`: do not repeat the change"
+                ))
+            })
+    });
+    // The log lock goes only after the writer is done: the next queued writer must
+    // find it free.
+    log.close();
+    drop(keyring_lock);
+    result.map(|()| events)
 }

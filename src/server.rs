@@ -146,11 +146,23 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
             max_segment_bytes: config.log_segment_bytes,
             max_segment_age: config.log_segment_age,
             signer: Some(signer),
-            key_generations: Some(before),
+            key_generations: Some(before.clone()),
             holder: holder.clone(),
             ..audit::LogOptions::default()
         },
     )?;
+    // A change saved to the keyring but never logged (a crash in between) is recorded
+    // now, before anything else is written.
+    let unlogged = existing
+        .as_ref()
+        .map(|keyring| {
+            keyadmin::unlogged_changes(&keyring.states(), state.newest_checkpoint.as_ref())
+        })
+        .unwrap_or_default();
+    keyadmin::log_events(&log, before, &unlogged, &holder).await?;
+    for event in &unlogged {
+        tracing::warn!(jurisdiction = %event.jurisdiction, generation = event.generation, "the keyring is ahead of the decision log (a key change was saved but not logged); recorded as `unlogged`");
+    }
     let mut keyring = match existing {
         Some(keyring) => keyring,
         None if config.create_missing_keys => Keyring::empty(&keyring_path),

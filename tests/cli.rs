@@ -1270,3 +1270,79 @@ fn keys_migrate_converts_the_old_format_once_and_logs_it() {
         twice.stderr
     );
 }
+
+#[test]
+fn a_change_saved_but_not_logged_is_recorded_and_the_log_keeps_one_signing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "5e".repeat(32);
+    assert_eq!(
+        keys_with(dir.path(), &key, &["init", "--jurisdictions", "US"]).code,
+        0
+    );
+    // As if `keys rotate` crashed between saving the keyring and logging the change.
+    let master = ringfence::keys::LocalMasterKey::new(
+        ringfence::keys::parse_master_key(&key, "test").unwrap(),
+        ringfence::keys::MasterKeyOrigin::Environment,
+    );
+    let path = dir.path().join("ringfence-data/keyring.json");
+    let mut keyring = ringfence::keys::Keyring::open(&path, &master).unwrap();
+    keyring
+        .rotate(&ringfence::Jurisdiction::new("US").unwrap())
+        .unwrap();
+    keyring.save().unwrap();
+    // The next key command records the unlogged change before its own.
+    let rotate = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
+    assert_eq!(rotate.code, 0, "{}", rotate.stderr);
+    assert_eq!(
+        key_events(dir.path()),
+        vec![
+            ("init".to_owned(), "US".to_owned(), 1),
+            ("unlogged".to_owned(), "US".to_owned(), 2),
+            ("rotate".to_owned(), "US".to_owned(), 3),
+        ]
+    );
+    let verify = verify_with_public_key(dir.path());
+    assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+
+    // Another checkpoint key would sign this log under a second identity: refused,
+    // whether it would be created or exists already.
+    let missing = keys_with(
+        dir.path(),
+        &key,
+        &[
+            "rotate",
+            "--jurisdiction",
+            "US",
+            "--checkpoint-key",
+            "other.pem",
+        ],
+    );
+    assert_eq!(missing.code, 1, "{}", missing.stderr);
+    assert!(
+        missing
+            .stderr
+            .contains("no checkpoint signing key at `other.pem`"),
+        "{}",
+        missing.stderr
+    );
+    assert!(!dir.path().join("other.pem").exists());
+    let fresh = tempfile::tempdir().unwrap();
+    assert_eq!(keys_with(fresh.path(), &key, &["init"]).code, 0);
+    let foreign = fresh.path().join("ringfence-data/audit-signing-key.pem");
+    let other = run(ringfence()
+        .current_dir(dir.path())
+        .env("RINGFENCE_MASTER_KEY", &key)
+        .args(["keys", "rotate", "--jurisdiction", "US", "--checkpoint-key"])
+        .arg(&foreign));
+    assert_eq!(other.code, 1, "{}", other.stderr);
+    assert!(
+        other.stderr.contains("is signed by key"),
+        "{}",
+        other.stderr
+    );
+    assert_eq!(
+        key_events(dir.path()).len(),
+        3,
+        "nothing logged by refused commands"
+    );
+}

@@ -201,7 +201,7 @@ async fn a_service_certificate_and_an_employee_token_decrypt() {
     let entries = fx.server.log_entries();
     let requests: Vec<_> = entries
         .iter()
-        .filter(|entry| entry["kind"] != "checkpoint")
+        .filter(|entry| entry["kind"] != "checkpoint" && entry["kind"] != "key_event")
         .collect();
     assert_eq!(requests[0]["principal"], "Service::\"us-signup\"");
     assert_eq!(requests[0]["authentication"], "mtls");
@@ -280,12 +280,9 @@ async fn bad_client_certificates_fail_the_handshake_and_are_logged() {
         assert!(outcome.contains("(from 127.0.0.1:"), "{outcome}");
     }
     // Nothing was decided for anyone.
-    assert!(
-        fx.server
-            .log_entries()
-            .iter()
-            .all(|entry| entry["kind"] == "unauthenticated" || entry["kind"] == "checkpoint")
-    );
+    assert!(fx.server.log_entries().iter().all(|entry| {
+        ["unauthenticated", "checkpoint", "key_event"].contains(&entry["kind"].as_str().unwrap())
+    }));
     fx.server.running.stop().await.unwrap();
 }
 

@@ -188,6 +188,15 @@ impl CheckpointSigner {
         }
     }
 
+    /// A verifier for this signer's checkpoints.
+    pub fn verifier(&self) -> CheckpointVerifier {
+        let key = self.key.verifying_key();
+        CheckpointVerifier {
+            key_id: key_id(&key),
+            key,
+        }
+    }
+
     /// The public key as SPKI PEM (`-----BEGIN PUBLIC KEY-----`).
     pub fn public_key_pem(&self) -> Result<String, Error> {
         self.key

@@ -361,6 +361,7 @@ pub struct DecisionLog {
     healthy: Arc<AtomicBool>,
     problem: Arc<Problem>,
     key_generations: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     dir: PathBuf,
 }
 
@@ -672,6 +673,28 @@ impl DecisionLog {
             }
         }
         if let (Some(checkpoint), Some(keyring)) = (&newest_checkpoint, &options.key_generations) {
+            // The generations count only if this log's key signed them: a checkpoint
+            // planted with another key, or altered, would switch the check off.
+            if let Some(signer) = &options.signer {
+                let verifier = signer.verifier();
+                if checkpoint.key_id != verifier.key_id() {
+                    return Err(open_error(
+                        dir,
+                        format!(
+                            "the newest checkpoint (seq {}) is signed by key {}, not by this checkpoint key {}: use the --checkpoint-key that signs this log",
+                            checkpoint.seq,
+                            crate::record::shown(&checkpoint.key_id),
+                            verifier.key_id()
+                        ),
+                    ));
+                }
+                verifier.check(checkpoint).map_err(|problem| {
+                    open_error(
+                        dir,
+                        format!("the newest checkpoint (seq {}): {problem}", checkpoint.seq),
+                    )
+                })?;
+            }
             check_key_generations(checkpoint, keyring)?;
         }
         let key_generations = Arc::new(std::sync::Mutex::new(
@@ -713,7 +736,7 @@ impl DecisionLog {
             _lock: lock,
         };
         let (sender, receiver) = mpsc::channel(8 * MAX_BATCH);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("decision-log".to_owned())
             .spawn(move || writer.run(receiver))
             .map_err(|error| open_error(dir, format!("cannot start writer: {error}")))?;
@@ -723,6 +746,7 @@ impl DecisionLog {
                 healthy,
                 problem,
                 key_generations,
+                writer: Arc::new(std::sync::Mutex::new(Some(thread))),
                 dir: dir.to_owned(),
             },
             OpenState {
@@ -757,6 +781,19 @@ impl DecisionLog {
         receipt
             .await
             .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))?
+    }
+
+    /// Closes this handle and, if it was the last one, waits (blocking) until the writer
+    /// has signed the final head and let go of the writer lock. Call it outside async
+    /// code; a handle that is merely dropped lets the writer finish in the background.
+    pub fn close(self) {
+        let Self { sender, writer, .. } = self;
+        drop(sender);
+        if Arc::strong_count(&writer) == 1
+            && let Some(thread) = writer.lock().ok().and_then(|mut slot| slot.take())
+        {
+            let _ = thread.join();
+        }
     }
 
     /// Sets the keyring generations that checkpoints from now on vouch for (after a

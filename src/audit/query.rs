@@ -65,9 +65,15 @@ impl Filter {
                 .as_deref()
                 .is_none_or(|wanted| text(entry, pointer) == Some(wanted))
         };
+        // A key event concerns a jurisdiction without a record.
+        let jurisdiction = if entry.get("key_event").is_some() {
+            "/key_event/jurisdiction"
+        } else {
+            "/record/jurisdiction"
+        };
         if !(equal("/service", &self.service)
             && equal("/kind", &self.kind)
-            && equal("/record/jurisdiction", &self.jurisdiction)
+            && equal(jurisdiction, &self.jurisdiction)
             && equal("/record/record_type", &self.record_type)
             && equal("/record/record_id", &self.record_id))
         {
@@ -145,6 +151,17 @@ pub fn for_each_entry(
             let line = line?;
             match serde_json::from_str::<Value>(&line) {
                 Ok(entry) => {
+                    // Entries before format 2 carry no `format`; a newer one is not
+                    // guessed at (as `verify` refuses it).
+                    if let Some(format) = entry.get("format")
+                        && format.as_u64() != Some(u64::from(super::ENTRY_FORMAT))
+                    {
+                        return Err(std::io::Error::other(format!(
+                            "entry seq {} has format {format}, unknown to this version (it reads formats 1 and {})",
+                            entry.get("seq").unwrap_or(&Value::Null),
+                            super::ENTRY_FORMAT
+                        )));
+                    }
                     stats.entries += 1;
                     if filter.matches(&entry) {
                         stats.matched += 1;
@@ -162,6 +179,30 @@ pub fn for_each_entry(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn key_events_match_by_jurisdiction_and_unknown_formats_are_refused() {
+        let event = json!({"seq": 1, "format": 2, "kind": "key_event",
+            "key_event": {"operation": "rotate", "jurisdiction": "US", "version": 2}});
+        let us = Filter {
+            jurisdiction: Some("US".to_owned()),
+            ..Filter::default()
+        };
+        assert!(us.matches(&event));
+        let sg = Filter {
+            jurisdiction: Some("SG".to_owned()),
+            ..Filter::default()
+        };
+        assert!(!sg.matches(&event));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            segment_path(dir.path(), 1),
+            "{\"seq\":1,\"format\":3,\"kind\":\"decrypt\"}\n",
+        )
+        .unwrap();
+        let error = for_each_entry(dir.path(), &Filter::default(), |_, _| Ok(())).unwrap_err();
+        assert!(error.to_string().contains("format 3, unknown"), "{error}");
+    }
 
     fn entry() -> Value {
         json!({

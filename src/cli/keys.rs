@@ -2,7 +2,6 @@
 //! key ids and dates only, never key bytes; every change is logged as `key_event`
 //! entries with a signed checkpoint, and refused while a server holds the log.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -116,9 +115,9 @@ fn report(result: Result<Vec<KeyEvent>, keyadmin::Error>, nothing: &str) -> Exit
     }
 }
 
-/// The keyring's generations before the change (for the rollback check), the keyring
-/// after it, and the events between.
-type Changed = (BTreeMap<String, u64>, Keyring, Vec<KeyEvent>);
+/// Where the keyring stood before the change (for the rollback check and unlogged
+/// changes), the keyring after it, and the events between.
+type Changed = (Vec<KeyEvent>, Keyring, Vec<KeyEvent>);
 
 fn run_change(
     args: &KeyArgs,
@@ -135,7 +134,7 @@ fn run_change(
     let master = args.master(create)?;
     if keys::MasterKeySource::is_development(&master) {
         eprintln!(
-            "warning: using the DEVELOPMENT master key {}: not for production",
+            "warning: using the {}: not for production",
             keys::MasterKeySource::describe(&master)
         );
     }
@@ -155,7 +154,7 @@ pub fn run(command: Command) -> ExitCode {
             let result = run_change(&args, true, "ringfence keys init", |path, master| {
                 let mut keyring =
                     Keyring::open_if_present(path, master)?.unwrap_or_else(|| Keyring::empty(path));
-                let before = keyring.generations();
+                let before = keyring.states();
                 let mut events = Vec::new();
                 for jurisdiction in &jurisdictions {
                     if !keyring.holds(jurisdiction) {
@@ -169,7 +168,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Rotate { args, jurisdiction } => {
             let result = run_change(&args, false, "ringfence keys rotate", |path, master| {
                 let mut keyring = Keyring::open(path, master)?;
-                let before = keyring.generations();
+                let before = keyring.states();
                 let event = keyring.rotate(&jurisdiction)?;
                 Ok((before, keyring, vec![event]))
             });
@@ -180,7 +179,7 @@ pub fn run(command: Command) -> ExitCode {
                 // A format-1 keyring has no generations: the log's newest checkpoint
                 // must not vouch for any (else the old file is a rollback).
                 let (keyring, events) = keys::migrate(path, master)?;
-                Ok((BTreeMap::new(), keyring, events))
+                Ok((Vec::new(), keyring, events))
             });
             report(result, "nothing to migrate")
         }

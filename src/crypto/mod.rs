@@ -103,9 +103,10 @@ pub fn put_lp16(out: &mut Vec<u8>, value: &[u8]) -> Result<(), Error> {
 
 /// HKDF-Extract (RFC 5869 section 2.2).
 pub fn hkdf_extract(salt: &[u8], ikm: &[u8]) -> Zeroizing<[u8; KEY_LEN]> {
-    let (prk, _) = Hkdf::<Sha256>::extract(Some(salt), ikm);
+    let (mut prk, _) = Hkdf::<Sha256>::extract(Some(salt), ikm);
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
     out.copy_from_slice(&prk);
+    prk.as_mut_slice().zeroize();
     out
 }
 

@@ -205,11 +205,19 @@ pub fn load_master_key(
     }
     let key = SecretKey::generate()?;
     let text = Zeroizing::new(format!("{}\n", hex::encode(key.expose())));
-    crate::fsutil::write_private_file(&dev_path, text.as_bytes()).map_err(|source| Error::Io {
-        action: "cannot write development master key",
-        path: dev_path.clone(),
-        source,
-    })?;
+    // Two commands racing to create it must end up with one key: the file is linked
+    // into place only if absent, and the loser uses the winner's key.
+    let created =
+        crate::fsutil::create_private_file(&dev_path, text.as_bytes()).map_err(|source| {
+            Error::Io {
+                action: "cannot write development master key",
+                path: dev_path.clone(),
+                source,
+            }
+        })?;
+    if !created {
+        return load_master_key(None, None, data_dir, policy);
+    }
     Ok(LocalMasterKey::new(
         key,
         MasterKeyOrigin::Development {

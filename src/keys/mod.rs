@@ -564,6 +564,23 @@ impl Keyring {
             .collect()
     }
 
+    /// Where every jurisdiction stands: generation, current version and its key id.
+    pub fn states(&self) -> Vec<KeyEvent> {
+        self.keys
+            .iter()
+            .filter_map(|(jurisdiction, keys)| {
+                let current = keys.versions.get(&keys.current)?;
+                Some(KeyEvent {
+                    operation: "state",
+                    jurisdiction: jurisdiction.clone(),
+                    version: keys.current,
+                    key_id: current.key_id,
+                    generation: keys.generation,
+                })
+            })
+            .collect()
+    }
+
     /// Whether `jurisdiction` holds keys.
     pub fn holds(&self, jurisdiction: &Jurisdiction) -> bool {
         self.keys.contains_key(jurisdiction)
