@@ -238,6 +238,7 @@ fn log_appends(c: &mut Criterion) {
         outcome: "decided".to_owned(),
         checkpoint: None,
         key_event: None,
+        unsigned_tail: None,
     };
     let mut group = c.benchmark_group("decision_log_append_on_disk");
     group

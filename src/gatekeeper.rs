@@ -392,6 +392,7 @@ impl<'a> Context<'a> {
             outcome: String::new(),
             checkpoint: None,
             key_event: None,
+            unsigned_tail: None,
         }
     }
 }

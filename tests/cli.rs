@@ -785,6 +785,7 @@ fn audit_verify_names_the_first_bad_entry() {
             outcome: "decided".to_owned(),
             checkpoint: None,
             key_event: None,
+            unsigned_tail: None,
         };
         let (line, hash) = ringfence::audit::chain_line(seq, &prev, &entry).unwrap();
         text.push_str(&line);

@@ -43,6 +43,9 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 pub const ENTRY_FORMAT: u32 = 2;
 /// `kind` of entries that record a change to the keyring.
 pub const KEY_EVENT_KIND: &str = "key_event";
+/// `kind` of the entry a restarted writer writes instead of signing an inherited
+/// unsigned tail older than the verifier's slack.
+pub const UNSIGNED_TAIL_KIND: &str = "unsigned_tail";
 /// The writer lock in the log directory: one process appends at a time.
 pub const WRITER_LOCK_FILE: &str = "writer.lock";
 /// How long opening the log waits for a previous writer in this process to let go.
@@ -139,6 +142,17 @@ pub struct KeyEventEntry {
     pub generation: u64,
 }
 
+/// What a restarted writer found unsigned at the end of the log and would not vouch for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsignedTailEntry {
+    /// First entry after the last checkpoint.
+    pub from_seq: u64,
+    /// Last entry of the log when the writer started.
+    pub to_seq: u64,
+    /// When the first of them was written.
+    pub first_time: String,
+}
+
 /// One request's entry, before the writer chains it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -183,6 +197,9 @@ pub struct Entry {
     /// For `kind: "key_event"`: what changed in the keyring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_event: Option<KeyEventEntry>,
+    /// For `kind: "unsigned_tail"`: the inherited entries no checkpoint vouched for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsigned_tail: Option<UnsignedTailEntry>,
 }
 
 impl Entry {
@@ -211,6 +228,7 @@ impl Entry {
             outcome,
             checkpoint: None,
             key_event: None,
+            unsigned_tail: None,
         }
     }
 
@@ -417,10 +435,14 @@ pub fn segment_numbers(dir: &Path) -> std::io::Result<Vec<u64>> {
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let name = entry.file_name().into_string().ok()?;
-            name.strip_prefix(SEGMENT_PREFIX)?
+            let number: u64 = name
+                .strip_prefix(SEGMENT_PREFIX)?
                 .strip_suffix(SEGMENT_SUFFIX)?
                 .parse()
-                .ok()
+                .ok()?;
+            // Only the name the writer gives segment `number`: `decisions-1.jsonl` or
+            // `decisions-+000001.jsonl` is not segment 1 read a second time.
+            (segment_path(Path::new(""), number).as_os_str() == name.as_str()).then_some(number)
         })
         .collect();
     numbers.sort_unstable();
@@ -465,16 +487,9 @@ pub fn read_failed_marker(dir: &Path, number: u64) -> Result<Option<FailedMarker
 }
 
 fn write_failed_marker(dir: &Path, marker: &FailedMarker) -> std::io::Result<()> {
-    let path = failed_marker_path(dir, marker.segment);
     let text = serde_json::to_string(marker).map_err(std::io::Error::other)?;
-    let mut file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&path)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    File::open(dir)?.sync_all()
+    // Whole or not at all: a marker torn by a crash would keep `serve` from starting.
+    crate::fsutil::write_private_file(&failed_marker_path(dir, marker.segment), text.as_bytes())
 }
 
 fn open_segment(path: &Path) -> std::io::Result<File> {
@@ -501,8 +516,19 @@ struct Head {
     signed: bool,
 }
 
+/// What reading one segment found.
+#[derive(Default)]
+struct SegmentEnd {
+    head: Option<Head>,
+    torn: bool,
+    checkpoint: Option<Checkpoint>,
+    /// The first entry (seq, time) after the segment's last checkpoint (or its first
+    /// entry when it has none).
+    first_unsigned: Option<(u64, String)>,
+}
+
 /// The chain head in one segment, whether its end is torn, and its last checkpoint.
-fn segment_head(path: &Path) -> Result<(Option<Head>, bool, Option<Checkpoint>), String> {
+fn segment_head(path: &Path) -> Result<SegmentEnd, String> {
     use std::io::Read as _;
     let file = File::open(path).map_err(|error| error.to_string())?;
     if !file
@@ -513,8 +539,7 @@ fn segment_head(path: &Path) -> Result<(Option<Head>, bool, Option<Checkpoint>),
         return Err("not a regular file".to_owned());
     }
     let mut reader = BufReader::new(file);
-    let mut head = None;
-    let mut checkpoint = None;
+    let mut end = SegmentEnd::default();
     let mut line = String::new();
     let mut number = 0u64;
     loop {
@@ -530,12 +555,13 @@ fn segment_head(path: &Path) -> Result<(Option<Head>, bool, Option<Checkpoint>),
             ));
         }
         if read == 0 {
-            return Ok((head, false, checkpoint));
+            return Ok(end);
         }
         number += 1;
         let Some(text) = line.strip_suffix('\n') else {
             // No newline: the write of this line never completed (a crash).
-            return Ok((head, true, checkpoint));
+            end.torn = true;
+            return Ok(end);
         };
         let (body, hash) =
             split_line(text).ok_or_else(|| format!("line {number}: not a chained entry"))?;
@@ -546,9 +572,12 @@ fn segment_head(path: &Path) -> Result<(Option<Head>, bool, Option<Checkpoint>),
             serde_json::from_str(&body).map_err(|error| format!("line {number}: {error}"))?;
         let signed = fields.kind == CHECKPOINT_KIND;
         if signed && fields.checkpoint.is_some() {
-            checkpoint = fields.checkpoint;
+            end.checkpoint = fields.checkpoint;
+            end.first_unsigned = None;
+        } else if end.first_unsigned.is_none() {
+            end.first_unsigned = Some((fields.seq, fields.time));
         }
-        head = Some(Head {
+        end.head = Some(Head {
             seq: fields.seq,
             hash: hash.to_owned(),
             signed,
@@ -627,6 +656,7 @@ impl DecisionLog {
         let numbers = segment_numbers(dir).map_err(|error| open_error(dir, error.to_string()))?;
         let mut head = None;
         let mut newest_checkpoint = None;
+        let mut first_unsigned = None;
         let mut torn_tail = None;
         let mut segment = numbers.last().copied().unwrap_or(1);
         for (index, number) in numbers.iter().rev().enumerate() {
@@ -645,17 +675,17 @@ impl DecisionLog {
                 });
                 break;
             }
-            let (found, torn, checkpoint) =
-                segment_head(&path).map_err(|reason| open_error(&path, reason))?;
-            if index == 0 && torn {
+            let end = segment_head(&path).map_err(|reason| open_error(&path, reason))?;
+            if index == 0 && end.torn {
                 torn_tail = Some(path.clone());
                 segment = number + 1;
             }
             if newest_checkpoint.is_none() {
-                newest_checkpoint = checkpoint;
+                newest_checkpoint = end.checkpoint;
             }
-            if found.is_some() {
-                head = found;
+            if end.head.is_some() {
+                head = end.head;
+                first_unsigned = end.first_unsigned;
                 break;
             }
         }
@@ -664,10 +694,9 @@ impl DecisionLog {
         if newest_checkpoint.is_none() && options.key_generations.is_some() {
             for number in numbers.iter().rev() {
                 let path = segment_path(dir, *number);
-                let (_, _, checkpoint) =
-                    segment_head(&path).map_err(|reason| open_error(&path, reason))?;
-                if checkpoint.is_some() {
-                    newest_checkpoint = checkpoint;
+                let end = segment_head(&path).map_err(|reason| open_error(&path, reason))?;
+                if end.checkpoint.is_some() {
+                    newest_checkpoint = end.checkpoint;
                     break;
                 }
             }
@@ -735,6 +764,58 @@ impl DecisionLog {
             key_generations: Arc::clone(&key_generations),
             _lock: lock,
         };
+        // A log that ends unsigned (a crash) gets a checkpoint as the writer's first
+        // entry; a tail older than the verifier's slack is reported, not vouched for.
+        if !ends_signed
+            && seq > 0
+            && writer.options.signer.is_some()
+            && let Some((from_seq, first_time)) = first_unsigned
+        {
+            let stale = time::OffsetDateTime::parse(
+                &first_time,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .map_or(true, |written| {
+                time::OffsetDateTime::now_utc() - written > verify::UNSIGNED_TAIL_SLACK
+            });
+            let mut jobs = Vec::new();
+            if stale {
+                tracing::warn!(
+                    from_seq,
+                    to_seq = seq,
+                    first_time,
+                    "the decision log ends in entries no checkpoint vouched for, older than the verifier's slack: reported in an `unsigned_tail` entry, not signed"
+                );
+                let now = time::OffsetDateTime::now_utc();
+                let mut entry = Entry::bare(
+                    now.format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default(),
+                    now.unix_timestamp(),
+                    String::new(),
+                    UNSIGNED_TAIL_KIND,
+                    "reported".to_owned(),
+                );
+                entry.unsigned_tail = Some(UnsignedTailEntry {
+                    from_seq,
+                    to_seq: seq,
+                    first_time,
+                });
+                jobs.push(Job {
+                    entry,
+                    reply: oneshot::channel().0,
+                });
+            }
+            writer.last_checkpoint = None;
+            if let Some(Err(error)) = writer.commit(&jobs).into_iter().next() {
+                return Err(open_error(
+                    dir,
+                    format!("cannot report the unsigned tail: {error}"),
+                ));
+            }
+            if writer.failure.is_some() {
+                return Err(open_error(dir, "cannot sign the inherited tail".to_owned()));
+            }
+        }
         let (sender, receiver) = mpsc::channel(8 * MAX_BATCH);
         let thread = std::thread::Builder::new()
             .name("decision-log".to_owned())

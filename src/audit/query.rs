@@ -126,6 +126,9 @@ pub struct QueryStats {
     pub matched: u64,
     /// Lines that are not JSON (a torn tail, or damage `verify` would report).
     pub unreadable: u64,
+    /// Lines of a sealed segment after its last acknowledged entry: written by a batch
+    /// whose fsync failed, never answered, so never shown.
+    pub unacknowledged: u64,
 }
 
 /// Calls `emit` with every matching entry's line, in log order.
@@ -146,10 +149,32 @@ pub fn for_each_entry(
 ) -> std::io::Result<QueryStats> {
     let mut stats = QueryStats::default();
     for number in segment_numbers(dir)? {
-        let file = std::fs::File::open(segment_path(dir, number))?;
+        let sealed_after = super::read_failed_marker(dir, number)
+            .map_err(std::io::Error::other)?
+            .map(|marker| marker.last_durable_seq);
+        let file = match std::fs::File::open(segment_path(dir, number)) {
+            Ok(file) => file,
+            // A sealed segment whose every line failed need not exist.
+            Err(error)
+                if sealed_after.is_some() && error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         for line in std::io::BufReader::new(file).lines() {
             let line = line?;
             match serde_json::from_str::<Value>(&line) {
+                Ok(entry)
+                    if sealed_after.is_some_and(|last| {
+                        entry
+                            .get("seq")
+                            .and_then(Value::as_u64)
+                            .is_none_or(|seq| seq > last)
+                    }) =>
+                {
+                    stats.unacknowledged += 1;
+                }
                 Ok(entry) => {
                     // Entries before format 2 carry no `format`; a newer one is not
                     // guessed at (as `verify` refuses it).
@@ -179,6 +204,32 @@ pub fn for_each_entry(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn lines_never_acknowledged_and_look_alike_segment_names_are_not_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |seq: u64| format!("{{\"seq\":{seq},\"kind\":\"decrypt\"}}\n");
+        std::fs::write(segment_path(dir.path(), 1), line(1) + &line(2) + &line(3)).unwrap();
+        // Sealed after seq 1: seq 2 and 3 were written by a batch whose fsync failed.
+        let marker = super::super::FailedMarker {
+            segment: 1,
+            last_durable_seq: 1,
+            head: String::new(),
+            reason: "test".to_owned(),
+        };
+        super::super::write_failed_marker(dir.path(), &marker).unwrap();
+        // Not segment 1 a second time.
+        std::fs::write(dir.path().join("decisions-1.jsonl"), line(1)).unwrap();
+        std::fs::write(dir.path().join("decisions-+000001.jsonl"), line(1)).unwrap();
+        let mut seen = Vec::new();
+        let stats = for_each_entry(dir.path(), &Filter::default(), |_, entry| {
+            seen.push(entry["seq"].as_u64().unwrap());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![1]);
+        assert_eq!(stats.unacknowledged, 2);
+    }
 
     #[test]
     fn key_events_match_by_jurisdiction_and_unknown_formats_are_refused() {

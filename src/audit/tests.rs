@@ -2,7 +2,10 @@ use super::*;
 
 fn entry(n: usize) -> Entry {
     Entry {
-        time: format!("2026-11-23T00:00:{:02}Z", n % 60),
+        // Written now, as the writer would see it (checkpoints sign within seconds).
+        time: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
         request_time: 1_790_000_000,
         request_id: format!("req-{n}"),
         kind: "decrypt".to_owned(),
@@ -30,6 +33,7 @@ fn entry(n: usize) -> Entry {
         outcome: "decided".to_owned(),
         checkpoint: None,
         key_event: None,
+        unsigned_tail: None,
     }
 }
 
@@ -692,4 +696,116 @@ fn a_keyring_older_than_the_newest_checkpoint_is_refused_before_anything_is_writ
         },
     )
     .unwrap();
+}
+
+/// Appends `entry` to the last segment, chained to its last line, as a writer that
+/// crashed (or a forger) would leave it; returns its seq.
+fn append_chained(dir: &Path, entry: &Entry) -> u64 {
+    let numbers = segment_numbers(dir).unwrap();
+    let segment = segment_path(dir, *numbers.last().unwrap());
+    let mut lines = lines_of(&segment);
+    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let seq = last["seq"].as_u64().unwrap() + 1;
+    let (line, _) = chain_line(seq, last["hash"].as_str().unwrap(), entry).unwrap();
+    lines.push(line);
+    write_lines(&segment, &lines);
+    seq
+}
+
+fn at(offset_seconds: i64) -> String {
+    (time::OffsetDateTime::now_utc() + time::Duration::seconds(offset_seconds))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+fn verify_signed(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
+    verify_with(
+        dir,
+        &VerifyOptions {
+            public_key: Some(public_key()),
+            saved_checkpoint: None,
+        },
+    )
+}
+
+#[test]
+fn a_fake_torn_tail_does_not_exempt_a_late_unsigned_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    write_signed(dir.path(), 3, DEFAULT_SEGMENT_BYTES);
+    let mut late = entry(9);
+    late.time = at(120);
+    let seq = append_chained(dir.path(), &late);
+    // A line without its newline, as a crash would leave it.
+    let segment = segment_path(dir.path(), 1);
+    let mut bytes = fs::read(&segment).unwrap();
+    bytes.extend_from_slice(format!("{{\"seq\":{}", seq + 1).as_bytes());
+    fs::write(&segment, bytes).unwrap();
+    let failure = verify_signed(dir.path()).unwrap_err();
+    assert!(failure.problem.contains("unsigned"), "{failure}");
+}
+
+#[test]
+fn a_restart_signs_a_recent_tail_first_and_reports_an_old_one() {
+    for (offset, reported) in [(0, false), (-120, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        write_signed(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+        let mut tail = entry(5);
+        tail.time = at(offset);
+        let seq = append_chained(dir.path(), &tail);
+        // The writer starts again after the crash.
+        let (log, _) = DecisionLog::open_with(
+            dir.path(),
+            LogOptions {
+                signer: Some(signer()),
+                ..LogOptions::default()
+            },
+        )
+        .unwrap();
+        log.close();
+        let lines = lines_of(&segment_path(dir.path(), 1));
+        let kinds: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        let after: Vec<&str> = kinds[seq as usize..].iter().map(String::as_str).collect();
+        if reported {
+            assert_eq!(after, ["unsigned_tail", "checkpoint"], "offset {offset}");
+            let report = verify_signed(dir.path()).unwrap();
+            assert_eq!(report.reported_unsigned, vec![(seq, seq)]);
+        } else {
+            assert_eq!(after, ["checkpoint"], "the first entry is a checkpoint");
+            let report = verify_signed(dir.path()).unwrap();
+            assert!(report.reported_unsigned.is_empty());
+            assert_eq!(report.unsigned_tail, 0);
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_over_an_old_unreported_tail_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_signed(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+    let mut old = entry(5);
+    old.time = at(-120);
+    let seq = append_chained(dir.path(), &old);
+    // What the writer did before: sign whatever it inherited.
+    let lines = lines_of(&segment_path(dir.path(), 1));
+    let head = serde_json::from_str::<serde_json::Value>(lines.last().unwrap()).unwrap()["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    append_chained(
+        dir.path(),
+        &Entry::checkpoint(signer().sign(seq, &head, &at(0))),
+    );
+    let failure = verify_signed(dir.path()).unwrap_err();
+    assert!(
+        failure.problem.contains("signs entries from seq"),
+        "{failure}"
+    );
 }

@@ -81,6 +81,12 @@ pub struct VerifyReport {
     pub unsigned_tail: u64,
     /// Sequence number of the saved checkpoint that was found intact, if one was given.
     pub saved_checkpoint: Option<u64>,
+    /// Unsigned tails a restarted writer found older than the slack and reported
+    /// (`unsigned_tail` entries) instead of signing them: (first seq, last seq).
+    pub reported_unsigned: Vec<(u64, u64)>,
+    /// The first entry (seq, time) not yet vouched for by a checkpoint, format 2 only.
+    #[serde(skip)]
+    pending_unsigned: Option<(u64, String)>,
 }
 
 /// The first problem found, located by segment, line and sequence number.
@@ -145,10 +151,10 @@ pub fn verify_with(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, 
     }
     // The writer signs the head at least every second while entries come in, with the
     // entries in one write: unsigned entries timed well after the last checkpoint mean
-    // later checkpoints were removed (unless a crash tore the last write).
+    // later checkpoints were removed. A torn last line changes nothing: a real crash
+    // leaves at most a second or two unsigned.
     if options.public_key.is_some()
         && report.unsigned_tail > 0
-        && report.torn_tails.is_empty()
         && let (Some(signed), Some(last)) = (
             report
                 .last_checkpoint_signed_at
@@ -170,7 +176,7 @@ pub fn verify_with(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, 
 
 /// How far unsigned entries may run past the last checkpoint (the writer checkpoints
 /// every second while it writes; this leaves room for slow disks and clock steps).
-const UNSIGNED_TAIL_SLACK: time::Duration = time::Duration::seconds(30);
+pub const UNSIGNED_TAIL_SLACK: time::Duration = time::Duration::seconds(30);
 
 fn parse_time(text: &str) -> Option<time::OffsetDateTime> {
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
@@ -329,6 +335,17 @@ fn verify_line(
             format!("prev_hash does not link to seq {}", report.entries),
         ));
     }
+    if fields.kind == super::UNSIGNED_TAIL_KIND {
+        // A restarted writer's report of entries it would not vouch for.
+        if let Some((first, _)) = report.pending_unsigned.take() {
+            report.reported_unsigned.push((first, report.entries));
+        }
+    } else if fields.kind != CHECKPOINT_KIND
+        && fields.format.is_some()
+        && report.pending_unsigned.is_none()
+    {
+        report.pending_unsigned = Some((fields.seq, fields.time.clone()));
+    }
     if fields.kind == CHECKPOINT_KIND {
         let Some(checkpoint) = &fields.checkpoint else {
             return Err(fail(
@@ -348,7 +365,25 @@ fn verify_line(
         if let Some(key) = check.public_key {
             key.check(checkpoint)
                 .map_err(|problem| fail(Some(fields.seq), format!("checkpoint {problem}")))?;
+            // The writer signs within a second of writing; a checkpoint over entries
+            // written long before it signs what no one vouched for when it was written
+            // (checkpoints removed and entries added later, or a restart over an old
+            // tail that did not report it).
+            if let Some((first, written)) = report.pending_unsigned.take()
+                && let (Some(written), Some(signed)) =
+                    (parse_time(&written), parse_time(&checkpoint.signed_at))
+                && signed - written > UNSIGNED_TAIL_SLACK
+            {
+                return Err(fail(
+                    Some(fields.seq),
+                    format!(
+                        "this checkpoint signs entries from seq {first} written {} s before it: checkpoints were removed and entries added later, or a restart signed an old unsigned tail without reporting it",
+                        (signed - written).whole_seconds()
+                    ),
+                ));
+            }
         }
+        report.pending_unsigned = None;
         report.checkpoints += 1;
         report.last_checkpoint = Some(fields.seq);
         report.last_checkpoint_signed_at = Some(checkpoint.signed_at.clone());

@@ -148,18 +148,22 @@ pub fn run(command: Command) -> ExitCode {
             });
             match result {
                 Ok(stats) => {
+                    let mut notes = String::new();
+                    if stats.unacknowledged > 0 {
+                        notes.push_str(&format!(
+                            "; {} lines after a failed write, never acknowledged, not shown",
+                            stats.unacknowledged
+                        ));
+                    }
+                    if stats.unreadable > 0 {
+                        notes.push_str(&format!(
+                            "; {} unreadable lines skipped (run `audit verify`)",
+                            stats.unreadable
+                        ));
+                    }
                     eprintln!(
-                        "{} of {} entries matched{}",
-                        stats.matched,
-                        stats.entries,
-                        if stats.unreadable > 0 {
-                            format!(
-                                "; {} unreadable lines skipped (run `audit verify`)",
-                                stats.unreadable
-                            )
-                        } else {
-                            String::new()
-                        }
+                        "{} of {} entries matched{notes}",
+                        stats.matched, stats.entries
                     );
                     ExitCode::SUCCESS
                 }
@@ -308,6 +312,11 @@ fn verify(
                 println!(
                     "note: {} was sealed after a failed write; {unacknowledged} line(s) after its last acknowledged entry were never acknowledged",
                     segment.display()
+                );
+            }
+            for (first, last) in &report.reported_unsigned {
+                println!(
+                    "note: entries seq {first}..{last} were reported by a restarted writer as never signed (an `unsigned_tail` entry): nothing vouches for them"
                 );
             }
             for torn in &report.torn_tails {
