@@ -126,6 +126,8 @@ pub enum Outcome {
 /// The answer to a decrypt request.
 #[derive(Debug)]
 pub struct Decrypted {
+    /// The record as its decision log entry names it.
+    pub logged: RecordEntry,
     /// Hash of the policy set that decided the request.
     pub policy_set: String,
     /// The record's id, echoed back.
@@ -134,6 +136,37 @@ pub struct Decrypted {
     pub request_id: String,
     /// One outcome per requested field, in request order.
     pub fields: Vec<(FieldName, Outcome)>,
+}
+
+/// What the decision log needs to say that an answer was never delivered: no
+/// plaintext, only which request and which fields it would have carried.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    /// The request's id (its `decrypt` entry's).
+    pub request_id: String,
+    /// The record.
+    pub record: RecordEntry,
+    /// The policy set that decided.
+    pub policy_set: String,
+    /// Fields the answer carried in plaintext.
+    pub plaintext_fields: Vec<String>,
+}
+
+impl Decrypted {
+    /// The receipt of this answer, taken before its plaintext moves to the transport.
+    pub fn receipt(&self) -> Receipt {
+        Receipt {
+            request_id: self.request_id.clone(),
+            record: self.logged.clone(),
+            policy_set: self.policy_set.clone(),
+            plaintext_fields: self
+                .fields
+                .iter()
+                .filter(|(_, outcome)| matches!(outcome, Outcome::Plaintext(_)))
+                .map(|(name, _)| name.as_str().to_owned())
+                .collect(),
+        }
+    }
 }
 
 /// The answer to an encrypt request.
@@ -829,11 +862,65 @@ impl Gatekeeper {
             self.log.append(follow_up).await?;
         }
         Ok(Decrypted {
+            logged: record_entry(
+                &record.record_type,
+                Some(&record.record_id),
+                &record.jurisdiction,
+            ),
             policy_set: snapshot.hash().to_owned(),
             record_id: record.record_id.clone(),
             request_id: context.request_id,
             fields: outcomes,
         })
+    }
+
+    /// Records that an answer whose decisions are in the log never reached the caller
+    /// (stream closed, call cancelled, answer over the size limit): an `undelivered`
+    /// entry with the same request id, naming the fields that would have been read.
+    pub async fn record_undelivered(
+        &self,
+        caller: &Caller,
+        receipt: &Receipt,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let time = rfc3339_now();
+        let mut entry = Entry::bare(
+            time,
+            unix_now(),
+            receipt.request_id.clone(),
+            "undelivered",
+            format!("undelivered: {reason}"),
+        );
+        entry.service = Some(caller.service.clone());
+        entry.principal = Some(caller.principal().to_string());
+        entry.authentication = caller.method.to_owned();
+        entry.action = Some(Action::Decrypt.as_str().to_owned());
+        entry.record = Some(receipt.record.clone());
+        entry.policy_set = Some(receipt.policy_set.clone());
+        let snapshot = self.policies.current();
+        let record_type = RecordType::new(&receipt.record.record_type).ok();
+        entry.fields = receipt
+            .plaintext_fields
+            .iter()
+            .map(|field| FieldEntry {
+                field: field.clone(),
+                classification: record_type
+                    .as_ref()
+                    .zip(FieldName::new(field).ok())
+                    .and_then(|(record_type, name)| {
+                        snapshot.catalog().classification(record_type, &name)
+                    })
+                    .unwrap_or_default()
+                    .to_owned(),
+                decision: "allow".to_owned(),
+                policies: Vec::new(),
+                errors: Vec::new(),
+                key_version: None,
+                outcome: "undelivered".to_owned(),
+            })
+            .collect();
+        self.log.append(entry).await?;
+        Ok(())
     }
 
     /// Decides `decrypt` per field without decrypting; logged like any decision.

@@ -361,10 +361,12 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         .build_v1()
         .map_err(|error| Error::Transport(error.to_string()))?;
 
-    let ringfence =
-        pb::ringfence_server::RingfenceServer::new(RingfenceService::new(Arc::clone(&gate)))
-            .max_decoding_message_size(config.max_message_bytes)
-            .max_encoding_message_size(config.max_message_bytes);
+    let ringfence = pb::ringfence_server::RingfenceServer::new(RingfenceService::new(
+        Arc::clone(&gate),
+        config.max_message_bytes,
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
     let ringfence = InterceptedService::new(ringfence, move |request| {
         service::authenticate(&mode, request)
     });

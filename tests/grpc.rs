@@ -686,7 +686,7 @@ async fn without_an_identity_mode_every_request_is_unauthenticated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_stream_answers_in_order_and_stops_at_a_bad_record() {
+async fn bulk_stream_answers_in_order_and_a_bad_record_gets_its_own_status() {
     let server = start().await;
     let mut client = server.client().await;
     let mut records = Vec::new();
@@ -713,6 +713,8 @@ async fn bulk_stream_answers_in_order_and_stops_at_a_bad_record() {
     let mut count = 0;
     while let Some(answer) = answers.message().await.unwrap() {
         assert_eq!(answer.record_id, format!("b-{count}"));
+        assert_eq!(answer.index, count as u64);
+        assert!(answer.status.is_none());
         assert_eq!(
             plaintext(outcome(&answer, "email")),
             secret_value(&answer.record_id, "email")
@@ -733,16 +735,116 @@ async fn bulk_stream_answers_in_order_and_stops_at_a_bad_record() {
         .await
         .unwrap()
         .into_inner();
-    for _ in 0..3 {
-        answers.message().await.unwrap().unwrap();
+    // The bad record is answered with its own status, and the stream goes on: every
+    // record after it is answered (and only answered records are logged as read).
+    let mut seen = Vec::new();
+    while let Some(answer) = answers.message().await.unwrap() {
+        seen.push(answer);
     }
-    let status = answers.message().await.unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(seen.len(), 5);
+    for (index, answer) in seen.iter().enumerate() {
+        assert_eq!(answer.index, index as u64);
+        if index == 3 {
+            let status = answer.status.as_ref().unwrap();
+            assert_eq!(status.code, Code::InvalidArgument as u32);
+            assert!(
+                status.message.starts_with("record 3: "),
+                "{}",
+                status.message
+            );
+            assert!(answer.fields.is_empty() && answer.request_id.is_empty());
+        } else {
+            assert!(answer.status.is_none());
+            assert_eq!(answer.record_id, format!("b-{index}"));
+        }
+    }
+    let decrypts = server
+        .log_entries()
+        .iter()
+        .filter(|e| e["kind"] == "decrypt")
+        .count();
+    assert_eq!(decrypts, 40 + 4, "one decrypt entry per answered record");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_logged_but_never_handed_to_the_transport_get_a_follow_up() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let mut records = Vec::new();
+    for n in 0..10 {
+        records.push(encrypt_profile(&mut client, &format!("d-{n}"), "US").await);
+    }
+    let requests: Vec<_> = (0..200)
+        .map(|n| {
+            decrypt_request(
+                records[n % 10].clone(),
+                &["email", "tax_id"],
+                "fraud-investigation",
+                "F-2",
+            )
+        })
+        .collect();
+    let mut answers = client
+        .decrypt_records(as_caller(
+            tokio_stream::iter(requests),
+            "us-support-tool",
+            Some("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    answers.message().await.unwrap().unwrap();
+    // The client walks away after one answer.
+    drop(answers);
+    drop(client);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let entries = server.log_entries();
+    let decrypted: std::collections::BTreeSet<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "decrypt")
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    let undelivered: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "undelivered")
+        .collect();
     assert!(
-        status.message().starts_with("record 3: "),
-        "{}",
-        status.message()
+        !undelivered.is_empty(),
+        "answers queued when the client left"
     );
+    for entry in &undelivered {
+        // A follow-up of a logged decision, naming only what would have been read.
+        assert!(
+            decrypted.contains(entry["request_id"].as_str().unwrap()),
+            "{entry}"
+        );
+        let fields: Vec<&str> = entry["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["field"].as_str().unwrap())
+            .collect();
+        assert_eq!(fields, ["email"], "{entry}");
+        assert_eq!(entry["fields"][0]["classification"], "pii");
+        assert!(
+            entry["outcome"]
+                .as_str()
+                .unwrap()
+                .starts_with("undelivered: ")
+        );
+    }
+    let followed: std::collections::BTreeSet<&str> = undelivered
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        followed.len(),
+        undelivered.len(),
+        "one follow-up per answer"
+    );
+    // At most the answers the transport took stand as read.
+    assert!(decrypted.len() - followed.len() >= 1);
+    assert!(decrypted.len() - followed.len() < decrypted.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1093,4 +1195,78 @@ async fn requests_during_reloads_see_the_old_set_or_the_new_one_never_a_mix() {
         "both sets must have answered: {counts:?}"
     );
     server.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
+    use prost::Message as _;
+    // One 3,000-byte email: the decrypt request (ciphertext = plaintext + 38 bytes)
+    // fits the limit, the answer (with request id and policy set hash) does not.
+    let value = vec![b'x'; 3000];
+    let sealed = pb::EncryptedRecord {
+        record_type: "user_profile".to_owned(),
+        record_id: "big-1".to_owned(),
+        jurisdiction: "US".to_owned(),
+        fields: vec![pb::EncryptedField {
+            name: "email".to_owned(),
+            ciphertext: vec![0; value.len() + 38],
+        }],
+    };
+    let request_len = decrypt_request(sealed, &["email"], "support", "INC-1").encoded_len();
+    // Encrypted by a server with the default limit (its answer, the ciphertext, is the
+    // larger one), then read through one with the tight limit on the same data.
+    let writer = start().await;
+    let mut client = writer.client().await;
+    let record = encrypted_record(
+        &mut client,
+        as_caller(
+            pb::EncryptRecordRequest {
+                record_type: "user_profile".to_owned(),
+                record_id: "big-1".to_owned(),
+                jurisdiction: "US".to_owned(),
+                fields: vec![pb::PlainField {
+                    name: "email".to_owned(),
+                    value: value.clone(),
+                }],
+            },
+            "us-signup",
+            None,
+        ),
+    )
+    .await;
+    let TestServer { running, dir, .. } = writer;
+    running.stop().await.unwrap();
+    let config = ringfence::ServeConfig {
+        max_message_bytes: request_len + 8,
+        ..test_config(dir.path())
+    };
+    let running = ringfence::server::start(config.clone()).await.unwrap();
+    let server = TestServer {
+        running,
+        dir,
+        config,
+    };
+    let mut client = server.client().await;
+    let request = decrypt_request(record, &["email"], "support", "INC-1");
+    assert_eq!(request.encoded_len(), request_len);
+    let status = client
+        .decrypt_record(as_caller(request, "us-support-tool", Some("alice")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("message limit"),
+        "{}",
+        status.message()
+    );
+    let entries = server.log_entries();
+    let decrypt = entries.iter().find(|e| e["kind"] == "decrypt").unwrap();
+    let follow_up = entries.iter().find(|e| e["kind"] == "undelivered").unwrap();
+    assert_eq!(follow_up["request_id"], decrypt["request_id"]);
+    assert!(
+        follow_up["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("over the message size limit")
+    );
 }

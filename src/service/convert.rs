@@ -159,6 +159,8 @@ impl From<Decrypted> for pb::DecryptRecordResponse {
             fields,
             request_id: decrypted.request_id,
             policy_set: decrypted.policy_set,
+            status: None,
+            index: 0,
         }
     }
 }

@@ -8,7 +8,6 @@ mod convert;
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::gatekeeper::{self, Gatekeeper};
@@ -92,6 +91,7 @@ pub fn authenticate(
 pub struct RingfenceService {
     gate: Arc<Gatekeeper>,
     stream_permits: Arc<tokio::sync::Semaphore>,
+    max_message_bytes: usize,
 }
 
 impl RingfenceService {
@@ -120,23 +120,155 @@ impl RingfenceService {
 }
 
 impl RingfenceService {
-    /// Serves `gate`.
-    pub fn new(gate: Arc<Gatekeeper>) -> Self {
+    /// Serves `gate`; answers larger than `max_message_bytes` are not sent (the
+    /// transport's encoding limit) and are logged as undelivered.
+    pub fn new(gate: Arc<Gatekeeper>, max_message_bytes: usize) -> Self {
         Self {
             gate,
             stream_permits: Arc::new(tokio::sync::Semaphore::new(STREAM_RECORDS_IN_FLIGHT)),
+            max_message_bytes,
         }
     }
 }
 
+/// Decides, logs and decrypts one record; the answer comes with its receipt, taken
+/// before the plaintext moves into the response.
 async fn decrypt_one(
     gate: &Gatekeeper,
     caller: &Caller,
     message: pb::DecryptRecordRequest,
-) -> Result<pb::DecryptRecordResponse, Status> {
+) -> Result<(pb::DecryptRecordResponse, gatekeeper::Receipt), Status> {
     let request = gatekeeper::DecryptRequest::try_from(message)?;
     let decrypted = gate.decrypt_record(caller, request).await?;
-    Ok(decrypted.into())
+    let receipt = decrypted.receipt();
+    Ok((decrypted.into(), receipt))
+}
+
+/// Writes the follow-up entry of a logged answer that did not reach the transport.
+async fn undelivered(
+    gate: &Gatekeeper,
+    caller: &Caller,
+    receipt: &gatekeeper::Receipt,
+    reason: &str,
+) {
+    if let Err(error) = gate.record_undelivered(caller, receipt, reason).await {
+        tracing::error!(%error, request_id = receipt.request_id, reason, "undelivered answer not logged");
+    }
+}
+
+/// Refuses an answer the transport would refuse to encode, after logging that it
+/// was not delivered.
+async fn within_limit(
+    gate: &Gatekeeper,
+    caller: &Caller,
+    (response, receipt): (pb::DecryptRecordResponse, gatekeeper::Receipt),
+    max_message_bytes: usize,
+) -> Result<(pb::DecryptRecordResponse, gatekeeper::Receipt), Status> {
+    use prost::Message as _;
+    let size = response.encoded_len();
+    if size <= max_message_bytes {
+        return Ok((response, receipt));
+    }
+    undelivered(gate, caller, &receipt, "answer over the message size limit").await;
+    Err(Status::out_of_range(format!(
+        "the answer ({size} bytes) is larger than the server's message limit ({max_message_bytes} bytes): ask for fewer fields per request"
+    )))
+}
+
+/// A unary decryption running in its own task, so that a cancelled call cannot stop
+/// it between logging and answering; if the call goes away first, the answer is
+/// logged as undelivered when it is ready.
+struct Pending {
+    task: Option<
+        tokio::task::JoinHandle<Result<(pb::DecryptRecordResponse, gatekeeper::Receipt), Status>>,
+    >,
+    gate: Arc<Gatekeeper>,
+    caller: Caller,
+}
+
+impl Pending {
+    async fn wait(&mut self) -> Result<(pb::DecryptRecordResponse, gatekeeper::Receipt), Status> {
+        let Some(task) = self.task.as_mut() else {
+            return Err(Status::internal(
+                "internal error; the server log has details",
+            ));
+        };
+        let result = task.await;
+        self.task = None;
+        result.map_err(|error| {
+            tracing::error!(%error, "decryption task failed");
+            Status::internal("internal error; the server log has details")
+        })?
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            let gate = Arc::clone(&self.gate);
+            let caller = self.caller.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok((_, receipt))) = task.await {
+                    undelivered(&gate, &caller, &receipt, "call cancelled by the client").await;
+                }
+            });
+        }
+    }
+}
+
+/// One answer of a bulk stream on its way to the transport, with the receipt that
+/// is logged as undelivered if the stream ends before the transport takes it.
+type Delivery = (
+    Result<pb::DecryptRecordResponse, Status>,
+    Option<gatekeeper::Receipt>,
+);
+
+/// The response stream of `DecryptRecords`: an answer counts as delivered when the
+/// transport takes it from here; answers still queued when the transport drops the
+/// stream (the client went away) get an `undelivered` entry.
+pub struct DeliveryStream {
+    receiver: tokio::sync::mpsc::Receiver<Delivery>,
+    gate: Arc<Gatekeeper>,
+    caller: Arc<Caller>,
+}
+
+impl futures_util::Stream for DeliveryStream {
+    type Item = Result<pb::DecryptRecordResponse, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.receiver
+            .poll_recv(context)
+            .map(|delivery| delivery.map(|(answer, _)| answer))
+    }
+}
+
+impl Drop for DeliveryStream {
+    fn drop(&mut self) {
+        self.receiver.close();
+        let mut receipts = Vec::new();
+        while let Ok((_, receipt)) = self.receiver.try_recv() {
+            receipts.extend(receipt);
+        }
+        if receipts.is_empty() {
+            return;
+        }
+        let gate = Arc::clone(&self.gate);
+        let caller = Arc::clone(&self.caller);
+        tokio::spawn(async move {
+            for receipt in &receipts {
+                undelivered(
+                    &gate,
+                    &caller,
+                    receipt,
+                    "stream closed before the answer was sent",
+                )
+                .await;
+            }
+        });
+    }
 }
 
 #[tonic::async_trait]
@@ -156,7 +288,19 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         request: Request<pb::DecryptRecordRequest>,
     ) -> Result<Response<pb::DecryptRecordResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let response = decrypt_one(&self.gate, &caller, request.into_inner()).await?;
+        let gate = Arc::clone(&self.gate);
+        let task_caller = caller.clone();
+        let message = request.into_inner();
+        let max_message_bytes = self.max_message_bytes;
+        let mut pending = Pending {
+            task: Some(tokio::spawn(async move {
+                let answer = decrypt_one(&gate, &task_caller, message).await?;
+                within_limit(&gate, &task_caller, answer, max_message_bytes).await
+            })),
+            gate: Arc::clone(&self.gate),
+            caller,
+        };
+        let (response, _) = pending.wait().await?;
         Ok(Response::new(response))
     }
 
@@ -199,7 +343,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         }))
     }
 
-    type DecryptRecordsStream = ReceiverStream<Result<pb::DecryptRecordResponse, Status>>;
+    type DecryptRecordsStream = DeliveryStream;
 
     async fn decrypt_records(
         &self,
@@ -209,7 +353,13 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         let inbound = request.into_inner();
         let gate = Arc::clone(&self.gate);
         let permits = Arc::clone(&self.stream_permits);
-        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_CONCURRENCY);
+        let max_message_bytes = self.max_message_bytes;
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Delivery>(STREAM_CONCURRENCY);
+        let stream = DeliveryStream {
+            receiver,
+            gate: Arc::clone(&gate),
+            caller: Arc::clone(&caller),
+        };
         tokio::spawn(async move {
             let mut answers = inbound
                 .enumerate()
@@ -221,27 +371,141 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
                         let Ok(_permit) = permits.acquire_owned().await else {
                             return Err(Status::unavailable("server is shutting down"));
                         };
-                        let answer = match message {
-                            Ok(message) => decrypt_one(&gate, &caller, message).await,
+                        let message = message?;
+                        let answer = match decrypt_one(&gate, &caller, message).await {
+                            Ok(answer) => {
+                                within_limit(&gate, &caller, answer, max_message_bytes).await
+                            }
                             Err(status) => Err(status),
                         };
-                        answer.map_err(|status| {
-                            Status::new(
-                                status.code(),
-                                format!("record {index}: {}", status.message()),
-                            )
+                        // A record that cannot be answered gets its own status; the
+                        // stream goes on.
+                        Ok(match answer {
+                            Ok((mut response, receipt)) => {
+                                response.index = index as u64;
+                                (response, Some(receipt))
+                            }
+                            Err(status) => (
+                                pb::DecryptRecordResponse {
+                                    index: index as u64,
+                                    status: Some(pb::RecordStatus {
+                                        code: status.code() as u32,
+                                        message: format!("record {index}: {}", status.message()),
+                                    }),
+                                    ..pb::DecryptRecordResponse::default()
+                                },
+                                None,
+                            ),
                         })
                     }
                 })
                 .buffered(STREAM_CONCURRENCY);
+            // Every answer is drained, also after the stream ended: an answer whose
+            // decisions are logged is either handed on or logged as undelivered.
+            let mut open = true;
             while let Some(answer) = answers.next().await {
-                let failed = answer.is_err();
-                // Stop on the first error, or when the client went away.
-                if sender.send(answer).await.is_err() || failed {
-                    break;
+                match answer {
+                    Ok((response, receipt)) if open => {
+                        if let Err(returned) = sender.send((Ok(response), receipt)).await {
+                            open = false;
+                            if let (_, Some(receipt)) = returned.0 {
+                                undelivered(
+                                    &gate,
+                                    &caller,
+                                    &receipt,
+                                    "stream closed before the answer was sent",
+                                )
+                                .await;
+                            }
+                        }
+                    }
+                    Ok((_, Some(receipt))) => {
+                        undelivered(
+                            &gate,
+                            &caller,
+                            &receipt,
+                            "stream closed before the answer was sent",
+                        )
+                        .await;
+                    }
+                    Ok((_, None)) => {}
+                    // The request stream itself broke (undecodable or oversized
+                    // message): nothing more can be read, the stream ends with it.
+                    Err(status) if open => {
+                        open = false;
+                        let _ = sender.send((Err(status), None)).await;
+                    }
+                    Err(_) => {}
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_call_logs_its_answer_as_undelivered_once_it_is_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = keys::Keyring::create_unlogged(
+            &dir.path().join("keyring.json"),
+            &keys::LocalMasterKey::generate().unwrap(),
+            &[crate::Jurisdiction::new("US").unwrap()],
+        )
+        .unwrap();
+        let policies = Arc::new(
+            crate::policy::PolicyStore::load(
+                &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
+            )
+            .unwrap(),
+        );
+        let (log, _) = crate::audit::DecisionLog::open(&dir.path().join("log")).unwrap();
+        let gate = Arc::new(Gatekeeper::new(keyring, policies, log, Default::default()));
+        let caller = Caller {
+            service: "us-support-tool".to_owned(),
+            employee: Some("alice".to_owned()),
+            method: "test",
+        };
+        let receipt = gatekeeper::Receipt {
+            request_id: "r-1".to_owned(),
+            record: crate::audit::RecordEntry {
+                record_type: "user_profile".to_owned(),
+                record_id: "u-1".to_owned(),
+                jurisdiction: "US".to_owned(),
+            },
+            policy_set: "ab".repeat(32),
+            plaintext_fields: vec!["email".to_owned()],
+        };
+        let answer = receipt.clone();
+        let pending = Pending {
+            task: Some(tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                Ok((pb::DecryptRecordResponse::default(), answer))
+            })),
+            gate: Arc::clone(&gate),
+            caller,
+        };
+        // The call goes away while the answer is being made.
+        drop(pending);
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        let mut lines = Vec::new();
+        crate::audit::for_each_entry(&dir.path().join("log"), &Default::default(), |line, _| {
+            lines.push(line.to_owned());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let entry: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(entry["kind"], "undelivered");
+        assert_eq!(entry["request_id"], "r-1");
+        assert_eq!(
+            entry["outcome"],
+            "undelivered: call cancelled by the client"
+        );
+        assert_eq!(entry["fields"][0]["field"], "email");
+        assert_eq!(entry["fields"][0]["classification"], "pii");
     }
 }
