@@ -142,6 +142,8 @@ pub struct Decrypted {
 /// plaintext, only which request and which fields it would have carried.
 #[derive(Debug, Clone)]
 pub struct Receipt {
+    /// The action the request's entry decided.
+    pub action: Action,
     /// The request's id (its `decrypt` entry's).
     pub request_id: String,
     /// The record.
@@ -156,6 +158,7 @@ impl Decrypted {
     /// The receipt of this answer, taken before its plaintext moves to the transport.
     pub fn receipt(&self) -> Receipt {
         Receipt {
+            action: Action::Decrypt,
             request_id: self.request_id.clone(),
             record: self.logged.clone(),
             policy_set: self.policy_set.clone(),
@@ -178,6 +181,23 @@ pub struct Encrypted {
     pub request_id: String,
     /// The encrypted record.
     pub record: SealedRecord,
+}
+
+impl Encrypted {
+    /// The receipt of this answer: no field was read, the ciphertexts were made.
+    pub fn receipt(&self) -> Receipt {
+        Receipt {
+            action: Action::Encrypt,
+            request_id: self.request_id.clone(),
+            record: record_entry(
+                &self.record.record.record_type,
+                Some(&self.record.record.record_id),
+                &self.record.record.jurisdiction,
+            ),
+            policy_set: self.policy_set.clone(),
+            plaintext_fields: Vec::new(),
+        }
+    }
 }
 
 /// The answer to an authorize request.
@@ -894,7 +914,7 @@ impl Gatekeeper {
         entry.service = Some(caller.service.clone());
         entry.principal = Some(caller.principal().to_string());
         entry.authentication = caller.method.to_owned();
-        entry.action = Some(Action::Decrypt.as_str().to_owned());
+        entry.action = Some(receipt.action.as_str().to_owned());
         entry.record = Some(receipt.record.clone());
         entry.policy_set = Some(receipt.policy_set.clone());
         let snapshot = self.policies.current();

@@ -1269,4 +1269,33 @@ async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
             .unwrap()
             .contains("over the message size limit")
     );
+    assert_eq!(follow_up["action"], "decrypt");
+    // The same for an encryption whose answer (the ciphertexts) is over the limit.
+    let status = client
+        .encrypt_record(as_caller(
+            pb::EncryptRecordRequest {
+                record_type: "user_profile".to_owned(),
+                record_id: "big-2".to_owned(),
+                jurisdiction: "US".to_owned(),
+                fields: vec![pb::PlainField {
+                    name: "email".to_owned(),
+                    value,
+                }],
+            },
+            "us-signup",
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let entries = server.log_entries();
+    let encrypt = entries
+        .iter()
+        .find(|e| e["kind"] == "encrypt" && e["record"]["record_id"] == "big-2")
+        .unwrap();
+    let follow_up = entries
+        .iter()
+        .find(|e| e["kind"] == "undelivered" && e["request_id"] == encrypt["request_id"])
+        .unwrap();
+    assert_eq!(follow_up["action"], "encrypt");
 }

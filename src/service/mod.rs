@@ -158,21 +158,32 @@ async fn undelivered(
 
 /// Refuses an answer the transport would refuse to encode, after logging that it
 /// was not delivered.
+async fn refuse_oversized(
+    gate: &Gatekeeper,
+    caller: &Caller,
+    response: &impl prost::Message,
+    receipt: &gatekeeper::Receipt,
+    max_message_bytes: usize,
+) -> Result<(), Status> {
+    let size = response.encoded_len();
+    if size <= max_message_bytes {
+        return Ok(());
+    }
+    undelivered(gate, caller, receipt, "answer over the message size limit").await;
+    Err(Status::out_of_range(format!(
+        "the answer ({size} bytes) is larger than the server's message limit ({max_message_bytes} bytes): send fewer or smaller fields per request"
+    )))
+}
+
+/// [`refuse_oversized`] for a decryption's answer.
 async fn within_limit(
     gate: &Gatekeeper,
     caller: &Caller,
     (response, receipt): (pb::DecryptRecordResponse, gatekeeper::Receipt),
     max_message_bytes: usize,
 ) -> Result<(pb::DecryptRecordResponse, gatekeeper::Receipt), Status> {
-    use prost::Message as _;
-    let size = response.encoded_len();
-    if size <= max_message_bytes {
-        return Ok((response, receipt));
-    }
-    undelivered(gate, caller, &receipt, "answer over the message size limit").await;
-    Err(Status::out_of_range(format!(
-        "the answer ({size} bytes) is larger than the server's message limit ({max_message_bytes} bytes): ask for fewer fields per request"
-    )))
+    refuse_oversized(gate, caller, &response, &receipt, max_message_bytes).await?;
+    Ok((response, receipt))
 }
 
 /// A unary decryption running in its own task, so that a cancelled call cannot stop
@@ -280,7 +291,17 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         let caller = self.caller(&request).await?;
         let plain = gatekeeper::PlainRecord::try_from(request.into_inner())?;
         let encrypted = self.gate.encrypt_record(&caller, plain).await?;
-        Ok(Response::new(encrypted.into()))
+        let receipt = encrypted.receipt();
+        let response: pb::EncryptRecordResponse = encrypted.into();
+        refuse_oversized(
+            &self.gate,
+            &caller,
+            &response,
+            &receipt,
+            self.max_message_bytes,
+        )
+        .await?;
+        Ok(Response::new(response))
     }
 
     async fn decrypt_record(
@@ -470,6 +491,7 @@ mod tests {
             method: "test",
         };
         let receipt = gatekeeper::Receipt {
+            action: crate::policy::Action::Decrypt,
             request_id: "r-1".to_owned(),
             record: crate::audit::RecordEntry {
                 record_type: "user_profile".to_owned(),
