@@ -516,6 +516,51 @@ struct Head {
     signed: bool,
 }
 
+/// Entries after the last checkpoint: the first one's seq and the span of their times
+/// (an unreadable time counts as the oldest possible).
+#[derive(Debug, Clone)]
+pub(crate) struct UnsignedSpan {
+    pub(crate) first_seq: u64,
+    pub(crate) first_time: String,
+    pub(crate) oldest: Option<time::OffsetDateTime>,
+    pub(crate) newest: Option<time::OffsetDateTime>,
+}
+
+impl UnsignedSpan {
+    pub(crate) fn start(seq: u64, time: &str) -> Self {
+        let parsed =
+            time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339).ok();
+        Self {
+            first_seq: seq,
+            first_time: time.to_owned(),
+            oldest: parsed,
+            newest: parsed,
+        }
+    }
+
+    pub(crate) fn add(&mut self, time: &str) {
+        match time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339) {
+            Ok(parsed) => {
+                self.oldest = self.oldest.map(|oldest| oldest.min(parsed));
+                self.newest = self.newest.map(|newest| newest.max(parsed));
+            }
+            Err(_) => {
+                self.oldest = None;
+                self.newest = None;
+            }
+        }
+    }
+
+    /// Whether a checkpoint signed at `signed` may vouch for these entries: none was
+    /// written more than `slack` before it, or dated more than `slack` after it.
+    pub(crate) fn fits(&self, signed: time::OffsetDateTime, slack: time::Duration) -> bool {
+        match (self.oldest, self.newest) {
+            (Some(oldest), Some(newest)) => signed - oldest <= slack && newest - signed <= slack,
+            _ => false,
+        }
+    }
+}
+
 /// What reading one segment found.
 #[derive(Default)]
 struct SegmentEnd {
@@ -524,7 +569,7 @@ struct SegmentEnd {
     checkpoint: Option<Checkpoint>,
     /// The first entry (seq, time) after the segment's last checkpoint (or its first
     /// entry when it has none).
-    first_unsigned: Option<(u64, String)>,
+    first_unsigned: Option<UnsignedSpan>,
 }
 
 /// The chain head in one segment, whether its end is torn, and its last checkpoint.
@@ -574,8 +619,11 @@ fn segment_head(path: &Path) -> Result<SegmentEnd, String> {
         if signed && fields.checkpoint.is_some() {
             end.checkpoint = fields.checkpoint;
             end.first_unsigned = None;
-        } else if end.first_unsigned.is_none() {
-            end.first_unsigned = Some((fields.seq, fields.time));
+        } else {
+            match &mut end.first_unsigned {
+                Some(span) => span.add(&fields.time),
+                None => end.first_unsigned = Some(UnsignedSpan::start(fields.seq, &fields.time)),
+            }
         }
         end.head = Some(Head {
             seq: fields.seq,
@@ -769,15 +817,14 @@ impl DecisionLog {
         if !ends_signed
             && seq > 0
             && writer.options.signer.is_some()
-            && let Some((from_seq, first_time)) = first_unsigned
+            && let Some(span) = first_unsigned
         {
-            let stale = time::OffsetDateTime::parse(
-                &first_time,
-                &time::format_description::well_known::Rfc3339,
-            )
-            .map_or(true, |written| {
-                time::OffsetDateTime::now_utc() - written > verify::UNSIGNED_TAIL_SLACK
-            });
+            // A few seconds' margin: the checkpoint is signed a moment after this check.
+            let stale = !span.fits(
+                time::OffsetDateTime::now_utc(),
+                verify::UNSIGNED_TAIL_SLACK - time::Duration::seconds(5),
+            );
+            let (from_seq, first_time) = (span.first_seq, span.first_time);
             let mut jobs = Vec::new();
             if stale {
                 tracing::warn!(

@@ -162,8 +162,20 @@ pub fn for_each_entry(
             }
             Err(error) => return Err(error),
         };
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut buffer = String::new();
+        loop {
+            buffer.clear();
+            if reader.read_line(&mut buffer)? == 0 {
+                break;
+            }
+            // A last line without its newline is a torn write: `verify` does not count
+            // it, so neither does `query` (nor `replay`), however complete it looks.
+            let Some(line) = buffer.strip_suffix('\n') else {
+                stats.unreadable += 1;
+                break;
+            };
+            let line = line.to_owned();
             match serde_json::from_str::<Value>(&line) {
                 Ok(entry)
                     if sealed_after.is_some_and(|last| {
@@ -218,6 +230,10 @@ mod tests {
             reason: "test".to_owned(),
         };
         super::super::write_failed_marker(dir.path(), &marker).unwrap();
+        // A complete-looking line without its newline is a torn write, not an entry.
+        let mut bytes = std::fs::read(segment_path(dir.path(), 1)).unwrap();
+        bytes.extend_from_slice(line(4).trim_end().as_bytes());
+        std::fs::write(segment_path(dir.path(), 1), bytes).unwrap();
         // Not segment 1 a second time.
         std::fs::write(dir.path().join("decisions-1.jsonl"), line(1)).unwrap();
         std::fs::write(dir.path().join("decisions-+000001.jsonl"), line(1)).unwrap();
@@ -229,6 +245,7 @@ mod tests {
         .unwrap();
         assert_eq!(seen, vec![1]);
         assert_eq!(stats.unacknowledged, 2);
+        assert_eq!(stats.unreadable, 1);
     }
 
     #[test]

@@ -49,7 +49,7 @@ fn parse_saved(line: &str, public_key: Option<&CheckpointVerifier>) -> Result<Sa
     })
 }
 /// Summary of an intact log.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
     /// Entries verified.
     pub entries: u64,
@@ -86,7 +86,7 @@ pub struct VerifyReport {
     pub reported_unsigned: Vec<(u64, u64)>,
     /// The first entry (seq, time) not yet vouched for by a checkpoint, format 2 only.
     #[serde(skip)]
-    pending_unsigned: Option<(u64, String)>,
+    pending_unsigned: Option<super::UnsignedSpan>,
 }
 
 /// The first problem found, located by segment, line and sequence number.
@@ -337,14 +337,18 @@ fn verify_line(
     }
     if fields.kind == super::UNSIGNED_TAIL_KIND {
         // A restarted writer's report of entries it would not vouch for.
-        if let Some((first, _)) = report.pending_unsigned.take() {
-            report.reported_unsigned.push((first, report.entries));
+        if let Some(span) = report.pending_unsigned.take() {
+            report
+                .reported_unsigned
+                .push((span.first_seq, report.entries));
         }
-    } else if fields.kind != CHECKPOINT_KIND
-        && fields.format.is_some()
-        && report.pending_unsigned.is_none()
-    {
-        report.pending_unsigned = Some((fields.seq, fields.time.clone()));
+    } else if fields.kind != CHECKPOINT_KIND && fields.format.is_some() {
+        match &mut report.pending_unsigned {
+            Some(span) => span.add(&fields.time),
+            None => {
+                report.pending_unsigned = Some(super::UnsignedSpan::start(fields.seq, &fields.time))
+            }
+        }
     }
     if fields.kind == CHECKPOINT_KIND {
         let Some(checkpoint) = &fields.checkpoint else {
@@ -369,16 +373,16 @@ fn verify_line(
             // written long before it signs what no one vouched for when it was written
             // (checkpoints removed and entries added later, or a restart over an old
             // tail that did not report it).
-            if let Some((first, written)) = report.pending_unsigned.take()
-                && let (Some(written), Some(signed)) =
-                    (parse_time(&written), parse_time(&checkpoint.signed_at))
-                && signed - written > UNSIGNED_TAIL_SLACK
+            if let Some(span) = report.pending_unsigned.take()
+                && !parse_time(&checkpoint.signed_at)
+                    .is_some_and(|signed| span.fits(signed, UNSIGNED_TAIL_SLACK))
             {
                 return Err(fail(
                     Some(fields.seq),
                     format!(
-                        "this checkpoint signs entries from seq {first} written {} s before it: checkpoints were removed and entries added later, or a restart signed an old unsigned tail without reporting it",
-                        (signed - written).whole_seconds()
+                        "this checkpoint signs entries from seq {} written more than {} s before or after it: checkpoints were removed and entries added later, or a restart signed an old unsigned tail without reporting it",
+                        span.first_seq,
+                        UNSIGNED_TAIL_SLACK.whole_seconds()
                     ),
                 ));
             }

@@ -258,25 +258,24 @@ impl futures_util::Stream for DeliveryStream {
 
 impl Drop for DeliveryStream {
     fn drop(&mut self) {
-        self.receiver.close();
-        let mut receipts = Vec::new();
-        while let Ok((_, receipt)) = self.receiver.try_recv() {
-            receipts.extend(receipt);
-        }
-        if receipts.is_empty() {
-            return;
-        }
+        // Every answer still queued, or being queued by a producer that already holds
+        // a slot, is received until the channel reports its end: none is lost unlogged.
+        let (_, closed) = tokio::sync::mpsc::channel(1);
+        let mut receiver = std::mem::replace(&mut self.receiver, closed);
+        receiver.close();
         let gate = Arc::clone(&self.gate);
         let caller = Arc::clone(&self.caller);
         tokio::spawn(async move {
-            for receipt in &receipts {
-                undelivered(
-                    &gate,
-                    &caller,
-                    receipt,
-                    "stream closed before the answer was sent",
-                )
-                .await;
+            while let Some((_, receipt)) = receiver.recv().await {
+                if let Some(receipt) = receipt {
+                    undelivered(
+                        &gate,
+                        &caller,
+                        &receipt,
+                        "stream closed before the answer was sent",
+                    )
+                    .await;
+                }
             }
         });
     }
@@ -388,24 +387,27 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
                     let gate = Arc::clone(&gate);
                     let caller = Arc::clone(&caller);
                     let permits = Arc::clone(&permits);
-                    async move {
+                    // Each record runs in its own task: its permit of the shared pool
+                    // goes back when the record is answered, not when a slow reader
+                    // takes the answer, so one stalled stream cannot hold the pool.
+                    let task = tokio::spawn(async move {
                         let Ok(_permit) = permits.acquire_owned().await else {
                             return Err(Status::unavailable("server is shutting down"));
                         };
                         let message = message?;
                         let answer = match decrypt_one(&gate, &caller, message).await {
-                            Ok(answer) => {
-                                within_limit(&gate, &caller, answer, max_message_bytes).await
+                            Ok((mut response, receipt)) => {
+                                // The index is part of what the transport encodes.
+                                response.index = index as u64;
+                                within_limit(&gate, &caller, (response, receipt), max_message_bytes)
+                                    .await
                             }
                             Err(status) => Err(status),
                         };
                         // A record that cannot be answered gets its own status; the
                         // stream goes on.
                         Ok(match answer {
-                            Ok((mut response, receipt)) => {
-                                response.index = index as u64;
-                                (response, Some(receipt))
-                            }
+                            Ok((response, receipt)) => (response, Some(receipt)),
                             Err(status) => (
                                 pb::DecryptRecordResponse {
                                     index: index as u64,
@@ -417,6 +419,14 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
                                 },
                                 None,
                             ),
+                        })
+                    });
+                    async move {
+                        task.await.unwrap_or_else(|error| {
+                            tracing::error!(%error, "record task failed");
+                            Err(Status::internal(
+                                "internal error; the server log has details",
+                            ))
                         })
                     }
                 })
