@@ -1,5 +1,3 @@
 //! Any bytes given as a ciphertext: parsing must answer, never panic.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = ringfence::crypto::Envelope::parse(data);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ringfence_fuzz::envelope(data));

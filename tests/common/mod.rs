@@ -8,6 +8,8 @@
     clippy::indexing_slicing
 )]
 
+pub mod system_tools;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
