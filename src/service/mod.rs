@@ -218,12 +218,25 @@ impl Drop for Pending {
         if let Some(task) = self.task.take() {
             let gate = Arc::clone(&self.gate);
             let caller = self.caller.clone();
-            tokio::spawn(async move {
+            spawn_from_drop(async move {
                 if let Ok(Ok((_, receipt))) = task.await {
                     undelivered(&gate, &caller, &receipt, "call cancelled by the client").await;
                 }
             });
         }
+    }
+}
+
+/// Spawns follow-up work from a `Drop`, which may run outside the runtime (when it is
+/// shutting down): never a panic, a server log line instead.
+fn spawn_from_drop(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(work);
+        }
+        Err(_) => tracing::error!(
+            "an undelivered answer could not be logged: no runtime (server shutting down)"
+        ),
     }
 }
 
@@ -265,7 +278,7 @@ impl Drop for DeliveryStream {
         receiver.close();
         let gate = Arc::clone(&self.gate);
         let caller = Arc::clone(&self.caller);
-        tokio::spawn(async move {
+        spawn_from_drop(async move {
             while let Some((_, receipt)) = receiver.recv().await {
                 if let Some(receipt) = receipt {
                     undelivered(
