@@ -18,31 +18,8 @@ use rand::TryRng as _;
 /// Concurrent writers never share a temporary file; the last rename wins, so callers that
 /// read, modify and write hold a [`LockFile`] around the whole change.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut suffix = [0u8; 8];
-    rand::rngs::SysRng
-        .try_fill_bytes(&mut suffix)
-        .map_err(|_| {
-            std::io::Error::other("the operating system's random number generator failed")
-        })?;
-    let file_name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = path.with_file_name(format!(
-        ".{file_name}.{}.{}.tmp",
-        std::process::id(),
-        hex::encode(suffix)
-    ));
-    let result = (|| {
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&temporary)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&temporary, path)
-    })();
+    let temporary = temporary_name(path)?;
+    let result = write_new(&temporary, contents).and_then(|()| fs::rename(&temporary, path));
     if result.is_err() {
         // Best effort: a failed write must not leave a partial copy of a secret behind.
         let _ = fs::remove_file(&temporary);

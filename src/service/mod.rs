@@ -19,6 +19,8 @@ use crate::tls::PeerInfo;
 
 /// Records of one `DecryptRecords` stream processed concurrently (answers stay in order).
 const STREAM_CONCURRENCY: usize = 32;
+/// Why a streamed answer was not delivered: the stream ended before the transport took it.
+const STREAM_CLOSED: &str = "stream closed before the answer was sent";
 /// Records of all `DecryptRecords` streams together in progress at once: bounds the
 /// memory and CPU that bulk jobs can hold, whatever the number of streams.
 const STREAM_RECORDS_IN_FLIGHT: usize = 128;
@@ -281,13 +283,7 @@ impl Drop for DeliveryStream {
         spawn_from_drop(async move {
             while let Some((_, receipt)) = receiver.recv().await {
                 if let Some(receipt) = receipt {
-                    undelivered(
-                        &gate,
-                        &caller,
-                        &receipt,
-                        "stream closed before the answer was sent",
-                    )
-                    .await;
+                    undelivered(&gate, &caller, &receipt, STREAM_CLOSED).await;
                 }
             }
         });
@@ -453,24 +449,12 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
                         if let Err(returned) = sender.send((Ok(response), receipt)).await {
                             open = false;
                             if let (_, Some(receipt)) = returned.0 {
-                                undelivered(
-                                    &gate,
-                                    &caller,
-                                    &receipt,
-                                    "stream closed before the answer was sent",
-                                )
-                                .await;
+                                undelivered(&gate, &caller, &receipt, STREAM_CLOSED).await;
                             }
                         }
                     }
                     Ok((_, Some(receipt))) => {
-                        undelivered(
-                            &gate,
-                            &caller,
-                            &receipt,
-                            "stream closed before the answer was sent",
-                        )
-                        .await;
+                        undelivered(&gate, &caller, &receipt, STREAM_CLOSED).await;
                     }
                     Ok((_, None)) => {}
                     // The request stream itself broke (undecodable or oversized
