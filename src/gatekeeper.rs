@@ -209,6 +209,21 @@ pub struct Authorized {
     pub request_id: String,
     /// Per field: `None` when allowed, the denial otherwise.
     pub fields: Vec<(FieldName, Option<Denial>)>,
+    /// The record as the decision log names it.
+    pub logged: RecordEntry,
+}
+
+impl Authorized {
+    /// The receipt of this answer: decisions only, no field was read.
+    pub fn receipt(&self) -> Receipt {
+        Receipt {
+            action: Action::Decrypt,
+            request_id: self.request_id.clone(),
+            record: self.logged.clone(),
+            policy_set: self.policy_set.clone(),
+            plaintext_fields: Vec::new(),
+        }
+    }
 }
 
 /// A request that is malformed; the message names the offending part.
@@ -817,76 +832,108 @@ impl Gatekeeper {
         entry.outcome = "decided".to_owned();
         // Guarantee 2: the decisions are durable before any field is decrypted.
         self.log.append(entry).await?;
-
-        let mut keys: Vec<(KeyVersion, crypto::RecordKey)> = Vec::new();
-        let mut outcomes = Vec::with_capacity(names.len());
-        let mut integrity_failures = Vec::new();
-        for ((name, plan), envelope) in names.into_iter().zip(plans).zip(&envelopes) {
-            let outcome = match plan {
-                Plan::Deny(denial) => Outcome::Denied(denial),
-                Plan::Fail(failure) => Outcome::Failed(failure),
-                Plan::Open(version) => {
-                    let scope = RecordScope {
-                        jurisdiction: &record.jurisdiction,
-                        key_version: version,
-                        record_type: &record.record_type,
-                        record_id: &record.record_id,
-                    };
-                    let key = match keys.iter().position(|(v, _)| *v == version) {
-                        Some(index) => keys.get(index).map(|(_, key)| key),
-                        None => {
-                            let key = self
-                                .keyring
-                                .derivation_key(&record.jurisdiction, version)?
-                                .record_key(&scope)?;
-                            keys.push((version, key));
-                            keys.last().map(|(_, key)| key)
-                        }
-                    };
-                    match key.map(|key| key.open(&scope, &name, envelope)) {
-                        Some(Ok(plaintext)) => Outcome::Plaintext(plaintext),
-                        _ => {
-                            integrity_failures.push(name.clone());
-                            Outcome::Failed(FieldFailure::Integrity)
+        // From here on the log says these fields were read: if the answer cannot be
+        // made after all, an `undelivered` entry says they were not.
+        let opened: Vec<String> = names
+            .iter()
+            .zip(&plans)
+            .filter(|(_, plan)| matches!(plan, Plan::Open(_)))
+            .map(|(name, _)| name.as_str().to_owned())
+            .collect();
+        let receipt = |record: RecordEntry| Receipt {
+            action: Action::Decrypt,
+            request_id: context.request_id.clone(),
+            record,
+            policy_set: snapshot.hash().to_owned(),
+            plaintext_fields: opened.clone(),
+        };
+        let answer = async {
+            let mut keys: Vec<(KeyVersion, crypto::RecordKey)> = Vec::new();
+            let mut outcomes = Vec::with_capacity(names.len());
+            let mut integrity_failures = Vec::new();
+            for ((name, plan), envelope) in names.into_iter().zip(plans).zip(&envelopes) {
+                let outcome = match plan {
+                    Plan::Deny(denial) => Outcome::Denied(denial),
+                    Plan::Fail(failure) => Outcome::Failed(failure),
+                    Plan::Open(version) => {
+                        let scope = RecordScope {
+                            jurisdiction: &record.jurisdiction,
+                            key_version: version,
+                            record_type: &record.record_type,
+                            record_id: &record.record_id,
+                        };
+                        let key = match keys.iter().position(|(v, _)| *v == version) {
+                            Some(index) => keys.get(index).map(|(_, key)| key),
+                            None => {
+                                let key = self
+                                    .keyring
+                                    .derivation_key(&record.jurisdiction, version)?
+                                    .record_key(&scope)?;
+                                keys.push((version, key));
+                                keys.last().map(|(_, key)| key)
+                            }
+                        };
+                        match key.map(|key| key.open(&scope, &name, envelope)) {
+                            Some(Ok(plaintext)) => Outcome::Plaintext(plaintext),
+                            _ => {
+                                integrity_failures.push(name.clone());
+                                Outcome::Failed(FieldFailure::Integrity)
+                            }
                         }
                     }
-                }
-            };
-            outcomes.push((name, outcome));
-        }
-
-        if !integrity_failures.is_empty() {
-            // Guarantee 4: a tampered or moved ciphertext is itself logged.
-            let mut follow_up = context.entry(
-                "integrity_failure",
-                Some(Action::Decrypt),
-                Some(record_log),
-                Some(snapshot.hash()),
-            );
-            for name in &integrity_failures {
-                let classification = snapshot
-                    .catalog()
-                    .classification(&record.record_type, name)
-                    .unwrap_or_default();
-                follow_up.fields.push(FieldEntry {
-                    field: name.as_str().to_owned(),
-                    classification: classification.to_owned(),
-                    decision: "allow".to_owned(),
-                    policies: Vec::new(),
-                    errors: Vec::new(),
-                    key_version: None,
-                    outcome: "integrity_failure".to_owned(),
-                });
+                };
+                outcomes.push((name, outcome));
             }
-            follow_up.outcome = "integrity_failure".to_owned();
-            self.log.append(follow_up).await?;
+
+            if !integrity_failures.is_empty() {
+                // Guarantee 4: a tampered or moved ciphertext is itself logged.
+                let mut follow_up = context.entry(
+                    "integrity_failure",
+                    Some(Action::Decrypt),
+                    Some(record_log),
+                    Some(snapshot.hash()),
+                );
+                for name in &integrity_failures {
+                    let classification = snapshot
+                        .catalog()
+                        .classification(&record.record_type, name)
+                        .unwrap_or_default();
+                    follow_up.fields.push(FieldEntry {
+                        field: name.as_str().to_owned(),
+                        classification: classification.to_owned(),
+                        decision: "allow".to_owned(),
+                        policies: Vec::new(),
+                        errors: Vec::new(),
+                        key_version: None,
+                        outcome: "integrity_failure".to_owned(),
+                    });
+                }
+                follow_up.outcome = "integrity_failure".to_owned();
+                self.log.append(follow_up).await?;
+            }
+            Ok::<_, Error>(outcomes)
         }
+        .await;
+        let logged = record_entry(
+            &record.record_type,
+            Some(&record.record_id),
+            &record.jurisdiction,
+        );
+        let outcomes = match answer {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                let reason = format!("the answer could not be made: {error}");
+                if let Err(log_error) = self
+                    .record_undelivered(caller, &receipt(logged), &reason)
+                    .await
+                {
+                    tracing::error!(%log_error, request_id = context.request_id, "undelivered answer not logged");
+                }
+                return Err(error);
+            }
+        };
         Ok(Decrypted {
-            logged: record_entry(
-                &record.record_type,
-                Some(&record.record_id),
-                &record.jurisdiction,
-            ),
+            logged,
             policy_set: snapshot.hash().to_owned(),
             record_id: record.record_id.clone(),
             request_id: context.request_id,
@@ -985,7 +1032,7 @@ impl Gatekeeper {
         let mut entry = context.entry(
             "authorize",
             Some(Action::Decrypt),
-            Some(record_log),
+            Some(record_log.clone()),
             Some(snapshot.hash()),
         );
         let mut answers = Vec::with_capacity(fields.len());
@@ -1007,6 +1054,7 @@ impl Gatekeeper {
             policy_set: snapshot.hash().to_owned(),
             request_id: context.request_id,
             fields: answers,
+            logged: record_log,
         })
     }
 }

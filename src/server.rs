@@ -205,6 +205,10 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
     )))
 }
 
+/// How long shutdown waits for follow-up work (answers of calls that went away and
+/// their `undelivered` entries) after the last request ended.
+const FOLLOW_UP_PATIENCE: Duration = Duration::from_secs(10);
+
 /// A server running in the background.
 #[derive(Debug)]
 pub struct Running {
@@ -215,6 +219,7 @@ pub struct Running {
     background: Vec<JoinHandle<()>>,
     _policy_watcher: reload::Watcher,
     log: DecisionLog,
+    follow_ups: service::FollowUps,
 }
 
 impl Running {
@@ -230,6 +235,15 @@ impl Running {
             Ok(result) => result,
             Err(error) => Err(Error::Transport(error.to_string())),
         };
+        // Answers of calls that went away, and their `undelivered` entries, are
+        // written before the log is signed for the last time.
+        let still_running = self.follow_ups.drain(FOLLOW_UP_PATIENCE).await;
+        if still_running > 0 {
+            tracing::error!(
+                still_running,
+                "shutdown did not wait longer for follow-up work: answers of cancelled calls may lack their `undelivered` entries"
+            );
+        }
         // Requests have finished: sign the final head so nothing is left unvouched.
         if let Err(error) = self.log.checkpoint().await {
             tracing::warn!(%error, "no final checkpoint");
@@ -361,12 +375,11 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         .build_v1()
         .map_err(|error| Error::Transport(error.to_string()))?;
 
-    let ringfence = pb::ringfence_server::RingfenceServer::new(RingfenceService::new(
-        Arc::clone(&gate),
-        config.max_message_bytes,
-    ))
-    .max_decoding_message_size(config.max_message_bytes)
-    .max_encoding_message_size(config.max_message_bytes);
+    let ringfence = RingfenceService::new(Arc::clone(&gate), config.max_message_bytes);
+    let follow_ups = ringfence.follow_ups();
+    let ringfence = pb::ringfence_server::RingfenceServer::new(ringfence)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
     let ringfence = InterceptedService::new(ringfence, move |request| {
         service::authenticate(&mode, request)
     });
@@ -431,5 +444,6 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         background,
         _policy_watcher: policy_watcher,
         log: gate.log().clone(),
+        follow_ups,
     })
 }

@@ -886,15 +886,16 @@ async fn health_and_reflection_are_served() {
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
 }
 
+/// A server whose decision log rotates before every commit (and every recovery), with
+/// the given segments on /dev/full, where every write fails (`None` without /dev/full).
 #[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unwritable_log_fails_closed_with_unavailable() {
+async fn start_with_full_segments(segments: &[u64]) -> Option<TestServer> {
     use ringfence::audit::{DecisionLog, segment_path};
     use ringfence::keys::Keyring;
     use ringfence::policy::PolicyStore;
 
     if !std::path::Path::new("/dev/full").exists() {
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
@@ -906,12 +907,9 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
     )
     .unwrap();
     let log_dir = dir.path().join("data/log");
-    // Every commit (and every recovery) rotates. Segments 2 and 4 are /dev/full, where
-    // every write fails: the encrypt fails in 2; the decrypt recovers into 3, rotates
-    // into 4 and fails again; the next request succeeds in 6.
     let (log, _) = DecisionLog::open_with_segment_size(&log_dir, 0).unwrap();
-    for segment in [2, 4] {
-        std::os::unix::fs::symlink("/dev/full", segment_path(&log_dir, segment)).unwrap();
+    for segment in segments {
+        std::os::unix::fs::symlink("/dev/full", segment_path(&log_dir, *segment)).unwrap();
     }
     let policies = std::sync::Arc::new(PolicyStore::load(&shipped_policies()).unwrap());
     let gate = std::sync::Arc::new(ringfence::Gatekeeper::new(
@@ -920,7 +918,17 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
         log,
         Default::default(),
     ));
-    let server = start_with(gate, dir).await;
+    Some(start_with(gate, dir).await)
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_log_fails_closed_with_unavailable() {
+    // Segments 2 and 4 are /dev/full: the encrypt fails in 2; the decrypt recovers
+    // into 3, rotates into 4 and fails again; the next request succeeds in 6.
+    let Some(server) = start_with_full_segments(&[2, 4]).await else {
+        return;
+    };
     let mut client = server.client().await;
 
     let status = status_of(
@@ -1298,4 +1306,55 @@ async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
         .find(|e| e["kind"] == "undelivered" && e["request_id"] == encrypt["request_id"])
         .unwrap();
     assert_eq!(follow_up["action"], "encrypt");
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decryption_that_fails_after_its_decisions_are_logged_is_logged_as_undelivered() {
+    // The encrypt lands in segment 2, the decrypt entry in 3; the integrity follow-up
+    // of the tampered field fails in 4 (/dev/full), so the call fails after the log
+    // already says alice read the other fields.
+    let Some(server) = start_with_full_segments(&[4]).await else {
+        return;
+    };
+    let mut client = server.client().await;
+    let mut record = encrypt_profile(&mut client, "u-1", "US").await;
+    let email = ciphertext_mut(&mut record, "email");
+    let last = email.len() - 1;
+    email[last] ^= 1;
+    let status = status_of(
+        client
+            .decrypt_record(as_caller(
+                decrypt_request(record, &["email", "phone"], "support", "INC-1"),
+                "us-support-tool",
+                Some("alice"),
+            ))
+            .await,
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Reading /dev/full never ends: take the sealed segment out before reading.
+    std::fs::remove_file(ringfence::audit::segment_path(&server.log_dir(), 4)).unwrap();
+    let entries = server.log_entries();
+    let decrypt = entries.iter().find(|e| e["kind"] == "decrypt").unwrap();
+    let opened: Vec<&str> = decrypt["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["outcome"] == "decrypt")
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(opened, ["email", "phone"]);
+    let follow_up = entries
+        .iter()
+        .find(|e| e["kind"] == "undelivered" && e["request_id"] == decrypt["request_id"])
+        .unwrap_or_else(|| panic!("no undelivered entry in {entries:#?}"));
+    let named: Vec<&str> = follow_up["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(named, opened);
+    assert_eq!(follow_up["principal"], decrypt["principal"]);
 }

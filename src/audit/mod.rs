@@ -43,8 +43,9 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 pub const ENTRY_FORMAT: u32 = 2;
 /// `kind` of entries that record a change to the keyring.
 pub const KEY_EVENT_KIND: &str = "key_event";
-/// `kind` of the entry a restarted writer writes instead of signing an inherited
-/// unsigned tail older than the verifier's slack.
+/// `kind` of the entry the writer writes instead of signing entries that waited longer
+/// than the verifier's slack for a checkpoint (an inherited tail after a crash, a
+/// stalled disk).
 pub const UNSIGNED_TAIL_KIND: &str = "unsigned_tail";
 /// The writer lock in the log directory: one process appends at a time.
 pub const WRITER_LOCK_FILE: &str = "writer.lock";
@@ -142,7 +143,8 @@ pub struct KeyEventEntry {
     pub generation: u64,
 }
 
-/// What a restarted writer found unsigned at the end of the log and would not vouch for.
+/// Entries the writer found unsigned for longer than the verifier's slack and would
+/// not vouch for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnsignedTailEntry {
     /// First entry after the last checkpoint.
@@ -413,6 +415,8 @@ struct Writer {
     healthy: Arc<AtomicBool>,
     problem: Arc<Problem>,
     key_generations: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    /// The entries written since the last checkpoint (or `unsigned_tail` report).
+    unsigned: Option<UnsignedSpan>,
     /// Held for the writer's life: one process appends at a time.
     _lock: crate::fsutil::LockFile,
 }
@@ -505,6 +509,12 @@ fn open_segment(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// How old the entries a checkpoint signs may be before the writer reports them in
+/// an `unsigned_tail` entry instead: the verifier's slack, less a margin for the
+/// moments between this check and the verifier's reading of `signed_at`.
+const REPORT_BEFORE_SLACK: time::Duration =
+    verify::UNSIGNED_TAIL_SLACK.saturating_sub(time::Duration::seconds(5));
+
 /// Longest line accepted when reading a segment back; entries are far smaller.
 pub const MAX_LINE_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -551,6 +561,26 @@ impl UnsignedSpan {
         }
     }
 
+    /// Adds the entry (`seq`, `time`) to `span`, starting it if there is none.
+    pub(crate) fn extend(span: &mut Option<Self>, seq: u64, time: &str) {
+        match span {
+            Some(span) => span.add(time),
+            None => *span = Some(Self::start(seq, time)),
+        }
+    }
+
+    /// One span of `older` followed by `newer` (either may be absent).
+    pub(crate) fn join(older: Option<Self>, newer: Option<Self>) -> Option<Self> {
+        match (older, newer) {
+            (Some(mut older), Some(newer)) => {
+                older.oldest = older.oldest.zip(newer.oldest).map(|(a, b)| a.min(b));
+                older.newest = older.newest.zip(newer.newest).map(|(a, b)| a.max(b));
+                Some(older)
+            }
+            (older, newer) => older.or(newer),
+        }
+    }
+
     /// Whether a checkpoint signed at `signed` may vouch for these entries: none was
     /// written more than `slack` before it, or dated more than `slack` after it.
     pub(crate) fn fits(&self, signed: time::OffsetDateTime, slack: time::Duration) -> bool {
@@ -573,7 +603,9 @@ struct SegmentEnd {
 }
 
 /// The chain head in one segment, whether its end is torn, and its last checkpoint.
-fn segment_head(path: &Path) -> Result<SegmentEnd, String> {
+/// With `until` (a sealed segment's last acknowledged seq) the lines after it, which
+/// no one acknowledged, are not read.
+fn segment_head(path: &Path, until: Option<u64>) -> Result<SegmentEnd, String> {
     use std::io::Read as _;
     let file = File::open(path).map_err(|error| error.to_string())?;
     if !file
@@ -588,6 +620,9 @@ fn segment_head(path: &Path) -> Result<SegmentEnd, String> {
     let mut line = String::new();
     let mut number = 0u64;
     loop {
+        if until.is_some() && end.head.as_ref().map(|head| head.seq) == until {
+            return Ok(end);
+        }
         line.clear();
         let read = (&mut reader)
             .take(MAX_LINE_BYTES)
@@ -615,15 +650,19 @@ fn segment_head(path: &Path) -> Result<SegmentEnd, String> {
         }
         let fields: ChainFields =
             serde_json::from_str(&body).map_err(|error| format!("line {number}: {error}"))?;
+        if until.is_some_and(|until| fields.seq > until) {
+            // The sealed segment's acknowledged entries are all in older segments.
+            return Ok(end);
+        }
         let signed = fields.kind == CHECKPOINT_KIND;
         if signed && fields.checkpoint.is_some() {
             end.checkpoint = fields.checkpoint;
             end.first_unsigned = None;
+        } else if fields.kind == UNSIGNED_TAIL_KIND {
+            // Reported: the verifier no longer expects a checkpoint to vouch for them.
+            end.first_unsigned = None;
         } else {
-            match &mut end.first_unsigned {
-                Some(span) => span.add(&fields.time),
-                None => end.first_unsigned = Some(UnsignedSpan::start(fields.seq, &fields.time)),
-            }
+            UnsignedSpan::extend(&mut end.first_unsigned, fields.seq, &fields.time);
         }
         end.head = Some(Head {
             seq: fields.seq,
@@ -702,51 +741,60 @@ impl DecisionLog {
             other => open_error(dir, other.to_string()),
         })?;
         let numbers = segment_numbers(dir).map_err(|error| open_error(dir, error.to_string()))?;
+        // Walking back from the newest segment: the chain head, and (when this writer
+        // signs or checks the keyring) the newest checkpoint and every entry after it,
+        // which may span segments, sealed ones included.
+        let wants_checkpoint = options.signer.is_some() || options.key_generations.is_some();
         let mut head = None;
         let mut newest_checkpoint = None;
-        let mut first_unsigned = None;
+        let mut unsigned = None;
         let mut torn_tail = None;
         let mut segment = numbers.last().copied().unwrap_or(1);
         for (index, number) in numbers.iter().rev().enumerate() {
             let path = segment_path(dir, *number);
             // A sealed segment is never appended to; its marker says where the chain stands.
-            if let Some(marker) =
-                read_failed_marker(dir, *number).map_err(|reason| open_error(&path, reason))?
-            {
-                if index == 0 {
+            let marker =
+                read_failed_marker(dir, *number).map_err(|reason| open_error(&path, reason))?;
+            if index == 0 && marker.is_some() {
+                segment = number + 1;
+            }
+            if marker.is_none() || wants_checkpoint {
+                let until = marker.as_ref().map(|marker| marker.last_durable_seq);
+                let end = segment_head(&path, until).map_err(|reason| open_error(&path, reason))?;
+                if index == 0 && end.torn && marker.is_none() {
+                    torn_tail = Some(path.clone());
                     segment = number + 1;
                 }
+                if head.is_none() && marker.is_none() {
+                    head = end.head;
+                } else if head.is_none()
+                    && let Some(marker) = &marker
+                {
+                    let signed = end.head.as_ref().is_some_and(|end| {
+                        end.signed && end.seq == marker.last_durable_seq && end.hash == marker.head
+                    });
+                    head = Some(Head {
+                        seq: marker.last_durable_seq,
+                        hash: marker.head.clone(),
+                        signed,
+                    });
+                }
+                unsigned = UnsignedSpan::join(end.first_unsigned, unsigned);
+                if end.checkpoint.is_some() {
+                    newest_checkpoint = end.checkpoint;
+                    break;
+                }
+            } else if head.is_none()
+                && let Some(marker) = marker
+            {
                 head = Some(Head {
                     seq: marker.last_durable_seq,
                     hash: marker.head,
                     signed: false,
                 });
+            }
+            if head.is_some() && !wants_checkpoint {
                 break;
-            }
-            let end = segment_head(&path).map_err(|reason| open_error(&path, reason))?;
-            if index == 0 && end.torn {
-                torn_tail = Some(path.clone());
-                segment = number + 1;
-            }
-            if newest_checkpoint.is_none() {
-                newest_checkpoint = end.checkpoint;
-            }
-            if end.head.is_some() {
-                head = end.head;
-                first_unsigned = end.first_unsigned;
-                break;
-            }
-        }
-        // The head's segment may hold no checkpoint yet (a crash before its first one):
-        // the newest checkpoint is then in an older segment.
-        if newest_checkpoint.is_none() && options.key_generations.is_some() {
-            for number in numbers.iter().rev() {
-                let path = segment_path(dir, *number);
-                let end = segment_head(&path).map_err(|reason| open_error(&path, reason))?;
-                if end.checkpoint.is_some() {
-                    newest_checkpoint = end.checkpoint;
-                    break;
-                }
             }
         }
         if let (Some(checkpoint), Some(keyring)) = (&newest_checkpoint, &options.key_generations) {
@@ -810,57 +858,23 @@ impl DecisionLog {
             healthy: Arc::clone(&healthy),
             problem: Arc::clone(&problem),
             key_generations: Arc::clone(&key_generations),
+            unsigned: if ends_signed { None } else { unsigned },
             _lock: lock,
         };
-        // A log that ends unsigned (a crash) gets a checkpoint as the writer's first
-        // entry; a tail older than the verifier's slack is reported, not vouched for.
-        if !ends_signed
-            && seq > 0
-            && writer.options.signer.is_some()
-            && let Some(span) = first_unsigned
-        {
-            // A few seconds' margin: the checkpoint is signed a moment after this check.
-            let stale = !span.fits(
-                time::OffsetDateTime::now_utc(),
-                verify::UNSIGNED_TAIL_SLACK - time::Duration::seconds(5),
-            );
-            let (from_seq, first_time) = (span.first_seq, span.first_time);
-            let mut jobs = Vec::new();
-            if stale {
-                tracing::warn!(
-                    from_seq,
-                    to_seq = seq,
-                    first_time,
-                    "the decision log ends in entries no checkpoint vouched for, older than the verifier's slack: reported in an `unsigned_tail` entry, not signed"
-                );
-                let now = time::OffsetDateTime::now_utc();
-                let mut entry = Entry::bare(
-                    now.format(&time::format_description::well_known::Rfc3339)
-                        .unwrap_or_default(),
-                    now.unix_timestamp(),
-                    String::new(),
-                    UNSIGNED_TAIL_KIND,
-                    "reported".to_owned(),
-                );
-                entry.unsigned_tail = Some(UnsignedTailEntry {
-                    from_seq,
-                    to_seq: seq,
-                    first_time,
-                });
-                jobs.push(Job {
-                    entry,
-                    reply: oneshot::channel().0,
-                });
-            }
+        // A log that ends unsigned (a crash, a sealed segment) gets a checkpoint as the
+        // writer's first entry; `commit` reports a tail older than the verifier's slack
+        // instead of vouching for it.
+        if !ends_signed && seq > 0 && writer.options.signer.is_some() {
             writer.last_checkpoint = None;
-            if let Some(Err(error)) = writer.commit(&jobs).into_iter().next() {
+            writer.commit(&[]);
+            if let Some(failure) = &writer.failure {
                 return Err(open_error(
                     dir,
-                    format!("cannot report the unsigned tail: {error}"),
+                    format!(
+                        "cannot sign or report the inherited tail: {}",
+                        failure.reason
+                    ),
                 ));
-            }
-            if writer.failure.is_some() {
-                return Err(open_error(dir, "cannot sign the inherited tail".to_owned()));
             }
         }
         let (sender, receiver) = mpsc::channel(8 * MAX_BATCH);
@@ -1033,8 +1047,10 @@ impl Writer {
         let mut seq = self.seq;
         let mut last_hash = self.last_hash.clone();
         let mut receipts = Vec::with_capacity(batch.len());
+        let mut unsigned = self.unsigned.clone();
         for job in batch {
             seq += 1;
+            UnsignedSpan::extend(&mut unsigned, seq, &job.entry.time);
             match chain_line(seq, &last_hash, &job.entry) {
                 Ok((line, hash)) => {
                     buffer.push_str(&line);
@@ -1052,9 +1068,43 @@ impl Writer {
             && seq > self.checkpointed_seq
             && let Some(signer) = &self.options.signer
         {
-            let signed_at = time::OffsetDateTime::now_utc()
+            let now = time::OffsetDateTime::now_utc();
+            let signed_at = now
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
+            // The verifier refuses a checkpoint over entries written more than its
+            // slack before it (that is what removed checkpoints look like). Entries that
+            // waited that long (a crash, a sealed segment, a stalled disk) are reported
+            // in an `unsigned_tail` entry instead, which the checkpoint then signs.
+            if let Some(span) = unsigned.take_if(|span| !span.fits(now, REPORT_BEFORE_SLACK)) {
+                tracing::warn!(
+                    from_seq = span.first_seq,
+                    to_seq = seq,
+                    first_time = span.first_time,
+                    "decision log entries waited longer than the verifier's slack for a checkpoint: reported in an `unsigned_tail` entry, not signed"
+                );
+                let mut entry = Entry::bare(
+                    signed_at.clone(),
+                    now.unix_timestamp(),
+                    String::new(),
+                    UNSIGNED_TAIL_KIND,
+                    "reported".to_owned(),
+                );
+                entry.unsigned_tail = Some(UnsignedTailEntry {
+                    from_seq: span.first_seq,
+                    to_seq: seq,
+                    first_time: span.first_time,
+                });
+                match chain_line(seq + 1, &last_hash, &entry) {
+                    Ok((line, hash)) => {
+                        buffer.push_str(&line);
+                        buffer.push('\n');
+                        seq += 1;
+                        last_hash = hash;
+                    }
+                    Err(error) => return batch.iter().map(|_| Err(error.clone())).collect(),
+                }
+            }
             let generations = self
                 .key_generations
                 .lock()
@@ -1085,7 +1135,9 @@ impl Writer {
                 if checkpoint_line {
                     self.last_checkpoint = Some(Instant::now());
                     self.checkpointed_seq = seq;
+                    unsigned = None;
                 }
+                self.unsigned = unsigned;
                 receipts.into_iter().map(Ok).collect()
             }
             // After a failed write or fsync the kernel may have dropped dirty pages;

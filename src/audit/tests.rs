@@ -817,3 +817,91 @@ fn a_checkpoint_over_an_old_unreported_tail_is_refused() {
         "{failure}"
     );
 }
+
+/// Reopens the log in `dir` with the checkpoint key and closes it again (the restart
+/// signs, or reports, what it inherited).
+fn restart_signed(dir: &Path) {
+    let (log, _) = DecisionLog::open_with(
+        dir,
+        LogOptions {
+            signer: Some(signer()),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    log.close();
+}
+
+#[test]
+fn a_restart_reports_an_old_unsigned_tail_that_spans_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    write_signed(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+    let mut old = entry(5);
+    old.time = at(-120);
+    let old_seq = append_chained(dir.path(), &old);
+    // A writer without the checkpoint key continues in a new segment with a fresh entry:
+    // the head segment alone looks recent, the tail it belongs to does not.
+    write_entries(dir.path(), 1, 0);
+    assert_eq!(segment_numbers(dir.path()).unwrap(), [1, 2]);
+    restart_signed(dir.path());
+    let report = verify_signed(dir.path()).unwrap();
+    assert_eq!(report.reported_unsigned, vec![(old_seq, old_seq + 1)]);
+    assert_eq!(report.unsigned_tail, 0);
+}
+
+#[test]
+fn a_restart_reports_an_old_unsigned_tail_in_a_sealed_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    write_signed(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+    let mut old = entry(5);
+    old.time = at(-120);
+    let old_seq = append_chained(dir.path(), &old);
+    let lines = lines_of(&segment_path(dir.path(), 1));
+    let (_, head) = split_line(lines.last().unwrap()).unwrap();
+    // Sealed after the old entry, as a failed fsync of the batch after it leaves it.
+    let marker = FailedMarker {
+        segment: 1,
+        last_durable_seq: old_seq,
+        head: head.to_owned(),
+        reason: "test".to_owned(),
+    };
+    fs::write(
+        failed_marker_path(dir.path(), 1),
+        serde_json::to_string(&marker).unwrap(),
+    )
+    .unwrap();
+    restart_signed(dir.path());
+    let report = verify_signed(dir.path()).unwrap();
+    assert_eq!(report.reported_unsigned, vec![(old_seq, old_seq)]);
+    assert_eq!(report.unsigned_tail, 0);
+}
+
+#[test]
+fn entries_that_waited_longer_than_the_slack_are_reported_not_signed() {
+    // A disk that stalls (or a writer that recovers after a long failure) leaves entries
+    // older than the verifier's slack by the time a checkpoint could sign them.
+    let dir = tempfile::tempdir().unwrap();
+    write_signed(dir.path(), 1, DEFAULT_SEGMENT_BYTES);
+    let runtime = runtime();
+    let (log, _) = DecisionLog::open_with(
+        dir.path(),
+        LogOptions {
+            checkpoint_interval: std::time::Duration::ZERO,
+            signer: Some(signer()),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    let (stale_seq, fresh_seq) = runtime.block_on(async {
+        let mut stale = entry(7);
+        stale.time = at(-120);
+        let stale_seq = log.append(stale).await.unwrap().seq;
+        let fresh_seq = log.append(entry(8)).await.unwrap().seq;
+        (stale_seq, fresh_seq)
+    });
+    log.close();
+    let report = verify_signed(dir.path()).unwrap();
+    assert_eq!(report.reported_unsigned, vec![(stale_seq, stale_seq)]);
+    assert!(fresh_seq > stale_seq + 1, "the report is its own entry");
+    assert_eq!(report.unsigned_tail, 0);
+}

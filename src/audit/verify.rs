@@ -81,7 +81,7 @@ pub struct VerifyReport {
     pub unsigned_tail: u64,
     /// Sequence number of the saved checkpoint that was found intact, if one was given.
     pub saved_checkpoint: Option<u64>,
-    /// Unsigned tails a restarted writer found older than the slack and reported
+    /// Unsigned tails the writer found older than the slack and reported
     /// (`unsigned_tail` entries) instead of signing them: (first seq, last seq).
     pub reported_unsigned: Vec<(u64, u64)>,
     /// The first entry (seq, time) not yet vouched for by a checkpoint, format 2 only.
@@ -336,19 +336,14 @@ fn verify_line(
         ));
     }
     if fields.kind == super::UNSIGNED_TAIL_KIND {
-        // A restarted writer's report of entries it would not vouch for.
+        // The writer's report of entries it would not vouch for.
         if let Some(span) = report.pending_unsigned.take() {
             report
                 .reported_unsigned
                 .push((span.first_seq, report.entries));
         }
     } else if fields.kind != CHECKPOINT_KIND && fields.format.is_some() {
-        match &mut report.pending_unsigned {
-            Some(span) => span.add(&fields.time),
-            None => {
-                report.pending_unsigned = Some(super::UnsignedSpan::start(fields.seq, &fields.time))
-            }
-        }
+        super::UnsignedSpan::extend(&mut report.pending_unsigned, fields.seq, &fields.time);
     }
     if fields.kind == CHECKPOINT_KIND {
         let Some(checkpoint) = &fields.checkpoint else {

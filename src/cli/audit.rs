@@ -316,7 +316,7 @@ fn verify(
             }
             for (first, last) in &report.reported_unsigned {
                 println!(
-                    "note: entries seq {first}..{last} were reported by a restarted writer as never signed (an `unsigned_tail` entry): nothing vouches for them"
+                    "note: entries seq {first}..{last} were reported by the writer as never signed in time (an `unsigned_tail` entry): nothing vouches for them"
                 );
             }
             for torn in &report.torn_tails {

@@ -94,6 +94,7 @@ pub struct RingfenceService {
     gate: Arc<Gatekeeper>,
     stream_permits: Arc<tokio::sync::Semaphore>,
     max_message_bytes: usize,
+    follow_ups: FollowUps,
 }
 
 impl RingfenceService {
@@ -129,6 +130,102 @@ impl RingfenceService {
             gate,
             stream_permits: Arc::new(tokio::sync::Semaphore::new(STREAM_RECORDS_IN_FLIGHT)),
             max_message_bytes,
+            follow_ups: FollowUps::default(),
+        }
+    }
+
+    /// The work this service leaves running after a call returns (answers of calls
+    /// that went away, their `undelivered` entries): the server drains it before it
+    /// closes the decision log.
+    pub fn follow_ups(&self) -> FollowUps {
+        self.follow_ups.clone()
+    }
+
+    /// Runs `work` (which logs decisions and makes an answer) in its own task, so that
+    /// a cancelled call cannot stop it between logging and answering.
+    fn pending<T: Send + 'static>(
+        &self,
+        caller: Caller,
+        work: impl std::future::Future<Output = Result<(T, gatekeeper::Receipt), Status>>
+        + Send
+        + 'static,
+    ) -> Pending<T> {
+        Pending {
+            task: self.follow_ups.spawn(work),
+            follow_ups: self.follow_ups.clone(),
+            gate: Arc::clone(&self.gate),
+            caller,
+        }
+    }
+}
+
+/// Counts the tasks a call leaves behind, so that shutdown can wait for them.
+#[derive(Debug, Clone, Default)]
+pub struct FollowUps(Arc<FollowUpCount>);
+
+#[derive(Debug, Default)]
+struct FollowUpCount {
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One running follow-up; the count goes down when it is dropped (the task ended or
+/// the runtime dropped it).
+struct Tracked(Arc<FollowUpCount>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self
+            .0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl FollowUps {
+    /// Spawns `work`, counted until it ends. Never panics, also from a `Drop` outside
+    /// the runtime (while it shuts down): a server log line says what was lost.
+    fn spawn<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<tokio::task::JoinHandle<T>> {
+        self.0
+            .running
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let tracked = Tracked(Arc::clone(&self.0));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => Some(runtime.spawn(async move {
+                let _tracked = tracked;
+                work.await
+            })),
+            Err(_) => {
+                tracing::error!(
+                    "follow-up work (an answer or its undelivered entry) lost: no runtime (server shutting down)"
+                );
+                None
+            }
+        }
+    }
+
+    /// Waits until no follow-up runs, or `patience` has passed; returns how many still
+    /// run.
+    pub async fn drain(&self, patience: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let idle = self.0.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            let running = self.0.running.load(std::sync::atomic::Ordering::Acquire);
+            if running == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.0.running.load(std::sync::atomic::Ordering::Acquire);
+            }
         }
     }
 }
@@ -188,57 +285,41 @@ async fn within_limit(
     Ok((response, receipt))
 }
 
-/// A unary decryption running in its own task, so that a cancelled call cannot stop
-/// it between logging and answering; if the call goes away first, the answer is
-/// logged as undelivered when it is ready.
-struct Pending {
-    task: Option<
-        tokio::task::JoinHandle<Result<(pb::DecryptRecordResponse, gatekeeper::Receipt), Status>>,
-    >,
+/// A unary call's work running in its own task (see [`RingfenceService::pending`]);
+/// if the call goes away first, the answer is logged as undelivered when it is ready.
+struct Pending<T: Send + 'static> {
+    task: Option<tokio::task::JoinHandle<Result<(T, gatekeeper::Receipt), Status>>>,
+    follow_ups: FollowUps,
     gate: Arc<Gatekeeper>,
     caller: Caller,
 }
 
-impl Pending {
-    async fn wait(&mut self) -> Result<(pb::DecryptRecordResponse, gatekeeper::Receipt), Status> {
+impl<T: Send + 'static> Pending<T> {
+    async fn wait(&mut self) -> Result<T, Status> {
         let Some(task) = self.task.as_mut() else {
-            return Err(Status::internal(
-                "internal error; the server log has details",
-            ));
+            return Err(Status::unavailable("server is shutting down"));
         };
         let result = task.await;
         self.task = None;
-        result.map_err(|error| {
-            tracing::error!(%error, "decryption task failed");
+        let (answer, _) = result.map_err(|error| {
+            tracing::error!(%error, "request task failed");
             Status::internal("internal error; the server log has details")
-        })?
+        })??;
+        Ok(answer)
     }
 }
 
-impl Drop for Pending {
+impl<T: Send + 'static> Drop for Pending<T> {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             let gate = Arc::clone(&self.gate);
             let caller = self.caller.clone();
-            spawn_from_drop(async move {
+            self.follow_ups.spawn(async move {
                 if let Ok(Ok((_, receipt))) = task.await {
                     undelivered(&gate, &caller, &receipt, "call cancelled by the client").await;
                 }
             });
         }
-    }
-}
-
-/// Spawns follow-up work from a `Drop`, which may run outside the runtime (when it is
-/// shutting down): never a panic, a server log line instead.
-fn spawn_from_drop(work: impl std::future::Future<Output = ()> + Send + 'static) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn(work);
-        }
-        Err(_) => tracing::error!(
-            "an undelivered answer could not be logged: no runtime (server shutting down)"
-        ),
     }
 }
 
@@ -256,6 +337,7 @@ pub struct DeliveryStream {
     receiver: tokio::sync::mpsc::Receiver<Delivery>,
     gate: Arc<Gatekeeper>,
     caller: Arc<Caller>,
+    follow_ups: FollowUps,
 }
 
 impl futures_util::Stream for DeliveryStream {
@@ -280,7 +362,7 @@ impl Drop for DeliveryStream {
         receiver.close();
         let gate = Arc::clone(&self.gate);
         let caller = Arc::clone(&self.caller);
-        spawn_from_drop(async move {
+        self.follow_ups.spawn(async move {
             while let Some((_, receipt)) = receiver.recv().await {
                 if let Some(receipt) = receipt {
                     undelivered(&gate, &caller, &receipt, STREAM_CLOSED).await;
@@ -297,19 +379,19 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         request: Request<pb::EncryptRecordRequest>,
     ) -> Result<Response<pb::EncryptRecordResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let plain = gatekeeper::PlainRecord::try_from(request.into_inner())?;
-        let encrypted = self.gate.encrypt_record(&caller, plain).await?;
-        let receipt = encrypted.receipt();
-        let response: pb::EncryptRecordResponse = encrypted.into();
-        refuse_oversized(
-            &self.gate,
-            &caller,
-            &response,
-            &receipt,
-            self.max_message_bytes,
-        )
-        .await?;
-        Ok(Response::new(response))
+        let gate = Arc::clone(&self.gate);
+        let task_caller = caller.clone();
+        let message = request.into_inner();
+        let max_message_bytes = self.max_message_bytes;
+        let mut pending = self.pending(caller, async move {
+            let plain = gatekeeper::PlainRecord::try_from(message)?;
+            let encrypted = gate.encrypt_record(&task_caller, plain).await?;
+            let receipt = encrypted.receipt();
+            let response: pb::EncryptRecordResponse = encrypted.into();
+            refuse_oversized(&gate, &task_caller, &response, &receipt, max_message_bytes).await?;
+            Ok((response, receipt))
+        });
+        Ok(Response::new(pending.wait().await?))
     }
 
     async fn decrypt_record(
@@ -321,16 +403,11 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         let task_caller = caller.clone();
         let message = request.into_inner();
         let max_message_bytes = self.max_message_bytes;
-        let mut pending = Pending {
-            task: Some(tokio::spawn(async move {
-                let answer = decrypt_one(&gate, &task_caller, message).await?;
-                within_limit(&gate, &task_caller, answer, max_message_bytes).await
-            })),
-            gate: Arc::clone(&self.gate),
-            caller,
-        };
-        let (response, _) = pending.wait().await?;
-        Ok(Response::new(response))
+        let mut pending = self.pending(caller, async move {
+            let answer = decrypt_one(&gate, &task_caller, message).await?;
+            within_limit(&gate, &task_caller, answer, max_message_bytes).await
+        });
+        Ok(Response::new(pending.wait().await?))
     }
 
     async fn authorize(
@@ -338,9 +415,19 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         request: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let ask = gatekeeper::AuthorizeRequest::try_from(request.into_inner())?;
-        let authorized = self.gate.authorize(&caller, ask).await?;
-        Ok(Response::new(authorized.into()))
+        let gate = Arc::clone(&self.gate);
+        let task_caller = caller.clone();
+        let message = request.into_inner();
+        let max_message_bytes = self.max_message_bytes;
+        let mut pending = self.pending(caller, async move {
+            let ask = gatekeeper::AuthorizeRequest::try_from(message)?;
+            let authorized = gate.authorize(&task_caller, ask).await?;
+            let receipt = authorized.receipt();
+            let response: pb::AuthorizeResponse = authorized.into();
+            refuse_oversized(&gate, &task_caller, &response, &receipt, max_message_bytes).await?;
+            Ok((response, receipt))
+        });
+        Ok(Response::new(pending.wait().await?))
     }
 
     async fn get_status(
@@ -388,8 +475,10 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
             receiver,
             gate: Arc::clone(&gate),
             caller: Arc::clone(&caller),
+            follow_ups: self.follow_ups.clone(),
         };
-        tokio::spawn(async move {
+        let follow_ups = self.follow_ups.clone();
+        self.follow_ups.spawn(async move {
             let mut answers = inbound
                 .enumerate()
                 .map(|(index, message)| {
@@ -399,7 +488,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
                     // Each record runs in its own task: its permit of the shared pool
                     // goes back when the record is answered, not when a slow reader
                     // takes the answer, so one stalled stream cannot hold the pool.
-                    let task = tokio::spawn(async move {
+                    let task = follow_ups.spawn(async move {
                         let Ok(_permit) = permits.acquire_owned().await else {
                             return Err(Status::unavailable("server is shutting down"));
                         };
@@ -431,6 +520,9 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
                         })
                     });
                     async move {
+                        let Some(task) = task else {
+                            return Err(Status::unavailable("server is shutting down"));
+                        };
                         task.await.unwrap_or_else(|error| {
                             tracing::error!(%error, "record task failed");
                             Err(Status::internal(
@@ -475,11 +567,9 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancelled_call_logs_its_answer_as_undelivered_once_it_is_ready() {
-        let dir = tempfile::tempdir().unwrap();
+    fn test_gate(dir: &std::path::Path) -> Arc<Gatekeeper> {
         let keyring = keys::Keyring::create_unlogged(
-            &dir.path().join("keyring.json"),
+            &dir.join("keyring.json"),
             &keys::LocalMasterKey::generate().unwrap(),
             &[crate::Jurisdiction::new("US").unwrap()],
         )
@@ -490,8 +580,112 @@ mod tests {
             )
             .unwrap(),
         );
-        let (log, _) = crate::audit::DecisionLog::open(&dir.path().join("log")).unwrap();
-        let gate = Arc::new(Gatekeeper::new(keyring, policies, log, Default::default()));
+        let (log, _) = crate::audit::DecisionLog::open(&dir.join("log")).unwrap();
+        Arc::new(Gatekeeper::new(keyring, policies, log, Default::default()))
+    }
+
+    fn log_entries(dir: &std::path::Path) -> Vec<serde_json::Value> {
+        let mut entries = Vec::new();
+        crate::audit::for_each_entry(&dir.join("log"), &Default::default(), |line, _| {
+            entries.push(serde_json::from_str(line).unwrap());
+            Ok(())
+        })
+        .unwrap();
+        entries
+    }
+
+    fn authenticated<T>(message: T, service: &str, employee: Option<&str>) -> Request<T> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(Authentication(Ok(Caller {
+            service: service.to_owned(),
+            employee: employee.map(str::to_owned),
+            method: "test",
+        })));
+        request
+    }
+
+    /// Polls `call` once (far enough to start its work) and drops it, as a client
+    /// that cancels does; then waits for what the call left behind.
+    async fn cancel<T: std::fmt::Debug>(
+        service: &RingfenceService,
+        call: impl std::future::Future<Output = T>,
+    ) {
+        {
+            let mut call = std::pin::pin!(call);
+            let polled_once =
+                std::future::poll_fn(|context| std::task::Poll::Ready(call.as_mut().poll(context)))
+                    .await;
+            if let std::task::Poll::Ready(finished) = polled_once {
+                panic!("the call finished before it was cancelled: {finished:?}");
+            }
+        }
+        let still_running = service
+            .follow_ups()
+            .drain(std::time::Duration::from_secs(10))
+            .await;
+        assert_eq!(still_running, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_encrypt_and_authorize_calls_are_logged_as_undelivered() {
+        use pb::ringfence_server::Ringfence as _;
+        let dir = tempfile::tempdir().unwrap();
+        let service = RingfenceService::new(test_gate(dir.path()), 1 << 20);
+        let encrypt = pb::EncryptRecordRequest {
+            record_type: "user_profile".to_owned(),
+            record_id: "u-1".to_owned(),
+            jurisdiction: "US".to_owned(),
+            fields: vec![pb::PlainField {
+                name: "email".to_owned(),
+                value: b"a@example.com".to_vec(),
+            }],
+        };
+        cancel(
+            &service,
+            service.encrypt_record(authenticated(encrypt, "us-signup", None)),
+        )
+        .await;
+        let authorize = pb::AuthorizeRequest {
+            record_type: "user_profile".to_owned(),
+            record_id: "u-1".to_owned(),
+            jurisdiction: "US".to_owned(),
+            fields: vec!["email".to_owned()],
+            purpose: "support".to_owned(),
+            ticket: "INC-1".to_owned(),
+        };
+        cancel(
+            &service,
+            service.authorize(authenticated(authorize, "us-support-tool", Some("alice"))),
+        )
+        .await;
+        let entries = log_entries(dir.path());
+        let kinds: Vec<&str> = entries
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["encrypt", "undelivered", "authorize", "undelivered"],
+            "{entries:#?}"
+        );
+        for pair in entries.chunks(2) {
+            assert_eq!(pair[1]["request_id"], pair[0]["request_id"]);
+            assert_eq!(pair[1]["principal"], pair[0]["principal"]);
+            assert_eq!(
+                pair[1]["outcome"],
+                "undelivered: call cancelled by the client"
+            );
+            assert!(
+                pair[1]["fields"].as_array().is_none_or(Vec::is_empty),
+                "nothing was read: {pair:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_call_logs_its_answer_as_undelivered_once_it_is_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = test_gate(dir.path());
         let caller = Caller {
             service: "us-support-tool".to_owned(),
             employee: Some("alice".to_owned()),
@@ -509,25 +703,22 @@ mod tests {
             plaintext_fields: vec!["email".to_owned()],
         };
         let answer = receipt.clone();
-        let pending = Pending {
-            task: Some(tokio::spawn(async move {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                Ok((pb::DecryptRecordResponse::default(), answer))
-            })),
-            gate: Arc::clone(&gate),
-            caller,
-        };
-        // The call goes away while the answer is being made.
+        let service = RingfenceService::new(Arc::clone(&gate), 1 << 20);
+        let pending = service.pending(caller, async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            Ok((pb::DecryptRecordResponse::default(), answer))
+        });
+        // The call goes away while the answer is being made; shutdown waits for the
+        // answer and its follow-up.
         drop(pending);
-        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-        let mut lines = Vec::new();
-        crate::audit::for_each_entry(&dir.path().join("log"), &Default::default(), |line, _| {
-            lines.push(line.to_owned());
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(lines.len(), 1, "{lines:?}");
-        let entry: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        let still_running = service
+            .follow_ups()
+            .drain(std::time::Duration::from_secs(10))
+            .await;
+        assert_eq!(still_running, 0);
+        let entries = log_entries(dir.path());
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        let entry = &entries[0];
         assert_eq!(entry["kind"], "undelivered");
         assert_eq!(entry["request_id"], "r-1");
         assert_eq!(
