@@ -373,37 +373,7 @@ pub struct Gatekeeper {
     policies: Arc<PolicyStore>,
     log: DecisionLog,
     limits: Limits,
-    failures: FailureWindow,
-}
-
-/// Most authentication failures written to the decision log per second; the rest are
-/// counted and the count is written with the next one, so a flood of bad handshakes
-/// or tokens cannot fill the disk or starve the log writer.
-pub const AUTHENTICATION_FAILURES_LOGGED_PER_SECOND: u32 = 20;
-
-/// The current one-second window of logged authentication failures.
-#[derive(Debug)]
-struct FailureWindow(std::sync::Mutex<(std::time::Instant, u32, u64)>);
-
-impl FailureWindow {
-    /// Whether one more failure may be logged now, and how many were suppressed since
-    /// the last one logged.
-    fn admit(&self) -> Option<u64> {
-        let Ok(mut window) = self.0.lock() else {
-            return None;
-        };
-        let (started, logged, suppressed) = &mut *window;
-        if started.elapsed() >= std::time::Duration::from_secs(1) {
-            *started = std::time::Instant::now();
-            *logged = 0;
-        }
-        if *logged >= AUTHENTICATION_FAILURES_LOGGED_PER_SECOND {
-            *suppressed += 1;
-            return None;
-        }
-        *logged += 1;
-        Some(std::mem::take(suppressed))
-    }
+    failures: crate::failures::FailureLimiter,
 }
 
 /// What is common to all entries of one request.
@@ -500,7 +470,7 @@ impl Gatekeeper {
             policies,
             log,
             limits,
-            failures: FailureWindow(std::sync::Mutex::new((std::time::Instant::now(), 0, 0))),
+            failures: crate::failures::FailureLimiter::default(),
         }
     }
 
@@ -514,28 +484,34 @@ impl Gatekeeper {
         &self.log
     }
 
-    /// Records a request or connection whose caller could not be authenticated (no or a
-    /// bad client certificate, a refused token, identity headers where identity is
-    /// proven). `reason` names the failed check and never holds secrets.
-    /// `service` is the service its certificate proved, when the failure came after
-    /// that (a refused token). At most [`AUTHENTICATION_FAILURES_LOGGED_PER_SECOND`]
-    /// are written individually; the next one written says how many were not.
-    pub async fn record_authentication_failure(
+    /// Whether an authentication failure of `source` is written to the decision log
+    /// now (see [`crate::failures`]); if so, how many were held back since, to be
+    /// passed to [`Gatekeeper::log_authentication_failure`]. Synchronous, so that a
+    /// flood is refused before any work is queued for it.
+    pub fn admit_authentication_failure(&self, source: &crate::failures::Source) -> Option<u64> {
+        self.failures.admit(source)
+    }
+
+    /// Writes a request or connection whose caller could not be authenticated (no or
+    /// a bad client certificate, a refused token, identity headers where identity is
+    /// proven, a principal or service not in the directory), admitted by
+    /// [`Gatekeeper::admit_authentication_failure`]. `reason` names the failed check
+    /// and never holds secrets. `source` names the service (proven by its certificate
+    /// or, in the development mode, claimed) and the employee, when they are known.
+    pub async fn log_authentication_failure(
         &self,
         reason: &str,
         remote: Option<std::net::SocketAddr>,
-        service: Option<&str>,
+        source: &crate::failures::Source,
+        held_back: u64,
     ) -> Result<(), Error> {
-        let Some(suppressed) = self.failures.admit() else {
-            return Ok(());
-        };
         let mut outcome = match remote {
             Some(remote) => format!("{reason} (from {remote})"),
             None => reason.to_owned(),
         };
-        if suppressed > 0 {
+        if held_back > 0 {
             outcome.push_str(&format!(
-                "; {suppressed} more authentication failures not logged individually"
+                "; {held_back} more authentication failures not logged individually"
             ));
         }
         let mut entry = Entry::bare(
@@ -545,7 +521,12 @@ impl Gatekeeper {
             "unauthenticated",
             outcome,
         );
-        entry.service = service.map(str::to_owned);
+        if let crate::failures::Source::Caller { service, employee } = source {
+            entry.service = Some(service.clone());
+            entry.principal = employee
+                .as_ref()
+                .map(|employee| policy::Principal::Employee(employee.clone()).to_string());
+        }
         self.log.append(entry).await?;
         Ok(())
     }
@@ -566,6 +547,14 @@ impl Gatekeeper {
             Err(
                 error @ (policy::Error::UnknownPrincipal(_) | policy::Error::UnknownService(_)),
             ) => {
+                // Admission checks the directory first; this is a reload in between.
+                let source = crate::failures::Source::Caller {
+                    service: context.caller.service.clone(),
+                    employee: context.caller.employee.clone(),
+                };
+                let Some(held_back) = self.failures.admit(&source) else {
+                    return Err(error.into());
+                };
                 let record = record_entry(record_type, subject.record_id, jurisdiction);
                 let mut entry = context.entry(
                     "unauthenticated",
@@ -574,6 +563,11 @@ impl Gatekeeper {
                     Some(snapshot.hash()),
                 );
                 entry.outcome = error.to_string();
+                if held_back > 0 {
+                    entry.outcome.push_str(&format!(
+                        "; {held_back} more authentication failures not logged individually"
+                    ));
+                }
                 self.log.append(entry).await?;
                 Err(error.into())
             }

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod failures;
 pub mod fsutil;
 pub mod gatekeeper;
 pub mod identity;

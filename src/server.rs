@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
 use crate::audit::{self, DecisionLog};
 use crate::config::{self, Auth, ServeConfig};
 use crate::dev::DevPki;
+use crate::failures;
 use crate::gatekeeper::Gatekeeper;
 use crate::identity;
 use crate::keyadmin;
@@ -318,10 +318,14 @@ fn identity_mode(config: &ServeConfig) -> Result<Identity, Error> {
 fn handshake_failures(gate: Arc<Gatekeeper>) -> tls::FailureHook {
     Arc::new(move |remote, reason| {
         tracing::info!(%remote, %reason, "refused connection");
+        let source = failures::Source::Address(remote.ip());
+        let Some(held_back) = gate.admit_authentication_failure(&source) else {
+            return;
+        };
         let gate = Arc::clone(&gate);
         tokio::spawn(async move {
             if let Err(error) = gate
-                .record_authentication_failure(&reason, Some(remote), None)
+                .log_authentication_failure(&reason, Some(remote), &source, held_back)
                 .await
             {
                 tracing::error!(%error, "failed handshake not logged");
@@ -380,9 +384,8 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
     let ringfence = pb::ringfence_server::RingfenceServer::new(ringfence)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let ringfence = InterceptedService::new(ringfence, move |request| {
-        service::authenticate(&mode, request)
-    });
+    let ringfence =
+        service::Admitted::new(ringfence, service::Admission::new(mode, Arc::clone(&gate)));
 
     let mut background = Vec::new();
     // Health follows the decision log: without it nothing can be served.

@@ -1358,3 +1358,103 @@ async fn a_decryption_that_fails_after_its_decisions_are_logged_is_logged_as_und
     assert_eq!(named, opened);
     assert_eq!(follow_up["principal"], decrypt["principal"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_callers_is_limited_per_source_and_hides_no_one_else() {
+    use ringfence::failures::PER_SOURCE_PER_SECOND;
+    let server = start().await;
+    let mut client = server.client().await;
+    let ask = || pb::AuthorizeRequest {
+        record_type: "user_profile".to_owned(),
+        record_id: "u-1".to_owned(),
+        jurisdiction: "US".to_owned(),
+        fields: vec!["email".to_owned()],
+        purpose: "support".to_owned(),
+        ticket: "INC-1".to_owned(),
+    };
+    // A removed service whose certificate (here: header) still works.
+    let started = std::time::Instant::now();
+    for n in 0..100 {
+        let status = status_of(
+            client
+                .authorize(as_caller(ask(), "gone-service", None))
+                .await,
+        )
+        .await;
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("gone-service"), "{status:?}");
+        assert!(
+            status.message().contains("not in the directory"),
+            "{status:?}"
+        );
+        if n == 50 {
+            // Someone else fails in the middle of the flood.
+            let status = status_of(
+                client
+                    .authorize(as_caller(ask(), "us-support-tool", Some("mallory")))
+                    .await,
+            )
+            .await;
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        }
+    }
+    let windows = started.elapsed().as_secs() + 1;
+    // Status is for directory services only.
+    let status = status_of(
+        client
+            .get_status(as_caller(pb::GetStatusRequest {}, "gone-service", None))
+            .await,
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("gone-service"), "{status:?}");
+    assert!(
+        status.message().contains("not in the directory"),
+        "{status:?}"
+    );
+
+    let unauthenticated = |server: &TestServer| -> Vec<serde_json::Value> {
+        server
+            .log_entries()
+            .into_iter()
+            .filter(|e| e["kind"] == "unauthenticated")
+            .collect()
+    };
+    let entries = unauthenticated(&server);
+    let flood = entries
+        .iter()
+        .filter(|e| e["service"] == "gone-service")
+        .count() as u64;
+    assert!(
+        (1..=u64::from(PER_SOURCE_PER_SECOND) * (windows + 1)).contains(&flood),
+        "{flood} of 101 logged in about {windows} s"
+    );
+    let mallory = entries
+        .iter()
+        .find(|e| e["principal"] == "Employee::\"mallory\"")
+        .unwrap_or_else(|| panic!("the other caller's failure is hidden: {entries:#?}"));
+    assert_eq!(mallory["service"], "us-support-tool");
+    assert!(
+        mallory["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("unknown principal")
+    );
+    // What was held back is counted in the flood's next logged failure.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let status = status_of(
+        client
+            .authorize(as_caller(ask(), "gone-service", None))
+            .await,
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let last = unauthenticated(&server).pop().unwrap();
+    assert!(
+        last["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("more authentication failures not logged individually"),
+        "{last}"
+    );
+}

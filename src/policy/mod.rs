@@ -919,6 +919,27 @@ impl PolicySnapshot {
         self.len() == 0
     }
 
+    /// Whether the directory holds `principal` and the calling `service`.
+    pub fn check_caller(&self, principal: &Principal, service: &str) -> Result<(), Error> {
+        self.caller_uids(principal, service).map(|_| ())
+    }
+
+    fn caller_uids(
+        &self,
+        principal: &Principal,
+        service: &str,
+    ) -> Result<(EntityUid, EntityUid), Error> {
+        let principal_uid = self.names.principal(principal);
+        if self.entities.get(&principal_uid).is_none() {
+            return Err(Error::UnknownPrincipal(principal.to_string()));
+        }
+        let service_uid = self.names.service(service);
+        if self.entities.get(&service_uid).is_none() {
+            return Err(Error::UnknownService(service.to_owned()));
+        }
+        Ok((principal_uid, service_uid))
+    }
+
     fn check_request(
         &self,
         facts: &RequestFacts<'_>,
@@ -926,14 +947,7 @@ impl PolicySnapshot {
         record_type: &RecordType,
         fields: &[FieldName],
     ) -> Result<(EntityUid, EntityUid, Vec<&str>), Error> {
-        let principal = self.names.principal(facts.principal);
-        if self.entities.get(&principal).is_none() {
-            return Err(Error::UnknownPrincipal(facts.principal.to_string()));
-        }
-        let service = self.names.service(facts.service);
-        if self.entities.get(&service).is_none() {
-            return Err(Error::UnknownService(facts.service.to_owned()));
-        }
+        let (principal, service) = self.caller_uids(facts.principal, facts.service)?;
         if !self.jurisdictions.contains(jurisdiction) {
             return Err(Error::UnknownJurisdiction(jurisdiction.clone()));
         }
