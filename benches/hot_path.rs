@@ -82,11 +82,13 @@ fn bench(c: &mut Criterion) {
         service: "us-signup".to_owned(),
         employee: None,
         method: "bench",
+        lease: None,
     };
     let alice = Caller {
         service: "us-support-tool".to_owned(),
         employee: Some("alice".to_owned()),
         method: "bench",
+        lease: None,
     };
     let plain = PlainRecord {
         record: record_ref("user-00000001"),

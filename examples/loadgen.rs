@@ -273,6 +273,7 @@ async fn in_process(options: &Options, data_dir: &Path) {
         service: "us-signup".to_owned(),
         employee: None,
         method: "loadgen",
+        lease: None,
     };
     let mut records = Vec::new();
     for n in 0..options.records {
@@ -307,6 +308,7 @@ async fn in_process(options: &Options, data_dir: &Path) {
                 service: "us-support-tool".to_owned(),
                 employee: Some("alice".to_owned()),
                 method: "loadgen",
+                lease: None,
             };
             let mut next = client_index;
             while Instant::now() < deadline {

@@ -45,6 +45,32 @@ pub const POLICY_ARCHIVE_DIR: &str = "policy-sets";
 /// Default largest gRPC message accepted, in bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
+/// Default of [`StreamLimits::max_per_caller`].
+pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 64;
+/// Default of [`StreamLimits::send_timeout`].
+pub const DEFAULT_STREAM_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Limits of `DecryptRecords` streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Streams one caller (service and employee) may have open at once; more are
+    /// refused with `RESOURCE_EXHAUSTED`.
+    pub max_per_caller: usize,
+    /// Longest the server waits for the client to take an answer. A stream that
+    /// stalls longer ends with `DEADLINE_EXCEEDED`, and the answers it had made are
+    /// logged as undelivered.
+    pub send_timeout: std::time::Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_per_caller: DEFAULT_MAX_STREAMS_PER_CALLER,
+            send_timeout: DEFAULT_STREAM_SEND_TIMEOUT,
+        }
+    }
+}
+
 /// Configuration of `ringfence serve`.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -73,6 +99,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Limits of bulk streams.
+    pub streams: StreamLimits,
     /// Whether to reload the policy directory when its files change (SIGHUP always
     /// reloads).
     pub watch_policies: bool,
@@ -135,6 +163,7 @@ impl ServeConfig {
             auth: Auth::None,
             limits: Limits::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            streams: StreamLimits::default(),
             watch_policies: true,
             checkpoint_key: None,
             log_segment_bytes: crate::audit::DEFAULT_SEGMENT_BYTES,
@@ -180,6 +209,12 @@ impl ServeConfig {
         }
         if self.max_message_bytes == 0 {
             return Err(Error::ZeroLimit("max message bytes"));
+        }
+        if self.streams.max_per_caller == 0 {
+            return Err(Error::ZeroLimit("max streams per caller"));
+        }
+        if self.streams.send_timeout.is_zero() {
+            return Err(Error::ZeroLimit("stream send timeout"));
         }
         Ok(())
     }

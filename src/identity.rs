@@ -58,6 +58,8 @@ pub struct Caller {
     pub employee: Option<String>,
     /// How the caller was authenticated.
     pub method: &'static str,
+    /// For an employee named by a token: what holds a stream to that token.
+    pub lease: Option<crate::token::Lease>,
 }
 
 impl Caller {
@@ -156,6 +158,7 @@ pub fn authenticate<'a>(
                 service: service.to_owned(),
                 employee: employee.map(str::to_owned),
                 method: METHOD_DANGER,
+                lease: None,
             })
         }
         Mode::Verified(verified) => {
@@ -169,6 +172,7 @@ pub fn authenticate<'a>(
                 Some(Err(reason)) => return Err(Error::Certificate(reason.clone())),
                 Some(Ok(service)) => service.clone(),
             };
+            let mut lease = None;
             let employee = match one(AUTHORIZATION_HEADER)? {
                 None => None,
                 Some(value) => {
@@ -181,7 +185,9 @@ pub fn authenticate<'a>(
                         })
                         .ok_or(Error::NotBearer)?;
                     let tokens = verified.tokens.as_ref().ok_or(Error::TokensNotConfigured)?;
-                    Some(tokens.verify(token)?)
+                    let (subject, held) = tokens.verify_leased(token)?;
+                    lease = Some(held);
+                    Some(subject)
                 }
             };
             let method = if employee.is_some() {
@@ -193,6 +199,7 @@ pub fn authenticate<'a>(
                 service,
                 employee,
                 method,
+                lease,
             })
         }
     }

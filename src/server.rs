@@ -379,7 +379,8 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         .build_v1()
         .map_err(|error| Error::Transport(error.to_string()))?;
 
-    let ringfence = RingfenceService::new(Arc::clone(&gate), config.max_message_bytes);
+    let ringfence = RingfenceService::new(Arc::clone(&gate), config.max_message_bytes)
+        .with_stream_limits(config.streams);
     let follow_ups = ringfence.follow_ups();
     let ringfence = pb::ringfence_server::RingfenceServer::new(ringfence)
         .max_decoding_message_size(config.max_message_bytes)

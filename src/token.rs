@@ -88,6 +88,9 @@ pub enum TokenError {
     /// The subject is not a directory id.
     #[error("employee token subject is not a valid directory id")]
     Subject,
+    /// The key set was reloaded after the token was verified (a long-lived stream).
+    #[error("the identity provider's keys were reloaded after this employee token was verified")]
+    KeysReloaded,
 }
 
 struct Key {
@@ -105,6 +108,49 @@ struct Keys {
 struct Accepted {
     subject: String,
     expires: i64,
+}
+
+/// What a verified employee token holds a long-lived call to: the token's expiry
+/// (with the configured leeway) and the key set that verified it. A stream checks it
+/// before each record.
+#[derive(Clone)]
+pub struct Lease {
+    expires: i64,
+    generation: u64,
+    verifier: Arc<TokenVerifier>,
+}
+
+impl Lease {
+    /// Whether the token still holds: not expired, and its key set not reloaded since.
+    pub fn check(&self) -> Result<(), TokenError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if self.expires.saturating_add(self.verifier.leeway()) < now {
+            return Err(TokenError::Expired);
+        }
+        if self.verifier.generation() != self.generation {
+            return Err(TokenError::KeysReloaded);
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for Lease {
+    fn eq(&self, other: &Self) -> bool {
+        self.expires == other.expires
+            && self.generation == other.generation
+            && Arc::ptr_eq(&self.verifier, &other.verifier)
+    }
+}
+
+impl Eq for Lease {}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("expires", &self.expires)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Verifies employee tokens; the key set can be reloaded while requests run.
@@ -282,6 +328,37 @@ impl TokenVerifier {
 
     /// Verifies a token (without the `Bearer ` prefix) and returns its subject.
     pub fn verify(&self, token: &str) -> Result<String, TokenError> {
+        self.verify_timed(token).map(|(subject, _, _)| subject)
+    }
+
+    /// As [`TokenVerifier::verify`], with the [`Lease`] that holds a long-lived call
+    /// (a stream) to the token's expiry and to the key set that verified it.
+    pub fn verify_leased(self: &Arc<Self>, token: &str) -> Result<(String, Lease), TokenError> {
+        let (subject, expires, generation) = self.verify_timed(token)?;
+        Ok((
+            subject,
+            Lease {
+                expires,
+                generation,
+                verifier: Arc::clone(self),
+            },
+        ))
+    }
+
+    /// The key set's generation: it changes with every reload.
+    fn generation(&self) -> u64 {
+        match self.accepted.lock() {
+            Ok(accepted) => accepted.0,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+
+    fn leeway(&self) -> i64 {
+        i64::try_from(self.config.leeway.as_secs()).unwrap_or(0)
+    }
+
+    /// Subject, `exp` and the key generation that accepted the token.
+    fn verify_timed(&self, token: &str) -> Result<(String, i64, u64), TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed(format!(
                 "longer than {MAX_TOKEN_BYTES} bytes"
@@ -296,7 +373,7 @@ impl TokenVerifier {
             };
             if let Some(known) = accepted.1.get(&digest) {
                 if known.expires.saturating_add(leeway) >= now {
-                    return Ok(known.subject.clone());
+                    return Ok((known.subject.clone(), known.expires, accepted.0));
                 }
                 accepted.1.remove(&digest);
                 return Err(TokenError::Expired);
@@ -318,7 +395,7 @@ impl TokenVerifier {
                 },
             );
         }
-        Ok(subject)
+        Ok((subject, expires, generation))
     }
 
     /// Every check, signature included; returns the subject and `exp`.

@@ -1458,3 +1458,148 @@ async fn a_flood_of_unknown_callers_is_limited_per_source_and_hides_no_one_else(
         "{last}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_bulk_client_holds_only_its_own_share_and_is_cut_off() {
+    use ringfence::config::StreamLimits;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.streams = StreamLimits {
+        max_per_caller: 4,
+        send_timeout: Duration::from_secs(2),
+    };
+    let running = ringfence::server::start(config.clone()).await.unwrap();
+    let server = TestServer {
+        running,
+        dir,
+        config,
+    };
+    let mut client = server.client().await;
+    // Large answers: the transport's own buffer (which counts as delivered) takes
+    // only a few of them.
+    let mut large = profile("u-1", "US");
+    for field in &mut large.fields {
+        if field.name == "email" {
+            field.value = vec![b'x'; 64 * 1024];
+        }
+    }
+    let record = encrypted_record(&mut client, as_caller(large, "us-signup", None)).await;
+    let requests = |count: usize, ticket: &'static str| {
+        let record = record.clone();
+        tokio_stream::iter(
+            (0..count).map(move |_| decrypt_request(record.clone(), &["email"], "support", ticket)),
+        )
+    };
+
+    // A client that never takes an answer: its flow-control window is zero.
+    let stalled_channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.running.local_addr))
+            .unwrap()
+            .initial_stream_window_size(0)
+            .connect()
+            .await
+            .unwrap();
+    let mut stalled = pb::ringfence_client::RingfenceClient::new(stalled_channel);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let response = stalled
+            .decrypt_records(as_caller(
+                requests(300, "INC-1"),
+                "us-support-tool",
+                Some("alice"),
+            ))
+            .await
+            .unwrap();
+        held.push(response);
+    }
+    let status = stalled
+        .decrypt_records(as_caller(
+            requests(1, "INC-1"),
+            "us-support-tool",
+            Some("alice"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-streams-per-caller"),
+        "{status:?}"
+    );
+
+    // Another caller is not held up.
+    let mut other = server.client().await;
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut answers = other
+            .decrypt_records(as_caller(
+                requests(5, "INC-2"),
+                "us-support-tool",
+                Some("bob"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut count = 0;
+        while let Some(answer) = answers.message().await.unwrap() {
+            assert!(answer.status.is_none(), "{answer:?}");
+            count += 1;
+        }
+        count
+    })
+    .await
+    .expect("another caller's stream was held up by a stalled one");
+    assert_eq!(answered, 5);
+
+    // The stalled caller read no more records than its pool holds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stalled_reads = |entries: &[serde_json::Value]| -> Vec<String> {
+        entries
+            .iter()
+            .filter(|e| e["kind"] == "decrypt" && e["ticket"] == "INC-1")
+            .map(|e| e["request_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let read = stalled_reads(&server.log_entries()).len();
+    let pool = ringfence::service::CALLER_RECORDS_IN_FLIGHT;
+    assert!(
+        (1..=pool + 4).contains(&read),
+        "{read} records read by stalled streams"
+    );
+
+    // After the send timeout the stalled streams end: what they made and did not hand
+    // over is logged as undelivered, and their share is free again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let entries = server.log_entries();
+    let read = stalled_reads(&entries);
+    let undelivered: std::collections::BTreeSet<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "undelivered")
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    let followed = read
+        .iter()
+        .filter(|id| undelivered.contains(id.as_str()))
+        .count();
+    assert!(
+        followed + 4 * 8 >= read.len(),
+        "{followed} of {} stalled answers logged as undelivered",
+        read.len()
+    );
+    let mut again = server.client().await;
+    let mut answers = again
+        .decrypt_records(as_caller(
+            requests(3, "INC-3"),
+            "us-support-tool",
+            Some("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut count = 0;
+    while let Some(answer) = answers.message().await.unwrap() {
+        assert!(answer.status.is_none(), "{answer:?}");
+        count += 1;
+    }
+    assert_eq!(count, 3);
+    drop(held);
+}

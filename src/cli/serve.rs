@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ringfence::config::{
-    Auth, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLICIES, ServeConfig,
+    Auth, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_STREAMS_PER_CALLER,
+    DEFAULT_POLICIES, DEFAULT_STREAM_SEND_TIMEOUT, ServeConfig, StreamLimits,
 };
 use ringfence::keys::{MASTER_KEY_ENV, MasterKeyText};
 use ringfence::record::Jurisdiction;
@@ -75,6 +76,15 @@ pub struct Args {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// `DecryptRecords` streams one caller (service and employee) may have open at
+    /// once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS_PER_CALLER as u64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    max_streams_per_caller: u64,
+    /// Seconds the server waits for a client to take a streamed answer; a stream that
+    /// stalls longer ends with DEADLINE_EXCEEDED and its answers are logged as
+    /// undelivered.
+    #[arg(long, default_value_t = DEFAULT_STREAM_SEND_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    stream_send_timeout_secs: u64,
     /// Do not reload policies when files in the policy directory change (SIGHUP still
     /// reloads).
     #[arg(long)]
@@ -133,6 +143,10 @@ pub fn run(args: Args) -> ExitCode {
         create_missing_keys: args.dev,
         auth,
         max_message_bytes: args.max_message_bytes,
+        streams: StreamLimits {
+            max_per_caller: usize::try_from(args.max_streams_per_caller).unwrap_or(usize::MAX),
+            send_timeout: std::time::Duration::from_secs(args.stream_send_timeout_secs),
+        },
         watch_policies: !args.no_watch_policies,
         checkpoint_key: args.checkpoint_key,
         log_segment_bytes: args.log_segment_mib * 1024 * 1024,

@@ -4,10 +4,12 @@
 //! an actionable message, internals go to the server log.
 
 mod convert;
+mod stream;
+
+pub use stream::{CALLER_RECORDS_IN_FLIGHT, DeliveryStream};
 
 use std::sync::Arc;
 
-use futures_util::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::failures::Source;
@@ -18,13 +20,8 @@ use crate::pb;
 use crate::policy;
 use crate::tls::PeerInfo;
 
-/// Records of one `DecryptRecords` stream processed concurrently (answers stay in order).
-const STREAM_CONCURRENCY: usize = 32;
 /// Why a streamed answer was not delivered: the stream ended before the transport took it.
 const STREAM_CLOSED: &str = "stream closed before the answer was sent";
-/// Records of all `DecryptRecords` streams together in progress at once: bounds the
-/// memory and CPU that bulk jobs can hold, whatever the number of streams.
-const STREAM_RECORDS_IN_FLIGHT: usize = 128;
 
 impl From<gatekeeper::Error> for Status {
     fn from(error: gatekeeper::Error) -> Self {
@@ -236,9 +233,10 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
 #[derive(Debug, Clone)]
 pub struct RingfenceService {
     gate: Arc<Gatekeeper>,
-    stream_permits: Arc<tokio::sync::Semaphore>,
     max_message_bytes: usize,
     follow_ups: FollowUps,
+    streams: Arc<stream::Slots>,
+    stream_limits: crate::config::StreamLimits,
 }
 
 impl RingfenceService {
@@ -247,10 +245,17 @@ impl RingfenceService {
     pub fn new(gate: Arc<Gatekeeper>, max_message_bytes: usize) -> Self {
         Self {
             gate,
-            stream_permits: Arc::new(tokio::sync::Semaphore::new(STREAM_RECORDS_IN_FLIGHT)),
             max_message_bytes,
             follow_ups: FollowUps::default(),
+            streams: Arc::new(stream::Slots::new()),
+            stream_limits: crate::config::StreamLimits::default(),
         }
+    }
+
+    /// With these limits on `DecryptRecords` streams.
+    pub fn with_stream_limits(mut self, limits: crate::config::StreamLimits) -> Self {
+        self.stream_limits = limits;
+        self
     }
 
     /// The work this service leaves running after a call returns (answers of calls
@@ -442,55 +447,6 @@ impl<T: Send + 'static> Drop for Pending<T> {
     }
 }
 
-/// One answer of a bulk stream on its way to the transport, with the receipt that
-/// is logged as undelivered if the stream ends before the transport takes it.
-type Delivery = (
-    Result<pb::DecryptRecordResponse, Status>,
-    Option<gatekeeper::Receipt>,
-);
-
-/// The response stream of `DecryptRecords`: an answer counts as delivered when the
-/// transport takes it from here; answers still queued when the transport drops the
-/// stream (the client went away) get an `undelivered` entry.
-pub struct DeliveryStream {
-    receiver: tokio::sync::mpsc::Receiver<Delivery>,
-    gate: Arc<Gatekeeper>,
-    caller: Arc<Caller>,
-    follow_ups: FollowUps,
-}
-
-impl futures_util::Stream for DeliveryStream {
-    type Item = Result<pb::DecryptRecordResponse, Status>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.receiver
-            .poll_recv(context)
-            .map(|delivery| delivery.map(|(answer, _)| answer))
-    }
-}
-
-impl Drop for DeliveryStream {
-    fn drop(&mut self) {
-        // Every answer still queued, or being queued by a producer that already holds
-        // a slot, is received until the channel reports its end: none is lost unlogged.
-        let (_, closed) = tokio::sync::mpsc::channel(1);
-        let mut receiver = std::mem::replace(&mut self.receiver, closed);
-        receiver.close();
-        let gate = Arc::clone(&self.gate);
-        let caller = Arc::clone(&self.caller);
-        self.follow_ups.spawn(async move {
-            while let Some((_, receipt)) = receiver.recv().await {
-                if let Some(receipt) = receipt {
-                    undelivered(&gate, &caller, &receipt, STREAM_CLOSED).await;
-                }
-            }
-        });
-    }
-}
-
 #[tonic::async_trait]
 impl pb::ringfence_server::Ringfence for RingfenceService {
     async fn encrypt_record(
@@ -584,101 +540,15 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         &self,
         request: Request<Streaming<pb::DecryptRecordRequest>>,
     ) -> Result<Response<Self::DecryptRecordsStream>, Status> {
-        let caller = Arc::new(caller(&request)?);
-        let inbound = request.into_inner();
-        let gate = Arc::clone(&self.gate);
-        let permits = Arc::clone(&self.stream_permits);
-        let max_message_bytes = self.max_message_bytes;
-        let (sender, receiver) = tokio::sync::mpsc::channel::<Delivery>(STREAM_CONCURRENCY);
-        let stream = DeliveryStream {
-            receiver,
-            gate: Arc::clone(&gate),
-            caller: Arc::clone(&caller),
+        let caller = caller(&request)?;
+        let context = stream::Context {
+            gate: Arc::clone(&self.gate),
+            slots: Arc::clone(&self.streams),
             follow_ups: self.follow_ups.clone(),
+            limits: self.stream_limits,
+            max_message_bytes: self.max_message_bytes,
         };
-        let follow_ups = self.follow_ups.clone();
-        self.follow_ups.spawn(async move {
-            let mut answers = inbound
-                .enumerate()
-                .map(|(index, message)| {
-                    let gate = Arc::clone(&gate);
-                    let caller = Arc::clone(&caller);
-                    let permits = Arc::clone(&permits);
-                    // Each record runs in its own task: its permit of the shared pool
-                    // goes back when the record is answered, not when a slow reader
-                    // takes the answer, so one stalled stream cannot hold the pool.
-                    let task = follow_ups.spawn(async move {
-                        let Ok(_permit) = permits.acquire_owned().await else {
-                            return Err(Status::unavailable("server is shutting down"));
-                        };
-                        let message = message?;
-                        let answer = match decrypt_one(&gate, &caller, message).await {
-                            Ok((mut response, receipt)) => {
-                                // The index is part of what the transport encodes.
-                                response.index = index as u64;
-                                within_limit(&gate, &caller, (response, receipt), max_message_bytes)
-                                    .await
-                            }
-                            Err(status) => Err(status),
-                        };
-                        // A record that cannot be answered gets its own status; the
-                        // stream goes on.
-                        Ok(match answer {
-                            Ok((response, receipt)) => (response, Some(receipt)),
-                            Err(status) => (
-                                pb::DecryptRecordResponse {
-                                    index: index as u64,
-                                    status: Some(pb::RecordStatus {
-                                        code: status.code() as u32,
-                                        message: format!("record {index}: {}", status.message()),
-                                    }),
-                                    ..pb::DecryptRecordResponse::default()
-                                },
-                                None,
-                            ),
-                        })
-                    });
-                    async move {
-                        let Some(task) = task else {
-                            return Err(Status::unavailable("server is shutting down"));
-                        };
-                        task.await.unwrap_or_else(|error| {
-                            tracing::error!(%error, "record task failed");
-                            Err(Status::internal(
-                                "internal error; the server log has details",
-                            ))
-                        })
-                    }
-                })
-                .buffered(STREAM_CONCURRENCY);
-            // Every answer is drained, also after the stream ended: an answer whose
-            // decisions are logged is either handed on or logged as undelivered.
-            let mut open = true;
-            while let Some(answer) = answers.next().await {
-                match answer {
-                    Ok((response, receipt)) if open => {
-                        if let Err(returned) = sender.send((Ok(response), receipt)).await {
-                            open = false;
-                            if let (_, Some(receipt)) = returned.0 {
-                                undelivered(&gate, &caller, &receipt, STREAM_CLOSED).await;
-                            }
-                        }
-                    }
-                    Ok((_, Some(receipt))) => {
-                        undelivered(&gate, &caller, &receipt, STREAM_CLOSED).await;
-                    }
-                    Ok((_, None)) => {}
-                    // The request stream itself broke (undecodable or oversized
-                    // message): nothing more can be read, the stream ends with it.
-                    Err(status) if open => {
-                        open = false;
-                        let _ = sender.send((Err(status), None)).await;
-                    }
-                    Err(_) => {}
-                }
-            }
-        });
-        Ok(Response::new(stream))
+        stream::serve(context, caller, request.into_inner()).map(Response::new)
     }
 }
 
@@ -719,6 +589,7 @@ mod tests {
             service: service.to_owned(),
             employee: employee.map(str::to_owned),
             method: "test",
+            lease: None,
         });
         request
     }
@@ -813,6 +684,7 @@ mod tests {
             service: "us-support-tool".to_owned(),
             employee: Some("alice".to_owned()),
             method: "test",
+            lease: None,
         };
         let receipt = gatekeeper::Receipt {
             action: crate::policy::Action::Decrypt,
