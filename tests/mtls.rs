@@ -529,3 +529,66 @@ async fn a_rotated_jwks_is_picked_up_without_restart() {
     assert!(revoked, "the emptied JWKS was never loaded");
     fx.server.running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_expires_or_the_keys_are_reloaded() {
+    use tokio_stream::wrappers::ReceiverStream;
+    let fx = Fixture::start().await;
+    let mut signup = fx.service("us-signup").await;
+    let record = encrypted_record(&mut signup, tonic::Request::new(profile("u-1", "US"))).await;
+    let mut support = fx.service("us-support-tool").await;
+    let ask = || decrypt_request(record.clone(), &["email"], "support", "INC-1");
+
+    // A token that expires, leeway included, two seconds from now.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut claims = fx.claims("alice");
+    claims.exp = now - 28;
+    let short = fx.signer.sign(&claims).unwrap();
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let mut answers = support
+        .decrypt_records(with_token(ReceiverStream::new(receiver), &short))
+        .await
+        .unwrap()
+        .into_inner();
+    sender.send(ask()).await.unwrap();
+    let first = answers.message().await.unwrap().unwrap();
+    assert!(first.status.is_none(), "{first:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sender.send(ask()).await.unwrap();
+    let status = answers.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("expired"), "{status:?}");
+
+    // The identity provider's keys are reloaded (here: the same keys, written again).
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let mut answers = support
+        .decrypt_records(with_token(
+            ReceiverStream::new(receiver),
+            &fx.token("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    sender.send(ask()).await.unwrap();
+    let first = answers.message().await.unwrap().unwrap();
+    assert!(first.status.is_none(), "{first:?}");
+    replace_file(&fx.jwks, &fx.signer.jwks());
+    let mut ended = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if sender.send(ask()).await.is_err() {
+            break;
+        }
+        match answers.message().await {
+            Ok(Some(answer)) => assert!(answer.status.is_none(), "{answer:?}"),
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => {
+                ended = Some(status);
+                break;
+            }
+        }
+    }
+    let status = ended.expect("the stream outlived a reload of the keys");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("reloaded"), "{status:?}");
+}
