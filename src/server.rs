@@ -317,11 +317,12 @@ fn identity_mode(config: &ServeConfig) -> Result<Identity, Error> {
 /// limited by the gatekeeper).
 fn handshake_failures(gate: Arc<Gatekeeper>) -> tls::FailureHook {
     Arc::new(move |remote, reason| {
-        tracing::info!(%remote, %reason, "refused connection");
         let source = failures::Source::Address(remote.ip());
+        // A flood is counted, not written (nor printed) one by one.
         let Some(held_back) = gate.admit_authentication_failure(&source) else {
             return;
         };
+        tracing::info!(%remote, %reason, "refused connection");
         let gate = Arc::clone(&gate);
         tokio::spawn(async move {
             if let Err(error) = gate

@@ -1476,12 +1476,12 @@ async fn a_stalled_bulk_client_holds_only_its_own_share_and_is_cut_off() {
         config,
     };
     let mut client = server.client().await;
-    // Large answers: the transport's own buffer (which counts as delivered) takes
-    // only a few of them.
+    // Large answers: the transport's own buffer (which counts as delivered: up to
+    // 400 KiB per stream) takes only a few of them.
     let mut large = profile("u-1", "US");
     for field in &mut large.fields {
         if field.name == "email" {
-            field.value = vec![b'x'; 64 * 1024];
+            field.value = vec![b'x'; 512 * 1024];
         }
     }
     let record = encrypted_record(&mut client, as_caller(large, "us-signup", None)).await;
@@ -1580,8 +1580,14 @@ async fn a_stalled_bulk_client_holds_only_its_own_share_and_is_cut_off() {
         .iter()
         .filter(|id| undelivered.contains(id.as_str()))
         .count();
+    eprintln!(
+        "stalled streams: {} answers made, {followed} logged as undelivered",
+        read.len()
+    );
+    // The transport's own buffer holds a few answers per stream (they count as
+    // delivered); every other answer a stalled stream made is followed up.
     assert!(
-        followed + 4 * 8 >= read.len(),
+        followed >= 4 && followed + 4 * 5 >= read.len(),
         "{followed} of {} stalled answers logged as undelivered",
         read.len()
     );

@@ -592,3 +592,86 @@ async fn a_stream_ends_when_its_token_expires_or_the_keys_are_reloaded() {
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("reloaded"), "{status:?}");
 }
+
+/// The soft limit on open files of this process.
+fn open_files_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|line| line.starts_with("Max open files"))
+                .and_then(|line| line.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_floods_do_not_lock_out_real_clients() {
+    use std::net::{IpAddr, SocketAddr};
+    use tokio::io::AsyncReadExt as _;
+    use tokio::time::Instant;
+    // 1,600 flood sockets, their server ends and the lobby's duplicates.
+    let limit = open_files_limit();
+    if limit < 8192 {
+        assert!(
+            std::env::var_os("RINGFENCE_REQUIRE_SYSTEM_TOOLS").is_none(),
+            "open files limit {limit} is below 8192: raise it (`ulimit -n 8192`; scripts/test does)"
+        );
+        eprintln!("SKIPPED: open files limit {limit} is below 8192 (scripts/test raises it)");
+        return;
+    }
+    let fx = Fixture::start().await;
+    let addr = fx.server.running.local_addr;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Connections that never send a byte; each one closed is reopened at once.
+    let mut flood = Vec::new();
+    for (source, count) in [("127.0.0.2", 1000), ("127.0.0.1", 600)] {
+        let source: IpAddr = source.parse().unwrap();
+        for _ in 0..count {
+            flood.push(tokio::spawn(async move {
+                let mut opened = 0u64;
+                while Instant::now() < deadline {
+                    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                    let connected = match socket.bind(SocketAddr::new(source, 0)) {
+                        Ok(()) => socket.connect(addr).await.ok(),
+                        Err(_) => None,
+                    };
+                    let Some(mut stream) = connected else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    opened += 1;
+                    let mut byte = [0u8; 1];
+                    let _ = tokio::time::timeout_at(deadline, stream.read(&mut byte)).await;
+                }
+                opened
+            }));
+        }
+    }
+    // A real client from 127.0.0.1 connects anew and calls every second.
+    let mut calls = 0;
+    while Instant::now() + Duration::from_secs(1) < deadline {
+        let call = async {
+            let mut client = fx.service("us-support-tool").await;
+            client
+                .get_status(tonic::Request::new(pb::GetStatusRequest {}))
+                .await
+        };
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .unwrap_or_else(|_| panic!("call {calls} hung during the flood"))
+            .unwrap_or_else(|status| panic!("call {calls} failed during the flood: {status:?}"));
+        calls += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut opened = 0;
+    for task in flood {
+        opened += task.await.unwrap();
+    }
+    assert!(calls >= 15, "{calls} calls");
+    assert!(
+        opened > 1600,
+        "the flood never had a socket closed and reopened: {opened}"
+    );
+}

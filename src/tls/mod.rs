@@ -22,16 +22,19 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::identity::is_directory_id;
 
+mod lobby;
+
+pub use lobby::{MAX_HANDSHAKES, MAX_SILENT_PER_SOURCE};
+
 /// Longest time a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Handshakes in progress at once; connections beyond are closed at once (and
-/// reported), so slow or idle clients cannot hold the listener.
-const MAX_HANDSHAKES: usize = 256;
+/// Longest time a new connection may take to send its first byte (the ClientHello).
+pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Files of the server's TLS identity and the CA that issues client certificates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,7 +288,7 @@ pub fn incoming(
             Arc::<str>::from(trust_domain),
         )
     });
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let lobby = lobby::Lobby::default();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -313,50 +316,107 @@ pub fn incoming(
                 }
                 continue;
             };
-            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
-                on_failure(
-                    remote,
-                    format!(
-                        "connection closed: {MAX_HANDSHAKES} TLS handshakes already in progress"
-                    ),
-                );
-                continue;
-            };
             let (acceptor, trust_domain) = (acceptor.clone(), Arc::clone(trust_domain));
-            let (sender, on_failure) = (sender.clone(), Arc::clone(&on_failure));
-            tokio::spawn(async move {
-                let _permit = permit;
-                let handshake =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                let stream = match handshake {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        return on_failure(remote, format!("TLS handshake failed: {error}"));
-                    }
-                    Err(_) => {
-                        return on_failure(
-                            remote,
+            let (sender, hook) = (sender.clone(), Arc::clone(&on_failure));
+            // A duplicate descriptor lets the lobby peek for a ClientHello that
+            // arrived before the handshake task ran.
+            let probe = std::os::fd::AsFd::as_fd(&stream)
+                .try_clone_to_owned()
+                .ok()
+                .map(std::net::TcpStream::from);
+            let entered = lobby.enter(remote, probe, move |ticket| {
+                tokio::spawn(handshake(
+                    stream,
+                    remote,
+                    ticket,
+                    acceptor,
+                    trust_domain,
+                    sender,
+                    hook,
+                ))
+                .abort_handle()
+            });
+            match entered {
+                Ok(evicted) => {
+                    for lobby::Evicted(evicted) in evicted {
+                        on_failure(
+                            evicted,
                             format!(
-                                "TLS handshake not completed within {} s",
-                                HANDSHAKE_TIMEOUT.as_secs()
+                                "connection closed before its ClientHello to make room: the oldest silent connection of its address (at most {MAX_SILENT_PER_SOURCE}) or of all ({MAX_HANDSHAKES} handshakes) goes first"
                             ),
                         );
                     }
-                };
-                let service = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .map(|leaf| service_identity(leaf.as_ref(), &trust_domain))
-                    .unwrap_or_else(|| Err("no client certificate".to_owned()));
-                let peer = PeerInfo {
-                    remote: Some(remote),
-                    service: Some(service),
-                };
-                let _ = sender.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
-            });
+                }
+                Err(()) => on_failure(
+                    remote,
+                    format!(
+                        "connection closed: {MAX_HANDSHAKES} TLS handshakes already in progress, all past their ClientHello"
+                    ),
+                ),
+            }
         }
     });
     ReceiverStream::new(receiver)
+}
+
+/// One connection's way through the lobby: its first byte within
+/// [`CLIENT_HELLO_TIMEOUT`], then the TLS handshake within [`HANDSHAKE_TIMEOUT`].
+async fn handshake(
+    stream: TcpStream,
+    remote: SocketAddr,
+    ticket: lobby::Ticket,
+    acceptor: tokio_rustls::TlsAcceptor,
+    trust_domain: Arc<str>,
+    sender: mpsc::Sender<io::Result<Conn>>,
+    on_failure: FailureHook,
+) {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(CLIENT_HELLO_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(read)) if read > 0 => {
+            if !ticket.heard() {
+                return;
+            }
+        }
+        // Closed or broken before a byte: nothing to report.
+        Ok(_) => return,
+        Err(_) => {
+            return on_failure(
+                remote,
+                format!(
+                    "connection closed: no ClientHello within {} s",
+                    CLIENT_HELLO_TIMEOUT.as_secs()
+                ),
+            );
+        }
+    }
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            return on_failure(remote, format!("TLS handshake failed: {error}"));
+        }
+        Err(_) => {
+            return on_failure(
+                remote,
+                format!(
+                    "TLS handshake not completed within {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ),
+            );
+        }
+    };
+    // Through the lobby: the place goes to the next connection.
+    drop(ticket);
+    let service = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| service_identity(leaf.as_ref(), &trust_domain))
+        .unwrap_or_else(|| Err("no client certificate".to_owned()));
+    let peer = PeerInfo {
+        remote: Some(remote),
+        service: Some(service),
+    };
+    let _ = sender.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
 }
