@@ -370,7 +370,7 @@ async fn main() {
                 let token = pki
                     .token_signer()
                     .unwrap()
-                    .mint("alice", time::Duration::hours(1))
+                    .mint("alice", "us-support-tool", time::Duration::hours(1))
                     .unwrap();
                 let _ = MTLS.set((pki, token));
             }

@@ -45,10 +45,11 @@ fn for_employee<T>(
     message: T,
     pki: &DevPki,
     employee: &str,
+    service: &str,
 ) -> Result<tonic::Request<T>, Box<dyn std::error::Error>> {
     let token = pki
         .token_signer()?
-        .mint(employee, time::Duration::minutes(5))?;
+        .mint(employee, service, time::Duration::minutes(5))?;
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()
@@ -112,6 +113,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
                 &pki,
                 who,
+                service,
             )?)
             .await?
             .into_inner();

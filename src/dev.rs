@@ -225,6 +225,12 @@ pub struct TokenClaims {
     pub nbf: i64,
     /// Expiry.
     pub exp: i64,
+    /// The service the token is issued to: only it may present the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub azp: Option<String>,
+    /// Proof-of-possession confirmation, e.g. `{"x5t#S256": "<thumbprint>"}` (RFC 8705).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<serde_json::Value>,
 }
 
 impl TokenSigner {
@@ -283,8 +289,14 @@ impl TokenSigner {
         })
     }
 
-    /// A development token for `employee`, valid for `ttl` from now.
-    pub fn mint(&self, employee: &str, ttl: time::Duration) -> Result<String, Error> {
+    /// A development token for `employee`, to be presented by `service` only (`azp`),
+    /// valid for `ttl` from now.
+    pub fn mint(
+        &self,
+        employee: &str,
+        service: &str,
+        ttl: time::Duration,
+    ) -> Result<String, Error> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         self.sign(&TokenClaims {
             sub: employee.to_owned(),
@@ -293,6 +305,8 @@ impl TokenSigner {
             iat: now,
             nbf: now,
             exp: now + ttl.whole_seconds(),
+            azp: Some(service.to_owned()),
+            cnf: None,
         })
     }
 }
@@ -352,6 +366,7 @@ impl DevPki {
             issuer: DEV_ISSUER.to_owned(),
             audience: DEV_AUDIENCE.to_owned(),
             leeway: std::time::Duration::from_secs(30),
+            accept_unbound: false,
         }
     }
 

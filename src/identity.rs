@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crate::policy::Principal;
 use crate::tls::PeerInfo;
-use crate::token::TokenVerifier;
+use crate::token::{Binding, TokenVerifier};
 
 /// Metadata header naming the calling service in the danger mode.
 pub const SERVICE_HEADER: &str = "x-ringfence-service";
@@ -26,8 +26,12 @@ pub const AUTHORIZATION_HEADER: &str = "authorization";
 pub const MAX_ID_LEN: usize = 128;
 /// `authentication` of callers identified by their client certificate alone.
 pub const METHOD_MTLS: &str = "mtls";
-/// `authentication` of employees identified by a token, calling through an mTLS service.
+/// `authentication` of employees identified by a token bound to the calling mTLS
+/// service (its certificate, or its id in `azp`).
 pub const METHOD_MTLS_TOKEN: &str = "mtls+token";
+/// `authentication` of employees identified by a token bound to no service, accepted
+/// only with `--danger-accept-unbound-tokens`.
+pub const METHOD_MTLS_UNBOUND_TOKEN: &str = "mtls+unbound-token";
 /// `authentication` in the danger mode.
 pub const METHOD_DANGER: &str = "danger-trust-identity-headers";
 
@@ -111,6 +115,14 @@ pub enum Error {
     /// The token failed a check.
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
+    /// The token names no service that may present it.
+    #[error(
+        "employee token is not bound to a service: it needs `cnf.x5t#S256` (the SHA-256 thumbprint of the calling service's certificate) or `azp` (the calling service's id); the server accepts unbound tokens only with --danger-accept-unbound-tokens"
+    )]
+    TokenNotBound,
+    /// The token is bound to another certificate or service.
+    #[error("employee token is bound to {0}, not to the calling service")]
+    TokenForOther(String),
 }
 
 /// Whether `value` is a valid directory id: 1 to 128 characters of A-Z, a-z, 0-9,
@@ -173,6 +185,7 @@ pub fn authenticate<'a>(
                 Some(Ok(service)) => service.clone(),
             };
             let mut lease = None;
+            let mut method = METHOD_MTLS;
             let employee = match one(AUTHORIZATION_HEADER)? {
                 None => None,
                 Some(value) => {
@@ -185,15 +198,32 @@ pub fn authenticate<'a>(
                         })
                         .ok_or(Error::NotBearer)?;
                     let tokens = verified.tokens.as_ref().ok_or(Error::TokensNotConfigured)?;
-                    let (subject, held) = tokens.verify_leased(token)?;
-                    lease = Some(held);
-                    Some(subject)
+                    let verified = tokens.verify_leased(token)?;
+                    method = match &verified.binding {
+                        Binding::Certificate(thumbprint) => {
+                            let presented =
+                                peer.and_then(|peer| peer.certificate_thumbprint.as_deref());
+                            if presented != Some(thumbprint.as_str()) {
+                                return Err(Error::TokenForOther(format!(
+                                    "another client certificate (x5t#S256 `{}`)",
+                                    crate::record::shown(thumbprint)
+                                )));
+                            }
+                            METHOD_MTLS_TOKEN
+                        }
+                        Binding::Service(party) if *party == service => METHOD_MTLS_TOKEN,
+                        Binding::Service(party) => {
+                            return Err(Error::TokenForOther(format!(
+                                "service `{}` (azp)",
+                                crate::record::shown(party)
+                            )));
+                        }
+                        Binding::Unbound if tokens.accepts_unbound() => METHOD_MTLS_UNBOUND_TOKEN,
+                        Binding::Unbound => return Err(Error::TokenNotBound),
+                    };
+                    lease = Some(verified.lease);
+                    Some(verified.subject)
                 }
-            };
-            let method = if employee.is_some() {
-                METHOD_MTLS_TOKEN
-            } else {
-                METHOD_MTLS
             };
             Ok(Caller {
                 service,

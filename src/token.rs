@@ -40,6 +40,34 @@ pub struct TokenConfig {
     pub audience: String,
     /// Allowed clock skew for `exp` and `nbf`.
     pub leeway: Duration,
+    /// Whether tokens bound to no service (no `cnf.x5t#S256`, no `azp`) are accepted
+    /// (`--danger-accept-unbound-tokens`); callers authenticated so are logged with
+    /// `authentication` `mtls+unbound-token`.
+    pub accept_unbound: bool,
+}
+
+/// What an employee token is bound to: who may present it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// `cnf.x5t#S256` (RFC 8705): the base64url SHA-256 thumbprint of the client
+    /// certificate that must present it. When a token has both, this wins over `azp`:
+    /// it names one certificate, and the TLS handshake proved its key.
+    Certificate(String),
+    /// `azp`: the directory id of the service that must present it.
+    Service(String),
+    /// Neither: any service could present it.
+    Unbound,
+}
+
+/// A token that passed every check.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    /// The employee.
+    pub subject: String,
+    /// Who may present it.
+    pub binding: Binding,
+    /// What holds a long-lived call to it.
+    pub lease: Lease,
 }
 
 /// A JWKS that cannot be used.
@@ -104,9 +132,11 @@ struct Keys {
     only: Option<Arc<Key>>,
 }
 
-/// A token that passed every check: its subject and when it stops being valid.
+/// A token that passed every check: its subject, binding and when it stops being
+/// valid.
 struct Accepted {
     subject: String,
+    binding: Binding,
     expires: i64,
 }
 
@@ -285,6 +315,26 @@ struct Claims {
     /// Required and checked by `jsonwebtoken` to be a number in the future.
     #[serde(default)]
     exp: Option<f64>,
+    /// The service the token was issued to (OpenID Connect).
+    #[serde(default)]
+    azp: Option<String>,
+    /// Proof-of-possession confirmation (RFC 7800, RFC 8705).
+    #[serde(default)]
+    cnf: Option<Confirmation>,
+}
+
+#[derive(serde::Deserialize)]
+struct Confirmation {
+    #[serde(rename = "x5t#S256", default)]
+    x5t_s256: Option<String>,
+}
+
+/// What [`TokenVerifier::verify_timed`] found.
+struct Timed {
+    subject: String,
+    binding: Binding,
+    expires: i64,
+    generation: u64,
 }
 
 impl TokenVerifier {
@@ -326,23 +376,34 @@ impl TokenVerifier {
         Ok(count)
     }
 
-    /// Verifies a token (without the `Bearer ` prefix) and returns its subject.
+    /// Verifies a token (without the `Bearer ` prefix) and returns its subject. What
+    /// the token is bound to is not checked here; see [`TokenVerifier::verify_leased`].
     pub fn verify(&self, token: &str) -> Result<String, TokenError> {
-        self.verify_timed(token).map(|(subject, _, _)| subject)
+        self.verify_timed(token).map(|accepted| accepted.subject)
     }
 
-    /// As [`TokenVerifier::verify`], with the [`Lease`] that holds a long-lived call
-    /// (a stream) to the token's expiry and to the key set that verified it.
-    pub fn verify_leased(self: &Arc<Self>, token: &str) -> Result<(String, Lease), TokenError> {
-        let (subject, expires, generation) = self.verify_timed(token)?;
-        Ok((
-            subject,
-            Lease {
-                expires,
+    /// As [`TokenVerifier::verify`], with the token's binding and the [`Lease`] that
+    /// holds a long-lived call (a stream) to the token's expiry and to the key set
+    /// that verified it.
+    pub fn verify_leased(self: &Arc<Self>, token: &str) -> Result<VerifiedToken, TokenError> {
+        let (accepted, generation) = self.verify_timed(token).map(|accepted| {
+            let generation = accepted.generation;
+            (accepted, generation)
+        })?;
+        Ok(VerifiedToken {
+            subject: accepted.subject,
+            binding: accepted.binding,
+            lease: Lease {
+                expires: accepted.expires,
                 generation,
                 verifier: Arc::clone(self),
             },
-        ))
+        })
+    }
+
+    /// Whether tokens bound to no service are accepted.
+    pub fn accepts_unbound(&self) -> bool {
+        self.config.accept_unbound
     }
 
     /// The key set's generation: it changes with every reload.
@@ -357,8 +418,8 @@ impl TokenVerifier {
         i64::try_from(self.config.leeway.as_secs()).unwrap_or(0)
     }
 
-    /// Subject, `exp` and the key generation that accepted the token.
-    fn verify_timed(&self, token: &str) -> Result<(String, i64, u64), TokenError> {
+    /// The accepted token and the key generation that accepted it.
+    fn verify_timed(&self, token: &str) -> Result<Timed, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed(format!(
                 "longer than {MAX_TOKEN_BYTES} bytes"
@@ -373,14 +434,19 @@ impl TokenVerifier {
             };
             if let Some(known) = accepted.1.get(&digest) {
                 if known.expires.saturating_add(leeway) >= now {
-                    return Ok((known.subject.clone(), known.expires, accepted.0));
+                    return Ok(Timed {
+                        subject: known.subject.clone(),
+                        binding: known.binding.clone(),
+                        expires: known.expires,
+                        generation: accepted.0,
+                    });
                 }
                 accepted.1.remove(&digest);
                 return Err(TokenError::Expired);
             }
             accepted.0
         };
-        let (subject, expires) = self.verify_signed(token)?;
+        let (subject, binding, expires) = self.verify_signed(token)?;
         if let Ok(mut accepted) = self.accepted.lock()
             && accepted.0 == generation
         {
@@ -391,15 +457,21 @@ impl TokenVerifier {
                 digest,
                 Accepted {
                     subject: subject.clone(),
+                    binding: binding.clone(),
                     expires,
                 },
             );
         }
-        Ok((subject, expires, generation))
+        Ok(Timed {
+            subject,
+            binding,
+            expires,
+            generation,
+        })
     }
 
-    /// Every check, signature included; returns the subject and `exp`.
-    fn verify_signed(&self, token: &str) -> Result<(String, i64), TokenError> {
+    /// Every check, signature included; returns the subject, binding and `exp`.
+    fn verify_signed(&self, token: &str) -> Result<(String, Binding, i64), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|error| match error.kind() {
             ErrorKind::Json(_) => TokenError::Malformed(
                 "the header is not a JWT header with an accepted algorithm (`none` is never accepted)"
@@ -447,8 +519,20 @@ impl TokenVerifier {
         if !crate::identity::is_directory_id(&data.claims.sub) {
             return Err(TokenError::Subject);
         }
+        let binding = match (data.claims.cnf, data.claims.azp) {
+            (Some(confirmation), _) => match confirmation.x5t_s256 {
+                Some(thumbprint) => Binding::Certificate(thumbprint),
+                None => return Err(TokenError::ClaimFormat("cnf.x5t#S256".to_owned())),
+            },
+            (None, Some(service)) => Binding::Service(service),
+            (None, None) => Binding::Unbound,
+        };
         // `exp` is required and a number; seconds beyond i64 saturate.
-        Ok((data.claims.sub, data.claims.exp.unwrap_or_default() as i64))
+        Ok((
+            data.claims.sub,
+            binding,
+            data.claims.exp.unwrap_or_default() as i64,
+        ))
     }
 }
 
@@ -478,6 +562,7 @@ mod tests {
             issuer: ISSUER.to_owned(),
             audience: "ringfence".to_owned(),
             leeway: Duration::from_secs(30),
+            accept_unbound: false,
         });
         drop(dir);
         verifier
@@ -587,6 +672,7 @@ mod tests {
             issuer: ISSUER.to_owned(),
             audience: "ringfence".to_owned(),
             leeway: Duration::ZERO,
+            accept_unbound: false,
         })
         .unwrap();
         let token = sign(

@@ -365,11 +365,30 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
     ] {
         assert!(dir.path().join(created).exists(), "{created} missing");
     }
-    let token =
-        run(ringfence()
-            .current_dir(dir.path())
-            .args(["dev", "token", "--employee", "alice"]));
+    let token = run(ringfence().current_dir(dir.path()).args([
+        "dev",
+        "token",
+        "--employee",
+        "alice",
+        "--service",
+        "us-support-tool",
+    ]));
     assert_eq!(token.code, 0, "{}", token.stderr);
+    // Only for employees and services of the directory.
+    let stranger = run(ringfence().current_dir(dir.path()).args([
+        "dev",
+        "token",
+        "--employee",
+        "mallory",
+        "--service",
+        "us-support-tool",
+    ]));
+    assert_ne!(stranger.code, 0);
+    assert!(
+        stranger.stderr.contains("unknown principal"),
+        "{}",
+        stranger.stderr
+    );
     let token = token.stdout.trim().to_owned();
     assert_eq!(token.split('.').count(), 3, "{token}");
     let address: std::net::SocketAddr = address_of(&started).parse().unwrap();

@@ -49,6 +49,11 @@ fn spiffe(service: &str) -> Vec<String> {
 
 impl Fixture {
     async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// With `--danger-accept-unbound-tokens` when `accept_unbound`.
+    async fn start_with(accept_unbound: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = dir.path().join("pki");
         std::fs::create_dir_all(&pki).unwrap();
@@ -73,6 +78,7 @@ impl Fixture {
                     issuer: ISSUER.to_owned(),
                     audience: AUDIENCE.to_owned(),
                     leeway: Duration::from_secs(30),
+                    accept_unbound,
                 }),
             },
             ..test_config(dir.path())
@@ -111,6 +117,7 @@ impl Fixture {
             .await
     }
 
+    /// Claims of a token for `subject`, bound (`azp`) to us-support-tool.
     fn claims(&self, subject: &str) -> TokenClaims {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         TokenClaims {
@@ -120,6 +127,8 @@ impl Fixture {
             iat: now,
             nbf: now,
             exp: now + 600,
+            azp: Some("us-support-tool".to_owned()),
+            cnf: None,
         }
     }
 
@@ -325,7 +334,13 @@ async fn the_service_comes_from_the_certificate_san() {
     ];
     for (uris, dns, expected) in cases {
         let mut client = fx.client(&service_cert(&fx.ca, &uris, &dns)).await;
-        let status = refused(&mut client, with_token(authorize(), &fx.token("alice"))).await;
+        // A token bound to the service the certificate claims, where it names one.
+        let mut claims = fx.claims("alice");
+        if expected.contains("nobody") {
+            claims.azp = Some("nobody".to_owned());
+        }
+        let token = fx.signer.sign(&claims).unwrap();
+        let status = refused(&mut client, with_token(authorize(), &token)).await;
         assert_eq!(status.code(), Code::Unauthenticated, "{uris:?} {dns:?}");
         assert!(status.message().contains(expected), "{}", status.message());
     }
@@ -674,4 +689,110 @@ async fn idle_connection_floods_do_not_lock_out_real_clients() {
         opened > 1600,
         "the flood never had a socket closed and reopened: {opened}"
     );
+}
+
+/// The RFC 8705 thumbprint of a PEM certificate.
+fn thumbprint(cert_pem: &str) -> String {
+    use rustls::pki_types::pem::PemObject as _;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    ringfence::tls::certificate_thumbprint(der.as_ref())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn employee_tokens_are_bound_to_the_service_that_presents_them() {
+    let fx = Fixture::start().await;
+    let support_cert = service_cert(&fx.ca, &spiffe("us-support-tool"), &[]);
+    let mut support = fx.client(&support_cert).await;
+    let mut signup = fx.service("us-signup").await;
+    let record = encrypted_record(&mut signup, tonic::Request::new(profile("u-1", "US"))).await;
+    let ask = || decrypt_request(record.clone(), &["email"], "support", "INC-1");
+    let sign = |change: &dyn Fn(&mut TokenClaims)| {
+        let mut claims = fx.claims("alice");
+        change(&mut claims);
+        fx.signer.sign(&claims).unwrap()
+    };
+
+    // alice's token for us-support-tool, presented by us-signup: refused.
+    let status = signup
+        .decrypt_record(with_token(ask(), &fx.token("alice")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("bound to service `us-support-tool` (azp)"),
+        "{status:?}"
+    );
+    // A token bound to nothing: refused by default.
+    let unbound = sign(&|claims| claims.azp = None);
+    let status = support
+        .decrypt_record(with_token(ask(), &unbound))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("not bound to a service"),
+        "{status:?}"
+    );
+    // Bound to the presenting certificate: accepted, and `cnf` wins over an `azp`
+    // naming another service.
+    let to_certificate = sign(&|claims| {
+        claims.azp = Some("us-signup".to_owned());
+        claims.cnf = Some(serde_json::json!({"x5t#S256": thumbprint(&support_cert.cert_pem)}));
+    });
+    let answer = support
+        .decrypt_record(with_token(ask(), &to_certificate))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        outcome(&answer, "email"),
+        Outcome::Plaintext(p) if p == &secret_value("u-1", "email")
+    ));
+    // The same service with another certificate cannot use it.
+    let mut other_support = fx.service("us-support-tool").await;
+    let status = other_support
+        .decrypt_record(with_token(ask(), &to_certificate))
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("another client certificate"),
+        "{status:?}"
+    );
+    let entries: Vec<_> = fx
+        .server
+        .log_entries()
+        .into_iter()
+        .filter(|e| e["kind"] == "decrypt")
+        .collect();
+    assert_eq!(entries.len(), 1, "only the bound token read: {entries:#?}");
+    assert_eq!(entries[0]["authentication"], "mtls+token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbound_tokens_are_accepted_only_when_allowed_and_each_use_is_logged() {
+    let fx = Fixture::start_with(true).await;
+    let mut support = fx.service("us-support-tool").await;
+    let mut claims = fx.claims("alice");
+    claims.azp = None;
+    let unbound = fx.signer.sign(&claims).unwrap();
+    support
+        .authorize(with_token(authorize(), &unbound))
+        .await
+        .unwrap();
+    // Bound tokens keep their binding.
+    let mut signup = fx.service("us-signup").await;
+    let status = signup
+        .authorize(with_token(authorize(), &fx.token("alice")))
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("bound to service"), "{status:?}");
+    let entries = fx.server.log_entries();
+    let authorized: Vec<_> = entries
+        .iter()
+        .filter(|e| e["kind"] == "authorize")
+        .collect();
+    assert_eq!(authorized.len(), 1);
+    assert_eq!(authorized[0]["authentication"], "mtls+unbound-token");
 }

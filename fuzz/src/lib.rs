@@ -106,6 +106,7 @@ fn verifier() -> &'static token::TokenVerifier {
             issuer: dev::DEV_ISSUER.to_owned(),
             audience: dev::DEV_AUDIENCE.to_owned(),
             leeway: Duration::from_secs(30),
+            accept_unbound: false,
         })
         .expect("the fixed JWKS loads")
     })

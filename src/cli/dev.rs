@@ -26,9 +26,16 @@ pub enum Command {
     Token {
         #[command(flatten)]
         data: DataDir,
-        /// Employee id, e.g. alice.
+        /// Employee id, e.g. alice; must be an employee of the directory.
         #[arg(long)]
         employee: String,
+        /// The service that will present the token (its `azp`), e.g. us-support-tool;
+        /// must be a service of the directory. No other service can use the token.
+        #[arg(long)]
+        service: String,
+        /// Policy directory (its directory lists employees and services).
+        #[arg(long, default_value = DEFAULT_POLICIES)]
+        policies: PathBuf,
         /// Minutes until the token expires.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(i64).range(1..=1440))]
         ttl_minutes: i64,
@@ -61,16 +68,34 @@ pub fn run(command: Command) -> ExitCode {
         Command::Token {
             data,
             employee,
+            service,
+            policies,
             ttl_minutes,
         } => {
-            if !ringfence::identity::is_directory_id(&employee) {
-                return fail(EXIT_FAILURE, format!("`{employee}` is not a directory id"));
+            let snapshot = match PolicySnapshot::load(&policies) {
+                Ok(snapshot) => snapshot,
+                Err(error) => return fail(EXIT_INVALID_POLICIES, error),
+            };
+            for id in [&employee, &service] {
+                if !ringfence::identity::is_directory_id(id) {
+                    return fail(EXIT_FAILURE, format!("`{id}` is not a directory id"));
+                }
+            }
+            let known = snapshot.check_caller(
+                &ringfence::policy::Principal::Employee(employee.clone()),
+                &service,
+            );
+            if let Err(error) = known {
+                return fail(
+                    EXIT_FAILURE,
+                    format!("{error} ({}): no token minted", policies.display()),
+                );
             }
             let signer = match DevPki::of(&data.data_dir).token_signer() {
                 Ok(signer) => signer,
                 Err(error) => return fail(EXIT_FAILURE, error),
             };
-            match signer.mint(&employee, time::Duration::minutes(ttl_minutes)) {
+            match signer.mint(&employee, &service, time::Duration::minutes(ttl_minutes)) {
                 Ok(token) => {
                     println!("{token}");
                     ExitCode::SUCCESS

@@ -70,6 +70,11 @@ pub struct Args {
     /// Required `aud` of employee tokens.
     #[arg(long, requires = "jwks")]
     token_audience: Option<String>,
+    /// Accept employee tokens bound to no service (neither `cnf.x5t#S256` nor `azp`):
+    /// any service holding one could then act for its employee. Each such call is
+    /// logged with authentication `mtls+unbound-token`.
+    #[arg(long, requires = "jwks")]
+    danger_accept_unbound_tokens: bool,
     /// Allowed clock skew for token expiry and not-before, in seconds (at most 300).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=300))]
     token_leeway_secs: u64,
@@ -122,6 +127,7 @@ fn auth(args: &Args) -> Auth {
                     issuer: issuer.clone(),
                     audience: audience.clone(),
                     leeway: std::time::Duration::from_secs(args.token_leeway_secs),
+                    accept_unbound: args.danger_accept_unbound_tokens,
                 }),
                 _ => None,
             },

@@ -127,6 +127,16 @@ pub struct PeerInfo {
     /// The service named by the verified client certificate, or why there is none
     /// (`None` for plain TCP).
     pub service: Option<Result<String, String>>,
+    /// The verified client certificate's SHA-256 thumbprint, base64url without
+    /// padding: what a token's `cnf.x5t#S256` names (RFC 8705).
+    pub certificate_thumbprint: Option<String>,
+}
+
+/// The RFC 8705 thumbprint of a certificate (DER): base64url(SHA-256), no padding.
+pub fn certificate_thumbprint(der: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der))
 }
 
 /// The calling service named by a verified client certificate (DER).
@@ -310,6 +320,7 @@ pub fn incoming(
                 let peer = PeerInfo {
                     remote: Some(remote),
                     service: None,
+                    certificate_thumbprint: None,
                 };
                 if sender.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
                     return;
@@ -407,16 +418,18 @@ async fn handshake(
     };
     // Through the lobby: the place goes to the next connection.
     drop(ticket);
-    let service = stream
+    let leaf = stream
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|chain| chain.first())
+        .and_then(|chain| chain.first());
+    let service = leaf
         .map(|leaf| service_identity(leaf.as_ref(), &trust_domain))
         .unwrap_or_else(|| Err("no client certificate".to_owned()));
     let peer = PeerInfo {
         remote: Some(remote),
         service: Some(service),
+        certificate_thumbprint: leaf.map(|leaf| certificate_thumbprint(leaf.as_ref())),
     };
     let _ = sender.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
 }
