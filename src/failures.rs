@@ -5,8 +5,9 @@
 //! A flood of bad handshakes, tokens or unknown principals must neither fill the disk
 //! nor starve the log writer, and one flooding source must not hide the failures of
 //! others: each source may have [`PER_SOURCE_PER_SECOND`] failures written per second,
-//! all sources together [`TOTAL_PER_SECOND`]. What is held back is counted per source
-//! and written with that source's next failure that is logged.
+//! all sources together [`TOTAL_PER_SECOND`]. What is held back is counted, and the
+//! count is written with the next failure that is logged, whichever its source (so a
+//! burst that then goes quiet still shows in the log).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,9 +17,8 @@ use std::time::{Duration, Instant};
 pub const PER_SOURCE_PER_SECOND: u32 = 20;
 /// Failures of all sources together written to the decision log per second.
 pub const TOTAL_PER_SECOND: u32 = 100;
-/// Sources tracked at once; beyond this, sources quiet for a second are forgotten
-/// (their held-back counts go to the next failure logged), and if none is, new
-/// sources share one budget.
+/// Sources tracked at once; beyond this, sources quiet for a second are forgotten,
+/// and if none is, new sources share one budget.
 const MAX_SOURCES: usize = 4096;
 /// The shared source of failures beyond [`MAX_SOURCES`].
 const OVERFLOW: &str = "(too many sources)";
@@ -58,7 +58,6 @@ impl Source {
 struct Window {
     started: Instant,
     logged: u32,
-    held_back: u64,
 }
 
 impl Window {
@@ -66,7 +65,6 @@ impl Window {
         Self {
             started: now,
             logged: 0,
-            held_back: 0,
         }
     }
 
@@ -82,6 +80,8 @@ impl Window {
 struct State {
     total: Window,
     sources: HashMap<String, Window>,
+    /// Failures held back since the last one logged.
+    held_back: u64,
 }
 
 /// Decides which authentication failures are written; see the module documentation.
@@ -97,6 +97,7 @@ impl Default for FailureLimiter {
             state: Mutex::new(State {
                 total: Window::new(now),
                 sources: HashMap::new(),
+                held_back: 0,
             }),
         }
     }
@@ -104,8 +105,8 @@ impl Default for FailureLimiter {
 
 impl FailureLimiter {
     /// Whether one more failure of `source` may be written now; if so, how many
-    /// failures were held back since (this source's, and those of forgotten
-    /// sources), to be written with it.
+    /// failures (of any source) were held back since the last one written, to be
+    /// written with it.
     pub fn admit(&self, source: &Source) -> Option<u64> {
         self.admit_at(source, Instant::now())
     }
@@ -115,33 +116,28 @@ impl FailureLimiter {
             Ok(state) => state,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let State { total, sources } = &mut *state;
+        let State {
+            total,
+            sources,
+            held_back,
+        } = &mut *state;
         total.roll(now);
         let mut key = source.key();
-        let mut forgotten = 0;
         if !sources.contains_key(&key) && sources.len() >= MAX_SOURCES {
-            sources.retain(|_, window| {
-                let quiet = now.duration_since(window.started) >= WINDOW;
-                if quiet {
-                    forgotten += window.held_back;
-                }
-                !quiet
-            });
+            sources.retain(|_, window| now.duration_since(window.started) < WINDOW);
             if sources.len() >= MAX_SOURCES {
                 key = OVERFLOW.to_owned();
             }
         }
-        // What forgotten sources held back is written with the next failure logged.
-        total.held_back += forgotten;
         let window = sources.entry(key).or_insert_with(|| Window::new(now));
         window.roll(now);
         if window.logged >= PER_SOURCE_PER_SECOND || total.logged >= TOTAL_PER_SECOND {
-            window.held_back += 1;
+            *held_back += 1;
             return None;
         }
         window.logged += 1;
         total.logged += 1;
-        Some(std::mem::take(&mut window.held_back) + std::mem::take(&mut total.held_back))
+        Some(std::mem::take(held_back))
     }
 }
 
@@ -165,17 +161,17 @@ mod tests {
             .filter(|_| limiter.admit_at(&flood, start).is_some())
             .count();
         assert_eq!(admitted, PER_SOURCE_PER_SECOND as usize);
-        // Another source, and another employee of the same service, still get theirs.
+        // Another source, and another employee of the same service, still get theirs;
+        // the next one written counts what was held back.
         let other = caller("us-support-tool", Some("mallory"));
-        assert_eq!(limiter.admit_at(&other, start), Some(0));
-        let address = Source::Address("192.0.2.7".parse().unwrap());
-        assert_eq!(limiter.admit_at(&address, start), Some(0));
-        // The next window: the flood's next logged failure carries what was held back.
-        let later = start + WINDOW;
         assert_eq!(
-            limiter.admit_at(&flood, later),
+            limiter.admit_at(&other, start),
             Some(1000 - u64::from(PER_SOURCE_PER_SECOND))
         );
+        let address = Source::Address("192.0.2.7".parse().unwrap());
+        assert_eq!(limiter.admit_at(&address, start), Some(0));
+        // The next window: the flood is written again.
+        let later = start + WINDOW;
         assert_eq!(limiter.admit_at(&flood, later), Some(0));
     }
 

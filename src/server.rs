@@ -205,6 +205,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
     )))
 }
 
+/// How long shutdown waits for open connections to finish their calls.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// How long shutdown waits for follow-up work (answers of calls that went away and
 /// their `undelivered` entries) after the last request ended.
 const FOLLOW_UP_PATIENCE: Duration = Duration::from_secs(10);
@@ -228,12 +231,24 @@ impl Running {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
+        // Bulk streams stop reading, so that their calls can finish.
+        self.follow_ups.close();
         for task in &self.background {
             task.abort();
         }
-        let served = match (&mut self.task).await {
-            Ok(result) => result,
-            Err(error) => Err(Error::Transport(error.to_string())),
+        // Open streams (an idle client, a stalled one) would hold a graceful stop
+        // forever: after the grace period the server stops without them.
+        let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(error)) => Err(Error::Transport(error.to_string())),
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = SHUTDOWN_GRACE.as_secs(),
+                    "connections still open after the grace period: stopping without them"
+                );
+                self.task.abort();
+                Ok(())
+            }
         };
         // Answers of calls that went away, and their `undelivered` entries, are
         // written before the log is signed for the last time.

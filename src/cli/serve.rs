@@ -82,8 +82,9 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
     /// `DecryptRecords` streams one caller (service and employee) may have open at
-    /// once; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS_PER_CALLER as u64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    /// once; more are refused with RESOURCE_EXHAUSTED. At most 128: each open stream
+    /// may hold a record of its caller's pool of 256.
+    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS_PER_CALLER as u64, value_parser = clap::value_parser!(u64).range(1..=128))]
     max_streams_per_caller: u64,
     /// Seconds the server waits for a client to take a streamed answer; a stream that
     /// stalls longer ends with DEADLINE_EXCEEDED and its answers are logged as

@@ -20,6 +20,8 @@ use crate::pb;
 use crate::policy;
 use crate::tls::PeerInfo;
 
+/// Unary calls whose work runs at once, cancelled ones included.
+pub const UNARY_IN_PROGRESS: usize = 1024;
 /// Why a streamed answer was not delivered: the stream ended before the transport took it.
 const STREAM_CLOSED: &str = "stream closed before the answer was sent";
 
@@ -152,16 +154,29 @@ struct Refusal {
 
 impl Refusal {
     /// Logs the failure if the limiter admitted it, then answers `UNAUTHENTICATED`.
+    /// The entry is written by a task of its own: a client that resets the call
+    /// cannot take it (and the count of failures held back with it) out of the log.
     async fn answer(self) -> Status {
-        if let Some(held_back) = self.held_back
-            && let Err(error) = self
-                .gate
-                .log_authentication_failure(&self.reason, self.remote, &self.source, held_back)
-                .await
-        {
-            tracing::error!(%error, "authentication failure not logged");
+        let Self {
+            reason,
+            remote,
+            source,
+            held_back,
+            gate,
+        } = self;
+        if let Some(held_back) = held_back {
+            let reason = reason.clone();
+            let written = tokio::spawn(async move {
+                if let Err(error) = gate
+                    .log_authentication_failure(&reason, remote, &source, held_back)
+                    .await
+                {
+                    tracing::error!(%error, "authentication failure not logged");
+                }
+            });
+            let _ = written.await;
         }
-        Status::unauthenticated(self.reason)
+        Status::unauthenticated(reason)
     }
 }
 
@@ -233,6 +248,8 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
 #[derive(Debug, Clone)]
 pub struct RingfenceService {
     gate: Arc<Gatekeeper>,
+    /// Unary calls in progress, cancelled ones included (their work goes on).
+    unary: Arc<tokio::sync::Semaphore>,
     max_message_bytes: usize,
     follow_ups: FollowUps,
     streams: Arc<stream::Slots>,
@@ -245,6 +262,7 @@ impl RingfenceService {
     pub fn new(gate: Arc<Gatekeeper>, max_message_bytes: usize) -> Self {
         Self {
             gate,
+            unary: Arc::new(tokio::sync::Semaphore::new(UNARY_IN_PROGRESS)),
             max_message_bytes,
             follow_ups: FollowUps::default(),
             streams: Arc::new(stream::Slots::new()),
@@ -266,20 +284,30 @@ impl RingfenceService {
     }
 
     /// Runs `work` (which logs decisions and makes an answer) in its own task, so that
-    /// a cancelled call cannot stop it between logging and answering.
+    /// a cancelled call cannot stop it between logging and answering. At most
+    /// [`UNARY_IN_PROGRESS`] run at once, cancelled ones included: beyond,
+    /// `RESOURCE_EXHAUSTED`, so that calls cancelled at once cannot pile up work.
     fn pending<T: Send + 'static>(
         &self,
         caller: Caller,
         work: impl std::future::Future<Output = Result<(T, gatekeeper::Receipt), Status>>
         + Send
         + 'static,
-    ) -> Pending<T> {
-        Pending {
-            task: self.follow_ups.spawn(work),
+    ) -> Result<Pending<T>, Status> {
+        let permit = Arc::clone(&self.unary).try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the server is busy ({UNARY_IN_PROGRESS} calls in progress); retry with backoff"
+            ))
+        })?;
+        Ok(Pending {
+            task: self.follow_ups.spawn(async move {
+                let _permit = permit;
+                work.await
+            }),
             follow_ups: self.follow_ups.clone(),
             gate: Arc::clone(&self.gate),
             caller,
-        }
+        })
     }
 }
 
@@ -291,6 +319,9 @@ pub struct FollowUps(Arc<FollowUpCount>);
 struct FollowUpCount {
     running: std::sync::atomic::AtomicUsize,
     idle: tokio::sync::Notify,
+    /// Set when the server shuts down: streams stop reading.
+    closing: std::sync::atomic::AtomicBool,
+    closed: tokio::sync::Notify,
 }
 
 /// One running follow-up; the count goes down when it is dropped (the task ended or
@@ -332,6 +363,28 @@ impl FollowUps {
                 );
                 None
             }
+        }
+    }
+
+    /// Tells long-lived work (bulk streams) that the server shuts down: streams
+    /// stop reading and end with `UNAVAILABLE` once their answers are handed over.
+    pub fn close(&self) {
+        self.0
+            .closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.closed.notify_waiters();
+    }
+
+    /// Resolves once [`FollowUps::close`] was called.
+    async fn closing(&self) {
+        loop {
+            let closed = self.0.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.0.closing.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            closed.await;
         }
     }
 
@@ -465,7 +518,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
             let response: pb::EncryptRecordResponse = encrypted.into();
             refuse_oversized(&gate, &task_caller, &response, &receipt, max_message_bytes).await?;
             Ok((response, receipt))
-        });
+        })?;
         Ok(Response::new(pending.wait().await?))
     }
 
@@ -481,7 +534,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         let mut pending = self.pending(caller, async move {
             let answer = decrypt_one(&gate, &task_caller, message).await?;
             within_limit(&gate, &task_caller, answer, max_message_bytes).await
-        });
+        })?;
         Ok(Response::new(pending.wait().await?))
     }
 
@@ -501,7 +554,7 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
             let response: pb::AuthorizeResponse = authorized.into();
             refuse_oversized(&gate, &task_caller, &response, &receipt, max_message_bytes).await?;
             Ok((response, receipt))
-        });
+        })?;
         Ok(Response::new(pending.wait().await?))
     }
 
@@ -677,6 +730,109 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_the_transport_never_takes_from_ends_and_every_answer_is_followed_up() {
+        use futures_util::StreamExt as _;
+        use pb::ringfence_server::Ringfence as _;
+        let dir = tempfile::tempdir().unwrap();
+        let gate = test_gate(dir.path());
+        let service = RingfenceService::new(Arc::clone(&gate), 1 << 20).with_stream_limits(
+            crate::config::StreamLimits {
+                max_per_caller: 1,
+                send_timeout: std::time::Duration::from_millis(300),
+            },
+        );
+        let encrypt = pb::EncryptRecordRequest {
+            record_type: "user_profile".to_owned(),
+            record_id: "u-1".to_owned(),
+            jurisdiction: "US".to_owned(),
+            fields: vec![pb::PlainField {
+                name: "email".to_owned(),
+                value: b"a@example.com".to_vec(),
+            }],
+        };
+        let record = service
+            .encrypt_record(authenticated(encrypt, "us-signup", None))
+            .await
+            .unwrap()
+            .into_inner()
+            .record
+            .unwrap();
+        let requests = |count: usize| {
+            let record = record.clone();
+            futures_util::stream::iter((0..count).map(move |_| {
+                Ok(pb::DecryptRecordRequest {
+                    record: Some(record.clone()),
+                    fields: vec!["email".to_owned()],
+                    purpose: "support".to_owned(),
+                    ticket: "INC-1".to_owned(),
+                })
+            }))
+        };
+        let context = || stream::Context {
+            gate: Arc::clone(&gate),
+            slots: Arc::clone(&service.streams),
+            follow_ups: service.follow_ups(),
+            limits: service.stream_limits,
+            max_message_bytes: 1 << 20,
+        };
+        let alice = Caller {
+            service: "us-support-tool".to_owned(),
+            employee: Some("alice".to_owned()),
+            method: "test",
+            lease: None,
+        };
+        // A transport that never takes an answer: the stream is never polled.
+        let mut stalled = stream::serve(context(), alice.clone(), requests(100)).unwrap();
+        let second = stream::serve(context(), alice.clone(), requests(1));
+        assert_eq!(
+            second.err().map(|status| status.code()),
+            Some(tonic::Code::ResourceExhausted),
+            "one stream per caller here"
+        );
+        let still_running = service
+            .follow_ups()
+            .drain(std::time::Duration::from_secs(10))
+            .await;
+        assert_eq!(still_running, 0, "the stalled stream's work ended");
+        let entries = log_entries(dir.path());
+        let ids = |kind: &str| -> std::collections::BTreeSet<String> {
+            entries
+                .iter()
+                .filter(|e| e["kind"] == kind && e["action"] == "decrypt")
+                .map(|e| e["request_id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let read = ids("decrypt");
+        assert!(
+            (stream::STREAM_CONCURRENCY..100).contains(&read.len()),
+            "{} records read: bounded by the stream, not the request",
+            read.len()
+        );
+        assert_eq!(read, ids("undelivered"), "every answer made is followed up");
+        // The transport, if it ever asks, learns why.
+        let told = stalled.next().await.unwrap().unwrap_err();
+        assert_eq!(told.code(), tonic::Code::DeadlineExceeded, "{told:?}");
+        assert!(stalled.next().await.is_none());
+
+        // A client that sent all it had (the request stream ended) and takes nothing:
+        // its last answers wait in the queue under the same timeout, holding the slot.
+        let short = stream::serve(context(), alice.clone(), requests(2)).unwrap();
+        assert!(stream::serve(context(), alice.clone(), requests(0)).is_err());
+        let still_running = service
+            .follow_ups()
+            .drain(std::time::Duration::from_secs(10))
+            .await;
+        assert_eq!(still_running, 0);
+        let undelivered = log_entries(dir.path())
+            .iter()
+            .filter(|e| e["kind"] == "undelivered")
+            .count();
+        assert_eq!(undelivered, read.len() + 2);
+        assert!(stream::serve(context(), alice, requests(0)).is_ok());
+        drop(short);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancelled_call_logs_its_answer_as_undelivered_once_it_is_ready() {
         let dir = tempfile::tempdir().unwrap();
         let gate = test_gate(dir.path());
@@ -699,10 +855,12 @@ mod tests {
         };
         let answer = receipt.clone();
         let service = RingfenceService::new(Arc::clone(&gate), 1 << 20);
-        let pending = service.pending(caller, async move {
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            Ok((pb::DecryptRecordResponse::default(), answer))
-        });
+        let pending = service
+            .pending(caller, async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                Ok((pb::DecryptRecordResponse::default(), answer))
+            })
+            .unwrap();
         // The call goes away while the answer is being made; shutdown waits for the
         // answer and its follow-up.
         drop(pending);

@@ -26,7 +26,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
 use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::{FollowUps, STREAM_CLOSED, decrypt_one, undelivered, within_limit};
 use crate::config::StreamLimits;
@@ -42,7 +42,7 @@ pub const STREAM_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 /// Answers one stream queues for the transport.
 pub const STREAM_QUEUE: usize = 2;
 /// Records all streams of one caller have read and not yet handed to the transport.
-pub const CALLER_RECORDS_IN_FLIGHT: usize = 128;
+pub const CALLER_RECORDS_IN_FLIGHT: usize = 256;
 /// Records being decided and decrypted at once, all streams together.
 pub const RECORDS_IN_PROGRESS: usize = 128;
 
@@ -203,7 +203,7 @@ pub(super) struct Context {
 pub(super) fn serve(
     context: Context,
     caller: Caller,
-    inbound: Streaming<pb::DecryptRecordRequest>,
+    inbound: impl Inbound,
 ) -> Result<DeliveryStream, Status> {
     let slot = context.slots.open(&caller, context.limits.max_per_caller)?;
     let caller = Arc::new(caller);
@@ -232,6 +232,20 @@ pub(super) fn serve(
     Ok(stream)
 }
 
+/// The request stream of `DecryptRecords` (tonic's `Streaming`, or any other).
+pub(super) trait Inbound:
+    futures_util::Stream<Item = Result<pb::DecryptRecordRequest, Status>> + Send + Unpin + 'static
+{
+}
+
+impl<S> Inbound for S where
+    S: futures_util::Stream<Item = Result<pb::DecryptRecordRequest, Status>>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 /// A record being answered: its answer, with the permit of its caller's pool.
 type InFlight = std::pin::Pin<
     Box<
@@ -255,7 +269,7 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(self, mut inbound: Streaming<pb::DecryptRecordRequest>) {
+    async fn run(self, mut inbound: impl Inbound) {
         let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
         let mut buffered = 0usize;
         let mut index = 0u64;
@@ -293,6 +307,12 @@ impl Driver {
                         reading = false;
                     }
                 }
+                () = self.context.follow_ups.closing(), if reading => {
+                    reading = false;
+                    ending = Some(Status::unavailable(
+                        "the server is shutting down: the stream ends here (answers before it stand); send the rest to another replica or retry later",
+                    ));
+                }
                 message = inbound.next(), if reading && permit.is_some() => {
                     let Some(held) = permit.take() else { continue };
                     match message {
@@ -322,17 +342,26 @@ impl Driver {
                 }
             }
         }
-        if closed.is_none()
-            && let Some(status) = ending
+        if closed.is_some() {
+            return;
+        }
+        // Why the stream ends early is told after the last answer, whatever the queue.
+        if let Some(status) = ending
+            && let Ok(mut ended) = self.shared.ended.lock()
         {
-            let _ = tokio::time::timeout(
-                self.context.limits.send_timeout,
-                self.sender.send(Delivery {
-                    answer: Err(status),
-                    receipt: None,
-                    _permit: None,
-                }),
-            )
+            *ended = Some(status);
+        }
+        // The answers still queued hold this stream's slot and permits until the
+        // transport takes them, and are bound by the same send timeout.
+        let timeout = self.context.limits.send_timeout;
+        if tokio::time::timeout(timeout, self.sender.reserve_many(STREAM_QUEUE))
+            .await
+            .is_err()
+        {
+            self.abandon(&format!(
+                "the client took no answer for {} s (--stream-send-timeout-secs)",
+                timeout.as_secs()
+            ))
             .await;
         }
     }

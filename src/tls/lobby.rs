@@ -6,9 +6,11 @@
 //! its first byte (the ClientHello) arrives. The lobby holds at most
 //! [`MAX_HANDSHAKES`] connections, and at most [`MAX_SILENT_PER_SOURCE`] silent ones
 //! from one address (real clients leave the silent set within a round trip, so the cap
-//! does not hurt clients that share an address with a flood). A newcomer is always let
-//! in: over either limit, the oldest silent connection (of its address, or of all)
-//! is closed instead. Before one is closed, its socket is peeked: a ClientHello that
+//! does not hurt clients that share an address with a flood), and at most
+//! [`MAX_PER_SOURCE`] from one address in all (a byte or two must not buy a place that
+//! cannot be taken back). A newcomer is always let in: over a limit, the oldest silent
+//! connection (of its address, or of all; for the per-address limit, else the
+//! address's oldest) is closed instead. Before one is closed, its socket is peeked: a ClientHello that
 //! arrived before its handshake task ran still counts. Only when every place is taken
 //! by a connection that has sent its ClientHello is the newcomer refused.
 
@@ -20,6 +22,9 @@ use std::sync::{Arc, Mutex};
 pub const MAX_HANDSHAKES: usize = 256;
 /// Silent connections from one address at once.
 pub const MAX_SILENT_PER_SOURCE: usize = 64;
+/// Connections from one address in the lobby at once, silent or not: one byte must
+/// not buy a place that cannot be taken back.
+pub const MAX_PER_SOURCE: usize = 128;
 
 struct Member {
     remote: SocketAddr,
@@ -36,6 +41,7 @@ struct State {
     /// By arrival: the first silent one is the oldest.
     members: BTreeMap<u64, Member>,
     silent: HashMap<IpAddr, usize>,
+    per_source: HashMap<IpAddr, usize>,
 }
 
 impl State {
@@ -44,7 +50,22 @@ impl State {
         if member.silent {
             self.unsilence(member.remote.ip());
         }
+        let source = member.remote.ip();
+        if let Some(count) = self.per_source.get_mut(&source) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_source.remove(&source);
+            }
+        }
         Some(member)
+    }
+
+    /// The oldest member of `source`, silent or not.
+    fn oldest_of(&self, source: IpAddr) -> Option<u64> {
+        self.members
+            .iter()
+            .find(|(_, member)| member.remote.ip() == source)
+            .map(|(id, _)| *id)
     }
 
     fn unsilence(&mut self, source: IpAddr) {
@@ -114,6 +135,15 @@ impl Lobby {
         {
             evicted.extend(state.remove(id));
         }
+        if state.per_source.get(&source).copied().unwrap_or(0) >= MAX_PER_SOURCE {
+            // The address's own oldest goes, silent ones first.
+            let id = state
+                .oldest_silent(Some(source))
+                .or_else(|| state.oldest_of(source));
+            if let Some(id) = id {
+                evicted.extend(state.remove(id));
+            }
+        }
         if state.members.len() >= MAX_HANDSHAKES {
             match state.oldest_silent(None) {
                 Some(id) => evicted.extend(state.remove(id)),
@@ -132,12 +162,19 @@ impl Lobby {
             },
         );
         *state.silent.entry(source).or_default() += 1;
+        *state.per_source.entry(source).or_default() += 1;
+        drop(state);
+        // Started outside the lock: a task dropped at once (the runtime shutting
+        // down) drops its ticket, which takes the lock.
         let close = start(Ticket {
             lobby: self.clone(),
             id,
         });
-        if let Some(member) = state.members.get_mut(&id) {
-            member.close = Some(close);
+        let mut state = self.state();
+        match state.members.get_mut(&id) {
+            Some(member) => member.close = Some(close),
+            // Closed to make room before its handle was stored.
+            None => close.abort(),
         }
         drop(state);
         Ok(evicted
@@ -239,6 +276,26 @@ mod tests {
         assert_eq!(lobby.counts(), (1, 0));
         drop(real);
         assert_eq!(lobby.counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_hold_places_by_sending_a_byte() {
+        let lobby = Lobby::default();
+        let mut held = Vec::new();
+        for _ in 0..MAX_PER_SOURCE {
+            let (result, ticket) = enter(&lobby, "192.0.2.1");
+            assert_eq!(result, Ok(0));
+            let ticket = ticket.unwrap();
+            assert!(ticket.heard());
+            held.push(ticket);
+        }
+        let (_, other) = enter(&lobby, "192.0.2.2");
+        // The address's own oldest makes room, whatever it sent.
+        let (result, newest) = enter(&lobby, "192.0.2.1");
+        assert_eq!(result, Ok(1));
+        assert!(!held[0].heard(), "the address's oldest was closed");
+        assert!(other.unwrap().heard(), "another address keeps its place");
+        assert!(newest.is_some());
     }
 
     #[tokio::test]
