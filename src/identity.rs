@@ -184,6 +184,14 @@ pub fn authenticate<'a>(
                 Some(Err(reason)) => return Err(Error::Certificate(reason.clone())),
                 Some(Ok(service)) => service.clone(),
             };
+            // The handshake checked the certificate once; a connection outlives it.
+            if let Some(not_after) = peer.and_then(|peer| peer.certificate_not_after)
+                && time::OffsetDateTime::now_utc().unix_timestamp() > not_after
+            {
+                return Err(Error::Certificate(
+                    "the client certificate has expired since this connection was made: reconnect with a current one".to_owned(),
+                ));
+            }
             let mut lease = None;
             let mut method = METHOD_MTLS;
             let employee = match one(AUTHORIZATION_HEADER)? {

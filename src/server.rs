@@ -205,6 +205,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
     )))
 }
 
+/// Oldest a client connection may grow before the server asks it to reconnect.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+
 /// How long shutdown waits for open connections to finish their calls.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -447,6 +450,9 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
             .concurrency_limit_per_connection(256)
             // hyper's default is unlimited streams per connection.
             .max_concurrent_streams(256)
+            // Certificates and tokens are checked per request, but a connection is
+            // not kept for ever either.
+            .max_connection_age(MAX_CONNECTION_AGE)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(ringfence)

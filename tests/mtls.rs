@@ -796,3 +796,79 @@ async fn unbound_tokens_are_accepted_only_when_allowed_and_each_use_is_logged() 
     assert_eq!(authorized.len(), 1);
     assert_eq!(authorized[0]["authentication"], "mtls+unbound-token");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_makes_a_full_handshake() {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt as _;
+    let fx = Fixture::start().await;
+    let cert = service_cert(&fx.ca, &spiffe("us-support-tool"), &[]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(fx.ca.cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    // A client that keeps sessions to resume them (rustls' default).
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    for attempt in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(fx.server.running.local_addr)
+            .await
+            .unwrap();
+        let mut tls = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        // Take what the server sends after the handshake (session tickets, if any).
+        let mut buffer = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_millis(300), tls.read(&mut buffer)).await;
+        assert_eq!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "connection {attempt} resumed a session: its certificate was not verified again"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_during_a_connection_is_refused_from_then_on() {
+    let fx = Fixture::start().await;
+    let now = time::OffsetDateTime::now_utc();
+    let uris = spiffe("us-support-tool");
+    let short = fx
+        .ca
+        .client_cert(&ClientCert {
+            common_name: "short-lived",
+            uris: &uris,
+            dns: &[],
+            validity: Some((
+                now - time::Duration::minutes(5),
+                now + time::Duration::seconds(3),
+            )),
+        })
+        .unwrap();
+    let mut client = fx.client(&short).await;
+    client
+        .authorize(with_token(authorize(), &fx.token("alice")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let status = refused(&mut client, with_token(authorize(), &fx.token("alice"))).await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("expired since this connection was made"),
+        "{status:?}"
+    );
+}

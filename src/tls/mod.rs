@@ -116,6 +116,11 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Erro
         .with_single_cert(chain, key)
         .map_err(|error| Error::Config(error.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session restores the stored client chain without
+    // verifying it again (against the CA, expiry), so every connection makes a full
+    // handshake.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -130,6 +135,15 @@ pub struct PeerInfo {
     /// The verified client certificate's SHA-256 thumbprint, base64url without
     /// padding: what a token's `cnf.x5t#S256` names (RFC 8705).
     pub certificate_thumbprint: Option<String>,
+    /// When the verified client certificate expires (Unix seconds): requests on the
+    /// connection after it are refused.
+    pub certificate_not_after: Option<i64>,
+}
+
+/// When a certificate (DER) expires, in Unix seconds.
+fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// The RFC 8705 thumbprint of a certificate (DER): base64url(SHA-256), no padding.
@@ -321,6 +335,7 @@ pub fn incoming(
                     remote: Some(remote),
                     service: None,
                     certificate_thumbprint: None,
+                    certificate_not_after: None,
                 };
                 if sender.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
                     return;
@@ -430,6 +445,7 @@ async fn handshake(
         remote: Some(remote),
         service: Some(service),
         certificate_thumbprint: leaf.map(|leaf| certificate_thumbprint(leaf.as_ref())),
+        certificate_not_after: leaf.and_then(|leaf| not_after(leaf.as_ref())),
     };
     let _ = sender.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
 }
