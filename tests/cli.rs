@@ -44,7 +44,7 @@ fn policy_validate_accepts_the_shipped_set_and_names_file_and_line_of_errors() {
         .args(["policy", "validate", "--policies"])
         .arg(shipped_policies()));
     assert_eq!(ok.code, 0, "{}", ok.stderr);
-    assert!(ok.stdout.contains("valid: 9 policies"), "{}", ok.stdout);
+    assert!(ok.stdout.contains("valid: 10 policies"), "{}", ok.stdout);
 
     let dir = tempfile::tempdir().unwrap();
     copy_policies(dir.path());
@@ -849,7 +849,7 @@ fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
         ok.stdout
     );
     assert!(
-        ok.stdout.contains("policy coverage: 100.0% (9 of 9"),
+        ok.stdout.contains("policy coverage: 100.0% (10 of 10"),
         "{}",
         ok.stdout
     );
