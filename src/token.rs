@@ -256,7 +256,7 @@ fn algorithm_of(jwk: &Jwk) -> Result<Algorithm, String> {
 /// Reads a JWKS. Keys that cannot be used (an unsupported curve or type, HMAC, a bad
 /// encoding) are skipped with a warning, so an identity provider that publishes one
 /// new kind of key does not lock everyone out; a set with no usable key is refused
-/// unless `allow_empty` (a reload that empties the JWKS revokes every token).
+/// unless `allow_empty` (a reload whose set is empty, or holds no usable key, revokes every token).
 fn load_keys(path: &Path, allow_empty: bool) -> Result<Keys, JwksError> {
     let fail = |reason: String| JwksError {
         path: path.to_owned(),
@@ -297,7 +297,10 @@ fn load_keys(path: &Path, allow_empty: bool) -> Result<Keys, JwksError> {
         }
         all.push(key);
     }
-    if all.is_empty() && !(allow_empty && set.keys.is_empty()) {
+    // On reload, a set that parses but holds no usable key is what the identity
+    // provider publishes now: it revokes every token (keeping the old keys would
+    // keep tokens alive that it may have meant to end).
+    if all.is_empty() && !allow_empty {
         let mut reason = "no usable signing key".to_owned();
         if !skipped.is_empty() {
             reason.push_str(": ");
@@ -359,8 +362,9 @@ impl TokenVerifier {
         &self.config.jwks
     }
 
-    /// Reads the JWKS again; keeps the current keys if the file is unusable.
-    /// Returns the number of keys with an id.
+    /// Reads the JWKS again. A file that cannot be read or parsed (say, caught
+    /// mid-write) keeps the current keys; one that parses replaces them, even when it
+    /// holds no usable key (then every token is refused). Returns the number of keys.
     pub fn reload(&self) -> Result<usize, JwksError> {
         let keys = load_keys(&self.config.jwks, true)?;
         let count = keys.by_id.len().max(usize::from(keys.only.is_some()));

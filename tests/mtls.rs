@@ -514,11 +514,8 @@ async fn a_rotated_jwks_is_picked_up_without_restart() {
         "{}",
         status.message()
     );
-    // A broken JWKS is refused; the keys in use stay.
-    replace_file(
-        &fx.jwks,
-        "{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}",
-    );
+    // A file that does not parse (caught mid-write) is refused; the keys in use stay.
+    replace_file(&fx.jwks, "{\"keys\": [");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         support
@@ -526,8 +523,12 @@ async fn a_rotated_jwks_is_picked_up_without_restart() {
             .await
             .is_ok()
     );
-    // Emptying the JWKS revokes every token, cached ones included.
-    replace_file(&fx.jwks, "{\"keys\": []}");
+    // A set that parses but holds no usable key revokes every token, cached ones
+    // included (as an empty set does).
+    replace_file(
+        &fx.jwks,
+        "{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}",
+    );
     let mut revoked = false;
     for _ in 0..100 {
         if let Err(status) = support.authorize(with_token(authorize(), &new_token)).await {
