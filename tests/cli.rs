@@ -815,6 +815,23 @@ fn audit_verify_names_the_first_bad_entry() {
     std::fs::write(&segment, &text).unwrap();
     let ok = run(ringfence().args(["audit", "verify", "--log"]).arg(&log));
     assert_eq!(ok.code, 0, "{}", ok.stderr);
+    // Every audit command also finds the log through the data directory.
+    for command in ["verify", "query", "checkpoint"] {
+        let by_data_dir = run(ringfence()
+            .args(["audit", command, "--data-dir"])
+            .arg(dir.path()));
+        let expected = if command == "checkpoint" { 1 } else { 0 };
+        assert_eq!(
+            by_data_dir.code, expected,
+            "{command}: {}",
+            by_data_dir.stderr
+        );
+        assert!(
+            !by_data_dir.stderr.contains("not a decision log directory"),
+            "{command}: {}",
+            by_data_dir.stderr
+        );
+    }
     assert!(
         ok.stdout.contains(
             "intact: 3 entries (3 decisions, 0 checkpoints, 0 key events) in 1 segment(s)"

@@ -66,9 +66,11 @@ pub enum Command {
     /// decision log. Exit 0 and a summary when intact, 4 and the first bad entry
     /// (segment, line, seq, what is wrong) otherwise.
     Verify {
-        /// Decision log directory.
-        #[arg(long, default_value = "ringfence-data/log")]
-        log: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
+        /// Decision log directory (default: `log` in the data directory).
+        #[arg(long)]
+        log: Option<PathBuf>,
         /// Check every checkpoint's Ed25519 signature with this public key (PEM, as
         /// `audit public-key` prints it); a non-empty log must then have a checkpoint.
         #[arg(long)]
@@ -82,9 +84,11 @@ pub enum Command {
     /// `audit query --record-id u-42 --field email --decision allow --since 2026-11-01 --until 2026-12-01`.
     /// Reads entries as they are: run `audit verify` to prove they are intact.
     Query {
-        /// Decision log directory.
-        #[arg(long, default_value = "ringfence-data/log")]
-        log: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
+        /// Decision log directory (default: `log` in the data directory).
+        #[arg(long)]
+        log: Option<PathBuf>,
         #[command(flatten)]
         filter: FilterArgs,
     },
@@ -111,15 +115,22 @@ pub enum Command {
     /// Print the log's latest checkpoint line; an auditor keeps it and later passes it to
     /// `audit verify --checkpoint` to prove nothing before it was truncated or rewritten.
     Checkpoint {
-        /// Decision log directory.
-        #[arg(long, default_value = "ringfence-data/log")]
-        log: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
+        /// Decision log directory (default: `log` in the data directory).
+        #[arg(long)]
+        log: Option<PathBuf>,
     },
 }
 
 fn read_text(path: &std::path::Path, what: &str) -> Result<String, String> {
     std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read {what} `{}`: {error}", path.display()))
+}
+
+/// The decision log directory: `--log`, else `log` in the data directory.
+fn log_dir(data: &DataDir, log: Option<PathBuf>) -> PathBuf {
+    log.unwrap_or_else(|| data.data_dir.join(ringfence::server::LOG_DIR))
 }
 
 fn check_log_dir(log: &std::path::Path) -> Result<(), String> {
@@ -135,7 +146,8 @@ fn check_log_dir(log: &std::path::Path) -> Result<(), String> {
 
 pub fn run(command: Command) -> ExitCode {
     match command {
-        Command::Query { log, filter } => {
+        Command::Query { data, log, filter } => {
+            let log = log_dir(&data, log);
             if let Err(problem) = check_log_dir(&log) {
                 return fail(EXIT_FAILURE, problem);
             }
@@ -174,10 +186,15 @@ pub fn run(command: Command) -> ExitCode {
             }
         }
         Command::Verify {
+            data,
             log,
             public_key,
             checkpoint,
-        } => verify(&log, public_key.as_deref(), checkpoint.as_deref()),
+        } => verify(
+            &log_dir(&data, log),
+            public_key.as_deref(),
+            checkpoint.as_deref(),
+        ),
         Command::Replay {
             data,
             log,
@@ -196,7 +213,8 @@ pub fn run(command: Command) -> ExitCode {
                 Err(problem) => fail(EXIT_FAILURE, problem),
             }
         }
-        Command::Checkpoint { log } => {
+        Command::Checkpoint { data, log } => {
+            let log = log_dir(&data, log);
             if let Err(problem) = check_log_dir(&log) {
                 return fail(EXIT_FAILURE, problem);
             }

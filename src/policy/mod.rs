@@ -610,8 +610,20 @@ impl PolicySnapshot {
                     ));
                     continue;
                 }
-                if policy.annotation(CALLER_VISIBLE_ANNOTATION) == Some("false") {
-                    hidden_ids.insert(id.to_owned());
+                match policy.annotation(CALLER_VISIBLE_ANNOTATION) {
+                    None | Some("true") => {}
+                    Some("false") => {
+                        hidden_ids.insert(id.to_owned());
+                    }
+                    // A typo (`"no"`, `"False"`) must not leave a policy visible that
+                    // its author meant to hide.
+                    Some(other) => {
+                        collected.diagnostics.push(format!(
+                            "{location}: `@{CALLER_VISIBLE_ANNOTATION}(\"{}\")` must be \"true\" or \"false\"",
+                            crate::record::shown(other)
+                        ));
+                        continue;
+                    }
                 }
                 let renamed = policy.new_id(PolicyId::new(id));
                 match renamed.to_json() {

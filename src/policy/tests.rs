@@ -367,6 +367,17 @@ fn hidden_policy_ids_are_not_shown_to_callers() {
     let decision = &decide(&snapshot, &bob, Action::Decrypt, "US", &["email"])[0];
     assert_eq!(decision.policies, ["parent-company-never-reads-us"]);
     assert!(decision.visible_policies.is_empty());
+
+    // A value other than "true" or "false" is a mistake, not "visible".
+    let typo = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("@caller_visible(\"false\")", "@caller_visible(\"no\")");
+    std::fs::write(&path, typo).unwrap();
+    let error = PolicySnapshot::load(copy.path()).unwrap_err().to_string();
+    assert!(
+        error.contains("us-data.cedar") && error.contains("must be \"true\" or \"false\""),
+        "{error}"
+    );
 }
 
 fn load_error(edit: impl FnOnce(&Path)) -> String {
