@@ -283,6 +283,31 @@ impl RingfenceService {
         self.follow_ups.clone()
     }
 
+    /// Serves one unary call: `work` decides, logs and makes the answer (with its
+    /// receipt) in a task of its own ([`RingfenceService::pending`]); an answer over
+    /// the message limit is refused and logged as undelivered.
+    async fn unary<M, T, Work>(
+        &self,
+        request: Request<M>,
+        work: impl FnOnce(Arc<Gatekeeper>, Caller, M) -> Work,
+    ) -> Result<Response<T>, Status>
+    where
+        T: prost::Message + Send + 'static,
+        Work:
+            std::future::Future<Output = Result<(T, gatekeeper::Receipt), Status>> + Send + 'static,
+    {
+        let caller = caller(&request)?;
+        let gate = Arc::clone(&self.gate);
+        let max_message_bytes = self.max_message_bytes;
+        let answer = work(Arc::clone(&gate), caller.clone(), request.into_inner());
+        let task_caller = caller.clone();
+        let mut pending = self.pending(caller, async move {
+            let answer = answer.await?;
+            within_limit(&gate, &task_caller, answer, max_message_bytes).await
+        })?;
+        Ok(Response::new(pending.wait().await?))
+    }
+
     /// Runs `work` (which logs decisions and makes an answer) in its own task, so that
     /// a cancelled call cannot stop it between logging and answering. At most
     /// [`UNARY_IN_PROGRESS`] run at once, cancelled ones included: beyond,
@@ -451,13 +476,13 @@ async fn refuse_oversized(
     )))
 }
 
-/// [`refuse_oversized`] for a decryption's answer.
-async fn within_limit(
+/// [`refuse_oversized`] for an answer with its receipt.
+async fn within_limit<T: prost::Message>(
     gate: &Gatekeeper,
     caller: &Caller,
-    (response, receipt): (pb::DecryptRecordResponse, gatekeeper::Receipt),
+    (response, receipt): (T, gatekeeper::Receipt),
     max_message_bytes: usize,
-) -> Result<(pb::DecryptRecordResponse, gatekeeper::Receipt), Status> {
+) -> Result<(T, gatekeeper::Receipt), Status> {
     refuse_oversized(gate, caller, &response, &receipt, max_message_bytes).await?;
     Ok((response, receipt))
 }
@@ -506,56 +531,36 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         &self,
         request: Request<pb::EncryptRecordRequest>,
     ) -> Result<Response<pb::EncryptRecordResponse>, Status> {
-        let caller = caller(&request)?;
-        let gate = Arc::clone(&self.gate);
-        let task_caller = caller.clone();
-        let message = request.into_inner();
-        let max_message_bytes = self.max_message_bytes;
-        let mut pending = self.pending(caller, async move {
+        self.unary(request, |gate, caller, message| async move {
             let plain = gatekeeper::PlainRecord::try_from(message)?;
-            let encrypted = gate.encrypt_record(&task_caller, plain).await?;
+            let encrypted = gate.encrypt_record(&caller, plain).await?;
             let receipt = encrypted.receipt();
-            let response: pb::EncryptRecordResponse = encrypted.into();
-            refuse_oversized(&gate, &task_caller, &response, &receipt, max_message_bytes).await?;
-            Ok((response, receipt))
-        })?;
-        Ok(Response::new(pending.wait().await?))
+            Ok((encrypted.into(), receipt))
+        })
+        .await
     }
 
     async fn decrypt_record(
         &self,
         request: Request<pb::DecryptRecordRequest>,
     ) -> Result<Response<pb::DecryptRecordResponse>, Status> {
-        let caller = caller(&request)?;
-        let gate = Arc::clone(&self.gate);
-        let task_caller = caller.clone();
-        let message = request.into_inner();
-        let max_message_bytes = self.max_message_bytes;
-        let mut pending = self.pending(caller, async move {
-            let answer = decrypt_one(&gate, &task_caller, message).await?;
-            within_limit(&gate, &task_caller, answer, max_message_bytes).await
-        })?;
-        Ok(Response::new(pending.wait().await?))
+        self.unary(request, |gate, caller, message| async move {
+            decrypt_one(&gate, &caller, message).await
+        })
+        .await
     }
 
     async fn authorize(
         &self,
         request: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
-        let caller = caller(&request)?;
-        let gate = Arc::clone(&self.gate);
-        let task_caller = caller.clone();
-        let message = request.into_inner();
-        let max_message_bytes = self.max_message_bytes;
-        let mut pending = self.pending(caller, async move {
+        self.unary(request, |gate, caller, message| async move {
             let ask = gatekeeper::AuthorizeRequest::try_from(message)?;
-            let authorized = gate.authorize(&task_caller, ask).await?;
+            let authorized = gate.authorize(&caller, ask).await?;
             let receipt = authorized.receipt();
-            let response: pb::AuthorizeResponse = authorized.into();
-            refuse_oversized(&gate, &task_caller, &response, &receipt, max_message_bytes).await?;
-            Ok((response, receipt))
-        })?;
-        Ok(Response::new(pending.wait().await?))
+            Ok((authorized.into(), receipt))
+        })
+        .await
     }
 
     async fn get_status(
