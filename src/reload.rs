@@ -29,6 +29,14 @@ fn reload_jwks(tokens: &TokenVerifier, trigger: &str) {
     }
 }
 
+/// The directory of the JWKS file, as the watcher reports its paths.
+fn jwks_dir(jwks: &std::path::Path) -> std::path::PathBuf {
+    match jwks.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    }
+}
+
 /// Quiet time after the last change before the directory is loaded.
 pub const SETTLE: Duration = Duration::from_millis(250);
 
@@ -50,8 +58,15 @@ fn relevant(event: &notify::Event) -> bool {
         && event.paths.iter().any(|path| {
             path.file_name()
                 .and_then(|name| name.to_str())
-                .is_some_and(policy::affects_policy_set)
+                .is_some_and(|name| policy::affects_policy_set(name) || swapped(name))
         })
+}
+
+/// Whether `name` is one of the entries Kubernetes swaps to update a mounted
+/// ConfigMap or Secret (`..data` and the timestamped directories it points to): the
+/// files themselves are symlinks that never change.
+fn swapped(name: &str) -> bool {
+    name.starts_with("..") && name.len() > 2
 }
 
 /// Starts watching the policy directory and the JWKS file (when `watch`) and
@@ -71,6 +86,10 @@ pub fn spawn(
         let jwks_file = jwks
             .as_ref()
             .and_then(|tokens| tokens.jwks_path().file_name().map(ToOwned::to_owned));
+        let jwks_directory = jwks
+            .as_ref()
+            .map(|tokens| jwks_dir(tokens.jwks_path()))
+            .unwrap_or_default();
         let started = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let event = match event {
                 Ok(event) => event,
@@ -82,10 +101,14 @@ pub fn spawn(
             }
             if let (Some(tokens), Some(name)) = (&jwks, &jwks_file)
                 && !matches!(event.kind, EventKind::Access(_))
-                && event
-                    .paths
-                    .iter()
-                    .any(|path| path.file_name() == Some(name.as_os_str()))
+                && event.paths.iter().any(|path| {
+                    path.file_name() == Some(name.as_os_str())
+                        || (path.parent() == Some(jwks_directory.as_path())
+                            && path
+                                .file_name()
+                                .and_then(|name| name.to_str())
+                                .is_some_and(swapped))
+                })
             {
                 reload_jwks(tokens, "file-change");
             }
@@ -93,11 +116,7 @@ pub fn spawn(
         .and_then(|mut watcher| {
             watcher.watch(policies.dir(), RecursiveMode::NonRecursive)?;
             if let Some(tokens) = &tokens {
-                let dir = match tokens.jwks_path().parent() {
-                    Some(dir) if !dir.as_os_str().is_empty() => dir,
-                    _ => std::path::Path::new("."),
-                };
-                watcher.watch(dir, RecursiveMode::NonRecursive)?;
+                watcher.watch(&jwks_dir(tokens.jwks_path()), RecursiveMode::NonRecursive)?;
             }
             Ok(watcher)
         });

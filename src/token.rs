@@ -191,6 +191,8 @@ pub struct TokenVerifier {
     /// emptied whenever the keys are reloaded, so a key removed from the JWKS revokes
     /// its tokens at once.
     accepted: std::sync::Mutex<(u64, HashMap<[u8; 32], Accepted>)>,
+    /// Held while the JWKS is reloaded.
+    reloading: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -354,6 +356,7 @@ impl TokenVerifier {
             config,
             keys: ArcSwap::from_pointee(keys),
             accepted: std::sync::Mutex::new((0, HashMap::new())),
+            reloading: std::sync::Mutex::new(()),
         })
     }
 
@@ -366,6 +369,12 @@ impl TokenVerifier {
     /// mid-write) keeps the current keys; one that parses replaces them, even when it
     /// holds no usable key (then every token is refused). Returns the number of keys.
     pub fn reload(&self) -> Result<usize, JwksError> {
+        // One reload at a time (the watcher and SIGHUP may ask at once): the later
+        // one reads the file after the earlier one is done, so the newest file wins.
+        let _one_at_a_time = match self.reloading.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
         let keys = load_keys(&self.config.jwks, true)?;
         let count = keys.by_id.len().max(usize::from(keys.only.is_some()));
         // Under the cache lock: a verification that started with the old keys cannot

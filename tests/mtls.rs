@@ -54,6 +54,12 @@ impl Fixture {
 
     /// With `--danger-accept-unbound-tokens` when `accept_unbound`.
     async fn start_with(accept_unbound: bool) -> Self {
+        Self::start_full(accept_unbound, false).await
+    }
+
+    /// With the JWKS mounted as Kubernetes mounts a Secret when `kubernetes`:
+    /// `jwks.json -> ..data/jwks.json`, `..data -> ..<version>/`.
+    async fn start_full(accept_unbound: bool, kubernetes: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = dir.path().join("pki");
         std::fs::create_dir_all(&pki).unwrap();
@@ -63,8 +69,18 @@ impl Fixture {
         std::fs::write(pki.join("server.pem"), &server_cert.cert_pem).unwrap();
         std::fs::write(pki.join("server-key.pem"), server_cert.key_pem.as_str()).unwrap();
         let signer = TokenSigner::generate().unwrap();
-        let jwks = pki.join("jwks.json");
-        std::fs::write(&jwks, signer.jwks()).unwrap();
+        let jwks = if kubernetes {
+            let mount = dir.path().join("secret");
+            std::fs::create_dir_all(mount.join("..v1")).unwrap();
+            std::fs::write(mount.join("..v1/jwks.json"), signer.jwks()).unwrap();
+            std::os::unix::fs::symlink("..v1", mount.join("..data")).unwrap();
+            std::os::unix::fs::symlink("..data/jwks.json", mount.join("jwks.json")).unwrap();
+            mount.join("jwks.json")
+        } else {
+            let jwks = pki.join("jwks.json");
+            std::fs::write(&jwks, signer.jwks()).unwrap();
+            jwks
+        };
         let config = ringfence::ServeConfig {
             auth: Auth::Mtls {
                 tls: TlsFiles {
@@ -872,4 +888,36 @@ async fn a_certificate_that_expires_during_a_connection_is_refused_from_then_on(
             .contains("expired since this connection was made"),
         "{status:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_secret_swap_of_the_jwks_is_picked_up() {
+    let fx = Fixture::start_full(false, true).await;
+    let mut support = fx.service("us-support-tool").await;
+    let next = TokenSigner::generate().unwrap();
+    let new_token = next.sign(&fx.claims("alice")).unwrap();
+    let status = refused(&mut support, with_token(authorize(), &new_token)).await;
+    assert!(status.message().contains("unknown key"), "{status:?}");
+    // What the kubelet does: write a new version directory, point a new link at it,
+    // rename the link over `..data`. `jwks.json` itself never changes.
+    let mount = fx.jwks.parent().unwrap();
+    std::fs::create_dir_all(mount.join("..v2")).unwrap();
+    std::fs::write(mount.join("..v2/jwks.json"), next.jwks()).unwrap();
+    std::os::unix::fs::symlink("..v2", mount.join("..data_tmp")).unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    let mut accepted = false;
+    for _ in 0..100 {
+        if support
+            .authorize(with_token(authorize(), &new_token))
+            .await
+            .is_ok()
+        {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(accepted, "the swapped JWKS was never loaded");
+    let status = refused(&mut support, with_token(authorize(), &fx.token("alice"))).await;
+    assert!(status.message().contains("unknown key"), "{status:?}");
 }
