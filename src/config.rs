@@ -10,6 +10,8 @@ use crate::token::TokenConfig;
 
 /// How callers prove who they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Built once per process: the size of the TLS variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Auth {
     /// Nothing configured: every request is refused with UNAUTHENTICATED.
     None,
@@ -255,6 +257,7 @@ mod tests {
                 cert: "c".into(),
                 key: "k".into(),
                 client_ca: "ca".into(),
+                client_crl: None,
             },
             trust_domain: "example.org".to_owned(),
             tokens: None,

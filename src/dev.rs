@@ -140,6 +140,43 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// A revocation list (PEM) of this CA revoking the certificates with `serials`
+    /// (big-endian, no sign byte), numbered `number`, valid for 30 days.
+    pub fn revocation_list(&self, serials: &[Vec<u8>], number: u64) -> Result<String, Error> {
+        let now = time::OffsetDateTime::now_utc();
+        let revoked: Vec<_> = serials.iter().map(|serial| (serial.clone(), now)).collect();
+        self.revocation_list_since(&revoked, number)
+    }
+
+    /// A revocation list (PEM) revoking each serial as of its time.
+    pub fn revocation_list_since(
+        &self,
+        revoked: &[(Vec<u8>, time::OffsetDateTime)],
+        number: u64,
+    ) -> Result<String, Error> {
+        let now = time::OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(5),
+            next_update: now + time::Duration::days(30),
+            crl_number: number.into(),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|(serial, since)| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: *since,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .and_then(|crl| crl.pem())
+            .map_err(generate("revocation list"))
+    }
+
     /// A server certificate for `names` (DNS names or IP addresses).
     pub fn server_cert(&self, names: &[&str]) -> Result<Issued, Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate("server key"))?;
@@ -190,6 +227,14 @@ impl Ca {
     }
 }
 
+/// The serial number of a PEM certificate (big-endian, no sign byte), as a revocation
+/// list names it.
+pub fn certificate_serial(cert_pem: &[u8]) -> Option<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
+    Some(cert.serial.to_bytes_be())
+}
+
 /// The SPIFFE ID of a service in a trust domain.
 pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
     format!("spiffe://{trust_domain}/svc/{service}")
@@ -236,8 +281,12 @@ pub struct TokenClaims {
 impl TokenSigner {
     /// A fresh key.
     pub fn generate() -> Result<Self, Error> {
-        let key = KeyPair::generate_for(&PKCS_ED25519).map_err(generate("token signing key"))?;
-        Self::from_pem(&key.serialize_pem())
+        let failed = |reason: String| Error::Generate {
+            what: "token signing key".to_owned(),
+            reason,
+        };
+        let seed = crate::keyfile::generate_ed25519().map_err(failed)?;
+        Self::from_pem(&crate::keyfile::ed25519_pem(&seed).map_err(failed)?)
     }
 
     /// A key from PKCS#8 PEM.
@@ -350,13 +399,103 @@ impl DevPki {
         self.dir.join("token-signing-key.pem")
     }
 
+    /// Revocation list of the development CA (created empty by `init`).
+    pub fn client_crl(&self) -> PathBuf {
+        self.dir.join("client-crl.pem")
+    }
+
     /// The TLS files `serve --dev` uses.
     pub fn tls_files(&self) -> TlsFiles {
         TlsFiles {
             cert: self.dir.join("server.pem"),
             key: self.dir.join("server-key.pem"),
             client_ca: self.ca_cert(),
+            client_crl: Some(self.client_crl()),
         }
+    }
+
+    fn ca(&self) -> Result<Ca, Error> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|error| Error::File {
+                path: path.to_owned(),
+                reason: error.to_string(),
+            })
+        };
+        Ca::from_pem(&read(&self.ca_cert())?, &read(&self.ca_key())?)
+    }
+
+    /// The serials the revocation list revokes (with their revocation times) and its
+    /// CRL number (none and 0 when there is no list yet).
+    #[allow(clippy::type_complexity)]
+    fn revoked(&self) -> Result<(Vec<(Vec<u8>, time::OffsetDateTime)>, u64), Error> {
+        let path = self.client_crl();
+        let pem = match std::fs::read(&path) {
+            Ok(pem) => pem,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Vec::new(), 0));
+            }
+            Err(error) => {
+                return Err(Error::File {
+                    path,
+                    reason: error.to_string(),
+                });
+            }
+        };
+        let unreadable = |reason: String| Error::File {
+            path: path.clone(),
+            reason,
+        };
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)
+            .map_err(|error| unreadable(format!("not PEM: {error}")))?;
+        let (_, crl) = x509_parser::parse_x509_crl(&pem.contents)
+            .map_err(|error| unreadable(format!("not a revocation list: {error}")))?;
+        let number = crl
+            .crl_number()
+            .and_then(|number| u64::try_from(number).ok())
+            .unwrap_or(0);
+        let serials = crl
+            .iter_revoked_certificates()
+            .map(|revoked| {
+                (
+                    revoked.serial().to_bytes_be(),
+                    revoked.revocation_date.to_datetime(),
+                )
+            })
+            .collect();
+        Ok((serials, number))
+    }
+
+    /// Revokes the client certificate of `service`: its serial joins the revocation
+    /// list (with the next CRL number) and its certificate and key are deleted, so that
+    /// `init` issues new ones. Returns the revoked serial (hex).
+    pub fn revoke(&self, service: &str) -> Result<String, Error> {
+        let path = self.client_cert(service);
+        let pem = std::fs::read(&path).map_err(|error| Error::File {
+            path: path.clone(),
+            reason: format!("{error} (no current certificate of `{service}` to revoke)"),
+        })?;
+        let serial = certificate_serial(&pem).ok_or_else(|| Error::File {
+            path: path.clone(),
+            reason: "not a PEM certificate".to_owned(),
+        })?;
+        let (mut revoked, number) = self.revoked()?;
+        if !revoked.iter().any(|(known, _)| *known == serial) {
+            revoked.push((serial.clone(), time::OffsetDateTime::now_utc()));
+        }
+        let list = self.ca()?.revocation_list_since(&revoked, number + 1)?;
+        crate::fsutil::write_private_file(&self.client_crl(), list.as_bytes()).map_err(
+            |error| Error::File {
+                path: self.client_crl(),
+                reason: error.to_string(),
+            },
+        )?;
+        for file in [path, self.client_key(service)] {
+            std::fs::remove_file(&file).map_err(|error| Error::File {
+                path: file.clone(),
+                reason: error.to_string(),
+            })?;
+        }
+        Ok(serial.iter().map(|byte| format!("{byte:02x}")).collect())
     }
 
     /// The token settings `serve --dev` uses.
@@ -404,10 +543,7 @@ impl DevPki {
         };
 
         let ca = if self.ca_cert().exists() {
-            let read = |path: &Path| {
-                std::fs::read_to_string(path).map_err(|error| file_error(path, error.to_string()))
-            };
-            Ca::from_pem(&read(&self.ca_cert())?, &read(&self.ca_key())?)?
+            self.ca()?
         } else {
             let ca = Ca::generate("ringfence development CA")?;
             write_private(&self.ca_key(), &ca.key_pem)?;
@@ -415,6 +551,10 @@ impl DevPki {
             created.push(self.ca_cert());
             ca
         };
+        if !self.client_crl().exists() {
+            write_public(&self.client_crl(), &ca.revocation_list(&[], 1)?)?;
+            created.push(self.client_crl());
+        }
         let tls = self.tls_files();
         if !tls.cert.exists() {
             let server = ca.server_cert(&["localhost", "127.0.0.1", "::1"])?;

@@ -40,6 +40,9 @@ pub const METHOD_DANGER: &str = "danger-trust-identity-headers";
 pub struct Verified {
     /// Employee token verifier; without it, calls carrying a token are refused.
     pub tokens: Option<Arc<TokenVerifier>>,
+    /// The listener's client-certificate verifier: a connection is checked again when
+    /// its revocation lists change.
+    pub certificates: Option<Arc<crate::tls::ClientVerifier>>,
 }
 
 /// How callers are authenticated.
@@ -191,6 +194,12 @@ pub fn authenticate<'a>(
                 return Err(Error::Certificate(
                     "the client certificate has expired since this connection was made: reconnect with a current one".to_owned(),
                 ));
+            }
+            if let (Some(verifier), Some(chain)) = (
+                &verified.certificates,
+                peer.and_then(|peer| peer.chain.as_ref()),
+            ) {
+                verifier.recheck(chain).map_err(Error::Certificate)?;
             }
             let mut lease = None;
             let mut method = METHOD_MTLS;

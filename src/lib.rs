@@ -18,6 +18,7 @@ pub mod fsutil;
 pub mod gatekeeper;
 pub mod identity;
 pub mod keyadmin;
+pub mod keyfile;
 pub mod keys;
 pub mod policy;
 pub mod record;

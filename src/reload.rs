@@ -1,12 +1,13 @@
-//! Hot reload of the policy directory and the employee-token JWKS: a file watcher and
-//! SIGHUP both ask for a reload. Policy reloads run in one task, one at a time, after
-//! the directory has been quiet for a moment (editors and `git checkout` write several
-//! files in a row); a JWKS reload is immediate and keeps the old keys if the new file
-//! is unusable.
+//! Hot reload of the policy directory and of single files (the employee-token JWKS,
+//! the client-certificate revocation lists): a file watcher and SIGHUP both ask for a
+//! reload. Policy reloads run in one task, one at a time, after the directory has been
+//! quiet for a moment (editors and `git checkout` write several files in a row); a file
+//! reload is immediate, and each file's owner decides what an unusable file does.
 //!
 //! [`PolicyStore::reload`] swaps a new set in only when the whole directory validates,
 //! so a half-edited directory is refused and the running set keeps serving.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,25 +16,68 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::policy::{self, PolicyStore, Trigger};
-use crate::token::TokenVerifier;
 
-fn reload_jwks(tokens: &TokenVerifier, trigger: &str) {
-    match tokens.reload() {
-        Ok(keys) => {
-            tracing::info!(trigger, keys, jwks = %tokens.jwks_path().display(), "employee token keys reloaded")
-        }
-        Err(error) => tracing::error!(
-            trigger,
-            "JWKS reload rejected; the current keys stay in place: {error}"
-        ),
+/// A file reloaded on change and on SIGHUP.
+#[derive(Clone)]
+pub struct WatchedFile {
+    /// The file.
+    pub path: PathBuf,
+    /// What it is, for the log ("employee token keys").
+    pub what: &'static str,
+    /// Reads it again: a summary of what is now in use, or why the file was refused
+    /// (and what stays in use).
+    pub reload: Arc<dyn Fn() -> Result<String, String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for WatchedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchedFile")
+            .field("path", &self.path)
+            .field("what", &self.what)
+            .finish_non_exhaustive()
     }
 }
 
-/// The directory of the JWKS file, as the watcher reports its paths.
-fn jwks_dir(jwks: &std::path::Path) -> std::path::PathBuf {
-    match jwks.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => std::path::PathBuf::from("."),
+impl WatchedFile {
+    fn reload(&self, trigger: &str) {
+        match (self.reload)() {
+            Ok(summary) => {
+                tracing::info!(trigger, file = %self.path.display(), "{} reloaded: {summary}", self.what)
+            }
+            Err(error) => tracing::error!(
+                trigger,
+                file = %self.path.display(),
+                "{} reload rejected: {error}",
+                self.what
+            ),
+        }
+    }
+
+    /// Whether a watcher event path is this file, or a Kubernetes swap in its
+    /// directory.
+    fn touched_by(&self, path: &Path) -> bool {
+        (path.file_name().is_some() && path.file_name() == self.path.file_name())
+            || (path.parent().map(normal_dir) == Some(self.dir())
+                && path
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(swapped))
+    }
+
+    /// The directory of the file, as the watcher reports its paths.
+    fn dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) => normal_dir(dir),
+            None => PathBuf::from("."),
+        }
+    }
+}
+
+fn normal_dir(dir: &Path) -> PathBuf {
+    if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir.to_owned()
     }
 }
 
@@ -69,27 +113,21 @@ fn swapped(name: &str) -> bool {
     name.starts_with("..") && name.len() > 2
 }
 
-/// Starts watching the policy directory and the JWKS file (when `watch`) and
-/// listening for SIGHUP, and the task that reloads. Returns the watcher to keep and
-/// the tasks to abort on stop.
+/// Starts watching the policy directory and `files` (when `watch`) and listening for
+/// SIGHUP, and the task that reloads. Returns the watcher to keep and the tasks to
+/// abort on stop.
 pub fn spawn(
     policies: Arc<PolicyStore>,
     watch: bool,
-    tokens: Option<Arc<TokenVerifier>>,
+    files: Vec<WatchedFile>,
 ) -> (Watcher, Vec<JoinHandle<()>>) {
     let (requests, mut received) = mpsc::unbounded_channel::<Trigger>();
     let mut tasks = Vec::new();
+    let files = Arc::new(files);
 
     let watcher = if watch {
         let sender = requests.clone();
-        let jwks = tokens.clone();
-        let jwks_file = jwks
-            .as_ref()
-            .and_then(|tokens| tokens.jwks_path().file_name().map(ToOwned::to_owned));
-        let jwks_directory = jwks
-            .as_ref()
-            .map(|tokens| jwks_dir(tokens.jwks_path()))
-            .unwrap_or_default();
+        let watched = Arc::clone(&files);
         let started = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let event = match event {
                 Ok(event) => event,
@@ -99,34 +137,32 @@ pub fn spawn(
             if relevant(&event) {
                 let _ = sender.send(Trigger::FileChange);
             }
-            if let (Some(tokens), Some(name)) = (&jwks, &jwks_file)
-                && !matches!(event.kind, EventKind::Access(_))
-                && event.paths.iter().any(|path| {
-                    path.file_name() == Some(name.as_os_str())
-                        || (path.parent() == Some(jwks_directory.as_path())
-                            && path
-                                .file_name()
-                                .and_then(|name| name.to_str())
-                                .is_some_and(swapped))
-                })
-            {
-                reload_jwks(tokens, "file-change");
+            if matches!(event.kind, EventKind::Access(_)) {
+                return;
+            }
+            for file in watched.iter() {
+                if event.paths.iter().any(|path| file.touched_by(path)) {
+                    file.reload("file-change");
+                }
             }
         })
         .and_then(|mut watcher| {
             watcher.watch(policies.dir(), RecursiveMode::NonRecursive)?;
-            if let Some(tokens) = &tokens {
-                watcher.watch(&jwks_dir(tokens.jwks_path()), RecursiveMode::NonRecursive)?;
+            let mut dirs: Vec<PathBuf> = files.iter().map(WatchedFile::dir).collect();
+            dirs.sort();
+            dirs.dedup();
+            for dir in dirs {
+                watcher.watch(&dir, RecursiveMode::NonRecursive)?;
             }
             Ok(watcher)
         });
         match started {
             Ok(watcher) => {
-                tracing::info!(dir = %policies.dir().display(), "watching the policy directory for changes");
+                tracing::info!(dir = %policies.dir().display(), files = files.len(), "watching the policy directory and reloadable files for changes");
                 Some(watcher)
             }
             Err(error) => {
-                tracing::warn!(%error, dir = %policies.dir().display(), "cannot watch the policy directory; reload with SIGHUP");
+                tracing::warn!(%error, dir = %policies.dir().display(), "cannot watch the policy directory or reloadable files; reload with SIGHUP");
                 None
             }
         }
@@ -138,11 +174,11 @@ pub fn spawn(
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hangups) => {
             let sender = requests.clone();
-            let tokens = tokens.clone();
+            let files = Arc::clone(&files);
             tasks.push(tokio::spawn(async move {
                 while hangups.recv().await.is_some() {
-                    if let Some(tokens) = &tokens {
-                        reload_jwks(tokens, "SIGHUP");
+                    for file in files.iter() {
+                        file.reload("SIGHUP");
                     }
                     if sender.send(Trigger::Hangup).is_err() {
                         break;

@@ -281,7 +281,7 @@ impl Running {
 /// What `start_with` needs to authenticate callers.
 type Identity = (
     identity::Mode,
-    Option<(Arc<rustls::ServerConfig>, String)>,
+    Option<tls::Listener>,
     Option<Arc<TokenVerifier>>,
 );
 
@@ -316,7 +316,7 @@ fn identity_mode(config: &ServeConfig) -> Result<Identity, Error> {
             )
         }
     };
-    let server_config =
+    let (server_config, verifier) =
         tls::server_config(&tls_files).map_err(|error| Error::Io(error.to_string()))?;
     let tokens = token_config
         .map(|token_config| TokenVerifier::load(token_config).map(Arc::new))
@@ -325,10 +325,57 @@ fn identity_mode(config: &ServeConfig) -> Result<Identity, Error> {
     Ok((
         identity::Mode::Verified(Arc::new(identity::Verified {
             tokens: tokens.clone(),
+            certificates: Some(Arc::clone(&verifier)),
         })),
-        Some((server_config, trust_domain)),
+        Some(tls::Listener {
+            config: server_config,
+            verifier,
+            trust_domain,
+        }),
         tokens,
     ))
+}
+
+/// The files reloaded on change and SIGHUP: the JWKS and the revocation lists.
+fn reloadable_files(
+    tokens: Option<Arc<TokenVerifier>>,
+    tls: Option<&tls::Listener>,
+) -> Vec<reload::WatchedFile> {
+    let mut files = Vec::new();
+    if let Some(tokens) = tokens {
+        files.push(reload::WatchedFile {
+            path: tokens.jwks_path().to_owned(),
+            what: "employee token keys",
+            reload: Arc::new(move || {
+                tokens
+                    .reload()
+                    .map(|keys| format!("{keys} keys"))
+                    .map_err(|error| format!("{error}; the current keys stay in place"))
+            }),
+        });
+    }
+    if let Some(tls) = tls
+        && let Some(path) = tls.verifier.crl_path()
+    {
+        let verifier = Arc::clone(&tls.verifier);
+        files.push(reload::WatchedFile {
+            path: path.to_owned(),
+            what: "client certificate revocation lists",
+            reload: Arc::new(move || {
+                verifier
+                    .reload()
+                    .map(|lists| {
+                        let revoked: usize = lists.iter().map(|list| list.revoked).sum();
+                        format!(
+                            "{} lists, {revoked} certificates revoked; open connections are checked again at their next request",
+                            lists.len()
+                        )
+                    })
+                    .map_err(|error| format!("{error}; the lists in use stay in place"))
+            }),
+        });
+    }
+    files
 }
 
 /// Writes failed TLS handshakes to the decision log as authentication failures (rate
@@ -368,9 +415,11 @@ pub async fn start(config: ServeConfig) -> Result<Running, Error> {
 pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<Running, Error> {
     config.check()?;
     let (mode, tls, tokens) = identity_mode(config)?;
-    if let Some((_, trust_domain)) = &tls {
+    if let Some(tls) = &tls {
         tracing::info!(
-            trust_domain,
+            trust_domain = tls.trust_domain,
+            client_crl = ?tls.verifier.crl_path(),
+            revocation_lists = tls.verifier.lists().len(),
             employee_tokens = tokens.is_some(),
             "mutual TLS: services from client certificates{}",
             if tokens.is_some() {
@@ -438,8 +487,11 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
             }
         }
     }));
-    let (policy_watcher, reload_tasks) =
-        reload::spawn(Arc::clone(gate.policies()), config.watch_policies, tokens);
+    let (policy_watcher, reload_tasks) = reload::spawn(
+        Arc::clone(gate.policies()),
+        config.watch_policies,
+        reloadable_files(tokens, tls.as_ref()),
+    );
     background.extend(reload_tasks);
 
     let incoming = tls::incoming(listener, tls, handshake_failures(Arc::clone(&gate)));

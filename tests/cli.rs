@@ -1383,3 +1383,188 @@ fn a_change_saved_but_not_logged_is_recorded_and_the_log_keeps_one_signing_key()
         "nothing logged by refused commands"
     );
 }
+
+/// The private keys ringfence writes (checkpoint signing key, development CA, server,
+/// client and token keys) load in OpenSSL and in Python `cryptography`, and each tool
+/// derives from them the same public key ringfence publishes.
+#[test]
+fn the_private_keys_ringfence_writes_load_in_openssl_and_python_cryptography() {
+    let (Some(openssl), Some(python)) = (
+        system_tools::openssl(),
+        system_tools::python_with_cryptography(),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let init = run(ringfence().current_dir(dir.path()).args([
+        "keys",
+        "init",
+        "--danger-allow-development-master-key",
+    ]));
+    assert_eq!(init.code, 0, "keys init: {}", init.stderr);
+    let pki = run(ringfence()
+        .current_dir(dir.path())
+        .args(["dev", "init", "--policies"])
+        .arg(shipped_policies()));
+    assert_eq!(pki.code, 0, "dev init: {}", pki.stderr);
+
+    let data = dir.path().join("ringfence-data");
+    let pki = data.join("dev-pki");
+    let keys = [
+        data.join("audit-signing-key.pem"),
+        pki.join("token-signing-key.pem"),
+        pki.join("ca-key.pem"),
+        pki.join("server-key.pem"),
+        pki.join("clients/us-signup-key.pem"),
+    ];
+    for key in &keys {
+        assert!(key.exists(), "{} was not written", key.display());
+        let derived = Command::new(&openssl)
+            .args(["pkey", "-pubout", "-in"])
+            .arg(key)
+            .output()
+            .unwrap();
+        assert!(
+            derived.status.success(),
+            "openssl cannot load {}: {}",
+            key.display(),
+            String::from_utf8_lossy(&derived.stderr)
+        );
+        let loaded = Command::new(&python)
+            .args([
+                "-c",
+                "import sys\n\
+                 from cryptography.hazmat.primitives import serialization as s\n\
+                 key = s.load_pem_private_key(open(sys.argv[1], 'rb').read(), None)\n\
+                 sys.stdout.write(key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo).decode())",
+            ])
+            .arg(key)
+            .output()
+            .unwrap();
+        assert!(
+            loaded.status.success(),
+            "python cryptography cannot load {}: {}",
+            key.display(),
+            String::from_utf8_lossy(&loaded.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&derived.stdout),
+            String::from_utf8_lossy(&loaded.stdout),
+            "openssl and python derive different public keys from {}",
+            key.display()
+        );
+    }
+    // The public keys ringfence publishes are the ones the tools derive.
+    let derived = |key: &Path| {
+        let output = Command::new(&openssl)
+            .args(["pkey", "-pubout", "-in"])
+            .arg(key)
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(
+        derived(&keys[0]),
+        std::fs::read_to_string(data.join("audit-signing-key.pub.pem")).unwrap()
+    );
+    let certificate_key = Command::new(&openssl)
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(pki.join("server.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        derived(&keys[3]),
+        String::from_utf8(certificate_key.stdout).unwrap()
+    );
+    let jwks: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pki.join("jwks.json")).unwrap()).unwrap();
+    let x = jwks["keys"][0]["x"].as_str().unwrap();
+    let raw = Command::new(&python)
+        .args([
+            "-c",
+            "import sys, base64\n\
+             from cryptography.hazmat.primitives import serialization as s\n\
+             key = s.load_pem_private_key(open(sys.argv[1], 'rb').read(), None)\n\
+             raw = key.public_key().public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)\n\
+             sys.stdout.write(base64.urlsafe_b64encode(raw).decode().rstrip('='))",
+        ])
+        .arg(&keys[1])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(raw.stdout).unwrap(), x);
+}
+
+#[test]
+fn dev_revoke_lists_the_certificate_keeps_earlier_revocations_and_dev_init_reissues() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = |args: &[&str]| {
+        run(ringfence()
+            .current_dir(dir.path())
+            .arg("dev")
+            .args(args)
+            .arg("--policies")
+            .arg(shipped_policies()))
+    };
+    let revoke = |service: &str| {
+        run(ringfence()
+            .current_dir(dir.path())
+            .args(["dev", "revoke", "--service", service]))
+    };
+    assert_eq!(dev(&["init"]).code, 0);
+    let pki = dir.path().join("ringfence-data/dev-pki");
+    let serial = |service: &str| {
+        let pem = std::fs::read(pki.join(format!("clients/{service}.pem"))).unwrap();
+        ringfence::dev::certificate_serial(&pem).unwrap()
+    };
+    let listed = || {
+        let pem = std::fs::read(pki.join("client-crl.pem")).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&pem.contents).unwrap();
+        let number = crl.crl_number().unwrap().to_string();
+        let revoked: Vec<(Vec<u8>, i64)> = crl
+            .iter_revoked_certificates()
+            .map(|entry| {
+                (
+                    entry.serial().to_bytes_be(),
+                    entry.revocation_date.timestamp(),
+                )
+            })
+            .collect();
+        (number, revoked)
+    };
+    assert_eq!(listed(), ("1".to_owned(), Vec::new()));
+
+    let first = serial("us-signup");
+    let done = revoke("us-signup");
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    assert!(
+        done.stdout
+            .contains("revoked the client certificate of us-signup")
+    );
+    assert!(!pki.join("clients/us-signup.pem").exists());
+    assert!(!pki.join("clients/us-signup-key.pem").exists());
+    let (number, revoked) = listed();
+    assert_eq!(number, "2");
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0].0, first);
+
+    // Nothing left to revoke until `dev init` issues a new certificate.
+    let again = revoke("us-signup");
+    assert_eq!(again.code, 1);
+    assert!(
+        again.stderr.contains("no current certificate"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(dev(&["init"]).code, 0);
+    let second = serial("us-signup");
+    assert_ne!(second, first);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(revoke("us-signup").code, 0);
+    let (number, later) = listed();
+    assert_eq!(number, "3");
+    assert_eq!(later.len(), 2);
+    assert_eq!(later[0], revoked[0], "an earlier revocation changed");
+    assert_eq!(later[1].0, second);
+    assert!(later[1].1 > later[0].1);
+}

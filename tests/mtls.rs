@@ -31,6 +31,8 @@ struct Fixture {
     ca: Ca,
     signer: TokenSigner,
     jwks: PathBuf,
+    /// The `--client-crl` file, when the fixture has one.
+    crl: Option<PathBuf>,
 }
 
 fn service_cert(ca: &Ca, uris: &[String], dns: &[String]) -> Issued {
@@ -54,12 +56,13 @@ impl Fixture {
 
     /// With `--danger-accept-unbound-tokens` when `accept_unbound`.
     async fn start_with(accept_unbound: bool) -> Self {
-        Self::start_full(accept_unbound, false).await
+        Self::start_full(accept_unbound, false, false).await
     }
 
     /// With the JWKS mounted as Kubernetes mounts a Secret when `kubernetes`:
-    /// `jwks.json -> ..data/jwks.json`, `..data -> ..<version>/`.
-    async fn start_full(accept_unbound: bool, kubernetes: bool) -> Self {
+    /// `jwks.json -> ..data/jwks.json`, `..data -> ..<version>/`; with a revocation
+    /// list file (revoking nothing yet) when `crl`.
+    async fn start_full(accept_unbound: bool, kubernetes: bool, crl: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = dir.path().join("pki");
         std::fs::create_dir_all(&pki).unwrap();
@@ -68,6 +71,11 @@ impl Fixture {
         std::fs::write(pki.join("ca.pem"), ca.cert_pem()).unwrap();
         std::fs::write(pki.join("server.pem"), &server_cert.cert_pem).unwrap();
         std::fs::write(pki.join("server-key.pem"), server_cert.key_pem.as_str()).unwrap();
+        let crl = crl.then(|| {
+            let path = pki.join("crl.pem");
+            std::fs::write(&path, ca.revocation_list(&[], 1).unwrap()).unwrap();
+            path
+        });
         let signer = TokenSigner::generate().unwrap();
         let jwks = if kubernetes {
             let mount = dir.path().join("secret");
@@ -87,6 +95,7 @@ impl Fixture {
                     cert: pki.join("server.pem"),
                     key: pki.join("server-key.pem"),
                     client_ca: pki.join("ca.pem"),
+                    client_crl: crl.clone(),
                 },
                 trust_domain: TRUST_DOMAIN.to_owned(),
                 tokens: Some(TokenConfig {
@@ -109,6 +118,7 @@ impl Fixture {
             ca,
             signer,
             jwks,
+            crl,
         }
     }
 
@@ -367,6 +377,18 @@ async fn the_service_comes_from_the_certificate_san() {
             .unwrap()
             .starts_with("client certificate refused")
     );
+    // Every refusal carries the client address, the unknown service's too.
+    for entry in &logged {
+        let outcome = entry["outcome"].as_str().unwrap();
+        assert!(outcome.contains("(from 127.0.0.1:"), "{outcome}");
+    }
+    assert!(
+        logged.iter().any(|entry| entry["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("unknown service `nobody`")),
+        "{logged:?}"
+    );
     fx.server.running.stop().await.unwrap();
 }
 
@@ -487,6 +509,24 @@ async fn employee_tokens_are_verified_and_every_failure_is_logged() {
         let outcome = entry["outcome"].as_str().unwrap();
         assert!(outcome.contains(expected), "{what}: {outcome}");
     }
+    // The unknown employee's entry names the service and carries the client address.
+    let unknown = logged
+        .iter()
+        .find(|entry| {
+            entry["outcome"]
+                .as_str()
+                .unwrap()
+                .contains("unknown principal")
+        })
+        .expect("the unknown principal was not logged");
+    assert!(
+        unknown["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("(from 127.0.0.1:"),
+        "{unknown}"
+    );
+    assert_eq!(unknown["service"], "us-support-tool", "{unknown}");
     // The good token still works.
     let answer = support
         .authorize(with_token(authorize(), &good))
@@ -892,7 +932,7 @@ async fn a_certificate_that_expires_during_a_connection_is_refused_from_then_on(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kubernetes_secret_swap_of_the_jwks_is_picked_up() {
-    let fx = Fixture::start_full(false, true).await;
+    let fx = Fixture::start_full(false, true, false).await;
     let mut support = fx.service("us-support-tool").await;
     let next = TokenSigner::generate().unwrap();
     let new_token = next.sign(&fx.claims("alice")).unwrap();
@@ -920,4 +960,79 @@ async fn a_kubernetes_secret_swap_of_the_jwks_is_picked_up() {
     assert!(accepted, "the swapped JWKS was never loaded");
     let status = refused(&mut support, with_token(authorize(), &fx.token("alice"))).await;
     assert!(status.message().contains("unknown key"), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_on_new_and_open_connections() {
+    let fx = Fixture::start_full(false, false, true).await;
+    let crl = fx.crl.clone().unwrap();
+    let uris = spiffe("us-support-tool");
+    let revoked = service_cert(&fx.ca, &uris, &[]);
+    let kept = service_cert(&fx.ca, &uris, &[]);
+    let mut open = fx.client(&revoked).await;
+    open.authorize(with_token(authorize(), &fx.token("alice")))
+        .await
+        .unwrap();
+
+    // Published as an issuer does: a new file renamed over the old one.
+    let serial = ringfence::dev::certificate_serial(revoked.cert_pem.as_bytes()).unwrap();
+    let next = crl.with_extension("new");
+    std::fs::write(&next, fx.ca.revocation_list(&[serial], 2).unwrap()).unwrap();
+    std::fs::rename(&next, &crl).unwrap();
+    let mut status = None;
+    for _ in 0..100 {
+        match open
+            .authorize(with_token(authorize(), &fx.token("alice")))
+            .await
+        {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(refusal) => {
+                status = Some(refusal);
+                break;
+            }
+        }
+    }
+    let status = status.expect("the open connection was never checked against the new list");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("Revoked"), "{status:?}");
+    assert!(
+        status.message().contains("since this connection was made"),
+        "{status:?}"
+    );
+
+    // A new connection with it fails its handshake, which is logged.
+    if let Ok(mut client) = mtls_client(
+        fx.server.running.local_addr,
+        fx.ca.cert_pem(),
+        Some((revoked.cert_pem.as_str(), revoked.key_pem.as_str())),
+    )
+    .await
+    {
+        client
+            .authorize(with_token(authorize(), &fx.token("alice")))
+            .await
+            .expect_err("a revoked certificate made a new connection");
+    }
+    let mut logged = false;
+    for _ in 0..100 {
+        logged = fx.server.log_entries().iter().any(|entry| {
+            entry["kind"] == "unauthenticated"
+                && entry["outcome"]
+                    .as_str()
+                    .unwrap()
+                    .contains("TLS handshake failed: invalid peer certificate: Revoked")
+        });
+        if logged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(logged, "the refused handshake was not logged");
+    // Other certificates of the same CA still work.
+    fx.client(&kept)
+        .await
+        .authorize(with_token(authorize(), &fx.token("alice")))
+        .await
+        .unwrap();
+    fx.server.running.stop().await.unwrap();
 }

@@ -11,9 +11,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePublicKey};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use rand::TryRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -151,14 +150,9 @@ impl CheckpointSigner {
                 (key, false)
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                let mut seed = Zeroizing::new([0u8; 32]);
-                rand::rngs::SysRng
-                    .try_fill_bytes(seed.as_mut())
-                    .map_err(|_| Error::Random)?;
+                let seed = crate::keyfile::generate_ed25519().map_err(|_| Error::Random)?;
                 let key = SigningKey::from_bytes(&seed);
-                let pem = key
-                    .to_pkcs8_pem(LineEnding::LF)
-                    .map_err(|error| key_error(error.to_string()))?;
+                let pem = crate::keyfile::ed25519_pem(&seed).map_err(key_error)?;
                 crate::fsutil::write_private_file(path, pem.as_bytes())
                     .map_err(|error| key_error(error.to_string()))?;
                 (key, true)

@@ -40,6 +40,17 @@ pub enum Command {
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(i64).range(1..=1440))]
         ttl_minutes: i64,
     },
+    /// Revoke the development client certificate of a service: its serial joins
+    /// <data-dir>/dev-pki/client-crl.pem, which `serve --dev` reloads (connections
+    /// using it are refused from their next request), and its certificate and key are
+    /// deleted; `dev init` issues new ones.
+    Revoke {
+        #[command(flatten)]
+        data: DataDir,
+        /// The service whose certificate to revoke, e.g. us-signup.
+        #[arg(long)]
+        service: String,
+    },
 }
 
 pub fn run(command: Command) -> ExitCode {
@@ -98,6 +109,22 @@ pub fn run(command: Command) -> ExitCode {
             match signer.mint(&employee, &service, time::Duration::minutes(ttl_minutes)) {
                 Ok(token) => {
                     println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => fail(EXIT_FAILURE, error),
+            }
+        }
+        Command::Revoke { data, service } => {
+            if !ringfence::identity::is_directory_id(&service) {
+                return fail(EXIT_FAILURE, format!("`{service}` is not a directory id"));
+            }
+            let pki = DevPki::of(&data.data_dir);
+            match pki.revoke(&service) {
+                Ok(serial) => {
+                    println!(
+                        "revoked the client certificate of {service} (serial {serial}) in {}; `ringfence dev init` issues a new one",
+                        pki.client_crl().display()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(error) => fail(EXIT_FAILURE, error),

@@ -56,6 +56,12 @@ pub struct Args {
     /// CA certificate(s) (PEM) that client certificates must chain to.
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// Certificate revocation lists (PEM, or one DER list) of the client CAs, reloaded
+    /// on change and on SIGHUP; open connections are checked again at their next
+    /// request. Every CA of a client chain needs its list here: a certificate whose
+    /// issuer has none is refused.
+    #[arg(long, requires = "client_ca")]
+    client_crl: Option<PathBuf>,
     /// Trust domain of client certificates: a service is named by the URI SAN
     /// spiffe://<trust-domain>/svc/<service> or the DNS SAN <service>.svc.<trust-domain>.
     #[arg(long, default_value = "ringfence.local", requires = "tls_cert")]
@@ -120,6 +126,7 @@ fn auth(args: &Args) -> Auth {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: client_ca.clone(),
+                client_crl: args.client_crl.clone(),
             },
             trust_domain: args.trust_domain.clone(),
             tokens: match (&args.jwks, &args.token_issuer, &args.token_audience) {

@@ -28,8 +28,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::identity::is_directory_id;
 
 mod lobby;
+mod revocation;
 
 pub use lobby::{MAX_HANDSHAKES, MAX_SILENT_PER_SOURCE};
+pub use revocation::{ClientVerifier, ListSummary, PeerChain};
 
 /// Longest time a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +47,19 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA certificate(s) that client certificates must chain to (PEM).
     pub client_ca: PathBuf,
+    /// Revocation lists of the client CAs (PEM or DER), reloaded on change.
+    pub client_crl: Option<PathBuf>,
+}
+
+/// What the TLS listener needs.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// rustls configuration (its client verifier is `verifier`).
+    pub config: Arc<rustls::ServerConfig>,
+    /// The client-certificate verifier, whose revocation lists reload.
+    pub verifier: Arc<ClientVerifier>,
+    /// Trust domain of the services named by client certificates.
+    pub trust_domain: String,
 }
 
 /// Errors of TLS setup.
@@ -88,31 +103,26 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 }
 
 /// The rustls server configuration: TLS 1.3 only, client certificates required and
-/// verified against `files.client_ca`, ALPN `h2`.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Error> {
+/// verified against `files.client_ca` (and its revocation lists), ALPN `h2`; and its
+/// client verifier.
+pub fn server_config(
+    files: &TlsFiles,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<ClientVerifier>), Error> {
     let chain = certificates(&files.cert)?;
     let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|_| Error::File {
         path: files.key.clone(),
         reason: "no PEM private key (PKCS#8, PKCS#1 or SEC1)".to_owned(),
     })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in certificates(&files.client_ca)? {
-        roots.add(ca).map_err(|error| Error::File {
-            path: files.client_ca.clone(),
-            reason: format!("unusable CA certificate: {error}"),
-        })?;
-    }
+    let verifier = ClientVerifier::new(
+        certificates(&files.client_ca)?,
+        &files.client_ca,
+        files.client_crl.clone(),
+    )?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|error| Error::Config(error.to_string()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|error| Error::Config(error.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
         .map_err(|error| Error::Config(error.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -121,7 +131,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Erro
     // handshake.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 /// What the transport proved about a connection; put into every request's extensions.
@@ -138,6 +148,8 @@ pub struct PeerInfo {
     /// When the verified client certificate expires (Unix seconds): requests on the
     /// connection after it are refused.
     pub certificate_not_after: Option<i64>,
+    /// The verified chain, checked again after the revocation lists change.
+    pub chain: Option<Arc<PeerChain>>,
 }
 
 /// When a certificate (DER) expires, in Unix seconds.
@@ -302,14 +314,14 @@ pub type FailureHook = Arc<dyn Fn(SocketAddr, String) + Send + Sync>;
 /// `on_failure`. The stream ends when the server stops polling it.
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<(Arc<rustls::ServerConfig>, String)>,
+    tls: Option<Listener>,
     on_failure: FailureHook,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (sender, receiver) = mpsc::channel::<io::Result<Conn>>(64);
-    let acceptor = tls.map(|(config, trust_domain)| {
+    let acceptor = tls.map(|tls| {
         (
-            tokio_rustls::TlsAcceptor::from(config),
-            Arc::<str>::from(trust_domain),
+            tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config)),
+            Arc::new(tls),
         )
     });
     let lobby = lobby::Lobby::default();
@@ -330,19 +342,20 @@ pub fn incoming(
             };
             // Small request/response frames must not wait for Nagle's algorithm.
             let _ = stream.set_nodelay(true);
-            let Some((acceptor, trust_domain)) = &acceptor else {
+            let Some((acceptor, tls)) = &acceptor else {
                 let peer = PeerInfo {
                     remote: Some(remote),
                     service: None,
                     certificate_thumbprint: None,
                     certificate_not_after: None,
+                    chain: None,
                 };
                 if sender.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
                     return;
                 }
                 continue;
             };
-            let (acceptor, trust_domain) = (acceptor.clone(), Arc::clone(trust_domain));
+            let (acceptor, tls) = (acceptor.clone(), Arc::clone(tls));
             let (sender, hook) = (sender.clone(), Arc::clone(&on_failure));
             // A duplicate descriptor lets the lobby peek for a ClientHello that
             // arrived before the handshake task ran.
@@ -352,13 +365,7 @@ pub fn incoming(
                 .map(std::net::TcpStream::from);
             let entered = lobby.enter(remote, probe, move |ticket| {
                 tokio::spawn(handshake(
-                    stream,
-                    remote,
-                    ticket,
-                    acceptor,
-                    trust_domain,
-                    sender,
-                    hook,
+                    stream, remote, ticket, acceptor, tls, sender, hook,
                 ))
                 .abort_handle()
             });
@@ -392,7 +399,7 @@ async fn handshake(
     remote: SocketAddr,
     ticket: lobby::Ticket,
     acceptor: tokio_rustls::TlsAcceptor,
-    trust_domain: Arc<str>,
+    tls: Arc<Listener>,
     sender: mpsc::Sender<io::Result<Conn>>,
     on_failure: FailureHook,
 ) {
@@ -415,6 +422,8 @@ async fn handshake(
             );
         }
     }
+    // Taken before the handshake: a reload during it makes the first request look again.
+    let generation = tls.verifier.generation();
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
     let stream = match handshake {
         Ok(Ok(stream)) => stream,
@@ -433,19 +442,17 @@ async fn handshake(
     };
     // Through the lobby: the place goes to the next connection.
     drop(ticket);
-    let leaf = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first());
+    let certificates = stream.get_ref().1.peer_certificates();
+    let leaf = certificates.and_then(|chain| chain.first());
     let service = leaf
-        .map(|leaf| service_identity(leaf.as_ref(), &trust_domain))
+        .map(|leaf| service_identity(leaf.as_ref(), &tls.trust_domain))
         .unwrap_or_else(|| Err("no client certificate".to_owned()));
     let peer = PeerInfo {
         remote: Some(remote),
         service: Some(service),
         certificate_thumbprint: leaf.map(|leaf| certificate_thumbprint(leaf.as_ref())),
         certificate_not_after: leaf.and_then(|leaf| not_after(leaf.as_ref())),
+        chain: certificates.map(|chain| Arc::new(PeerChain::new(chain.to_vec(), generation))),
     };
     let _ = sender.send(Ok(Conn::Tls(Box::new(stream), peer))).await;
 }

@@ -56,6 +56,16 @@ pub fn python_with_cryptography() -> Option<PathBuf> {
     )
 }
 
+/// The OpenSSL command line tool: `$RINGFENCE_OPENSSL`, else `openssl`.
+pub fn openssl() -> Option<PathBuf> {
+    system_tool(
+        "the openssl tool",
+        "RINGFENCE_OPENSSL",
+        "openssl",
+        &["version"],
+    )
+}
+
 fn on_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(program))
