@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::gatekeeper::Limits;
+use crate::identity::tls::TlsFiles;
+use crate::identity::token::TokenConfig;
 use crate::record::Jurisdiction;
-use crate::tls::TlsFiles;
-use crate::token::TokenConfig;
 
 /// How callers prove who they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +186,7 @@ impl ServeConfig {
             }
         }
         if let Auth::Mtls { trust_domain, .. } = &self.auth
-            && !crate::tls::valid_trust_domain(trust_domain)
+            && !crate::identity::tls::valid_trust_domain(trust_domain)
         {
             return Err(Error::TrustDomain(trust_domain.clone()));
         }

@@ -15,8 +15,8 @@ use rcgen::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::tls::TlsFiles;
-use crate::token::TokenConfig;
+use crate::identity::tls::TlsFiles;
+use crate::identity::token::TokenConfig;
 
 /// Subdirectory of the data directory holding the development PKI.
 pub const DEV_PKI_DIR: &str = "dev-pki";
@@ -563,7 +563,7 @@ impl DevPki {
             created.push(tls.cert);
         }
         for service in services {
-            if !crate::identity::is_directory_id(service) {
+            if !crate::record::is_directory_id(service) {
                 // Not usable in a SPIFFE ID or a file name; such a service cannot use mTLS.
                 continue;
             }

@@ -25,8 +25,6 @@ pub mod record;
 pub mod reload;
 pub mod server;
 pub mod service;
-pub mod tls;
-pub mod token;
 
 /// Generated protobuf and gRPC code for `ringfence.v1`; never edited by hand.
 pub mod pb {

@@ -28,6 +28,19 @@ impl InvalidName {
     }
 }
 
+/// Longest directory id (employee or service) accepted, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Whether `value` is a valid directory id: 1 to 128 characters of A-Z, a-z, 0-9,
+/// `.`, `_`, `@` or `-`.
+pub fn is_directory_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_ID_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'))
+}
+
 /// A user value made safe to print: at most 64 characters, control characters escaped.
 pub fn shown(value: &str) -> String {
     let mut out: String = value

@@ -16,14 +16,14 @@ use crate::dev::DevPki;
 use crate::failures;
 use crate::gatekeeper::Gatekeeper;
 use crate::identity;
+use crate::identity::tls;
+use crate::identity::token::TokenVerifier;
 use crate::keyadmin;
 use crate::keys::{self, Keyring};
 use crate::pb;
 use crate::policy::{LoadError, PolicyStore};
 use crate::reload;
 use crate::service::{self, RingfenceService};
-use crate::tls;
-use crate::token::TokenVerifier;
 
 /// gRPC name of the ringfence service, as health checks know it.
 pub const SERVICE_NAME: &str = "ringfence.v1.Ringfence";

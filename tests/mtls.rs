@@ -16,10 +16,10 @@ use base64::Engine as _;
 use common::*;
 use ringfence::config::Auth;
 use ringfence::dev::{Ca, ClientCert, Issued, TokenClaims, TokenSigner};
+use ringfence::identity::tls::TlsFiles;
+use ringfence::identity::token::TokenConfig;
 use ringfence::pb;
 use ringfence::pb::field_outcome::Outcome;
-use ringfence::tls::TlsFiles;
-use ringfence::token::TokenConfig;
 use tonic::Code;
 
 const TRUST_DOMAIN: &str = "example.org";
@@ -752,7 +752,7 @@ async fn idle_connection_floods_do_not_lock_out_real_clients() {
 fn thumbprint(cert_pem: &str) -> String {
     use rustls::pki_types::pem::PemObject as _;
     let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-    ringfence::tls::certificate_thumbprint(der.as_ref())
+    ringfence::identity::tls::certificate_thumbprint(der.as_ref())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prost::Message as _;
-use ringfence::{audit, crypto, dev, gatekeeper, pb, policy, token};
+use ringfence::identity::token;
+use ringfence::{audit, crypto, dev, gatekeeper, pb, policy};
 
 /// Any bytes given as a ciphertext: envelope parsing.
 pub fn envelope(data: &[u8]) {

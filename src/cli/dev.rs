@@ -88,7 +88,7 @@ pub fn run(command: Command) -> ExitCode {
                 Err(error) => return fail(EXIT_INVALID_POLICIES, error),
             };
             for id in [&employee, &service] {
-                if !ringfence::identity::is_directory_id(id) {
+                if !ringfence::record::is_directory_id(id) {
                     return fail(EXIT_FAILURE, format!("`{id}` is not a directory id"));
                 }
             }
@@ -115,7 +115,7 @@ pub fn run(command: Command) -> ExitCode {
             }
         }
         Command::Revoke { data, service } => {
-            if !ringfence::identity::is_directory_id(&service) {
+            if !ringfence::record::is_directory_id(&service) {
                 return fail(EXIT_FAILURE, format!("`{service}` is not a directory id"));
             }
             let pki = DevPki::of(&data.data_dir);

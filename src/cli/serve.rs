@@ -8,11 +8,11 @@ use ringfence::config::{
     Auth, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_STREAMS_PER_CALLER,
     DEFAULT_POLICIES, DEFAULT_STREAM_SEND_TIMEOUT, ServeConfig, StreamLimits,
 };
+use ringfence::identity::tls::TlsFiles;
+use ringfence::identity::token::TokenConfig;
 use ringfence::keys::{MASTER_KEY_ENV, MasterKeyText};
 use ringfence::record::Jurisdiction;
 use ringfence::server::{self, Error};
-use ringfence::tls::TlsFiles;
-use ringfence::token::TokenConfig;
 
 use super::{DataDir, EXIT_FAILURE, EXIT_INVALID_POLICIES, fail};
 

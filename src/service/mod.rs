@@ -14,11 +14,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::failures::Source;
 use crate::gatekeeper::{self, Gatekeeper};
+use crate::identity::tls::PeerInfo;
 use crate::identity::{self, Caller};
 use crate::keys;
 use crate::pb;
 use crate::policy;
-use crate::tls::PeerInfo;
 
 /// Unary calls whose work runs at once, cancelled ones included.
 pub const UNARY_IN_PROGRESS: usize = 1024;

@@ -5,16 +5,23 @@
 //! and employee exist is checked against the directory by `policy`.
 //!
 //! [`Mode::Verified`]: the service is the one named by its verified client
-//! certificate (mTLS, see [`crate::tls`]); the employee, if any, is the subject of a
-//! signed token in the `authorization: Bearer` header (see [`crate::token`]). Identity
+//! certificate (mTLS, see [`tls`]); the employee, if any, is the subject of a
+//! signed token in the `authorization: Bearer` header (see [`token`]). Identity
 //! headers are refused in this mode. [`Mode::DangerTrustIdentityHeaders`] believes
 //! the `x-ringfence-*` headers and exists for local experiments on loopback only.
+//!
+//! Dependencies run one way: this module uses [`tls`] (the listener and what it
+//! proved) and [`token`] (employee tokens); neither uses it.
+
+pub mod tls;
+pub mod token;
 
 use std::sync::Arc;
 
 use crate::policy::Principal;
-use crate::tls::PeerInfo;
-use crate::token::{Binding, TokenVerifier};
+use crate::record::is_directory_id;
+use tls::PeerInfo;
+use token::{Binding, TokenVerifier};
 
 /// Metadata header naming the calling service in the danger mode.
 pub const SERVICE_HEADER: &str = "x-ringfence-service";
@@ -22,8 +29,6 @@ pub const SERVICE_HEADER: &str = "x-ringfence-service";
 pub const EMPLOYEE_HEADER: &str = "x-ringfence-employee";
 /// Metadata header carrying the employee token: `authorization: Bearer <jwt>`.
 pub const AUTHORIZATION_HEADER: &str = "authorization";
-/// Longest directory id accepted, in bytes.
-pub const MAX_ID_LEN: usize = 128;
 /// `authentication` of callers identified by their client certificate alone.
 pub const METHOD_MTLS: &str = "mtls";
 /// `authentication` of employees identified by a token bound to the calling mTLS
@@ -42,7 +47,7 @@ pub struct Verified {
     pub tokens: Option<Arc<TokenVerifier>>,
     /// The listener's client-certificate verifier: a connection is checked again when
     /// its revocation lists change.
-    pub certificates: Option<Arc<crate::tls::ClientVerifier>>,
+    pub certificates: Option<Arc<tls::ClientVerifier>>,
 }
 
 /// How callers are authenticated.
@@ -66,7 +71,7 @@ pub struct Caller {
     /// How the caller was authenticated.
     pub method: &'static str,
     /// For an employee named by a token: what holds a stream to that token.
-    pub lease: Option<crate::token::Lease>,
+    pub lease: Option<token::Lease>,
 }
 
 impl Caller {
@@ -117,7 +122,7 @@ pub enum Error {
     TokensNotConfigured,
     /// The token failed a check.
     #[error(transparent)]
-    Token(#[from] crate::token::TokenError),
+    Token(#[from] token::TokenError),
     /// The token names no service that may present it.
     #[error(
         "employee token is not bound to a service: it needs `cnf.x5t#S256` (the SHA-256 thumbprint of the calling service's certificate) or `azp` (the calling service's id); the server accepts unbound tokens only with --danger-accept-unbound-tokens"
@@ -126,16 +131,6 @@ pub enum Error {
     /// The token is bound to another certificate or service.
     #[error("employee token is bound to {0}, not to the calling service")]
     TokenForOther(String),
-}
-
-/// Whether `value` is a valid directory id: 1 to 128 characters of A-Z, a-z, 0-9,
-/// `.`, `_`, `@` or `-`.
-pub fn is_directory_id(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= MAX_ID_LEN
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'))
 }
 
 /// Values of one metadata header, as the transport saw them; `None` for a value that
@@ -253,79 +248,4 @@ pub fn authenticate<'a>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers<'a>(
-        pairs: &'a [(&'static str, &'a str)],
-    ) -> impl Fn(&'static str) -> HeaderValues<'a> {
-        move |name| {
-            pairs
-                .iter()
-                .filter(|(key, _)| *key == name)
-                .map(|(_, value)| Some(*value))
-                .collect()
-        }
-    }
-
-    #[test]
-    fn danger_mode_reads_service_and_employee() {
-        let caller = authenticate(
-            &Mode::DangerTrustIdentityHeaders,
-            None,
-            headers(&[
-                (SERVICE_HEADER, "us-support-tool"),
-                (EMPLOYEE_HEADER, "alice"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(caller.principal(), Principal::Employee("alice".to_owned()));
-        let service_only = authenticate(
-            &Mode::DangerTrustIdentityHeaders,
-            None,
-            headers(&[(SERVICE_HEADER, "us-signup")]),
-        )
-        .unwrap();
-        assert_eq!(
-            service_only.principal(),
-            Principal::Service("us-signup".to_owned())
-        );
-    }
-
-    #[test]
-    fn missing_repeated_and_invalid_headers_are_refused() {
-        let mode = &Mode::DangerTrustIdentityHeaders;
-        assert_eq!(
-            authenticate(mode, None, headers(&[(EMPLOYEE_HEADER, "alice")])),
-            Err(Error::Missing(SERVICE_HEADER))
-        );
-        assert_eq!(
-            authenticate(
-                mode,
-                None,
-                headers(&[
-                    (SERVICE_HEADER, "a"),
-                    (EMPLOYEE_HEADER, "x"),
-                    (EMPLOYEE_HEADER, "y")
-                ])
-            ),
-            Err(Error::Repeated(EMPLOYEE_HEADER))
-        );
-        assert_eq!(
-            authenticate(
-                mode,
-                None,
-                headers(&[(SERVICE_HEADER, "a"), (EMPLOYEE_HEADER, "Employee::\"x\"")])
-            ),
-            Err(Error::Invalid(EMPLOYEE_HEADER))
-        );
-        assert_eq!(
-            authenticate(mode, None, |_| vec![None]),
-            Err(Error::Invalid(SERVICE_HEADER))
-        );
-        assert_eq!(
-            authenticate(&Mode::Disabled, None, headers(&[(SERVICE_HEADER, "a")])),
-            Err(Error::NotConfigured)
-        );
-    }
-}
+mod tests;

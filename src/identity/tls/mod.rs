@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::identity::is_directory_id;
+use crate::record::is_directory_id;
 
 mod lobby;
 mod revocation;
