@@ -83,12 +83,14 @@ fn bench(c: &mut Criterion) {
         employee: None,
         method: "bench",
         lease: None,
+        certificate: None,
     };
     let alice = Caller {
         service: "us-support-tool".to_owned(),
         employee: Some("alice".to_owned()),
         method: "bench",
         lease: None,
+        certificate: None,
     };
     let plain = PlainRecord {
         record: record_ref("user-00000001"),

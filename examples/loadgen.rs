@@ -274,6 +274,7 @@ async fn in_process(options: &Options, data_dir: &Path) {
         employee: None,
         method: "loadgen",
         lease: None,
+        certificate: None,
     };
     let mut records = Vec::new();
     for n in 0..options.records {
@@ -309,6 +310,7 @@ async fn in_process(options: &Options, data_dir: &Path) {
                 employee: Some("alice".to_owned()),
                 method: "loadgen",
                 lease: None,
+                certificate: None,
             };
             let mut next = client_index;
             while Instant::now() < deadline {

@@ -286,7 +286,7 @@ impl TokenSigner {
             reason,
         };
         let seed = crate::keyfile::generate_ed25519().map_err(failed)?;
-        Self::from_pem(&crate::keyfile::ed25519_pem(&seed).map_err(failed)?)
+        Self::from_pem(&crate::keyfile::ed25519_pem(&seed))
     }
 
     /// A key from PKCS#8 PEM.
@@ -449,10 +449,11 @@ impl DevPki {
             .map_err(|error| unreadable(format!("not PEM: {error}")))?;
         let (_, crl) = x509_parser::parse_x509_crl(&pem.contents)
             .map_err(|error| unreadable(format!("not a revocation list: {error}")))?;
-        let number = crl
-            .crl_number()
-            .and_then(|number| u64::try_from(number).ok())
-            .unwrap_or(0);
+        let number = match crl.crl_number() {
+            None => 0,
+            Some(number) => u64::try_from(number)
+                .map_err(|_| unreadable(format!("CRL number {number} is beyond 64 bits")))?,
+        };
         let serials = crl
             .iter_revoked_certificates()
             .map(|revoked| {
@@ -478,11 +479,23 @@ impl DevPki {
             path: path.clone(),
             reason: "not a PEM certificate".to_owned(),
         })?;
+        // One `dev revoke` at a time: each reads, extends and renumbers the list.
+        let lock = self.dir.join("client-crl.lock");
+        let _one_at_a_time =
+            crate::fsutil::LockFile::acquire(&lock, &crate::fsutil::describe_process("dev revoke"))
+                .map_err(|error| Error::File {
+                    path: lock.clone(),
+                    reason: error.to_string(),
+                })?;
         let (mut revoked, number) = self.revoked()?;
         if !revoked.iter().any(|(known, _)| *known == serial) {
             revoked.push((serial.clone(), time::OffsetDateTime::now_utc()));
         }
-        let list = self.ca()?.revocation_list_since(&revoked, number + 1)?;
+        let number = number.checked_add(1).ok_or_else(|| Error::File {
+            path: self.client_crl(),
+            reason: "its CRL number cannot grow further".to_owned(),
+        })?;
+        let list = self.ca()?.revocation_list_since(&revoked, number)?;
         crate::fsutil::write_private_file(&self.client_crl(), list.as_bytes()).map_err(
             |error| Error::File {
                 path: self.client_crl(),

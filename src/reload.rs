@@ -113,8 +113,8 @@ fn swapped(name: &str) -> bool {
     name.starts_with("..") && name.len() > 2
 }
 
-/// Starts watching the policy directory and `files` (when `watch`) and listening for
-/// SIGHUP, and the task that reloads. Returns the watcher to keep and the tasks to
+/// Starts watching the policy directory (when `watch`) and `files` (always) and
+/// listening for SIGHUP, and the task that reloads. Returns the watcher to keep and the tasks to
 /// abort on stop.
 pub fn spawn(
     policies: Arc<PolicyStore>,
@@ -125,7 +125,9 @@ pub fn spawn(
     let mut tasks = Vec::new();
     let files = Arc::new(files);
 
-    let watcher = if watch {
+    // The reloadable files are watched whatever `watch` says about the policy
+    // directory: a revocation list must not wait for a SIGHUP.
+    let watcher = if watch || !files.is_empty() {
         let sender = requests.clone();
         let watched = Arc::clone(&files);
         let started = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -134,7 +136,7 @@ pub fn spawn(
                 Err(error) => return tracing::warn!(%error, "watch error"),
             };
             tracing::trace!(?event, "watched directory changed");
-            if relevant(&event) {
+            if watch && relevant(&event) {
                 let _ = sender.send(Trigger::FileChange);
             }
             if matches!(event.kind, EventKind::Access(_)) {
@@ -145,24 +147,33 @@ pub fn spawn(
                     file.reload("file-change");
                 }
             }
-        })
-        .and_then(|mut watcher| {
-            watcher.watch(policies.dir(), RecursiveMode::NonRecursive)?;
-            let mut dirs: Vec<PathBuf> = files.iter().map(WatchedFile::dir).collect();
-            dirs.sort();
-            dirs.dedup();
-            for dir in dirs {
-                watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-            }
-            Ok(watcher)
         });
         match started {
-            Ok(watcher) => {
-                tracing::info!(dir = %policies.dir().display(), files = files.len(), "watching the policy directory and reloadable files for changes");
+            Ok(mut watcher) => {
+                if watch {
+                    match watcher.watch(policies.dir(), RecursiveMode::NonRecursive) {
+                        Ok(()) => {
+                            tracing::info!(dir = %policies.dir().display(), "watching the policy directory for changes")
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, dir = %policies.dir().display(), "cannot watch the policy directory; reload with SIGHUP")
+                        }
+                    }
+                }
+                for file in files.iter() {
+                    match watcher.watch(&file.dir(), RecursiveMode::NonRecursive) {
+                        Ok(()) => {
+                            tracing::info!(file = %file.path.display(), "watching the {} for changes", file.what)
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, file = %file.path.display(), "cannot watch the {}: changes apply only on SIGHUP", file.what)
+                        }
+                    }
+                }
                 Some(watcher)
             }
             Err(error) => {
-                tracing::warn!(%error, dir = %policies.dir().display(), "cannot watch the policy directory or reloadable files; reload with SIGHUP");
+                tracing::error!(%error, "cannot watch files: the policy directory and the reloadable files reload only on SIGHUP");
                 None
             }
         }
@@ -177,9 +188,14 @@ pub fn spawn(
             let files = Arc::clone(&files);
             tasks.push(tokio::spawn(async move {
                 while hangups.recv().await.is_some() {
-                    for file in files.iter() {
-                        file.reload("SIGHUP");
-                    }
+                    // File reads and parsing stay off the async workers.
+                    let reloaded = Arc::clone(&files);
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for file in reloaded.iter() {
+                            file.reload("SIGHUP");
+                        }
+                    })
+                    .await;
                     if sender.send(Trigger::Hangup).is_err() {
                         break;
                     }

@@ -207,6 +207,9 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
 
 /// Oldest a client connection may grow before the server asks it to reconnect.
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+/// How long calls in flight on a connection past [`MAX_CONNECTION_AGE`] may go on
+/// before the connection is closed under them.
+const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(600);
 
 /// How long shutdown waits for open connections to finish their calls.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -505,6 +508,7 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
             // Certificates and tokens are checked per request, but a connection is
             // not kept for ever either.
             .max_connection_age(MAX_CONNECTION_AGE)
+            .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(ringfence)

@@ -973,11 +973,33 @@ async fn a_revoked_certificate_is_refused_on_new_and_open_connections() {
     open.authorize(with_token(authorize(), &fx.token("alice")))
         .await
         .unwrap();
+    // A stream opened before the revocation, by the service on its own (no token
+    // that could end it instead).
+    let mut signup = fx.service("us-signup").await;
+    let record = encrypted_record(&mut signup, tonic::Request::new(profile("u-1", "US"))).await;
+    let revoked_signup = service_cert(&fx.ca, &spiffe("us-signup"), &[]);
+    let mut streaming = fx.client(&revoked_signup).await;
+    let ask = || decrypt_request(record.clone(), &["display_name"], "", "");
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let mut answers = streaming
+        .decrypt_records(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    sender.send(ask()).await.unwrap();
+    let first = answers.message().await.unwrap().unwrap();
+    assert!(first.status.is_none(), "{first:?}");
 
     // Published as an issuer does: a new file renamed over the old one.
     let serial = ringfence::dev::certificate_serial(revoked.cert_pem.as_bytes()).unwrap();
+    let stream_serial =
+        ringfence::dev::certificate_serial(revoked_signup.cert_pem.as_bytes()).unwrap();
     let next = crl.with_extension("new");
-    std::fs::write(&next, fx.ca.revocation_list(&[serial], 2).unwrap()).unwrap();
+    std::fs::write(
+        &next,
+        fx.ca.revocation_list(&[serial, stream_serial], 2).unwrap(),
+    )
+    .unwrap();
     std::fs::rename(&next, &crl).unwrap();
     let mut status = None;
     for _ in 0..100 {
@@ -999,6 +1021,11 @@ async fn a_revoked_certificate_is_refused_on_new_and_open_connections() {
         status.message().contains("since this connection was made"),
         "{status:?}"
     );
+    // The open stream decrypts no further record.
+    sender.send(ask()).await.unwrap();
+    let status = answers.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("Revoked"), "{status:?}");
 
     // A new connection with it fails its handshake, which is logged.
     if let Ok(mut client) = mtls_client(

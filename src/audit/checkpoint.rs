@@ -152,7 +152,7 @@ impl CheckpointSigner {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let seed = crate::keyfile::generate_ed25519().map_err(|_| Error::Random)?;
                 let key = SigningKey::from_bytes(&seed);
-                let pem = crate::keyfile::ed25519_pem(&seed).map_err(key_error)?;
+                let pem = crate::keyfile::ed25519_pem(&seed);
                 crate::fsutil::write_private_file(path, pem.as_bytes())
                     .map_err(|error| key_error(error.to_string()))?;
                 (key, true)

@@ -58,8 +58,9 @@ pub struct Args {
     client_ca: Option<PathBuf>,
     /// Certificate revocation lists (PEM, or one DER list) of the client CAs, reloaded
     /// on change and on SIGHUP; open connections are checked again at their next
-    /// request. Every CA of a client chain needs its list here: a certificate whose
-    /// issuer has none is refused.
+    /// request or streamed record. Every CA of a client chain needs its list here: a
+    /// certificate whose issuer has none is refused. A reload that would take a
+    /// revocation back (a list missing or older than the one in use) is rejected.
     #[arg(long, requires = "client_ca")]
     client_crl: Option<PathBuf>,
     /// Trust domain of client certificates: a service is named by the URI SAN
@@ -98,7 +99,7 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_STREAM_SEND_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
     stream_send_timeout_secs: u64,
     /// Do not reload policies when files in the policy directory change (SIGHUP still
-    /// reloads).
+    /// reloads; the JWKS and revocation lists are still watched).
     #[arg(long)]
     no_watch_policies: bool,
     /// Decision log checkpoint signing key (PKCS#8 PEM Ed25519), created if missing.

@@ -72,9 +72,64 @@ pub struct Caller {
     pub method: &'static str,
     /// For an employee named by a token: what holds a stream to that token.
     pub lease: Option<token::Lease>,
+    /// For a service named by a client certificate: what holds a stream to that
+    /// certificate.
+    pub certificate: Option<CertificateLease>,
 }
 
+/// What a connection's client certificate stays valid for: its expiry, and the
+/// verifier that checks its chain again after the revocation lists change.
+#[derive(Debug, Clone)]
+pub struct CertificateLease {
+    not_after: Option<i64>,
+    recheck: Option<(Arc<tls::ClientVerifier>, Arc<tls::PeerChain>)>,
+}
+
+impl CertificateLease {
+    /// Whether the certificate is still good: not expired since the handshake, and
+    /// its chain still verifies against the current revocation lists.
+    pub fn check(&self) -> Result<(), Error> {
+        if let Some(not_after) = self.not_after
+            && time::OffsetDateTime::now_utc().unix_timestamp() > not_after
+        {
+            return Err(Error::Certificate(
+                "the client certificate has expired since this connection was made: reconnect with a current one".to_owned(),
+            ));
+        }
+        if let Some((verifier, chain)) = &self.recheck {
+            verifier.recheck(chain).map_err(Error::Certificate)?;
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for CertificateLease {
+    fn eq(&self, other: &Self) -> bool {
+        self.not_after == other.not_after
+            && match (&self.recheck, &other.recheck) {
+                (Some((_, mine)), Some((_, theirs))) => Arc::ptr_eq(mine, theirs),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
+impl Eq for CertificateLease {}
+
 impl Caller {
+    /// Whether the credentials the caller was authenticated with still hold (a long
+    /// stream asks before every record): the client certificate (expiry, revocation)
+    /// and the employee token (expiry, key reload).
+    pub fn check_credentials(&self) -> Result<(), Error> {
+        if let Some(certificate) = &self.certificate {
+            certificate.check()?;
+        }
+        if let Some(lease) = &self.lease {
+            lease.check()?;
+        }
+        Ok(())
+    }
+
     /// The Cedar principal: the employee when there is one, else the service.
     pub fn principal(&self) -> Principal {
         match &self.employee {
@@ -169,6 +224,7 @@ pub fn authenticate<'a>(
                 employee: employee.map(str::to_owned),
                 method: METHOD_DANGER,
                 lease: None,
+                certificate: None,
             })
         }
         Mode::Verified(verified) => {
@@ -183,19 +239,14 @@ pub fn authenticate<'a>(
                 Some(Ok(service)) => service.clone(),
             };
             // The handshake checked the certificate once; a connection outlives it.
-            if let Some(not_after) = peer.and_then(|peer| peer.certificate_not_after)
-                && time::OffsetDateTime::now_utc().unix_timestamp() > not_after
-            {
-                return Err(Error::Certificate(
-                    "the client certificate has expired since this connection was made: reconnect with a current one".to_owned(),
-                ));
-            }
-            if let (Some(verifier), Some(chain)) = (
-                &verified.certificates,
-                peer.and_then(|peer| peer.chain.as_ref()),
-            ) {
-                verifier.recheck(chain).map_err(Error::Certificate)?;
-            }
+            let certificate = CertificateLease {
+                not_after: peer.and_then(|peer| peer.certificate_not_after),
+                recheck: verified
+                    .certificates
+                    .clone()
+                    .zip(peer.and_then(|peer| peer.chain.clone())),
+            };
+            certificate.check()?;
             let mut lease = None;
             let mut method = METHOD_MTLS;
             let employee = match one(AUTHORIZATION_HEADER)? {
@@ -242,6 +293,7 @@ pub fn authenticate<'a>(
                 employee,
                 method,
                 lease,
+                certificate: Some(certificate),
             })
         }
     }

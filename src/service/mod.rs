@@ -648,6 +648,7 @@ mod tests {
             employee: employee.map(str::to_owned),
             method: "test",
             lease: None,
+            certificate: None,
         });
         request
     }
@@ -785,6 +786,7 @@ mod tests {
             employee: Some("alice".to_owned()),
             method: "test",
             lease: None,
+            certificate: None,
         };
         // A transport that never takes an answer: the stream is never polled.
         let mut stalled = stream::serve(context(), alice.clone(), requests(100)).unwrap();
@@ -846,6 +848,7 @@ mod tests {
             employee: Some("alice".to_owned()),
             method: "test",
             lease: None,
+            certificate: None,
         };
         let receipt = gatekeeper::Receipt {
             action: crate::policy::Action::Decrypt,

@@ -324,12 +324,10 @@ impl Driver {
                             ending = Some(status);
                         }
                         Some(Ok(message)) => {
-                            if let Some(lease) = &self.caller.lease
-                                && let Err(error) = lease.check()
-                            {
+                            if let Err(error) = self.caller.check_credentials() {
                                 reading = false;
                                 ending = Some(Status::unauthenticated(format!(
-                                    "record {index}: {error}; the stream ends here (answers before it stand): open a new one with a current token"
+                                    "record {index}: {error}; the stream ends here (answers before it stand): open a new one with current credentials"
                                 )));
                                 continue;
                             }

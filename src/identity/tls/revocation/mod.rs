@@ -83,12 +83,33 @@ fn crl_error(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// Largest revocation list file read.
+pub const MAX_CRL_FILE_BYTES: u64 = 64 << 20;
+
+/// The bytes of the revocation list file, refusing one over [`MAX_CRL_FILE_BYTES`].
+fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|error| crl_error(path, error.to_string()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CRL_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|error| crl_error(path, error.to_string()))?;
+    if bytes.len() as u64 > MAX_CRL_FILE_BYTES {
+        return Err(crl_error(
+            path,
+            format!("larger than {} MiB: not read", MAX_CRL_FILE_BYTES >> 20),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// The CRLs in a file's bytes: PEM (`-----BEGIN X509 CRL-----` blocks) or one DER list.
 fn read_lists(
     path: &Path,
     bytes: &[u8],
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, Error> {
-    if bytes.first() == Some(&0x30) {
+    let pem = bytes.windows(10).any(|window| window == b"-----BEGIN");
+    if !pem && bytes.first() == Some(&0x30) {
         return Ok(vec![CertificateRevocationListDer::from(bytes.to_vec())]);
     }
     let lists = CertificateRevocationListDer::pem_slice_iter(bytes)
@@ -110,7 +131,6 @@ fn load_lists(
     bytes: &[u8],
     root_certificates: &[CertificateDer<'_>],
 ) -> Result<Vec<List>, Error> {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut lists: Vec<List> = Vec::new();
     for (index, der) in read_lists(path, bytes)?.into_iter().enumerate() {
         let which = index + 1;
@@ -125,33 +145,37 @@ fn load_lists(
                 ));
             }
             let issuer = crl.issuer().to_string();
-            // Several CA certificates may share a name (a key rollover): one must
-            // have signed the list.
-            let mut named = false;
-            let mut signed = false;
+            // A list of a client CA (a trust anchor) is checked here; one of an
+            // intermediate CA is checked by the handshakes that use it. One list per
+            // name: two client CAs of one name (a key rollover) cannot both be served.
+            let mut refused = None;
             for root in root_certificates {
                 let Ok((_, ca)) = x509_parser::parse_x509_certificate(root.as_ref()) else {
                     continue;
                 };
-                if ca.subject().as_raw() == crl.issuer().as_raw() {
-                    named = true;
-                    signed |= crl.verify_signature(ca.public_key()).is_ok();
+                if ca.subject().as_raw() != crl.issuer().as_raw() {
+                    continue;
+                }
+                match crl.verify_signature(ca.public_key()) {
+                    Ok(()) => {
+                        refused = None;
+                        break;
+                    }
+                    Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
+                        refused = Some("its signature algorithm is not supported");
+                    }
+                    Err(_) => {
+                        refused = Some("it is not signed by the client CA of that name");
+                    }
                 }
             }
-            if named && !signed {
+            if let Some(reason) = refused {
                 return Err(crl_error(
                     path,
-                    format!("the list of `{issuer}` is not signed by the client CA of that name"),
+                    format!("the list of `{issuer}` is refused: {reason}"),
                 ));
             }
             let next_update = crl.next_update().map(|time| time.timestamp());
-            if next_update.is_some_and(|next| next < now) {
-                tracing::warn!(
-                    crl = %path.display(),
-                    issuer,
-                    "the revocation list is past its nextUpdate: it still applies, but certificates revoked since are not known here; publish a fresh one"
-                );
-            }
             let number = crl.crl_number().cloned();
             List {
                 issuer: crl.issuer().as_raw().to_vec(),
@@ -198,11 +222,25 @@ impl ClientVerifier {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (lists, digest): (Arc<[List]>, _) = match &crl_path {
             Some(path) => {
-                let bytes = super::read(path)?;
-                (
-                    load_lists(path, &bytes, &root_certificates)?.into(),
-                    digest(&bytes),
-                )
+                let bytes = read_file(path)?;
+                let lists = load_lists(path, &bytes, &root_certificates)?;
+                warn_about(path, &lists);
+                for root in &root_certificates {
+                    let Ok((_, ca)) = x509_parser::parse_x509_certificate(root.as_ref()) else {
+                        continue;
+                    };
+                    if !lists
+                        .iter()
+                        .any(|list| list.issuer == ca.subject().as_raw())
+                    {
+                        tracing::warn!(
+                            crl = %path.display(),
+                            ca = %ca.subject(),
+                            "no revocation list of this client CA: every certificate it issued is refused (revocation status unknown)"
+                        );
+                    }
+                }
+                (lists.into(), digest(&bytes))
             }
             None => (Arc::from([]), [0; 32]),
         };
@@ -252,11 +290,12 @@ impl ClientVerifier {
         )
     }
 
-    /// Reads the revocation list file again and puts its lists in use; returns them. A
-    /// file that cannot be read or checked, or that would replace a list with an older
-    /// one (a lower CRL number: a rollback un-revokes), changes nothing; nor does an
-    /// unchanged file (open connections are not checked again for it). Reloads run one
-    /// at a time.
+    /// Reads the revocation list file again and puts its lists in use; returns them.
+    /// Nothing changes when the file cannot be read or checked, or when it would take
+    /// back a revocation: a list of a CA in use is missing, or has a lower CRL number
+    /// than the one in use, or the same number with other contents, or no number where
+    /// the one in use has one. An unchanged file changes nothing either (open
+    /// connections are not checked again for it). Reloads run one at a time.
     pub fn reload(&self) -> Result<Vec<ListSummary>, Error> {
         let Some(path) = &self.crl_path else {
             return Ok(Vec::new());
@@ -265,38 +304,49 @@ impl ClientVerifier {
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let bytes = super::read(path)?;
+        let bytes = read_file(path)?;
         let (_, old, old_digest) = self.snapshot();
         let digest = digest(&bytes);
         if digest == old_digest {
+            warn_about(path, &old);
             return Ok(old.iter().map(|list| list.summary.clone()).collect());
         }
         let lists = load_lists(path, &bytes, &self.root_certificates)?;
-        for list in &lists {
-            let Some(earlier) = old.iter().find(|earlier| earlier.issuer == list.issuer) else {
-                continue;
-            };
-            if let (Some(earlier_number), Some(number)) = (&earlier.number, &list.number)
-                && number < earlier_number
-            {
-                return Err(crl_error(
+        for earlier in old.iter() {
+            let going_back = |why: String| {
+                Err(crl_error(
                     path,
                     format!(
-                        "the list of `{}` has CRL number {number}, older than the {earlier_number} in use: refusing to go back (it could un-revoke certificates)",
-                        list.summary.issuer
+                        "the list of `{}` {why}: refusing a change that could un-revoke certificates",
+                        earlier.summary.issuer
                     ),
-                ));
+                ))
+            };
+            let Some(list) = lists.iter().find(|list| list.issuer == earlier.issuer) else {
+                return going_back("is missing from the new file".to_owned());
+            };
+            match (&earlier.number, &list.number) {
+                (Some(earlier_number), Some(number)) if number < earlier_number => {
+                    return going_back(format!(
+                        "has CRL number {number}, older than the {earlier_number} in use"
+                    ));
+                }
+                (Some(earlier_number), Some(number))
+                    if number == earlier_number && list.der != earlier.der =>
+                {
+                    return going_back(format!(
+                        "has the CRL number {number} of the list in use but other contents"
+                    ));
+                }
+                (Some(earlier_number), None) => {
+                    return going_back(format!(
+                        "has no CRL number, where the list in use has {earlier_number}"
+                    ));
+                }
+                _ => {}
             }
         }
-        for earlier in old.iter() {
-            if !lists.iter().any(|list| list.issuer == earlier.issuer) {
-                tracing::warn!(
-                    crl = %path.display(),
-                    issuer = earlier.summary.issuer,
-                    "the new file has no list from this CA: its certificates are refused (revocation status unknown)"
-                );
-            }
-        }
+        warn_about(path, &lists);
         let lists: Arc<[List]> = lists.into();
         let verifier = build(&self.roots, &self.provider, &lists, Some(path))?;
         let summaries = lists.iter().map(|list| list.summary.clone()).collect();
@@ -335,6 +385,20 @@ impl ClientVerifier {
                 );
                 Err(chain.refused.get_or_init(|| reason).clone())
             }
+        }
+    }
+}
+
+/// Warns about lists past their `nextUpdate`.
+fn warn_about(path: &Path, lists: &[List]) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for list in lists {
+        if list.summary.next_update.is_some_and(|next| next < now) {
+            tracing::warn!(
+                crl = %path.display(),
+                issuer = list.summary.issuer,
+                "the revocation list is past its nextUpdate: it still applies, but certificates revoked since are not known here; publish a fresh one"
+            );
         }
     }
 }

@@ -117,6 +117,25 @@ fn an_older_list_an_unreadable_file_or_a_foreign_signature_changes_nothing() {
         error.contains("CRL number 4, older than the 5 in use"),
         "{error}"
     );
+    // So would the same number with fewer entries, or a file without the list.
+    setup.publish(&setup.ca.revocation_list(&[], 5).unwrap());
+    let error = verifier.reload().unwrap_err().to_string();
+    assert!(
+        error.contains("the CRL number 5 of the list in use but other contents"),
+        "{error}"
+    );
+    let other = Ca::generate("another CA").unwrap();
+    setup.publish(&other.revocation_list(&[], 1).unwrap());
+    let error = verifier.reload().unwrap_err().to_string();
+    assert!(error.contains("is missing from the new file"), "{error}");
+    // Cut between two PEM blocks: still refused.
+    let both = format!(
+        "{}{}",
+        other.revocation_list(&[], 2).unwrap(),
+        setup.ca.revocation_list(&[serial(&revoked)], 6).unwrap()
+    );
+    setup.publish(&both[..both.len() / 2]);
+    assert!(verifier.reload().is_err());
     // Caught mid-write, or not a list at all.
     for garbage in ["-----BEGIN X509 CRL-----\nAAAA", "", "hello"] {
         setup.publish(garbage);
@@ -130,6 +149,7 @@ fn an_older_list_an_unreadable_file_or_a_foreign_signature_changes_nothing() {
         error.contains("not signed by the client CA of that name"),
         "{error}"
     );
+    assert!(error.contains("is refused"), "{error}");
     // Two lists of one CA.
     let list = setup.ca.revocation_list(&[], 6).unwrap();
     setup.publish(&format!("{list}{list}"));
@@ -140,8 +160,14 @@ fn an_older_list_an_unreadable_file_or_a_foreign_signature_changes_nothing() {
     assert!(verify(&verifier, &revoked).is_err());
     assert_eq!(verifier.lists()[0].number.as_deref(), Some("5"));
 
-    // A DER list is accepted too.
+    // Leading text before the PEM block, even one starting like DER.
     let pem = setup.ca.revocation_list(&[serial(&revoked)], 6).unwrap();
+    setup.publish(&format!("0 comment line\n{pem}"));
+    verifier.reload().unwrap();
+    assert!(verify(&verifier, &revoked).is_err());
+
+    // A DER list is accepted too.
+    let pem = setup.ca.revocation_list(&[serial(&revoked)], 7).unwrap();
     let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
     std::fs::write(&setup.crl_file, der.as_ref()).unwrap();
     verifier.reload().unwrap();
