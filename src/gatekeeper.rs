@@ -351,12 +351,6 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-fn rfc3339_now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 fn new_request_id() -> Result<String, crypto::Error> {
     let mut id = [0u8; 16];
     // The OS RNG, fallibly: `rand::rng()` would panic if seeding failed.
@@ -414,7 +408,7 @@ impl<'a> Context<'a> {
         policy_set: Option<&str>,
     ) -> Entry {
         Entry {
-            time: rfc3339_now(),
+            time: crate::record::rfc3339_now(),
             request_time: self.request_time,
             request_id: self.request_id.clone(),
             kind: kind.to_owned(),
@@ -515,7 +509,7 @@ impl Gatekeeper {
             ));
         }
         let mut entry = Entry::bare(
-            rfc3339_now(),
+            crate::record::rfc3339_now(),
             unix_now(),
             new_request_id()?,
             "unauthenticated",
@@ -944,7 +938,7 @@ impl Gatekeeper {
         receipt: &Receipt,
         reason: &str,
     ) -> Result<(), Error> {
-        let time = rfc3339_now();
+        let time = crate::record::rfc3339_now();
         let mut entry = Entry::bare(
             time,
             unix_now(),

@@ -74,8 +74,7 @@ impl DataPaths {
 pub fn key_event_entry(event: &KeyEvent, actor: &str) -> Entry {
     let time = time::OffsetDateTime::now_utc();
     let mut entry = Entry::bare(
-        time.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
+        crate::record::rfc3339(time),
         time.unix_timestamp(),
         String::new(),
         audit::KEY_EVENT_KIND,

@@ -28,6 +28,17 @@ impl InvalidName {
     }
 }
 
+/// A time as the log, the keyring and status reports write it: RFC 3339, UTC.
+pub fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The current time, as [`rfc3339`] writes it.
+pub fn rfc3339_now() -> String {
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
 /// Longest directory id (employee or service) accepted, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 

@@ -1069,9 +1069,7 @@ impl Writer {
             && let Some(signer) = &self.options.signer
         {
             let now = time::OffsetDateTime::now_utc();
-            let signed_at = now
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default();
+            let signed_at = crate::record::rfc3339(now);
             // The verifier refuses a checkpoint over entries written more than its
             // slack before it (that is what removed checkpoints look like). Entries that
             // waited that long (a crash, a sealed segment, a stalled disk) are reported

@@ -3,9 +3,7 @@ use super::*;
 fn entry(n: usize) -> Entry {
     Entry {
         // Written now, as the writer would see it (checkpoints sign within seconds).
-        time: time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap(),
+        time: crate::record::rfc3339_now(),
         request_time: 1_790_000_000,
         request_id: format!("req-{n}"),
         kind: "decrypt".to_owned(),
@@ -713,9 +711,9 @@ fn append_chained(dir: &Path, entry: &Entry) -> u64 {
 }
 
 fn at(offset_seconds: i64) -> String {
-    (time::OffsetDateTime::now_utc() + time::Duration::seconds(offset_seconds))
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap()
+    crate::record::rfc3339(
+        time::OffsetDateTime::now_utc() + time::Duration::seconds(offset_seconds),
+    )
 }
 
 fn verify_signed(dir: &Path) -> Result<VerifyReport, VerifyFailure> {

@@ -292,12 +292,6 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 /// Takes the keyring's writer lock in `data_dir`, waiting for other writers.
 pub fn lock(data_dir: &Path, holder: &str) -> Result<LockFile, Error> {
     Ok(LockFile::acquire(
@@ -654,7 +648,7 @@ fn new_version(wrapping: &WrappingKey, version: KeyVersion) -> Result<(VersionKe
         VersionKeys {
             derivation,
             key_id,
-            created_at: now_rfc3339(),
+            created_at: crate::record::rfc3339_now(),
             sealed,
         },
         key_id,

@@ -187,7 +187,7 @@ fn swapped_keys_resealed_with_the_right_master_key_are_refused_by_key_id() {
             VersionKeys {
                 derivation: DerivationKey::from_root(other),
                 key_id,
-                created_at: now_rfc3339(),
+                created_at: crate::record::rfc3339_now(),
                 sealed,
             },
         );

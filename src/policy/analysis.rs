@@ -48,11 +48,6 @@ impl Observed {
         self.resource_identity || self.resource_attributes.contains(name)
     }
 
-    /// Whether the attribute `name` of the context can influence a decision.
-    pub fn context_attribute(&self, name: &str) -> bool {
-        self.whole_context || self.context_attributes.contains(name)
-    }
-
     /// How the value of context attribute `name` can influence a decision.
     pub fn context_use(&self, name: &str) -> ContextUse<'_> {
         if self.whole_context || self.context_raw.contains(name) {
@@ -421,12 +416,12 @@ mod tests {
     fn whole_context_uses_are_detected() {
         let observed = observe(r#"permit(principal, action, resource) when { context == {} };"#);
         assert!(observed.whole_context);
-        assert!(observed.context_attribute("anything"));
+        assert!(observed.whole_context);
         let nested = observe(
             r#"permit(principal, action, resource) when { context.service.jurisdiction == resource.jurisdiction };"#,
         );
         assert!(!nested.whole_context);
-        assert!(nested.context_attribute("service"));
+        assert!(nested.context_attributes.contains("service"));
         assert!(nested.resource_attribute("jurisdiction"));
     }
 }

@@ -1,4 +1,8 @@
+use std::path::Path;
+
+use super::diagnostics::policy_locations;
 use super::*;
+use crate::record::StatedPurpose;
 
 fn shipped() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
@@ -397,13 +401,13 @@ fn missing_and_duplicate_ids_name_file_and_line() {
     });
     assert!(
         message.contains(
-            "zz.cedar:4: duplicate policy id `public-fields-readable-by-employees`, already used in"
+            "zz.cedar:3:1: duplicate policy id `public-fields-readable-by-employees`, already used in"
         ),
         "{message}"
     );
     assert!(message.contains("company-wide.cedar"), "{message}");
     assert!(
-        message.contains("zz.cedar:6: policy has no `@id"),
+        message.contains("zz.cedar:6:1: policy has no `@id"),
         "{message}"
     );
 }
@@ -487,9 +491,8 @@ fn reload_keeps_the_old_set_when_the_new_one_is_invalid() {
 }
 
 #[test]
-fn policy_line_skips_comments_strings_and_attribute_names() {
-    let text = "// permit ( in a comment\n@id(\"permit\")\npermit (principal, action, resource)\nwhen { context.purpose == \"forbid\" };\n\n@id(\"b\")\nforbid (principal, action, resource);\n";
-    assert_eq!(policy_line(text, 0), Some(3));
-    assert_eq!(policy_line(text, 1), Some(7));
-    assert_eq!(policy_line(text, 2), None);
+fn policy_locations_come_from_cedar_spans_past_comments_and_strings() {
+    let text = "// permit ( in a comment\n@id(\"permit\")\npermit (principal, action, resource)\nwhen { context.purpose == \"forbid\" };\n\n  @id(\"b\")\nforbid (principal, action, resource);\n";
+    assert_eq!(policy_locations(text), vec![(2, 1), (6, 3)]);
+    assert!(policy_locations("permit (").is_empty());
 }
