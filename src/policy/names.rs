@@ -59,7 +59,9 @@ impl Principal {
 impl FromStr for Principal {
     type Err = String;
 
-    /// Parses what `Display` writes: `Employee::"alice"` or `Service::"us-signup"`.
+    /// Parses what `Display` writes, Cedar's entity uid syntax: `Employee::"alice"` or
+    /// `Service::"us-signup"`. (Logs written before, with Rust's string quoting, read
+    /// the same: directory ids need no escaping in either.)
     fn from_str(text: &str) -> Result<Self, String> {
         let bad = || {
             format!(
@@ -67,9 +69,9 @@ impl FromStr for Principal {
                 crate::record::shown(text)
             )
         };
-        let (kind, quoted) = text.split_once("::").ok_or_else(bad)?;
-        let id = unquote(quoted).ok_or_else(bad)?;
-        match kind {
+        let uid = EntityUid::from_str(text).map_err(|_| bad())?;
+        let id = uid.id().unescaped().to_owned();
+        match uid.type_name().to_string().as_str() {
             "Employee" => Ok(Principal::Employee(id)),
             "Service" => Ok(Principal::Service(id)),
             _ => Err(bad()),
@@ -77,38 +79,10 @@ impl FromStr for Principal {
     }
 }
 
-/// Reverses Rust's `{:?}` quoting of a string.
-fn unquote(quoted: &str) -> Option<String> {
-    let inner = quoted.strip_prefix('"')?.strip_suffix('"')?;
-    let mut out = String::with_capacity(inner.len());
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next()? {
-            '"' => out.push('"'),
-            '\'' => out.push('\''),
-            '\\' => out.push('\\'),
-            'n' => out.push('\n'),
-            'r' => out.push('\r'),
-            't' => out.push('\t'),
-            '0' => out.push('\0'),
-            'u' => {
-                let rest: String = chars.by_ref().take_while(|c| *c != '}').collect();
-                let hex = rest.strip_prefix('{')?;
-                out.push(char::from_u32(u32::from_str_radix(hex, 16).ok()?)?);
-            }
-            _ => return None,
-        }
-    }
-    Some(out)
-}
-
 impl fmt::Display for Principal {
+    /// Cedar's entity uid syntax, as policies write it: `Employee::"alice"`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}::{:?}", self.type_name(), self.id())
+        write!(f, "{}::\"{}\"", self.type_name(), self.id().escape_debug())
     }
 }
 

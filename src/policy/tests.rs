@@ -496,3 +496,45 @@ fn policy_locations_come_from_cedar_spans_past_comments_and_strings() {
     assert_eq!(policy_locations(text), vec![(2, 1), (6, 3)]);
     assert!(policy_locations("permit (").is_empty());
 }
+
+#[test]
+fn principals_are_written_and_read_in_cedar_entity_uid_syntax() {
+    // As logs have always written them.
+    for (text, principal) in [
+        (
+            r#"Employee::"alice""#,
+            Principal::Employee("alice".to_owned()),
+        ),
+        (
+            r#"Service::"us-signup""#,
+            Principal::Service("us-signup".to_owned()),
+        ),
+        (
+            r#"Employee::"first.last@example.org""#,
+            Principal::Employee("first.last@example.org".to_owned()),
+        ),
+    ] {
+        assert_eq!(principal.to_string(), text);
+        assert_eq!(text.parse::<Principal>().unwrap(), principal);
+        // Cedar reads it as the same entity.
+        let uid = cedar_policy::EntityUid::from_str(text).unwrap();
+        assert_eq!(uid.id().unescaped(), principal.id());
+    }
+    // Ids Cedar must escape still round-trip.
+    let odd = Principal::Employee("a\"b\\c\nd".to_owned());
+    assert_eq!(odd.to_string().parse::<Principal>().unwrap(), odd);
+    assert_eq!(
+        cedar_policy::EntityUid::from_str(&odd.to_string())
+            .unwrap()
+            .to_string(),
+        odd.to_string()
+    );
+    for bad in [
+        "alice",
+        r#"Team::"x""#,
+        r#"Employee::alice"#,
+        r#"Employee::"a" extra"#,
+    ] {
+        assert!(bad.parse::<Principal>().is_err(), "{bad}");
+    }
+}
