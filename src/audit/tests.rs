@@ -1,3 +1,9 @@
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
 use super::*;
 
 fn entry(n: usize) -> Entry {

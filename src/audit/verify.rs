@@ -86,7 +86,7 @@ pub struct VerifyReport {
     pub reported_unsigned: Vec<(u64, u64)>,
     /// The first entry (seq, time) not yet vouched for by a checkpoint, format 2 only.
     #[serde(skip)]
-    pending_unsigned: Option<super::UnsignedSpan>,
+    pending_unsigned: Option<super::writer::UnsignedSpan>,
 }
 
 /// The first problem found, located by segment, line and sequence number.
@@ -343,7 +343,7 @@ fn verify_line(
                 .push((span.first_seq, report.entries));
         }
     } else if fields.kind != CHECKPOINT_KIND && fields.format.is_some() {
-        super::UnsignedSpan::extend(&mut report.pending_unsigned, fields.seq, &fields.time);
+        super::writer::UnsignedSpan::extend(&mut report.pending_unsigned, fields.seq, &fields.time);
     }
     if fields.kind == CHECKPOINT_KIND {
         let Some(checkpoint) = &fields.checkpoint else {
