@@ -1,0 +1,192 @@
+//! Admission: every request is authenticated and its caller checked against the
+//! directory in one layer, before any handler runs; refusals are logged through the
+//! failure limiter. Handlers only read the admitted [`Caller`].
+
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+
+use crate::failures::Source;
+use crate::gatekeeper::Gatekeeper;
+use crate::identity::tls::PeerInfo;
+use crate::identity::{self, Caller};
+
+/// Admits a request to the `Ringfence` service only with an authenticated caller that
+/// the directory knows (service and employee): everything else is refused here, before
+/// any handler runs, with `UNAUTHENTICATED`, and the failure goes to the decision log
+/// through the per-source limiter ([`crate::failures`]). Admitted requests carry their
+/// [`Caller`] in their extensions; handlers take it from there and nowhere else.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    mode: identity::Mode,
+    gate: Arc<Gatekeeper>,
+}
+
+impl Admission {
+    /// Authenticates with `mode` against the directory of `gate`'s policies.
+    pub fn new(mode: identity::Mode, gate: Arc<Gatekeeper>) -> Self {
+        Self { mode, gate }
+    }
+}
+
+impl Admission {
+    /// The caller of a request with these extensions (the connection's [`PeerInfo`])
+    /// and headers, if it is authenticated and in the directory.
+    fn admit(
+        &self,
+        extensions: &tonic::codegen::http::Extensions,
+        headers: &tonic::codegen::http::HeaderMap,
+    ) -> Result<Caller, Box<Refusal>> {
+        let peer = extensions.get::<PeerInfo>();
+        let remote = peer.and_then(|peer| peer.remote);
+        let proven = peer
+            .and_then(|peer| peer.service.as_ref())
+            .and_then(|service| service.as_ref().ok());
+        let outcome = identity::authenticate(&self.mode, peer, |name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(|value| value.to_str().ok())
+                .collect()
+        });
+        let (reason, source) = match outcome {
+            Ok(caller) => {
+                let known = self
+                    .gate
+                    .policies()
+                    .current()
+                    .check_caller(&caller.principal(), &caller.service);
+                match known {
+                    Ok(()) => return Ok(caller),
+                    Err(error) => (
+                        error.to_string(),
+                        Source::Caller {
+                            service: caller.service,
+                            employee: caller.employee,
+                        },
+                    ),
+                }
+            }
+            Err(error) => {
+                let source = match (proven, remote) {
+                    (Some(service), _) => Source::Caller {
+                        service: service.clone(),
+                        employee: None,
+                    },
+                    (None, Some(remote)) => Source::Address(remote.ip()),
+                    (None, None) => Source::Unknown,
+                };
+                (error.to_string(), source)
+            }
+        };
+        let held_back = self.gate.admit_authentication_failure(&source);
+        Err(Box::new(Refusal {
+            reason,
+            remote,
+            source,
+            held_back,
+            gate: Arc::clone(&self.gate),
+        }))
+    }
+}
+
+/// A request [`Admission`] refused, and whether its failure is to be logged.
+struct Refusal {
+    reason: String,
+    remote: Option<std::net::SocketAddr>,
+    source: Source,
+    held_back: Option<u64>,
+    gate: Arc<Gatekeeper>,
+}
+
+impl Refusal {
+    /// Logs the failure if the limiter admitted it, then answers `UNAUTHENTICATED`.
+    /// The entry is written by a task of its own: a client that resets the call
+    /// cannot take it (and the count of failures held back with it) out of the log.
+    async fn answer(self) -> Status {
+        let Self {
+            reason,
+            remote,
+            source,
+            held_back,
+            gate,
+        } = self;
+        if let Some(held_back) = held_back {
+            let reason = reason.clone();
+            let written = tokio::spawn(async move {
+                if let Err(error) = gate
+                    .log_authentication_failure(&reason, remote, &source, held_back)
+                    .await
+                {
+                    tracing::error!(%error, "authentication failure not logged");
+                }
+            });
+            let _ = written.await;
+        }
+        Status::unauthenticated(reason)
+    }
+}
+
+/// A service behind [`Admission`]: no request reaches it unauthenticated.
+#[derive(Debug, Clone)]
+pub struct Admitted<S> {
+    inner: S,
+    admission: Admission,
+}
+
+impl<S> Admitted<S> {
+    /// Puts `inner` behind `admission`.
+    pub fn new(inner: S, admission: Admission) -> Self {
+        Self { inner, admission }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Admitted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Admitted<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+        >,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: tonic::codegen::http::Request<B>) -> Self::Future {
+        match self
+            .admission
+            .admit(request.extensions(), request.headers())
+        {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                Box::pin(self.inner.call(request))
+            }
+            Err(refusal) => Box::pin(async move { Ok(refusal.answer().await.into_http()) }),
+        }
+    }
+}
+
+/// The caller [`Admission`] put into the request.
+pub(super) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| {
+            tracing::error!("a request reached a handler without admission");
+            Status::unauthenticated("request is not authenticated")
+        })
+}
