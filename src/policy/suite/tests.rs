@@ -1,3 +1,6 @@
+use std::path::Path;
+
+use super::report::xml;
 use super::*;
 
 fn snapshot() -> PolicySnapshot {
