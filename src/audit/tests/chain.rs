@@ -1,0 +1,296 @@
+//! The chain: appends, restarts, segments, torn tails, failed writes, tampering.
+
+use std::fs;
+
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+#[test]
+fn concurrent_appends_chain_and_verify_across_restarts_and_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each round is one or more group commits; a segment fills up after the first.
+    for round in 0..4u64 {
+        let state = write_entries(dir.path(), 20, 4096);
+        assert_eq!(state.last_seq, round * 20);
+    }
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.entries, 80);
+    assert!(report.segments > 2, "rotation by size: {report:?}");
+    assert!(report.torn_tails.is_empty());
+}
+
+#[test]
+fn chain_line_round_trips() {
+    let (line, hash) = chain_line(7, GENESIS_HASH, &entry(1)).unwrap();
+    let (body, claimed) = split_line(&line).unwrap();
+    assert_eq!(claimed, hash);
+    let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(value["seq"], 7);
+    assert_eq!(value["hash"], hash.as_str());
+    assert!(body.ends_with("\"outcome\":\"decided\"}"), "{body}");
+}
+
+#[test]
+fn tampering_is_detected_and_located() {
+    let dir = tempfile::tempdir().unwrap();
+    write_entries(dir.path(), 6, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let original = lines_of(&segment);
+
+    let cases: Vec<(&str, Vec<String>, u64)> = vec![
+        (
+            "edit",
+            {
+                let mut lines = original.clone();
+                lines[2] = lines[2].replace("alice", "alicf");
+                lines
+            },
+            3,
+        ),
+        (
+            "delete",
+            {
+                let mut lines = original.clone();
+                lines.remove(3);
+                lines
+            },
+            4,
+        ),
+        (
+            "swap",
+            {
+                let mut lines = original.clone();
+                lines.swap(1, 2);
+                lines
+            },
+            2,
+        ),
+        (
+            "rehash after edit",
+            {
+                // An attacker who recomputes the edited entry's own hash still breaks the link.
+                let mut lines = original.clone();
+                let (body, _) = split_line(&lines[2]).unwrap();
+                let edited = body.replace("alice", "alicf");
+                let hash = hex::encode(Sha256::digest(edited.as_bytes()));
+                lines[2] = format!("{},\"hash\":\"{hash}\"}}", &edited[..edited.len() - 1]);
+                lines
+            },
+            4,
+        ),
+    ];
+    for (what, lines, bad_line) in cases {
+        write_lines(&segment, &lines);
+        let failure = verify(dir.path()).unwrap_err();
+        assert_eq!(failure.line, bad_line, "{what}: {failure}");
+        assert_eq!(failure.segment, segment, "{what}");
+    }
+}
+
+#[test]
+fn torn_tail_is_reported_and_the_writer_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    write_entries(dir.path(), 3, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let mut text = fs::read_to_string(&segment).unwrap();
+    text.push_str("{\"seq\":4,\"prev_h");
+    fs::write(&segment, &text).unwrap();
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.torn_tails, vec![segment.clone()]);
+
+    let state = write_entries(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+    assert_eq!(state.torn_tail, Some(segment.clone()));
+    assert_eq!(state.segment, 2);
+    assert_eq!(
+        fs::read_to_string(&segment).unwrap(),
+        text,
+        "torn segment left untouched"
+    );
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.entries, 5);
+    assert_eq!(report.segments, 2);
+}
+
+#[test]
+fn a_missing_segment_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        write_entries(dir.path(), 10, 2048);
+    }
+    fs::remove_file(segment_path(dir.path(), 2)).unwrap();
+    let failure = verify(dir.path()).unwrap_err();
+    assert!(
+        failure.problem.contains("segment 2 is missing"),
+        "{failure}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_failed_write_fails_closed_then_resumes_in_a_new_segment() {
+    // /dev/full accepts opens and fails every write with ENOSPC.
+    if !Path::new("/dev/full").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    // A zero segment size rotates before every batch: the first batch goes to segment 2,
+    // which is /dev/full.
+    let (log, _) = DecisionLog::open_with_segment_size(dir.path(), 0).unwrap();
+    std::os::unix::fs::symlink("/dev/full", segment_path(dir.path(), 2)).unwrap();
+    runtime.block_on(async {
+        let error = log.append(entry(1)).await.unwrap_err();
+        assert!(
+            error.to_string().contains("decision log unavailable"),
+            "{error}"
+        );
+        assert!(!log.is_healthy());
+        // The next append seals segment 2 and continues in a fresh segment.
+        let appended = log.append(entry(2)).await.unwrap();
+        assert_eq!(appended.seq, 1, "the failed entry was never acknowledged");
+        assert!(log.is_healthy());
+    });
+    let marker = read_failed_marker(dir.path(), 2).unwrap().unwrap();
+    assert_eq!(marker.last_durable_seq, 0);
+    assert_eq!(marker.head, GENESIS_HASH);
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.entries, 1);
+    assert_eq!(report.failed_segments.len(), 1);
+    // A restart continues the chain after the sealed segment.
+    drop(log);
+    let state = write_entries(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+    assert_eq!(state.last_seq, 1);
+    assert_eq!(verify(dir.path()).unwrap().entries, 3);
+}
+
+#[test]
+fn entries_after_the_last_acknowledged_one_in_a_sealed_segment_are_not_chained() {
+    let dir = tempfile::tempdir().unwrap();
+    write_entries(dir.path(), 4, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let lines = lines_of(&segment);
+    let (_, head_of_2) = split_line(&lines[1]).unwrap();
+    // As if the batch holding seq 3 and 4 failed its fsync: sealed after seq 2.
+    let marker = FailedMarker {
+        segment: 1,
+        last_durable_seq: 2,
+        head: head_of_2.to_owned(),
+        reason: "test".to_owned(),
+    };
+    fs::write(
+        failed_marker_path(dir.path(), 1),
+        serde_json::to_string(&marker).unwrap(),
+    )
+    .unwrap();
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.entries, 2);
+    assert_eq!(report.failed_segments, vec![(segment.clone(), 2)]);
+    // The writer continues from seq 2 in segment 2.
+    let state = write_entries(dir.path(), 1, DEFAULT_SEGMENT_BYTES);
+    assert_eq!((state.last_seq, state.segment), (2, 2));
+    assert_eq!(verify(dir.path()).unwrap().entries, 3);
+    // Deleting an acknowledged entry of the sealed segment is still detected.
+    write_lines(&segment, &lines[..1]);
+    let failure = verify(dir.path()).unwrap_err();
+    assert!(failure.problem.contains("entries deleted"), "{failure}");
+}
+
+#[test]
+fn segments_rotate_by_age_and_a_dropped_segment_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    let (log, _) = DecisionLog::open_with(
+        dir.path(),
+        LogOptions {
+            max_segment_age: std::time::Duration::from_millis(100),
+            signer: Some(signer()),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    runtime.block_on(async {
+        for n in 0..3 {
+            log.append(entry(n)).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        }
+        log.checkpoint().await.unwrap();
+    });
+    let report = verify_with(dir.path(), &with_key()).unwrap();
+    assert_eq!(report.segments, 3, "{report:?}");
+    // Each segment starts with its entry and a checkpoint: the chain spans segments.
+    assert_eq!(report.checkpoints, 3);
+    assert_eq!(report.unsigned_tail, 0);
+    fs::remove_file(segment_path(dir.path(), 2)).unwrap();
+    let failure = verify_with(dir.path(), &with_key()).unwrap_err();
+    assert!(
+        failure.problem.contains("segment 2 is missing"),
+        "{failure}"
+    );
+}
+
+#[test]
+fn a_second_writer_is_refused_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = DecisionLog::open_with(
+        dir.path(),
+        LogOptions {
+            holder: "`first writer` (pid 1)".to_owned(),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    let error = DecisionLog::open(dir.path()).unwrap_err();
+    assert!(matches!(error, Error::Locked { .. }), "{error}");
+    assert!(
+        error.to_string().contains("`first writer` (pid 1)"),
+        "{error}"
+    );
+    drop(log);
+    // Once the first writer is gone the directory is free again.
+    write_entries(dir.path(), 1, DEFAULT_SEGMENT_BYTES);
+}
+
+#[test]
+fn entries_of_unknown_format_are_refused_and_old_entries_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    write_entries(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
+    let segment = segment_path(dir.path(), 1);
+    let lines = lines_of(&segment);
+    assert!(
+        lines
+            .iter()
+            .all(|line| line.starts_with("{\"seq\":") && line.contains(",\"format\":2,"))
+    );
+    // Format-1 entries (no `format` member, as written before) still verify.
+    let mut prev = GENESIS_HASH.to_owned();
+    let mut old = Vec::new();
+    for (index, line) in lines.iter().enumerate() {
+        let (body, _) = split_line(line).unwrap();
+        let body = body.replace(",\"format\":2", "");
+        let body = body.replacen(
+            &format!("\"prev_hash\":\"{}\"", split_prev(line)),
+            &format!("\"prev_hash\":\"{prev}\""),
+            1,
+        );
+        let hash = hex::encode(Sha256::digest(body.as_bytes()));
+        old.push(format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]));
+        prev = hash;
+        assert_eq!(index + 1, old.len());
+    }
+    write_lines(&segment, &old);
+    assert_eq!(verify(dir.path()).unwrap().entries, 2);
+    // A format this verifier does not know is named, not guessed at.
+    let newer: Vec<String> = {
+        let (body, _) = split_line(&lines[0]).unwrap();
+        let body = body.replace(",\"format\":2,", ",\"format\":3,");
+        let hash = hex::encode(Sha256::digest(body.as_bytes()));
+        vec![format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1])]
+    };
+    write_lines(&segment, &newer);
+    let failure = verify(dir.path()).unwrap_err();
+    assert!(
+        failure.problem.contains("entry format 3 is unknown"),
+        "{failure}"
+    );
+}
