@@ -4,9 +4,12 @@
 //! is decrypted only when a Cedar policy permits the authenticated caller, and only after
 //! the decision has been durably appended to a hash-chained decision log.
 //!
-//! The modules mirror the data flow (see `docs/architecture.md`):
-//! [`identity`] -> [`service`] (proto <-> domain) -> [`gatekeeper`] which asks [`policy`],
-//! appends to [`audit`], and uses [`keys`] and [`crypto`].
+//! The modules mirror the data flow (see `docs/architecture.md`, one row per module):
+//! [`identity`] (with [`identity::tls`] and [`identity::token`]) -> [`service`] (proto
+//! <-> domain) -> [`gatekeeper`] which asks [`policy`], appends to [`audit`], and uses
+//! [`keys`] and [`crypto`]. The public surface is what the binary, the fuzz targets,
+//! the benchmarks and the examples use ("The public surface" in that document);
+//! everything else is private to its module.
 #![forbid(unsafe_code)]
 
 pub mod audit;

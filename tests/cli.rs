@@ -29,6 +29,37 @@ struct Output {
     stderr: String,
 }
 
+impl Output {
+    /// Asserts that the command exited with 0.
+    #[track_caller]
+    fn succeeded(&self) -> &Self {
+        assert_eq!(self.code, 0, "exit code {}: {}", self.code, self.stderr);
+        self
+    }
+
+    /// Asserts that standard output names `needle`.
+    #[track_caller]
+    fn says(&self, needle: &str) -> &Self {
+        assert!(
+            self.stdout.contains(needle),
+            "stdout does not say `{needle}`: {}",
+            self.stdout
+        );
+        self
+    }
+
+    /// Asserts that standard error names `needle`.
+    #[track_caller]
+    fn complains(&self, needle: &str) -> &Self {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr does not say `{needle}`: {}",
+            self.stderr
+        );
+        self
+    }
+}
+
 fn run(command: &mut Command) -> Output {
     let output = command.output().unwrap();
     Output {
@@ -43,8 +74,8 @@ fn policy_validate_accepts_the_shipped_set_and_names_file_and_line_of_errors() {
     let ok = run(ringfence()
         .args(["policy", "validate", "--policies"])
         .arg(shipped_policies()));
-    assert_eq!(ok.code, 0, "{}", ok.stderr);
-    assert!(ok.stdout.contains("valid: 10 policies"), "{}", ok.stdout);
+    ok.succeeded();
+    ok.says("valid: 10 policies");
 
     let dir = tempfile::tempdir().unwrap();
     copy_policies(dir.path());
@@ -57,8 +88,8 @@ fn policy_validate_accepts_the_shipped_set_and_names_file_and_line_of_errors() {
         .args(["policy", "validate", "--policies"])
         .arg(dir.path()));
     assert_eq!(bad.code, 3, "{}", bad.stderr);
-    assert!(bad.stderr.contains("new.cedar:3:"), "{}", bad.stderr);
-    assert!(bad.stderr.contains("clasification"), "{}", bad.stderr);
+    bad.complains("new.cedar:3:");
+    bad.complains("clasification");
 
     // `serve` refuses to start on the same set, before binding anything.
     let data = tempfile::tempdir().unwrap();
@@ -68,7 +99,7 @@ fn policy_validate_accepts_the_shipped_set_and_names_file_and_line_of_errors() {
         .arg("--data-dir")
         .arg(data.path().join("d")));
     assert_eq!(serve.code, 3, "{}", serve.stderr);
-    assert!(serve.stderr.contains("new.cedar:3:"), "{}", serve.stderr);
+    serve.complains("new.cedar:3:");
     assert!(!serve.stderr.contains("listening"), "{}", serve.stderr);
 }
 
@@ -93,8 +124,8 @@ fn policy_explain_says_why() {
             "--ticket",
             "INC-1",
         ]));
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.contains("DENY"), "{}", out.stdout);
+    out.succeeded();
+    out.says("DENY");
     assert!(
         out.stdout
             .contains("determined by parent-company-never-reads-us (")
@@ -116,24 +147,15 @@ fn policy_explain_says_why() {
             "--jurisdiction",
             "US",
         ]));
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.succeeded();
     assert_eq!(
         out.stdout.lines().count(),
         21,
         "a header and the 20 catalog fields: {}",
         out.stdout
     );
-    assert!(
-        out.stdout.contains("no policy permits this (default deny)"),
-        "{}",
-        out.stdout
-    );
-    assert!(
-        out.stdout
-            .contains("determined by public-fields-readable-by-employees"),
-        "{}",
-        out.stdout
-    );
+    out.says("no policy permits this (default deny)");
+    out.says("determined by public-fields-readable-by-employees");
 
     let out = run(ringfence()
         .args(["policy", "explain", "--policies"])
@@ -149,7 +171,7 @@ fn policy_explain_says_why() {
             "US",
         ]));
     assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("unknown principal"), "{}", out.stderr);
+    out.complains("unknown principal");
 }
 
 #[test]
@@ -167,11 +189,7 @@ fn serve_refuses_insecure_configurations() {
         .arg("--data-dir")
         .arg(data.path()));
     assert_eq!(out.code, 1);
-    assert!(
-        out.stderr.contains("listen on a loopback address"),
-        "{}",
-        out.stderr
-    );
+    out.complains("listen on a loopback address");
     for (flags, expected) in [
         (
             &["--dev"][..],
@@ -195,7 +213,7 @@ fn serve_refuses_insecure_configurations() {
     // Half a TLS configuration is a usage error.
     let out = run(ringfence().args(["serve", "--tls-cert", "server.pem"]));
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("--tls-key"), "{}", out.stderr);
+    out.complains("--tls-key");
     // A TLS configuration with unreadable files names the file.
     let out = run(ringfence()
         .args([
@@ -214,7 +232,7 @@ fn serve_refuses_insecure_configurations() {
         .arg("--data-dir")
         .arg(data.path()));
     assert_eq!(out.code, 1, "{}", out.stderr);
-    assert!(out.stderr.contains("missing.pem"), "{}", out.stderr);
+    out.complains("missing.pem");
 
     let out = run(ringfence()
         .args([
@@ -231,11 +249,7 @@ fn serve_refuses_insecure_configurations() {
         "bad jurisdiction is a usage error: {}",
         out.stderr
     );
-    assert!(
-        out.stderr.contains("invalid jurisdiction `us`"),
-        "{}",
-        out.stderr
-    );
+    out.complains("invalid jurisdiction `us`");
 }
 
 /// A spawned server, killed if a test fails before stopping it.
@@ -373,7 +387,7 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         "--service",
         "us-support-tool",
     ]));
-    assert_eq!(token.code, 0, "{}", token.stderr);
+    token.succeeded();
     // Only for employees and services of the directory.
     let stranger = run(ringfence().current_dir(dir.path()).args([
         "dev",
@@ -384,11 +398,7 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         "us-support-tool",
     ]));
     assert_ne!(stranger.code, 0);
-    assert!(
-        stranger.stderr.contains("unknown principal"),
-        "{}",
-        stranger.stderr
-    );
+    stranger.complains("unknown principal");
     let token = token.stdout.trim().to_owned();
     assert_eq!(token.split('.').count(), 3, "{token}");
     let address: std::net::SocketAddr = address_of(&started).parse().unwrap();
@@ -471,12 +481,8 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
     let verify = run(ringfence()
         .current_dir(dir.path())
         .args(["audit", "verify"]));
-    assert_eq!(verify.code, 0, "{}", verify.stderr);
-    assert!(
-        verify.stdout.contains(" checkpoints, 3 key events)"),
-        "{}",
-        verify.stdout
-    );
+    verify.succeeded();
+    verify.says(" checkpoints, 3 key events)");
 
     let query = run(ringfence().current_dir(dir.path()).args([
         "audit",
@@ -492,7 +498,7 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         "--since",
         "2000-01-01",
     ]));
-    assert_eq!(query.code, 0, "{}", query.stderr);
+    query.succeeded();
     let lines: Vec<&str> = query.stdout.lines().collect();
     assert_eq!(lines.len(), 1, "{}", query.stdout);
     let entry: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
@@ -504,13 +510,13 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
     let public_key = run(ringfence()
         .current_dir(dir.path())
         .args(["audit", "public-key"]));
-    assert_eq!(public_key.code, 0, "{}", public_key.stderr);
+    public_key.succeeded();
     assert!(public_key.stdout.starts_with("-----BEGIN PUBLIC KEY-----"));
     std::fs::write(dir.path().join("auditor.pem"), &public_key.stdout).unwrap();
     let checkpoint = run(ringfence()
         .current_dir(dir.path())
         .args(["audit", "checkpoint"]));
-    assert_eq!(checkpoint.code, 0, "{}", checkpoint.stderr);
+    checkpoint.succeeded();
     assert!(checkpoint.stdout.contains("\"kind\":\"checkpoint\""));
     std::fs::write(dir.path().join("saved-checkpoint.json"), &checkpoint.stdout).unwrap();
     let keyed = run(ringfence().current_dir(dir.path()).args([
@@ -522,27 +528,13 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         "saved-checkpoint.json",
     ]));
     assert_eq!(keyed.code, 0, "{}{}", keyed.stdout, keyed.stderr);
-    assert!(
-        keyed.stdout.contains("every signature valid"),
-        "{}",
-        keyed.stdout
-    );
-    assert!(
-        keyed.stdout.contains(": present and unchanged"),
-        "{}",
-        keyed.stdout
-    );
+    keyed.says("every signature valid");
+    keyed.says(": present and unchanged");
     let replay = run(ringfence()
         .current_dir(dir.path())
         .args(["audit", "replay"]));
     assert_eq!(replay.code, 0, "{}{}", replay.stdout, replay.stderr);
-    assert!(
-        replay
-            .stdout
-            .contains("2 entries replayed (21 field decisions) with 1 policy set(s): 0 differ"),
-        "{}",
-        replay.stdout
-    );
+    replay.says("2 entries replayed (21 field decisions) with 1 policy set(s): 0 differ");
 
     // A decision altered in the log (the chain breaks too, but replay reads entries as
     // they are): replay names the entry and field.
@@ -582,28 +574,18 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         "--dev",
     ]));
     assert_eq!(refused.code, 1, "{}", refused.stderr);
-    assert!(
-        refused.stderr.contains("hash mismatch"),
-        "{}",
-        refused.stderr
-    );
+    refused.complains("hash mismatch");
     std::fs::write(&segment, &text).unwrap();
 
     // The development master key is refused unless asked for by name.
     let refused = run(ringfence().current_dir(dir.path()).args(["keys", "list"]));
     assert_eq!(refused.code, 1, "{}", refused.stderr);
-    assert!(
-        refused
-            .stderr
-            .contains("--danger-allow-development-master-key"),
-        "{}",
-        refused.stderr
-    );
+    refused.complains("--danger-allow-development-master-key");
     let keys = run(ringfence()
         .current_dir(dir.path())
         .args(["keys", "list", "--dev"]));
-    assert_eq!(keys.code, 0, "{}", keys.stderr);
-    assert!(keys.stdout.contains("US\tv1\t"), "{}", keys.stdout);
+    keys.succeeded();
+    keys.says("US\tv1\t");
     let rotate = run(ringfence().current_dir(dir.path()).args([
         "keys",
         "rotate",
@@ -611,7 +593,7 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         "US",
         "--dev",
     ]));
-    assert_eq!(rotate.code, 0, "{}", rotate.stderr);
+    rotate.succeeded();
     assert!(
         rotate.stdout.contains("US\tv2\t") && rotate.stdout.contains("generation 2\t(rotate)"),
         "{}",
@@ -643,29 +625,17 @@ fn a_supplied_master_key_never_appears_in_output_and_a_wrong_one_is_refused() {
 
     let wrong = serve_refused(dir.path(), Some(&"6b".repeat(32)), &[]);
     assert_eq!(wrong.code, 1, "{}", wrong.stderr);
-    assert!(
-        wrong.stderr.contains("does not open keyring"),
-        "{}",
-        wrong.stderr
-    );
+    wrong.complains("does not open keyring");
     assert!(!wrong.stderr.contains(&"6b".repeat(32)));
 
     let garbled = serve_refused(dir.path(), Some("not-a-key-but-secret"), &[]);
     assert_eq!(garbled.code, 1);
-    assert!(
-        garbled.stderr.contains("is not 32 bytes"),
-        "{}",
-        garbled.stderr
-    );
+    garbled.complains("is not 32 bytes");
     assert!(!garbled.stderr.contains("not-a-key-but-secret"));
 
     let none = serve_refused(dir.path(), None, &[]);
     assert_eq!(none.code, 1);
-    assert!(
-        none.stderr.contains("no master key was supplied"),
-        "{}",
-        none.stderr
-    );
+    none.complains("no master key was supplied");
 }
 
 #[test]
@@ -743,11 +713,7 @@ fn kill_9_under_load_loses_no_entry_of_any_answered_request() {
         "ringfence-data/audit-signing-key.pub.pem",
     ]));
     assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
-    assert!(
-        verify.stdout.contains("every signature valid"),
-        "{}",
-        verify.stdout
-    );
+    verify.says("every signature valid");
     assert_eq!(
         verify.stdout.contains("ends in a torn line"),
         torn,
@@ -814,7 +780,7 @@ fn audit_verify_names_the_first_bad_entry() {
     let segment = ringfence::audit::segment_path(&log, 1);
     std::fs::write(&segment, &text).unwrap();
     let ok = run(ringfence().args(["audit", "verify", "--log"]).arg(&log));
-    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    ok.succeeded();
     // Every audit command also finds the log through the data directory.
     for command in ["verify", "query", "checkpoint"] {
         let by_data_dir = run(ringfence()
@@ -843,12 +809,7 @@ fn audit_verify_names_the_first_bad_entry() {
     std::fs::write(&segment, text.replacen("\"r2\"", "\"r9\"", 1)).unwrap();
     let bad = run(ringfence().args(["audit", "verify", "--log"]).arg(&log));
     assert_eq!(bad.code, 4);
-    assert!(
-        bad.stderr
-            .contains("decisions-000001.jsonl: line 2 (seq 2): hash mismatch"),
-        "{}",
-        bad.stderr
-    );
+    bad.complains("decisions-000001.jsonl: line 2 (seq 2): hash mismatch");
 }
 
 #[test]
@@ -858,23 +819,14 @@ fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
         .args(["policy", "test", "--policies"])
         .arg(&shipped));
     assert_eq!(ok.code, 0, "{}{}", ok.stdout, ok.stderr);
-    assert!(ok.stdout.contains(" passed, 0 failed"), "{}", ok.stdout);
-    assert!(
-        ok.stdout
-            .contains("PASS every parent-company employee is denied every US profile field"),
-        "{}",
-        ok.stdout
-    );
-    assert!(
-        ok.stdout.contains("policy coverage: 100.0% (10 of 10"),
-        "{}",
-        ok.stdout
-    );
+    ok.says(" passed, 0 failed");
+    ok.says("PASS every parent-company employee is denied every US profile field");
+    ok.says("policy coverage: 100.0% (10 of 10");
 
     let json = run(ringfence()
         .args(["policy", "test", "--format", "json", "--policies"])
         .arg(&shipped));
-    assert_eq!(json.code, 0, "{}", json.stderr);
+    json.succeeded();
     let report: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert!(report["passed"].as_u64().unwrap() >= 30);
     assert_eq!(report["failed"], 0);
@@ -891,9 +843,9 @@ fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
             "--policies",
         ])
         .arg(&shipped));
-    assert_eq!(junit.code, 0, "{}", junit.stderr);
+    junit.succeeded();
     assert!(junit.stdout.starts_with("<?xml"), "{}", junit.stdout);
-    assert!(junit.stdout.contains("failures=\"0\""), "{}", junit.stdout);
+    junit.says("failures=\"0\"");
 
     // Coverage below the threshold: the filter runs only one suite.
     let low = run(ringfence()
@@ -908,16 +860,8 @@ fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
         ])
         .arg(&shipped));
     assert_eq!(low.code, 6, "{}{}", low.stdout, low.stderr);
-    assert!(
-        low.stderr.contains("below --min-coverage 90%"),
-        "{}",
-        low.stderr
-    );
-    assert!(
-        low.stderr.contains("us-legal-reads-restricted"),
-        "{}",
-        low.stderr
-    );
+    low.complains("below --min-coverage 90%");
+    low.complains("us-legal-reads-restricted");
 
     // A weakened forbid: the cases that pin it fail, and say how.
     let dir = tempfile::tempdir().unwrap();
@@ -936,32 +880,14 @@ fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
         .args(["policy", "test", "--policies"])
         .arg(dir.path()));
     assert_eq!(failed.code, 5, "{}{}", failed.stdout, failed.stderr);
-    assert!(
-        failed
-            .stdout
-            .contains("FAIL parent-company employees on US-only teams are denied by employer"),
-        "{}",
-        failed.stdout
-    );
-    assert!(
-        failed.stdout.contains("Employee::\"pat\""),
-        "{}",
-        failed.stdout
-    );
-    assert!(
-        failed.stdout.contains("expected deny, got allow"),
-        "{}",
-        failed.stdout
-    );
+    failed.says("FAIL parent-company employees on US-only teams are denied by employer");
+    failed.says("Employee::\"pat\"");
+    failed.says("expected deny, got allow");
     let failed_junit = run(ringfence()
         .args(["policy", "test", "--format", "junit", "--policies"])
         .arg(dir.path()));
     assert_eq!(failed_junit.code, 5);
-    assert!(
-        failed_junit.stdout.contains("<failure message="),
-        "{}",
-        failed_junit.stdout
-    );
+    failed_junit.says("<failure message=");
 
     // A typo in a suite is an invalid suite, not a pass.
     std::fs::write(&us, &text).unwrap();
@@ -974,12 +900,8 @@ fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
         .args(["policy", "test", "--policies"])
         .arg(dir.path()));
     assert_eq!(typo.code, 7, "{}{}", typo.stdout, typo.stderr);
-    assert!(typo.stderr.contains("typo.yaml:4:"), "{}", typo.stderr);
-    assert!(
-        typo.stderr.contains("unknown field `expcet`"),
-        "{}",
-        typo.stderr
-    );
+    typo.complains("typo.yaml:4:");
+    typo.complains("unknown field `expcet`");
 
     // Invalid policies come first.
     std::fs::write(&us, "permit (principal, action, resource) when { nope };").unwrap();
@@ -1050,7 +972,7 @@ fn key_events(dir: &Path) -> Vec<(String, String, u64)> {
 
 fn verify_with_public_key(dir: &Path) -> Output {
     let public_key = run(ringfence().current_dir(dir).args(["audit", "public-key"]));
-    assert_eq!(public_key.code, 0, "{}", public_key.stderr);
+    public_key.succeeded();
     std::fs::write(dir.join("auditor.pem"), &public_key.stdout).unwrap();
     run(ringfence()
         .current_dir(dir)
@@ -1062,7 +984,7 @@ fn concurrent_offline_rotations_all_land_once_each_and_are_logged() {
     let dir = tempfile::tempdir().unwrap();
     let key = "3c".repeat(32);
     let init = keys_with(dir.path(), &key, &["init", "--jurisdictions", "US,SG"]);
-    assert_eq!(init.code, 0, "{}", init.stderr);
+    init.succeeded();
     // 20 pairs: a US and an SG rotation started together, all 40 at once.
     let children: Vec<_> = (0..20)
         .flat_map(|_| ["US", "SG"])
@@ -1093,7 +1015,7 @@ fn concurrent_offline_rotations_all_land_once_each_and_are_logged() {
         );
     }
     let list = keys_with(dir.path(), &key, &["list"]);
-    assert_eq!(list.code, 0, "{}", list.stderr);
+    list.succeeded();
     for jurisdiction in ["US", "SG"] {
         let versions = list
             .stdout
@@ -1122,16 +1044,8 @@ fn concurrent_offline_rotations_all_land_once_each_and_are_logged() {
     );
     let verify = verify_with_public_key(dir.path());
     assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
-    assert!(
-        verify.stdout.contains(", 42 key events)"),
-        "{}",
-        verify.stdout
-    );
-    assert!(
-        verify.stdout.contains("every signature valid"),
-        "{}",
-        verify.stdout
-    );
+    verify.says(", 42 key events)");
+    verify.says("every signature valid");
     // No temporary keyring copies are left behind.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("ringfence-data"))
         .unwrap()
@@ -1150,14 +1064,8 @@ fn key_changes_are_refused_while_a_server_runs_naming_it() {
     let keyring = std::fs::read(dir.path().join("ringfence-data/keyring.json")).unwrap();
     let rotate = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
     assert_eq!(rotate.code, 1, "{}", rotate.stderr);
-    assert!(
-        rotate
-            .stderr
-            .contains("`ringfence serve` on 127.0.0.1:0 (pid"),
-        "{}",
-        rotate.stderr
-    );
-    assert!(rotate.stderr.contains("stop it"), "{}", rotate.stderr);
+    rotate.complains("`ringfence serve` on 127.0.0.1:0 (pid");
+    rotate.complains("stop it");
     assert_eq!(
         std::fs::read(dir.path().join("ringfence-data/keyring.json")).unwrap(),
         keyring,
@@ -1166,10 +1074,10 @@ fn key_changes_are_refused_while_a_server_runs_naming_it() {
     // A second server on the same data directory is refused the same way.
     let second = serve_refused(dir.path(), Some(&key), &[]);
     assert_eq!(second.code, 1, "{}", second.stderr);
-    assert!(second.stderr.contains("is in use by"), "{}", second.stderr);
+    second.complains("is in use by");
     stop(server);
     let rotate = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
-    assert_eq!(rotate.code, 0, "{}", rotate.stderr);
+    rotate.succeeded();
 }
 
 #[test]
@@ -1179,15 +1087,11 @@ fn serve_never_creates_keys_outside_dev_and_refuses_the_development_key() {
     let key = "7e".repeat(32);
     let none = serve_refused(dir.path(), Some(&key), &[]);
     assert_eq!(none.code, 1, "{}", none.stderr);
-    assert!(
-        none.stderr.contains("`ringfence keys init`"),
-        "{}",
-        none.stderr
-    );
+    none.complains("`ringfence keys init`");
     assert!(!dir.path().join("ringfence-data/keyring.json").exists());
     // A configured jurisdiction without keys is named with the command that fixes it.
     let init = keys_with(dir.path(), &key, &["init", "--jurisdictions", "US"]);
-    assert_eq!(init.code, 0, "{}", init.stderr);
+    init.succeeded();
     let missing = serve_refused(dir.path(), Some(&key), &["--jurisdictions", "US,SG"]);
     assert_eq!(missing.code, 1, "{}", missing.stderr);
     assert!(
@@ -1197,8 +1101,8 @@ fn serve_never_creates_keys_outside_dev_and_refuses_the_development_key() {
         missing.stderr
     );
     let again = keys_with(dir.path(), &key, &["init", "--jurisdictions", "US"]);
-    assert_eq!(again.code, 0, "{}", again.stderr);
-    assert!(again.stdout.contains("nothing to do"), "{}", again.stdout);
+    again.succeeded();
+    again.says("nothing to do");
     // A development master key next to a keyring is refused by default.
     let dev = tempfile::tempdir().unwrap();
     copy_policies(&dev.path().join("policies"));
@@ -1207,17 +1111,11 @@ fn serve_never_creates_keys_outside_dev_and_refuses_the_development_key() {
         "init",
         "--danger-allow-development-master-key",
     ]));
-    assert_eq!(created.code, 0, "{}", created.stderr);
-    assert!(created.stderr.contains("DEVELOPMENT"), "{}", created.stderr);
+    created.succeeded();
+    created.complains("DEVELOPMENT");
     let refused = serve_refused(dev.path(), None, &[]);
     assert_eq!(refused.code, 1, "{}", refused.stderr);
-    assert!(
-        refused
-            .stderr
-            .contains("refusing the development master key"),
-        "{}",
-        refused.stderr
-    );
+    refused.complains("refusing the development master key");
 }
 
 #[test]
@@ -1229,7 +1127,7 @@ fn a_rolled_back_keyring_is_refused_by_serve_and_keys_and_left_untouched() {
     assert_eq!(keys_with(dir.path(), &key, &["init"]).code, 0);
     let old = std::fs::read(&keyring).unwrap();
     let rotate = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
-    assert_eq!(rotate.code, 0, "{}", rotate.stderr);
+    rotate.succeeded();
     // Someone with write access to the data directory restores the older file: every
     // tag in it is genuine, only the log's checkpoint knows it is old.
     std::fs::write(&keyring, &old).unwrap();
@@ -1245,7 +1143,7 @@ fn a_rolled_back_keyring_is_refused_by_serve_and_keys_and_left_untouched() {
     );
     let again = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
     assert_eq!(again.code, 1, "{}", again.stderr);
-    assert!(again.stderr.contains("rolled back"), "{}", again.stderr);
+    again.complains("rolled back");
     assert_eq!(std::fs::read(&keyring).unwrap(), old, "file untouched");
     let verify = verify_with_public_key(dir.path());
     assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
@@ -1275,20 +1173,16 @@ fn keys_migrate_converts_the_old_format_once_and_logs_it() {
     std::fs::write(data.join("keyring.json"), legacy.to_string()).unwrap();
     let list = keys_with(dir.path(), &key, &["list"]);
     assert_eq!(list.code, 1, "{}", list.stderr);
-    assert!(
-        list.stderr.contains("ringfence keys migrate"),
-        "{}",
-        list.stderr
-    );
+    list.complains("ringfence keys migrate");
     let migrate = keys_with(dir.path(), &key, &["migrate"]);
-    assert_eq!(migrate.code, 0, "{}", migrate.stderr);
+    migrate.succeeded();
     let expected_id = ringfence::crypto::DerivationKey::from_root(&root)
         .key_id(&us, ringfence::KeyVersion::FIRST)
         .unwrap()
         .to_string();
-    assert!(migrate.stdout.contains(&expected_id), "{}", migrate.stdout);
+    migrate.says(&expected_id);
     let list = keys_with(dir.path(), &key, &["list"]);
-    assert_eq!(list.code, 0, "{}", list.stderr);
+    list.succeeded();
     assert!(
         list.stdout
             .contains(&format!("US\tv1\t{expected_id}\t2026-01-01T00:00:00Z")),
@@ -1301,11 +1195,7 @@ fn keys_migrate_converts_the_old_format_once_and_logs_it() {
     );
     let twice = keys_with(dir.path(), &key, &["migrate"]);
     assert_eq!(twice.code, 1, "{}", twice.stderr);
-    assert!(
-        twice.stderr.contains("nothing to migrate"),
-        "{}",
-        twice.stderr
-    );
+    twice.complains("nothing to migrate");
 }
 
 #[test]
@@ -1329,7 +1219,7 @@ fn a_change_saved_but_not_logged_is_recorded_and_the_log_keeps_one_signing_key()
     keyring.save().unwrap();
     // The next key command records the unlogged change before its own.
     let rotate = keys_with(dir.path(), &key, &["rotate", "--jurisdiction", "US"]);
-    assert_eq!(rotate.code, 0, "{}", rotate.stderr);
+    rotate.succeeded();
     assert_eq!(
         key_events(dir.path()),
         vec![
@@ -1355,13 +1245,7 @@ fn a_change_saved_but_not_logged_is_recorded_and_the_log_keeps_one_signing_key()
         ],
     );
     assert_eq!(missing.code, 1, "{}", missing.stderr);
-    assert!(
-        missing
-            .stderr
-            .contains("no checkpoint signing key at `other.pem`"),
-        "{}",
-        missing.stderr
-    );
+    missing.complains("no checkpoint signing key at `other.pem`");
     assert!(!dir.path().join("other.pem").exists());
     let fresh = tempfile::tempdir().unwrap();
     assert_eq!(keys_with(fresh.path(), &key, &["init"]).code, 0);
@@ -1372,11 +1256,7 @@ fn a_change_saved_but_not_logged_is_recorded_and_the_log_keeps_one_signing_key()
         .args(["keys", "rotate", "--jurisdiction", "US", "--checkpoint-key"])
         .arg(&foreign));
     assert_eq!(other.code, 1, "{}", other.stderr);
-    assert!(
-        other.stderr.contains("is signed by key"),
-        "{}",
-        other.stderr
-    );
+    other.complains("is signed by key");
     assert_eq!(
         key_events(dir.path()).len(),
         3,
@@ -1536,7 +1416,7 @@ fn dev_revoke_lists_the_certificate_keeps_earlier_revocations_and_dev_init_reiss
 
     let first = serial("us-signup");
     let done = revoke("us-signup");
-    assert_eq!(done.code, 0, "{}", done.stderr);
+    done.succeeded();
     assert!(
         done.stdout
             .contains("revoked the client certificate of us-signup")
@@ -1551,11 +1431,7 @@ fn dev_revoke_lists_the_certificate_keeps_earlier_revocations_and_dev_init_reiss
     // Nothing left to revoke until `dev init` issues a new certificate.
     let again = revoke("us-signup");
     assert_eq!(again.code, 1);
-    assert!(
-        again.stderr.contains("no current certificate"),
-        "{}",
-        again.stderr
-    );
+    again.complains("no current certificate");
     assert_eq!(dev(&["init"]).code, 0);
     let second = serial("us-signup");
     assert_ne!(second, first);

@@ -467,12 +467,7 @@ async fn employee_tokens_are_verified_and_every_failure_is_logged() {
     }
     // A subject that is not in the directory.
     let status = refused(&mut support, with_token(authorize(), &fx.token("mallory"))).await;
-    assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(
-        status.message().contains("unknown principal"),
-        "{}",
-        status.message()
-    );
+    assert_status(&status, Code::Unauthenticated, "unknown principal");
 
     // Naming someone else in headers while authenticated is refused, not obeyed.
     let mut spoof = with_token(authorize(), &good);
@@ -628,8 +623,7 @@ async fn a_stream_ends_when_its_token_expires_or_the_keys_are_reloaded() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     sender.send(ask()).await.unwrap();
     let status = answers.message().await.unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(status.message().contains("expired"), "{status:?}");
+    assert_status(&status, Code::Unauthenticated, "expired");
 
     // The identity provider's keys are reloaded (here: the same keys, written again).
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
@@ -661,8 +655,7 @@ async fn a_stream_ends_when_its_token_expires_or_the_keys_are_reloaded() {
         }
     }
     let status = ended.expect("the stream outlived a reload of the keys");
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(status.message().contains("reloaded"), "{status:?}");
+    assert_status(&status, Code::Unauthenticated, "reloaded");
 }
 
 /// The soft limit on open files of this process.
@@ -774,12 +767,10 @@ async fn employee_tokens_are_bound_to_the_service_that_presents_them() {
         .decrypt_record(with_token(ask(), &fx.token("alice")))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(
-        status
-            .message()
-            .contains("bound to service `us-support-tool` (azp)"),
-        "{status:?}"
+    assert_status(
+        &status,
+        Code::Unauthenticated,
+        "bound to service `us-support-tool` (azp)",
     );
     // A token bound to nothing: refused by default.
     let unbound = sign(&|claims| claims.azp = None);
@@ -787,11 +778,7 @@ async fn employee_tokens_are_bound_to_the_service_that_presents_them() {
         .decrypt_record(with_token(ask(), &unbound))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(
-        status.message().contains("not bound to a service"),
-        "{status:?}"
-    );
+    assert_status(&status, Code::Unauthenticated, "not bound to a service");
     // Bound to the presenting certificate: accepted, and `cnf` wins over an `azp`
     // naming another service.
     let to_certificate = sign(&|claims| {
@@ -921,12 +908,10 @@ async fn a_certificate_that_expires_during_a_connection_is_refused_from_then_on(
         .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let status = refused(&mut client, with_token(authorize(), &fx.token("alice"))).await;
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(
-        status
-            .message()
-            .contains("expired since this connection was made"),
-        "{status:?}"
+    assert_status(
+        &status,
+        Code::Unauthenticated,
+        "expired since this connection was made",
     );
 }
 
@@ -1015,8 +1000,7 @@ async fn a_revoked_certificate_is_refused_on_new_and_open_connections() {
         }
     }
     let status = status.expect("the open connection was never checked against the new list");
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(status.message().contains("Revoked"), "{status:?}");
+    assert_status(&status, Code::Unauthenticated, "Revoked");
     assert!(
         status.message().contains("since this connection was made"),
         "{status:?}"
@@ -1024,8 +1008,7 @@ async fn a_revoked_certificate_is_refused_on_new_and_open_connections() {
     // The open stream decrypts no further record.
     sender.send(ask()).await.unwrap();
     let status = answers.message().await.unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(status.message().contains("Revoked"), "{status:?}");
+    assert_status(&status, Code::Unauthenticated, "Revoked");
 
     // A new connection with it fails its handshake, which is logged.
     if let Ok(mut client) = mtls_client(

@@ -97,18 +97,19 @@ impl Gatekeeper {
 
         // From here on the log says these fields were read: if the answer cannot be
         // made after all, an `undelivered` entry says they were not.
-        let receipt = Receipt {
-            action: Action::Decrypt,
-            request_id: context.request_id.clone(),
-            record: logged.clone(),
-            policy_set: snapshot.hash().to_owned(),
-            plaintext_fields: names
-                .iter()
-                .zip(&plans)
-                .filter(|(_, plan)| matches!(plan, Plan::Open(_)))
-                .map(|(name, _)| name.as_str().to_owned())
-                .collect(),
-        };
+        let opened = names
+            .iter()
+            .zip(&plans)
+            .filter(|(_, plan)| matches!(plan, Plan::Open(_)))
+            .map(|(name, _)| name.as_str().to_owned())
+            .collect();
+        let receipt = Receipt::new(
+            Action::Decrypt,
+            &context.request_id,
+            &logged,
+            snapshot.hash(),
+            opened,
+        );
         let answer = self
             .open(
                 record, names, plans, &envelopes, &context, &snapshot, &logged,

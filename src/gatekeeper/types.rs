@@ -153,21 +153,42 @@ pub struct Receipt {
     pub plaintext_fields: Vec<String>,
 }
 
+impl Receipt {
+    /// The receipt of the request `request_id`, whose answer carries
+    /// `plaintext_fields` in plaintext.
+    pub fn new(
+        action: Action,
+        request_id: &str,
+        record: &RecordEntry,
+        policy_set: &str,
+        plaintext_fields: Vec<String>,
+    ) -> Self {
+        Self {
+            action,
+            request_id: request_id.to_owned(),
+            record: record.clone(),
+            policy_set: policy_set.to_owned(),
+            plaintext_fields,
+        }
+    }
+}
+
 impl Decrypted {
     /// The receipt of this answer, taken before its plaintext moves to the transport.
     pub fn receipt(&self) -> Receipt {
-        Receipt {
-            action: Action::Decrypt,
-            request_id: self.request_id.clone(),
-            record: self.logged.clone(),
-            policy_set: self.policy_set.clone(),
-            plaintext_fields: self
-                .fields
-                .iter()
-                .filter(|(_, outcome)| matches!(outcome, Outcome::Plaintext(_)))
-                .map(|(name, _)| name.as_str().to_owned())
-                .collect(),
-        }
+        let plaintext = self
+            .fields
+            .iter()
+            .filter(|(_, outcome)| matches!(outcome, Outcome::Plaintext(_)))
+            .map(|(name, _)| name.as_str().to_owned())
+            .collect();
+        Receipt::new(
+            Action::Decrypt,
+            &self.request_id,
+            &self.logged,
+            &self.policy_set,
+            plaintext,
+        )
     }
 }
 
@@ -185,13 +206,14 @@ pub struct Encrypted {
 impl Encrypted {
     /// The receipt of this answer: no field was read, the ciphertexts were made.
     pub fn receipt(&self) -> Receipt {
-        Receipt {
-            action: Action::Encrypt,
-            request_id: self.request_id.clone(),
-            record: self.record.record.entry(),
-            policy_set: self.policy_set.clone(),
-            plaintext_fields: Vec::new(),
-        }
+        let record = self.record.record.entry();
+        Receipt::new(
+            Action::Encrypt,
+            &self.request_id,
+            &record,
+            &self.policy_set,
+            Vec::new(),
+        )
     }
 }
 
@@ -211,12 +233,12 @@ pub struct Authorized {
 impl Authorized {
     /// The receipt of this answer: decisions only, no field was read.
     pub fn receipt(&self) -> Receipt {
-        Receipt {
-            action: Action::Decrypt,
-            request_id: self.request_id.clone(),
-            record: self.logged.clone(),
-            policy_set: self.policy_set.clone(),
-            plaintext_fields: Vec::new(),
-        }
+        Receipt::new(
+            Action::Decrypt,
+            &self.request_id,
+            &self.logged,
+            &self.policy_set,
+            Vec::new(),
+        )
     }
 }

@@ -247,45 +247,11 @@ pub fn authenticate<'a>(
                     .zip(peer.and_then(|peer| peer.chain.clone())),
             };
             certificate.check()?;
-            let mut lease = None;
-            let mut method = METHOD_MTLS;
-            let employee = match one(AUTHORIZATION_HEADER)? {
-                None => None,
+            let (employee, method, lease) = match one(AUTHORIZATION_HEADER)? {
+                None => (None, METHOD_MTLS, None),
                 Some(value) => {
-                    let token = value
-                        .and_then(|value| {
-                            let (scheme, token) = value.split_once(' ')?;
-                            scheme
-                                .eq_ignore_ascii_case("bearer")
-                                .then_some(token.trim())
-                        })
-                        .ok_or(Error::NotBearer)?;
-                    let tokens = verified.tokens.as_ref().ok_or(Error::TokensNotConfigured)?;
-                    let verified = tokens.verify_leased(token)?;
-                    method = match &verified.binding {
-                        Binding::Certificate(thumbprint) => {
-                            let presented =
-                                peer.and_then(|peer| peer.certificate_thumbprint.as_deref());
-                            if presented != Some(thumbprint.as_str()) {
-                                return Err(Error::TokenForOther(format!(
-                                    "another client certificate (x5t#S256 `{}`)",
-                                    crate::record::shown(thumbprint)
-                                )));
-                            }
-                            METHOD_MTLS_TOKEN
-                        }
-                        Binding::Service(party) if *party == service => METHOD_MTLS_TOKEN,
-                        Binding::Service(party) => {
-                            return Err(Error::TokenForOther(format!(
-                                "service `{}` (azp)",
-                                crate::record::shown(party)
-                            )));
-                        }
-                        Binding::Unbound if tokens.accepts_unbound() => METHOD_MTLS_UNBOUND_TOKEN,
-                        Binding::Unbound => return Err(Error::TokenNotBound),
-                    };
-                    lease = Some(verified.lease);
-                    Some(verified.subject)
+                    let (employee, method, lease) = employee(verified, peer, &service, value)?;
+                    (Some(employee), method, Some(lease))
                 }
             };
             Ok(Caller {
@@ -297,6 +263,50 @@ pub fn authenticate<'a>(
             })
         }
     }
+}
+
+/// The employee named by the `authorization` header of a verified service's request:
+/// a bearer token, verified and bound to that service (its certificate, `cnf`, or its
+/// id, `azp`; unbound only when allowed). Returns the employee, how it was
+/// authenticated, and what holds a stream to the token.
+fn employee(
+    verified: &Verified,
+    peer: Option<&PeerInfo>,
+    service: &str,
+    header: Option<&str>,
+) -> Result<(String, &'static str, token::Lease), Error> {
+    let token = header
+        .and_then(|value| {
+            let (scheme, token) = value.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
+        .ok_or(Error::NotBearer)?;
+    let tokens = verified.tokens.as_ref().ok_or(Error::TokensNotConfigured)?;
+    let verified = tokens.verify_leased(token)?;
+    let method = match &verified.binding {
+        Binding::Certificate(thumbprint) => {
+            let presented = peer.and_then(|peer| peer.certificate_thumbprint.as_deref());
+            if presented != Some(thumbprint.as_str()) {
+                return Err(Error::TokenForOther(format!(
+                    "another client certificate (x5t#S256 `{}`)",
+                    crate::record::shown(thumbprint)
+                )));
+            }
+            METHOD_MTLS_TOKEN
+        }
+        Binding::Service(party) if party == service => METHOD_MTLS_TOKEN,
+        Binding::Service(party) => {
+            return Err(Error::TokenForOther(format!(
+                "service `{}` (azp)",
+                crate::record::shown(party)
+            )));
+        }
+        Binding::Unbound if tokens.accepts_unbound() => METHOD_MTLS_UNBOUND_TOKEN,
+        Binding::Unbound => return Err(Error::TokenNotBound),
+    };
+    Ok((verified.subject, method, verified.lease))
 }
 
 #[cfg(test)]

@@ -237,19 +237,14 @@ impl PolicySnapshot {
         let response = self
             .authorizer
             .is_authorized(&request, policies, &self.entities);
-        let mut errors: Vec<String> = response
-            .diagnostics()
-            .errors()
-            .map(ToString::to_string)
-            .collect();
-        errors.sort_unstable();
-        let mut policies: Vec<String> = response
-            .diagnostics()
-            .reason()
-            .map(ToString::to_string)
-            .collect();
         // Cedar reports reasons as a set; sorted, equal decisions compare equal.
-        policies.sort_unstable();
+        let sorted = |items: &mut dyn Iterator<Item = String>| {
+            let mut items: Vec<String> = items.collect();
+            items.sort_unstable();
+            items
+        };
+        let errors = sorted(&mut response.diagnostics().errors().map(|e| e.to_string()));
+        let policies = sorted(&mut response.diagnostics().reason().map(ToString::to_string));
         // Cedar skips a policy whose evaluation errs, forbids included, so an erring
         // forbid could let a permit through: any error denies.
         let allowed = response.decision() == Decision::Allow && errors.is_empty();

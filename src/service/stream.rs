@@ -340,10 +340,15 @@ impl Driver {
                 }
             }
         }
-        if closed.is_some() {
-            return;
+        if closed.is_none() {
+            self.finish(ending).await;
         }
-        // Why the stream ends early is told after the last answer, whatever the queue.
+    }
+
+    /// Ends a stream whose client still takes answers: tells why it ends early (after
+    /// the last answer, whatever the queue) and waits, within the send timeout, for
+    /// the transport to take what is queued.
+    async fn finish(self, ending: Option<Status>) {
         if let Some(status) = ending
             && let Ok(mut ended) = self.shared.ended.lock()
         {

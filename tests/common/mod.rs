@@ -311,3 +311,13 @@ pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     );
     request
 }
+
+/// Asserts that `status` has `code` and a message naming `needle`.
+#[track_caller]
+pub fn assert_status(status: &tonic::Status, code: tonic::Code, needle: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "the message does not name `{needle}`: {status:?}"
+    );
+}
