@@ -1,0 +1,207 @@
+//! `ringfence policy`: validate, explain, test.
+
+use super::*;
+
+#[test]
+fn policy_validate_accepts_the_shipped_set_and_names_file_and_line_of_errors() {
+    let ok = run(ringfence()
+        .args(["policy", "validate", "--policies"])
+        .arg(shipped_policies()));
+    ok.succeeded();
+    ok.says("valid: 10 policies");
+
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(dir.path());
+    std::fs::write(
+        dir.path().join("new.cedar"),
+        "@id(\"typo\")\npermit (principal, action == Action::\"decrypt\", resource)\nwhen { resource.clasification == \"public\" };\n",
+    )
+    .unwrap();
+    let bad = run(ringfence()
+        .args(["policy", "validate", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(bad.code, 3, "{}", bad.stderr);
+    bad.complains("new.cedar:3:");
+    bad.complains("clasification");
+
+    // `serve` refuses to start on the same set, before binding anything.
+    let data = tempfile::tempdir().unwrap();
+    let serve = run(ringfence()
+        .args(["serve", "--listen", "127.0.0.1:0", "--policies"])
+        .arg(dir.path())
+        .arg("--data-dir")
+        .arg(data.path().join("d")));
+    assert_eq!(serve.code, 3, "{}", serve.stderr);
+    serve.complains("new.cedar:3:");
+    assert!(!serve.stderr.contains("listening"), "{}", serve.stderr);
+}
+
+#[test]
+fn policy_explain_says_why() {
+    let out = run(ringfence()
+        .args(["policy", "explain", "--policies"])
+        .arg(shipped_policies())
+        .args([
+            "--employee",
+            "carol",
+            "--service",
+            "us-support-tool",
+            "--record-type",
+            "user_profile",
+            "--jurisdiction",
+            "US",
+            "--field",
+            "email",
+            "--purpose",
+            "support",
+            "--ticket",
+            "INC-1",
+        ]));
+    out.succeeded();
+    out.says("DENY");
+    assert!(
+        out.stdout
+            .contains("determined by parent-company-never-reads-us (")
+            && out.stdout.contains("us-data.cedar)"),
+        "{}",
+        out.stdout
+    );
+
+    let out = run(ringfence()
+        .args(["policy", "explain", "--policies"])
+        .arg(shipped_policies())
+        .args([
+            "--employee",
+            "alice",
+            "--service",
+            "us-support-tool",
+            "--record-type",
+            "user_profile",
+            "--jurisdiction",
+            "US",
+        ]));
+    out.succeeded();
+    assert_eq!(
+        out.stdout.lines().count(),
+        21,
+        "a header and the 20 catalog fields: {}",
+        out.stdout
+    );
+    out.says("no policy permits this (default deny)");
+    out.says("determined by public-fields-readable-by-employees");
+
+    let out = run(ringfence()
+        .args(["policy", "explain", "--policies"])
+        .arg(shipped_policies())
+        .args([
+            "--employee",
+            "mallory",
+            "--service",
+            "us-support-tool",
+            "--record-type",
+            "user_profile",
+            "--jurisdiction",
+            "US",
+        ]));
+    assert_eq!(out.code, 1);
+    out.complains("unknown principal");
+}
+
+#[test]
+fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
+    let shipped = shipped_policies();
+    let ok = run(ringfence()
+        .args(["policy", "test", "--policies"])
+        .arg(&shipped));
+    assert_eq!(ok.code, 0, "{}{}", ok.stdout, ok.stderr);
+    ok.says(" passed, 0 failed");
+    ok.says("PASS every parent-company employee is denied every US profile field");
+    ok.says("policy coverage: 100.0% (10 of 10");
+
+    let json = run(ringfence()
+        .args(["policy", "test", "--format", "json", "--policies"])
+        .arg(&shipped));
+    json.succeeded();
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert!(report["passed"].as_u64().unwrap() >= 30);
+    assert_eq!(report["failed"], 0);
+    assert_eq!(report["coverage"]["uncovered"], serde_json::json!([]));
+
+    let junit = run(ringfence()
+        .args([
+            "policy",
+            "test",
+            "--format",
+            "junit",
+            "--min-coverage",
+            "100",
+            "--policies",
+        ])
+        .arg(&shipped));
+    junit.succeeded();
+    assert!(junit.stdout.starts_with("<?xml"), "{}", junit.stdout);
+    junit.says("failures=\"0\"");
+
+    // Coverage below the threshold: the filter runs only one suite.
+    let low = run(ringfence()
+        .args([
+            "policy",
+            "test",
+            "--filter",
+            "parent-company/*",
+            "--min-coverage",
+            "90%",
+            "--policies",
+        ])
+        .arg(&shipped));
+    assert_eq!(low.code, 6, "{}{}", low.stdout, low.stderr);
+    low.complains("below --min-coverage 90%");
+    low.complains("us-legal-reads-restricted");
+
+    // A weakened forbid: the cases that pin it fail, and say how.
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(dir.path());
+    let us = dir.path().join("us-data.cedar");
+    let text = std::fs::read_to_string(&us).unwrap();
+    std::fs::write(
+        &us,
+        text.replace(
+            " ||\n  principal.employer == Organization::\"parentco\"",
+            "",
+        ),
+    )
+    .unwrap();
+    let failed = run(ringfence()
+        .args(["policy", "test", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(failed.code, 5, "{}{}", failed.stdout, failed.stderr);
+    failed.says("FAIL parent-company employees on US-only teams are denied by employer");
+    failed.says("Employee::\"pat\"");
+    failed.says("expected deny, got allow");
+    let failed_junit = run(ringfence()
+        .args(["policy", "test", "--format", "junit", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(failed_junit.code, 5);
+    failed_junit.says("<failure message=");
+
+    // A typo in a suite is an invalid suite, not a pass.
+    std::fs::write(&us, &text).unwrap();
+    std::fs::write(
+        dir.path().join("tests/typo.yaml"),
+        "cases:\n  - name: x\n    service: us-signup\n    expcet: deny\n",
+    )
+    .unwrap();
+    let typo = run(ringfence()
+        .args(["policy", "test", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(typo.code, 7, "{}{}", typo.stdout, typo.stderr);
+    typo.complains("typo.yaml:4:");
+    typo.complains("unknown field `expcet`");
+
+    // Invalid policies come first.
+    std::fs::write(&us, "permit (principal, action, resource) when { nope };").unwrap();
+    let invalid = run(ringfence()
+        .args(["policy", "test", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(invalid.code, 3, "{}{}", invalid.stdout, invalid.stderr);
+}

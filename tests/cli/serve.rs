@@ -1,0 +1,481 @@
+//! `ringfence serve` as users start it: refusals, the quick start, a crash under load.
+
+use super::*;
+
+#[test]
+fn serve_refuses_insecure_configurations() {
+    let data = tempfile::tempdir().unwrap();
+    let out = run(ringfence()
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--danger-trust-identity-headers",
+            "--policies",
+        ])
+        .arg(shipped_policies())
+        .arg("--data-dir")
+        .arg(data.path()));
+    assert_eq!(out.code, 1);
+    out.complains("listen on a loopback address");
+    for (flags, expected) in [
+        (
+            &["--dev"][..],
+            "--dev keeps its CA key in the data directory",
+        ),
+        (
+            &[][..],
+            "without TLS: pass --tls-cert, --tls-key and --client-ca",
+        ),
+    ] {
+        let out = run(ringfence()
+            .args(["serve", "--listen", "0.0.0.0:0"])
+            .args(flags)
+            .arg("--policies")
+            .arg(shipped_policies())
+            .arg("--data-dir")
+            .arg(data.path()));
+        assert_eq!(out.code, 1, "{flags:?}");
+        assert!(out.stderr.contains(expected), "{flags:?}: {}", out.stderr);
+    }
+    // Half a TLS configuration is a usage error.
+    let out = run(ringfence().args(["serve", "--tls-cert", "server.pem"]));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    out.complains("--tls-key");
+    // A TLS configuration with unreadable files names the file.
+    let out = run(ringfence()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "missing.pem",
+            "--tls-key",
+            "missing-key.pem",
+            "--client-ca",
+            "missing-ca.pem",
+            "--policies",
+        ])
+        .arg(shipped_policies())
+        .arg("--data-dir")
+        .arg(data.path()));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    out.complains("missing.pem");
+
+    let out = run(ringfence()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--jurisdictions",
+            "US,us",
+        ])
+        .arg("--data-dir")
+        .arg(data.path()));
+    assert_eq!(
+        out.code, 2,
+        "bad jurisdiction is a usage error: {}",
+        out.stderr
+    );
+    out.complains("invalid jurisdiction `us`");
+}
+
+#[test]
+fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    // The quick start: `serve --dev` creates keys, log and a development PKI, and
+    // callers authenticate with client certificates and employee tokens.
+    let (child, started, logs) = spawn_serve(dir.path(), &["--dev"], None);
+    assert!(started.contains("DEVELOPMENT MASTER KEY"), "{started}");
+    assert!(
+        started.contains("--dev: mTLS and employee tokens"),
+        "{started}"
+    );
+    for created in [
+        "ringfence-data/keyring.json",
+        "ringfence-data/dev-master.key",
+        "ringfence-data/log/decisions-000001.jsonl",
+        "ringfence-data/dev-pki/ca.pem",
+        "ringfence-data/dev-pki/clients/us-support-tool.pem",
+        "ringfence-data/dev-pki/jwks.json",
+    ] {
+        assert!(dir.path().join(created).exists(), "{created} missing");
+    }
+    let token = run(ringfence().current_dir(dir.path()).args([
+        "dev",
+        "token",
+        "--employee",
+        "alice",
+        "--service",
+        "us-support-tool",
+    ]));
+    token.succeeded();
+    // Only for employees and services of the directory.
+    let stranger = run(ringfence().current_dir(dir.path()).args([
+        "dev",
+        "token",
+        "--employee",
+        "mallory",
+        "--service",
+        "us-support-tool",
+    ]));
+    assert_ne!(stranger.code, 0);
+    stranger.complains("unknown principal");
+    let token = token.stdout.trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    let address: std::net::SocketAddr = address_of(&started).parse().unwrap();
+    let pki = dir.path().join("ringfence-data/dev-pki");
+    let read = |name: &str| std::fs::read_to_string(pki.join(name)).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let ca = read("ca.pem");
+        let mut signup = mtls_client(
+            address,
+            &ca,
+            Some((&read("clients/us-signup.pem"), &read("clients/us-signup-key.pem"))),
+        )
+        .await
+        .unwrap();
+        let record =
+            encrypted_record(&mut signup, tonic::Request::new(profile("u-1", "US"))).await;
+        let mut support = mtls_client(
+            address,
+            &ca,
+            Some((
+                &read("clients/us-support-tool.pem"),
+                &read("clients/us-support-tool-key.pem"),
+            )),
+        )
+        .await
+        .unwrap();
+        let response = support
+            .decrypt_record(with_token(
+                decrypt_request(record, &["email"], "support", "INC-1"),
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(matches!(
+            outcome(&response, "email"),
+            ringfence::pb::field_outcome::Outcome::Plaintext(p) if p == &secret_value("u-1", "email")
+        ));
+        // Plain TCP, or claiming an identity with headers, gets nowhere.
+        let plain = ringfence::pb::ringfence_client::RingfenceClient::connect(format!("http://{address}")).await;
+        if let Ok(mut plain) = plain {
+            assert!(plain.encrypt_record(as_caller(profile("u-2", "US"), "us-signup", None)).await.is_err());
+        }
+    });
+    stop_logged(child, &logs);
+
+    // Private keys created on the way (checkpoint signing key, development CA, token
+    // issuer, server and client keys) never reach the server's output or the log.
+    let data = dir.path().join("ringfence-data");
+    let mut private_keys = vec![
+        data.join("audit-signing-key.pem"),
+        data.join("dev-pki/ca-key.pem"),
+        data.join("dev-pki/server-key.pem"),
+        data.join("dev-pki/token-signing-key.pem"),
+        data.join("dev-pki/clients/us-support-tool-key.pem"),
+    ];
+    private_keys.retain(|path| path.exists());
+    assert_eq!(private_keys.len(), 5, "private key files missing");
+    let mut logged = started.clone();
+    for entry in std::fs::read_dir(data.join("log")).unwrap() {
+        logged.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    for path in &private_keys {
+        let pem = std::fs::read_to_string(path).unwrap();
+        let body: String = pem
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+            .collect();
+        assert!(body.len() > 40, "{}", path.display());
+        for chunk in [&body[..40], &body[body.len() - 40..]] {
+            assert!(!logged.contains(chunk), "{} leaked", path.display());
+        }
+    }
+
+    // Restart: the same keys open the old record's keyring, the chain continues.
+    let (child, started, _) = spawn_serve(dir.path(), &["--dev"], None);
+    assert!(!started.contains("created root key"), "{started}");
+    stop(child);
+    let verify = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "verify"]));
+    verify.succeeded();
+    verify.says(" checkpoints, 3 key events)");
+
+    let query = run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "query",
+        "--principal",
+        "alice",
+        "--record-id",
+        "u-1",
+        "--field",
+        "email",
+        "--decision",
+        "allow",
+        "--since",
+        "2000-01-01",
+    ]));
+    query.succeeded();
+    let lines: Vec<&str> = query.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", query.stdout);
+    let entry: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(entry["kind"], "decrypt");
+    assert!(query.stderr.starts_with("1 of "), "{}", query.stderr);
+
+    // What an auditor does: export the public key, keep the latest checkpoint, verify
+    // signatures and completeness against it, and replay every decision.
+    let public_key = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "public-key"]));
+    public_key.succeeded();
+    assert!(public_key.stdout.starts_with("-----BEGIN PUBLIC KEY-----"));
+    std::fs::write(dir.path().join("auditor.pem"), &public_key.stdout).unwrap();
+    let checkpoint = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "checkpoint"]));
+    checkpoint.succeeded();
+    assert!(checkpoint.stdout.contains("\"kind\":\"checkpoint\""));
+    std::fs::write(dir.path().join("saved-checkpoint.json"), &checkpoint.stdout).unwrap();
+    let keyed = run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "verify",
+        "--public-key",
+        "auditor.pem",
+        "--checkpoint",
+        "saved-checkpoint.json",
+    ]));
+    assert_eq!(keyed.code, 0, "{}{}", keyed.stdout, keyed.stderr);
+    keyed.says("every signature valid");
+    keyed.says(": present and unchanged");
+    let replay = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "replay"]));
+    assert_eq!(replay.code, 0, "{}{}", replay.stdout, replay.stderr);
+    replay.says("2 entries replayed (21 field decisions) with 1 policy set(s): 0 differ");
+
+    // A decision altered in the log (the chain breaks too, but replay reads entries as
+    // they are): replay names the entry and field.
+    let segment = dir.path().join("ringfence-data/log/decisions-000001.jsonl");
+    let text = std::fs::read_to_string(&segment).unwrap();
+    let altered = text.replacen("\"field\":\"email\",\"classification\":\"pii\",\"decision\":\"allow\",\"policies\":[\"us-gatekeeper-engineers-read-us\"]", "\"field\":\"email\",\"classification\":\"pii\",\"decision\":\"deny\"", 1);
+    assert_ne!(altered, text);
+    std::fs::write(&segment, altered).unwrap();
+    let differs = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "replay", "--field", "email"]));
+    assert_eq!(differs.code, 8, "{}{}", differs.stdout, differs.stderr);
+    assert!(
+        differs.stdout.contains(
+            "field email: recorded deny, replayed allow by us-gatekeeper-engineers-read-us"
+        ),
+        "{}",
+        differs.stdout
+    );
+    let none =
+        run(ringfence()
+            .current_dir(dir.path())
+            .args(["audit", "query", "--principal", "bob"]));
+    assert_eq!(none.code, 0);
+    assert!(none.stdout.is_empty());
+    let bad_time =
+        run(ringfence()
+            .current_dir(dir.path())
+            .args(["audit", "query", "--since", "last week"]));
+    assert_eq!(bad_time.code, 2, "{}", bad_time.stderr);
+    // A log that fails its chain takes no further entries, key events included.
+    let refused = run(ringfence().current_dir(dir.path()).args([
+        "keys",
+        "rotate",
+        "--jurisdiction",
+        "US",
+        "--dev",
+    ]));
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    refused.complains("hash mismatch");
+    std::fs::write(&segment, &text).unwrap();
+
+    // The development master key is refused unless asked for by name.
+    let refused = run(ringfence().current_dir(dir.path()).args(["keys", "list"]));
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    refused.complains("--danger-allow-development-master-key");
+    let keys = run(ringfence()
+        .current_dir(dir.path())
+        .args(["keys", "list", "--dev"]));
+    keys.succeeded();
+    keys.says("US\tv1\t");
+    let rotate = run(ringfence().current_dir(dir.path()).args([
+        "keys",
+        "rotate",
+        "--jurisdiction",
+        "US",
+        "--dev",
+    ]));
+    rotate.succeeded();
+    assert!(
+        rotate.stdout.contains("US\tv2\t") && rotate.stdout.contains("generation 2\t(rotate)"),
+        "{}",
+        rotate.stdout
+    );
+    let keys = run(ringfence()
+        .current_dir(dir.path())
+        .args(["keys", "list", "--dev"]));
+    assert!(
+        keys.stdout.contains("US\tv2\t") && keys.stdout.contains("(current)"),
+        "{}",
+        keys.stdout
+    );
+    let dev_key =
+        std::fs::read_to_string(dir.path().join("ringfence-data/dev-master.key")).unwrap();
+    assert!(!keys.stdout.contains(dev_key.trim()));
+}
+
+#[test]
+fn kill_9_under_load_loses_no_entry_of_any_answered_request() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let (server, started, _) = spawn_serve(dir.path(), &[], None);
+    let address = address_of(&started);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let answered = runtime.block_on(async {
+        let mut client =
+            ringfence::pb::ringfence_client::RingfenceClient::connect(format!("http://{address}"))
+                .await
+                .unwrap();
+        let record = encrypt_profile(&mut client, "u-1", "US").await;
+        let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let mut client = client.clone();
+            let record = record.clone();
+            let answered = std::sync::Arc::clone(&answered);
+            tasks.push(tokio::spawn(async move {
+                // Bounded: stops at the first failure (the kill) or after 10 s.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while std::time::Instant::now() < deadline {
+                    let request = decrypt_request(record.clone(), &["email"], "support", "INC-1");
+                    match client
+                        .decrypt_record(as_caller(request, "us-support-tool", Some("alice")))
+                        .await
+                    {
+                        Ok(response) => {
+                            let response = response.into_inner();
+                            assert!(matches!(
+                                outcome(&response, "email"),
+                                ringfence::pb::field_outcome::Outcome::Plaintext(_)
+                            ));
+                            answered.lock().unwrap().push(response.request_id);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
+        // Let the load run, then kill -9 the server in the middle of it.
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        drop(server);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let mut ids = Vec::new();
+        ids.extend(answered.lock().unwrap().iter().cloned());
+        ids
+    });
+    assert!(answered.len() > 10, "load did not run: {}", answered.len());
+
+    // Whether the kill landed mid-write: the last segment then ends without a newline.
+    let log_dir = dir.path().join("ringfence-data/log");
+    let mut segments: Vec<_> = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "jsonl"))
+        .collect();
+    segments.sort();
+    let last = std::fs::read(segments.last().unwrap()).unwrap();
+    let torn = last.last().is_some_and(|byte| *byte != b'\n');
+
+    // Restart on the same data: the log opens (a torn tail, if any, is set aside) and
+    // verifies, checkpoint signatures included.
+    let (server, _, _) = spawn_serve(dir.path(), &[], None);
+    stop(server);
+    let verify = run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "verify",
+        "--public-key",
+        "ringfence-data/audit-signing-key.pub.pem",
+    ]));
+    assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+    verify.says("every signature valid");
+    assert_eq!(
+        verify.stdout.contains("ends in a torn line"),
+        torn,
+        "torn tail reported iff present: {}",
+        verify.stdout
+    );
+    let replay = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "replay"]));
+    assert_eq!(replay.code, 0, "{}{}", replay.stdout, replay.stderr);
+    let logged = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "query", "--kind", "decrypt"]));
+    let logged: std::collections::HashSet<String> = logged
+        .stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["request_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for request_id in &answered {
+        assert!(
+            logged.contains(request_id),
+            "plaintext was returned for {request_id} but its entry is missing"
+        );
+    }
+}
+
+#[test]
+fn serve_never_creates_keys_outside_dev_and_refuses_the_development_key() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let key = "7e".repeat(32);
+    let none = serve_refused(dir.path(), Some(&key), &[]);
+    assert_eq!(none.code, 1, "{}", none.stderr);
+    none.complains("`ringfence keys init`");
+    assert!(!dir.path().join("ringfence-data/keyring.json").exists());
+    // A configured jurisdiction without keys is named with the command that fixes it.
+    let init = keys_with(dir.path(), &key, &["init", "--jurisdictions", "US"]);
+    init.succeeded();
+    let missing = serve_refused(dir.path(), Some(&key), &["--jurisdictions", "US,SG"]);
+    assert_eq!(missing.code, 1, "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("no root key for `SG`")
+            && missing.stderr.contains("keys init --jurisdictions SG"),
+        "{}",
+        missing.stderr
+    );
+    let again = keys_with(dir.path(), &key, &["init", "--jurisdictions", "US"]);
+    again.succeeded();
+    again.says("nothing to do");
+    // A development master key next to a keyring is refused by default.
+    let dev = tempfile::tempdir().unwrap();
+    copy_policies(&dev.path().join("policies"));
+    let created = run(ringfence().current_dir(dev.path()).args([
+        "keys",
+        "init",
+        "--danger-allow-development-master-key",
+    ]));
+    created.succeeded();
+    created.complains("DEVELOPMENT");
+    let refused = serve_refused(dev.path(), None, &[]);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    refused.complains("refusing the development master key");
+}
