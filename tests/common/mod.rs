@@ -52,7 +52,8 @@ impl TestServer {
             .unwrap()
     }
 
-    /// Every decision log entry, parsed.
+    /// Every decision log entry, parsed. A line the writer is still writing (no
+    /// newline yet) is left for the next look.
     pub fn log_entries(&self) -> Vec<serde_json::Value> {
         let mut segments: Vec<_> = std::fs::read_dir(self.log_dir())
             .unwrap()
@@ -65,8 +66,9 @@ impl TestServer {
             .flat_map(|path| {
                 std::fs::read_to_string(path)
                     .unwrap()
-                    .lines()
-                    .map(|line| serde_json::from_str(line).unwrap())
+                    .split_inclusive('\n')
+                    .filter(|line| line.ends_with('\n'))
+                    .map(|line| serde_json::from_str(line.trim_end()).unwrap())
                     .collect::<Vec<_>>()
             })
             .collect()
