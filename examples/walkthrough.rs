@@ -26,11 +26,19 @@ async fn connect_as(
     pki: &DevPki,
     service: &str,
 ) -> Result<RingfenceClient<Channel>, Box<dyn std::error::Error>> {
+    let read = |path: std::path::PathBuf| {
+        std::fs::read(&path).map_err(|error| {
+            format!(
+                "{}: {error} (`cargo run --release -- dev init` creates what is missing)",
+                path.display()
+            )
+        })
+    };
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(pki.ca_cert())?))
+        .ca_certificate(Certificate::from_pem(read(pki.ca_cert())?))
         .identity(Identity::from_pem(
-            std::fs::read(pki.client_cert(service))?,
-            std::fs::read(pki.client_key(service))?,
+            read(pki.client_cert(service))?,
+            read(pki.client_key(service))?,
         ))
         .domain_name("localhost");
     let channel = Channel::from_shared(format!("https://{address}"))?
