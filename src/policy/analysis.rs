@@ -416,7 +416,6 @@ mod tests {
     fn whole_context_uses_are_detected() {
         let observed = observe(r#"permit(principal, action, resource) when { context == {} };"#);
         assert!(observed.whole_context);
-        assert!(observed.whole_context);
         let nested = observe(
             r#"permit(principal, action, resource) when { context.service.jurisdiction == resource.jurisdiction };"#,
         );

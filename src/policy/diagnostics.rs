@@ -65,35 +65,41 @@ pub(super) fn name_snippets(rendered: &str, name: &str) -> String {
 }
 
 /// Where each policy of a Cedar file starts (1-based line and column, counted in
-/// characters), in file order, from Cedar's own source spans; empty when the file
+/// characters), by its place in the file, from Cedar's own source spans; `None` for a
+/// policy Cedar gives no span (then its file and ordinal name it). Empty when the file
 /// does not parse.
-pub(super) fn policy_locations(text: &str) -> Vec<(usize, usize)> {
+pub(super) fn policy_locations(text: &str) -> Vec<Option<(usize, usize)>> {
     let Ok((texts, _)) =
         cedar_policy_core::parser::parse_policyset_and_also_return_policy_text(text)
     else {
         return Vec::new();
     };
     let base = text.as_ptr() as usize;
-    let mut starts: Vec<(usize, usize)> = texts
-        .iter()
-        .filter_map(|(id, source)| {
-            // Cedar numbers the policies of a file `policy0`, `policy1`... in order.
-            let ordinal = id.as_ref().strip_prefix("policy")?.parse().ok()?;
-            // The source is a slice of `text`: its address gives its offset.
-            let offset = (source.as_ref()?.as_ptr() as usize).checked_sub(base)?;
-            Some((ordinal, offset))
-        })
-        .collect();
-    starts.sort_unstable();
-    starts
-        .into_iter()
-        .map(|(_, offset)| {
-            let before = text.get(..offset).unwrap_or(text);
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            (line, column)
-        })
-        .collect()
+    let mut locations = vec![None; texts.len()];
+    for (id, source) in &texts {
+        // Cedar numbers the policies of a file `policy0`, `policy1`... in order.
+        let Some(ordinal) = id
+            .as_ref()
+            .strip_prefix("policy")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        // The source is a slice of `text`: its address gives its offset.
+        let Some(offset) = source
+            .as_ref()
+            .and_then(|source| (source.as_ptr() as usize).checked_sub(base))
+        else {
+            continue;
+        };
+        let before = text.get(..offset).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        if let Some(slot) = locations.get_mut(ordinal) {
+            *slot = Some((line, column));
+        }
+    }
+    locations
 }
 
 pub(super) struct Collected {

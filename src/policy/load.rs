@@ -341,7 +341,7 @@ impl Policies {
         });
         let locations = policy_locations(text);
         for (ordinal, policy) in policies.into_iter().enumerate() {
-            let location = match locations.get(ordinal) {
+            let location = match locations.get(ordinal).copied().flatten() {
                 Some((line, column)) => format!("{}:{line}:{column}", path.display()),
                 None => format!("{} (policy {})", path.display(), ordinal + 1),
             };

@@ -211,7 +211,8 @@ fn run_case(
                             request_time: case.at.unwrap_or(now),
                         };
                         let situation = format!(
-                            "{principal} via Service::{service:?}, {} {jurisdiction}/{}, purpose {purpose:?}, ticket {ticket:?}",
+                            "{principal} via {}, {} {jurisdiction}/{}, purpose {purpose:?}, ticket {ticket:?}",
+                            Principal::Service(service.clone()),
                             case.action.as_str(),
                             case.record_type
                         );
