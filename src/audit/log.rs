@@ -104,105 +104,17 @@ impl DecisionLog {
             path: path.to_owned(),
             reason,
         };
-        let mut builder = fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(dir)
-            .map_err(|error| open_error(dir, error.to_string()))?;
-        let lock = crate::fsutil::LockFile::try_acquire(
-            &dir.join(WRITER_LOCK_FILE),
-            &options.holder,
-            LOCK_PATIENCE,
-        )
-        .map_err(|error| match error {
-            crate::fsutil::LockError::Held { holder, .. } => Error::Locked {
-                dir: dir.to_owned(),
-                holder: holder.to_string(),
-            },
-            other => open_error(dir, other.to_string()),
-        })?;
-        let numbers = segment_numbers(dir).map_err(|error| open_error(dir, error.to_string()))?;
-        // Walking back from the newest segment: the chain head, and (when this writer
-        // signs or checks the keyring) the newest checkpoint and every entry after it,
-        // which may span segments, sealed ones included.
+        let lock = lock_dir(dir, &options.holder)?;
         let wants_checkpoint = options.signer.is_some() || options.key_generations.is_some();
-        let mut head = None;
-        let mut newest_checkpoint = None;
-        let mut unsigned = None;
-        let mut torn_tail = None;
-        let mut segment = numbers.last().copied().unwrap_or(1);
-        for (index, number) in numbers.iter().rev().enumerate() {
-            let path = segment_path(dir, *number);
-            // A sealed segment is never appended to; its marker says where the chain stands.
-            let marker =
-                read_failed_marker(dir, *number).map_err(|reason| open_error(&path, reason))?;
-            if index == 0 && marker.is_some() {
-                segment = number + 1;
-            }
-            if marker.is_none() || wants_checkpoint {
-                let until = marker.as_ref().map(|marker| marker.last_durable_seq);
-                let end = segment_head(&path, until).map_err(|reason| open_error(&path, reason))?;
-                if index == 0 && end.torn && marker.is_none() {
-                    torn_tail = Some(path.clone());
-                    segment = number + 1;
-                }
-                if head.is_none() && marker.is_none() {
-                    head = end.head;
-                } else if head.is_none()
-                    && let Some(marker) = &marker
-                {
-                    let signed = end.head.as_ref().is_some_and(|end| {
-                        end.signed && end.seq == marker.last_durable_seq && end.hash == marker.head
-                    });
-                    head = Some(Head {
-                        seq: marker.last_durable_seq,
-                        hash: marker.head.clone(),
-                        signed,
-                    });
-                }
-                unsigned = UnsignedSpan::join(end.first_unsigned, unsigned);
-                if end.checkpoint.is_some() {
-                    newest_checkpoint = end.checkpoint;
-                    break;
-                }
-            } else if head.is_none()
-                && let Some(marker) = marker
-            {
-                head = Some(Head {
-                    seq: marker.last_durable_seq,
-                    hash: marker.head,
-                    signed: false,
-                });
-            }
-            if head.is_some() && !wants_checkpoint {
-                break;
-            }
-        }
+        let Scan {
+            head,
+            newest_checkpoint,
+            unsigned,
+            torn_tail,
+            segment,
+        } = scan(dir, wants_checkpoint)?;
         if let (Some(checkpoint), Some(keyring)) = (&newest_checkpoint, &options.key_generations) {
-            // The generations count only if this log's key signed them: a checkpoint
-            // planted with another key, or altered, would switch the check off.
-            if let Some(signer) = &options.signer {
-                let verifier = signer.verifier();
-                if checkpoint.key_id != verifier.key_id() {
-                    return Err(open_error(
-                        dir,
-                        format!(
-                            "the newest checkpoint (seq {}) is signed by key {}, not by this checkpoint key {}: use the --checkpoint-key that signs this log",
-                            checkpoint.seq,
-                            crate::record::shown(&checkpoint.key_id),
-                            verifier.key_id()
-                        ),
-                    ));
-                }
-                verifier.check(checkpoint).map_err(|problem| {
-                    open_error(
-                        dir,
-                        format!("the newest checkpoint (seq {}): {problem}", checkpoint.seq),
-                    )
-                })?;
-            }
+            check_newest_checkpoint(dir, checkpoint, options.signer.as_ref())?;
             check_key_generations(checkpoint, keyring)?;
         }
         let key_generations = Arc::new(std::sync::Mutex::new(
@@ -352,4 +264,147 @@ impl DecisionLog {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Creates the log directory (0700) and takes its writer lock.
+fn lock_dir(dir: &Path, holder: &str) -> Result<crate::fsutil::LockFile, Error> {
+    let open_error = |path: &Path, reason: String| Error::Open {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|error| open_error(dir, error.to_string()))?;
+    crate::fsutil::LockFile::try_acquire(&dir.join(WRITER_LOCK_FILE), holder, LOCK_PATIENCE)
+        .map_err(|error| match error {
+            crate::fsutil::LockError::Held { holder, .. } => Error::Locked {
+                dir: dir.to_owned(),
+                holder: holder.to_string(),
+            },
+            other => open_error(dir, other.to_string()),
+        })
+}
+
+/// What a log directory holds, read walking back from the newest segment.
+struct Scan {
+    /// The chain head.
+    head: Option<Head>,
+    newest_checkpoint: Option<Checkpoint>,
+    /// The entries after the newest checkpoint.
+    unsigned: Option<UnsignedSpan>,
+    /// The newest segment, when it ends in a torn line.
+    torn_tail: Option<PathBuf>,
+    /// The segment to write next.
+    segment: u64,
+}
+
+/// Walks back from the newest segment: the chain head, and (when `wants_checkpoint`:
+/// this writer signs or checks the keyring) the newest checkpoint and every entry after
+/// it, which may span segments, sealed ones included.
+fn scan(dir: &Path, wants_checkpoint: bool) -> Result<Scan, Error> {
+    let open_error = |path: &Path, reason: String| Error::Open {
+        path: path.to_owned(),
+        reason,
+    };
+    let numbers = segment_numbers(dir).map_err(|error| open_error(dir, error.to_string()))?;
+    // Walking back from the newest segment: the chain head, and (when this writer
+    // signs or checks the keyring) the newest checkpoint and every entry after it,
+    // which may span segments, sealed ones included.
+    let mut head = None;
+    let mut newest_checkpoint = None;
+    let mut unsigned = None;
+    let mut torn_tail = None;
+    let mut segment = numbers.last().copied().unwrap_or(1);
+    for (index, number) in numbers.iter().rev().enumerate() {
+        let path = segment_path(dir, *number);
+        // A sealed segment is never appended to; its marker says where the chain stands.
+        let marker =
+            read_failed_marker(dir, *number).map_err(|reason| open_error(&path, reason))?;
+        if index == 0 && marker.is_some() {
+            segment = number + 1;
+        }
+        if marker.is_none() || wants_checkpoint {
+            let until = marker.as_ref().map(|marker| marker.last_durable_seq);
+            let end = segment_head(&path, until).map_err(|reason| open_error(&path, reason))?;
+            if index == 0 && end.torn && marker.is_none() {
+                torn_tail = Some(path.clone());
+                segment = number + 1;
+            }
+            if head.is_none() && marker.is_none() {
+                head = end.head;
+            } else if head.is_none()
+                && let Some(marker) = &marker
+            {
+                let signed = end.head.as_ref().is_some_and(|end| {
+                    end.signed && end.seq == marker.last_durable_seq && end.hash == marker.head
+                });
+                head = Some(Head {
+                    seq: marker.last_durable_seq,
+                    hash: marker.head.clone(),
+                    signed,
+                });
+            }
+            unsigned = UnsignedSpan::join(end.first_unsigned, unsigned);
+            if end.checkpoint.is_some() {
+                newest_checkpoint = end.checkpoint;
+                break;
+            }
+        } else if head.is_none()
+            && let Some(marker) = marker
+        {
+            head = Some(Head {
+                seq: marker.last_durable_seq,
+                hash: marker.head,
+                signed: false,
+            });
+        }
+        if head.is_some() && !wants_checkpoint {
+            break;
+        }
+    }
+    Ok(Scan {
+        head,
+        newest_checkpoint,
+        unsigned,
+        torn_tail,
+        segment,
+    })
+}
+
+/// The newest checkpoint's key generations count only if this log's key signed them: a
+/// checkpoint planted with another key, or altered, would switch the check off.
+fn check_newest_checkpoint(
+    dir: &Path,
+    checkpoint: &Checkpoint,
+    signer: Option<&CheckpointSigner>,
+) -> Result<(), Error> {
+    let open_error = |path: &Path, reason: String| Error::Open {
+        path: path.to_owned(),
+        reason,
+    };
+    let Some(signer) = signer else {
+        return Ok(());
+    };
+    let verifier = signer.verifier();
+    if checkpoint.key_id != verifier.key_id() {
+        return Err(open_error(
+            dir,
+            format!(
+                "the newest checkpoint (seq {}) is signed by key {}, not by this checkpoint key {}: use the --checkpoint-key that signs this log",
+                checkpoint.seq,
+                crate::record::shown(&checkpoint.key_id),
+                verifier.key_id()
+            ),
+        ));
+    }
+    verifier.check(checkpoint).map_err(|problem| {
+        open_error(
+            dir,
+            format!("the newest checkpoint (seq {}): {problem}", checkpoint.seq),
+        )
+    })
 }
