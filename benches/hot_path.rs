@@ -243,6 +243,7 @@ fn log_appends(c: &mut Criterion) {
         checkpoint: None,
         key_event: None,
         unsigned_tail: None,
+        key_admin: None,
     };
     let mut group = c.benchmark_group("decision_log_append_on_disk");
     group

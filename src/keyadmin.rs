@@ -4,12 +4,17 @@
 //! keyring generations.
 //!
 //! Owns the order of a key change (lock keyring, read, lock log and check for rollback,
-//! save, log, checkpoint). It may not touch key bytes (the keyring does) or the log's
-//! format (the audit module does). While a server runs it holds the log lock, so
-//! offline changes are refused with a message naming it.
+//! save, log, checkpoint), offline ([`change_offline`]) and in a running server
+//! ([`LiveKeyring`]: the keyring requests use, swapped whole). It may not touch key
+//! bytes (the keyring does), decide who may change keys (the gatekeeper does) or the
+//! log's format (the audit module does). While a server runs it holds the log lock,
+//! so offline changes are refused with a message naming it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use crate::audit::{self, CheckpointSigner, DecisionLog, Entry, KeyEventEntry, LogOptions};
 use crate::config::LOG_DIR;
@@ -70,18 +75,50 @@ impl DataPaths {
     }
 }
 
-/// The decision log entry of one key change. `actor` says who made it.
-pub fn key_event_entry(event: &KeyEvent, actor: &str) -> Entry {
+/// Who made a key change, as its `key_event` entries record it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// A local command (`` `ringfence keys rotate` (pid 4242, uid 1000) ``), or the
+    /// Cedar principal of an admin call (`Employee::"kim"`).
+    pub principal: String,
+    /// The service an admin call came through.
+    pub service: Option<String>,
+    /// `local`, or how the admin caller was authenticated.
+    pub authentication: String,
+    /// The admin call's request id (its `key_admin` entry); empty for local changes.
+    pub request_id: String,
+    /// Purpose and ticket the admin caller stated; empty for local changes.
+    pub stated: crate::record::StatedPurpose,
+}
+
+impl Actor {
+    /// A command run on the machine, with the server stopped.
+    pub fn local(holder: &str) -> Self {
+        Self {
+            principal: holder.to_owned(),
+            service: None,
+            authentication: "local".to_owned(),
+            request_id: String::new(),
+            stated: crate::record::StatedPurpose::default(),
+        }
+    }
+}
+
+/// The decision log entry of one key change.
+pub fn key_event_entry(event: &KeyEvent, actor: &Actor) -> Entry {
     let time = time::OffsetDateTime::now_utc();
     let mut entry = Entry::bare(
         crate::record::rfc3339(time),
         time.unix_timestamp(),
-        String::new(),
+        actor.request_id.clone(),
         audit::KEY_EVENT_KIND,
         "done".to_owned(),
     );
-    entry.principal = Some(actor.to_owned());
-    entry.authentication = "local".to_owned();
+    entry.principal = Some(actor.principal.clone());
+    entry.service = actor.service.clone();
+    entry.authentication = actor.authentication.clone();
+    entry.purpose = actor.stated.purpose.clone();
+    entry.ticket = actor.stated.ticket.clone();
     entry.action = Some(format!("keys {}", event.operation));
     entry.key_event = Some(KeyEventEntry {
         operation: event.operation.to_owned(),
@@ -99,7 +136,7 @@ pub async fn log_events(
     log: &DecisionLog,
     generations: BTreeMap<String, u64>,
     events: &[KeyEvent],
-    actor: &str,
+    actor: &Actor,
 ) -> Result<(), audit::Error> {
     log.set_key_generations(generations);
     if events.is_empty() {
@@ -182,14 +219,15 @@ pub fn change_offline(
             ..LogOptions::default()
         },
     )?;
+    let actor = Actor::local(&holder);
     let result = runtime.block_on(async {
         let unlogged = unlogged_changes(&before, state.newest_checkpoint.as_ref());
-        log_events(&log, before_generations, &unlogged, &holder).await?;
+        log_events(&log, before_generations, &unlogged, &actor).await?;
         if events.is_empty() {
             return Ok(());
         }
         keyring.save()?;
-        log_events(&log, keyring.generations(), &events, &holder)
+        log_events(&log, keyring.generations(), &events, &actor)
             .await
             .map_err(|error| {
                 Error::Other(format!(
@@ -202,4 +240,105 @@ pub fn change_offline(
     log.close();
     drop(keyring_lock);
     result.map(|()| events)
+}
+
+/// The keyring a running server decrypts and encrypts with, changed live by the admin
+/// service. Each request takes one [`LiveKeyring::load`] and uses it throughout, so a
+/// change is atomic: requests that started before it use the old keyring whole,
+/// requests that start after the change returns use the new one whole.
+#[derive(Debug)]
+pub struct LiveKeyring {
+    current: ArcSwap<Keyring>,
+    /// One change at a time within the server (the file lock serializes processes).
+    changes: tokio::sync::Mutex<()>,
+}
+
+/// A change computed on a copy of the keyring, holding both locks, not yet saved.
+/// Dropping it changes nothing.
+pub struct PreparedChange<'a> {
+    live: &'a LiveKeyring,
+    _serial: tokio::sync::MutexGuard<'a, ()>,
+    _file_lock: crate::fsutil::LockFile,
+    next: Keyring,
+    events: Vec<KeyEvent>,
+}
+
+impl std::fmt::Debug for PreparedChange<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedChange")
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveKeyring {
+    /// Serves `keyring` until the first change.
+    pub fn new(keyring: Keyring) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(keyring),
+            changes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The keyring as it is now; hold it for the whole request.
+    pub fn load(&self) -> Arc<Keyring> {
+        self.current.load_full()
+    }
+
+    /// Computes a change on a copy of the keyring, after taking the keyring file lock
+    /// (waiting for an offline writer, which will then find the log locked by this
+    /// server). Nothing is saved or served until [`PreparedChange::commit`].
+    pub async fn prepare(
+        &self,
+        holder: &str,
+        change: impl FnOnce(&mut Keyring) -> Result<Vec<KeyEvent>, keys::Error>,
+    ) -> Result<PreparedChange<'_>, Error> {
+        let serial = self.changes.lock().await;
+        let mut next = Keyring::clone(&self.current.load());
+        let data_dir = next.path().parent().map(Path::to_owned).unwrap_or_default();
+        let holder = holder.to_owned();
+        let file_lock = tokio::task::spawn_blocking(move || keys::lock(&data_dir, &holder))
+            .await
+            .map_err(|error| Error::Other(format!("keyring lock task failed: {error}")))??;
+        let events = change(&mut next)?;
+        Ok(PreparedChange {
+            live: self,
+            _serial: serial,
+            _file_lock: file_lock,
+            next,
+            events,
+        })
+    }
+}
+
+impl PreparedChange<'_> {
+    /// What the change would do; empty when it changes nothing.
+    pub fn events(&self) -> &[KeyEvent] {
+        &self.events
+    }
+
+    /// Saves the changed keyring, serves it to every request that starts from now on,
+    /// and logs its events with a checkpoint over the new generations. A change that
+    /// was saved but could not be logged is still served (the file is the truth) and
+    /// is recorded as `unlogged` at the next start; the error says so.
+    pub async fn commit(self, log: &DecisionLog, actor: &Actor) -> Result<Vec<KeyEvent>, Error> {
+        if self.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let next = Arc::new(self.next);
+        let saving = Arc::clone(&next);
+        tokio::task::spawn_blocking(move || saving.save())
+            .await
+            .map_err(|error| Error::Other(format!("keyring save task failed: {error}")))??;
+        let generations = next.generations();
+        self.live.current.store(next);
+        log_events(log, generations, &self.events, actor)
+            .await
+            .map_err(|error| {
+                Error::Other(format!(
+                    "the keyring was changed but the change could not be logged ({error}); the next start records it as `unlogged`"
+                ))
+            })?;
+        Ok(self.events)
+    }
 }

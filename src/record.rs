@@ -236,6 +236,18 @@ impl fmt::Display for KeyVersion {
     }
 }
 
+impl std::str::FromStr for KeyVersion {
+    type Err = String;
+
+    /// A decimal version number, 1 or more (`--below 3`).
+    fn from_str(text: &str) -> Result<Self, String> {
+        text.parse::<u32>()
+            .ok()
+            .and_then(KeyVersion::new)
+            .ok_or_else(|| format!("`{}` is not a key version (1 or more)", shown(text)))
+    }
+}
+
 /// What the caller states about an access: its purpose and the ticket behind it.
 /// Both are recorded in the decision log and visible to policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]

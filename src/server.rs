@@ -159,7 +159,8 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
             keyadmin::unlogged_changes(&keyring.states(), state.newest_checkpoint.as_ref())
         })
         .unwrap_or_default();
-    keyadmin::log_events(&log, before, &unlogged, &holder).await?;
+    let actor = keyadmin::Actor::local(&holder);
+    keyadmin::log_events(&log, before, &unlogged, &actor).await?;
     for event in &unlogged {
         tracing::warn!(jurisdiction = %event.jurisdiction, generation = event.generation, "the keyring is ahead of the decision log (a key change was saved but not logged); recorded as `unlogged`");
     }
@@ -182,7 +183,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
     drop(keyring_lock);
     drop(master);
     keyring.configure_encryption(&config.jurisdictions)?;
-    keyadmin::log_events(&log, keyring.generations(), &events, &holder).await?;
+    keyadmin::log_events(&log, keyring.generations(), &events, &actor).await?;
     for event in &events {
         tracing::info!(jurisdiction = %event.jurisdiction, key_id = %event.key_id, "created root key version 1");
     }
@@ -456,8 +457,12 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
     let ringfence = pb::ringfence_server::RingfenceServer::new(ringfence)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let ringfence =
-        service::Admitted::new(ringfence, service::Admission::new(mode, Arc::clone(&gate)));
+    let admission = service::Admission::new(mode, Arc::clone(&gate));
+    let ringfence = service::Admitted::new(ringfence, admission.clone());
+    let key_admin =
+        pb::key_admin_server::KeyAdminServer::new(service::KeyAdminService::new(Arc::clone(&gate)))
+            .max_decoding_message_size(64 * 1024);
+    let key_admin = service::Admitted::new(key_admin, admission);
 
     let mut background = Vec::new();
     // Health follows the decision log: without it nothing can be served.
@@ -512,6 +517,7 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
             .add_service(health_service)
             .add_service(reflection)
             .add_service(ringfence)
+            .add_service(key_admin)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_signal.await;
             })

@@ -38,8 +38,8 @@ fn shipped_suites_pass_and_cover_every_policy() {
     );
 }
 
-/// A copy of the shipped policies with `us-data.cedar` rewritten by `mutate`.
-fn mutated(mutate: impl Fn(&str) -> String) -> tempfile::TempDir {
+/// A copy of the shipped policies with `file` rewritten by `mutate`.
+fn mutated_file(file: &str, mutate: impl Fn(&str) -> String) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(shipped()).unwrap() {
         let path = entry.unwrap().path();
@@ -47,7 +47,7 @@ fn mutated(mutate: impl Fn(&str) -> String) -> tempfile::TempDir {
             std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
         }
     }
-    let file = dir.path().join("us-data.cedar");
+    let file = dir.path().join(file);
     let original = std::fs::read_to_string(&file).unwrap();
     let changed = mutate(&original);
     assert_ne!(changed, original, "the mutation did not apply");
@@ -121,19 +121,61 @@ fn suites_fail_when_the_parent_company_forbids_are_deleted_or_weakened() {
         ),
     ];
     for (what, mutate) in mutations {
-        let dir = mutated(mutate);
-        let report = run_suites(dir.path());
-        let failed_in_parent_company_suite = report
-            .suites
-            .iter()
-            .filter(|suite| suite.name == "parent-company")
-            .flat_map(|suite| &suite.cases)
-            .filter(|case| !case.passed())
-            .count();
-        assert!(
-            failed_in_parent_company_suite > 0,
-            "{what}: the parent-company suite still passes:\n{}",
-            report.human()
-        );
+        assert_suite_fails("us-data.cedar", "parent-company", what, mutate);
+    }
+}
+
+/// Asserts that the suite `suite_name` fails once `file` is rewritten by `mutate`.
+fn assert_suite_fails(file: &str, suite_name: &str, what: &str, mutate: Mutation) {
+    let dir = mutated_file(file, mutate);
+    let report = run_suites(dir.path());
+    let failed = report
+        .suites
+        .iter()
+        .filter(|suite| suite.name == suite_name)
+        .flat_map(|suite| &suite.cases)
+        .filter(|case| !case.passed())
+        .count();
+    assert!(
+        failed > 0,
+        "{what}: the {suite_name} suite still passes:\n{}",
+        report.human()
+    );
+}
+
+#[test]
+fn the_key_admin_suite_fails_when_key_administration_is_widened() {
+    let mutations: Vec<(&str, Mutation)> = vec![
+        (
+            "parent-company forbid deleted",
+            Box::new(|text| without_policy(text, "parent-company-never-administers-us-keys")),
+        ),
+        (
+            "parent-company service forbid deleted",
+            Box::new(|text| {
+                without_policy(text, "parent-company-services-never-administer-us-keys")
+            }),
+        ),
+        (
+            "destroy no longer needs its purpose",
+            Box::new(|text| text.replace(" &&\n  context.purpose == \"key-destruction\"", "")),
+        ),
+        (
+            "the key-admin role no longer required",
+            Box::new(|text| text.replace("principal.roles.contains(\"key-admin\") &&", "")),
+        ),
+        (
+            "any service may administer keys",
+            Box::new(|text| {
+                text.replacen("context.service == Service::\"us-key-console\" &&", "", 1)
+            }),
+        ),
+        (
+            "the key console may read user data",
+            Box::new(|text| without_policy(text, "key-console-never-touches-user-data")),
+        ),
+    ];
+    for (what, mutate) in mutations {
+        assert_suite_fails("key-admin.cedar", "key-admin", what, mutate);
     }
 }

@@ -42,16 +42,49 @@ pub struct FieldEntry {
 /// A change to the keyring (`kind: "key_event"`); never key bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyEventEntry {
-    /// `init`, `rotate`, `migrate`.
+    /// `init`, `rotate`, `retire`, `unretire`, `destroy`, `reseal`, `migrate`,
+    /// `unlogged`.
     pub operation: String,
     /// The jurisdiction changed.
     pub jurisdiction: String,
-    /// The key version created or carried over.
+    /// The key version created, changed or carried over (for `reseal`: the current).
     pub version: u32,
     /// Its key id.
     pub key_id: String,
     /// The jurisdiction's keyring generation after the change.
     pub generation: u64,
+}
+
+/// A key administration request (`kind: "key_admin"`): what was asked and each key
+/// ring's decision. The changes it made follow as `key_event` entries with the same
+/// request id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAdminEntry {
+    /// `rotate`, `retire`, `unretire`, `destroy` or `list`.
+    pub operation: String,
+    /// `retire`, `destroy`: versions below this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<u32>,
+    /// `unretire`: this version and the ones after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u32>,
+    /// The decision for each key ring concerned, e.g. `KeyRing::"US"`.
+    pub key_rings: Vec<KeyRingDecision>,
+}
+
+/// The decision on one jurisdiction's key ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRingDecision {
+    /// The jurisdiction.
+    pub jurisdiction: String,
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// Determining policy ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// Policy evaluation errors (any error denies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 /// Entries the writer found unsigned for longer than the verifier's slack and would
@@ -110,6 +143,9 @@ pub struct Entry {
     /// For `kind: "key_event"`: what changed in the keyring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_event: Option<KeyEventEntry>,
+    /// For `kind: "key_admin"`: the key administration request and its decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_admin: Option<KeyAdminEntry>,
     /// For `kind: "unsigned_tail"`: the inherited entries no checkpoint vouched for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsigned_tail: Option<UnsignedTailEntry>,
@@ -142,6 +178,7 @@ impl Entry {
             checkpoint: None,
             key_event: None,
             unsigned_tail: None,
+            key_admin: None,
         }
     }
 

@@ -24,8 +24,8 @@ use writer::{Job, Problem, Request, UnsignedSpan, Writer};
 
 pub use checkpoint::{CHECKPOINT_KIND, Checkpoint, CheckpointSigner, CheckpointVerifier};
 pub use entry::{
-    ChainFields, Entry, FieldEntry, KeyEventEntry, RecordEntry, UnsignedTailEntry, chain_line,
-    split_line,
+    ChainFields, Entry, FieldEntry, KeyAdminEntry, KeyEventEntry, KeyRingDecision, RecordEntry,
+    UnsignedTailEntry, chain_line, split_line,
 };
 pub use log::{Appended, DecisionLog, LogOptions, OpenState};
 pub use query::{Filter, QueryStats, for_each_entry, parse_time, query};
@@ -51,6 +51,8 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 pub const ENTRY_FORMAT: u32 = 2;
 /// `kind` of entries that record a change to the keyring.
 pub const KEY_EVENT_KIND: &str = "key_event";
+/// `kind` of entries that record a key administration request and its decisions.
+pub const KEY_ADMIN_KIND: &str = "key_admin";
 /// `kind` of the entry the writer writes instead of signing entries that waited longer
 /// than the verifier's slack for a checkpoint (an inherited tail after a crash, a
 /// stalled disk).

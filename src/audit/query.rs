@@ -65,15 +65,25 @@ impl Filter {
                 .as_deref()
                 .is_none_or(|wanted| text(entry, pointer) == Some(wanted))
         };
-        // A key event concerns a jurisdiction without a record.
-        let jurisdiction = if entry.get("key_event").is_some() {
-            "/key_event/jurisdiction"
-        } else {
-            "/record/jurisdiction"
+        // A key event concerns a jurisdiction without a record; a key administration
+        // request, the jurisdictions of its key rings.
+        let jurisdiction_matches = match (&self.jurisdiction, entry.get("key_admin")) {
+            (Some(wanted), Some(admin)) => admin
+                .get("key_rings")
+                .and_then(Value::as_array)
+                .is_some_and(|rings| {
+                    rings.iter().any(|ring| {
+                        ring.get("jurisdiction").and_then(Value::as_str) == Some(wanted)
+                    })
+                }),
+            _ if entry.get("key_event").is_some() => {
+                equal("/key_event/jurisdiction", &self.jurisdiction)
+            }
+            _ => equal("/record/jurisdiction", &self.jurisdiction),
         };
         if !(equal("/service", &self.service)
             && equal("/kind", &self.kind)
-            && equal(jurisdiction, &self.jurisdiction)
+            && jurisdiction_matches
             && equal("/record/record_type", &self.record_type)
             && equal("/record/record_id", &self.record_id))
         {

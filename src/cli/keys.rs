@@ -1,15 +1,23 @@
-//! `ringfence keys ...`: create, list, rotate and migrate root keys offline. Versions,
-//! key ids and dates only, never key bytes; every change is logged as `key_event`
-//! entries with a signed checkpoint, and refused while a server holds the log.
+//! `ringfence keys ...`: create, list, rotate, retire, unretire, destroy and migrate
+//! root keys, and re-seal them under a new master key. Offline (server stopped) every
+//! change is logged as `key_event` entries with a signed checkpoint and refused while a
+//! server holds the log; with `--server` the running server's KeyAdmin service decides,
+//! logs and applies it live. Versions, key ids, dates and states only, never key bytes.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ringfence::keyadmin::{self, DataPaths};
 use ringfence::keys::{self, KeyEvent, Keyring, MASTER_KEY_ENV, MasterKeyPolicy};
-use ringfence::record::Jurisdiction;
+use ringfence::pb;
+use ringfence::record::{Jurisdiction, KeyVersion};
 
+use super::admin_client::{ServerArgs, print_key_rings};
 use super::{DataDir, EXIT_FAILURE, fail};
+
+/// Environment variable holding the new master key for `rotate-master` when
+/// `--new-master-key-file` is not given.
+pub const NEW_MASTER_KEY_ENV: &str = "RINGFENCE_NEW_MASTER_KEY";
 
 /// How a keys command finds the master key and the checkpoint key.
 #[derive(Debug, clap::Args)]
@@ -40,20 +48,84 @@ pub enum Command {
         #[arg(long, value_delimiter = ',', default_value = "US,SG,EU")]
         jurisdictions: Vec<Jurisdiction>,
     },
-    /// List jurisdictions, generations, key versions, key ids and creation dates.
+    /// List every key version: jurisdiction, version, key id, creation date, state
+    /// (active, decrypt-only, retired, destroyed) and generation.
     List {
         #[command(flatten)]
         args: KeyArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Only this jurisdiction.
+        #[arg(long)]
+        jurisdiction: Option<Jurisdiction>,
     },
-    /// Add a new root key version for a jurisdiction and make it current. Refused while
-    /// a server runs; restart the server to encrypt with it. Older versions keep
+    /// Add a new root key version for a jurisdiction and make it current. With
+    /// --server it is live for every request that starts after the command returns;
+    /// offline (server stopped) the next start uses it. Older versions keep
     /// decrypting.
     Rotate {
         #[command(flatten)]
         args: KeyArgs,
+        #[command(flatten)]
+        server: ServerArgs,
         /// Jurisdiction to rotate, e.g. US.
         #[arg(long)]
         jurisdiction: Jurisdiction,
+    },
+    /// Retire every version below --below: their fields fail with a per-field
+    /// "retired key version" error until `unretire`. The current version cannot be
+    /// retired (rotate first).
+    Retire {
+        #[command(flatten)]
+        args: KeyArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Jurisdiction, e.g. US.
+        #[arg(long)]
+        jurisdiction: Jurisdiction,
+        /// Versions below this one are retired.
+        #[arg(long)]
+        below: KeyVersion,
+    },
+    /// Let retired versions from --from on decrypt again (destroyed ones stay lost).
+    Unretire {
+        #[command(flatten)]
+        args: KeyArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Jurisdiction, e.g. US.
+        #[arg(long)]
+        jurisdiction: Jurisdiction,
+        /// The lowest version to let decrypt again.
+        #[arg(long)]
+        from: KeyVersion,
+    },
+    /// Destroy the sealed keys of every version below --below, which must be retired.
+    /// PERMANENT: their fields can never be decrypted again (see docs/crypto.md,
+    /// "Destroying keys", for copies in backups).
+    Destroy {
+        #[command(flatten)]
+        args: KeyArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Jurisdiction, e.g. US.
+        #[arg(long)]
+        jurisdiction: Jurisdiction,
+        /// Versions below this one are destroyed.
+        #[arg(long)]
+        below: KeyVersion,
+    },
+    /// Re-seal every key under a new master key (server stopped): root keys, key ids
+    /// and records stay as they are; afterwards only the new master key opens the
+    /// keyring. The current master key comes from --master-key-file or
+    /// RINGFENCE_MASTER_KEY as usual.
+    RotateMaster {
+        #[command(flatten)]
+        args: KeyArgs,
+        /// File holding the new master key (64 hex digits or base64 of 32 bytes); else
+        /// the RINGFENCE_NEW_MASTER_KEY environment variable.
+        #[arg(long)]
+        new_master_key_file: Option<PathBuf>,
     },
     /// Convert a keyring of format 1 (unauthenticated metadata) to format 2, once.
     Migrate {
@@ -108,7 +180,7 @@ fn report(result: Result<Vec<KeyEvent>, keyadmin::Error>, nothing: &str) -> Exit
         Err(keyadmin::Error::Log(error @ ringfence::audit::Error::Locked { .. })) => fail(
             EXIT_FAILURE,
             format!(
-                "{error}: key changes are refused while a server runs (it would keep serving the keys it loaded); stop it, then retry"
+                "{error}: offline key changes are refused while a server runs (it would keep serving the keys it loaded); make the change through it with --server, or stop it and retry"
             ),
         ),
         Err(error) => fail(EXIT_FAILURE, error),
@@ -145,6 +217,61 @@ fn run_change(
     )
 }
 
+/// Makes a change through `--server`'s KeyAdmin service, or offline.
+fn change(
+    args: &KeyArgs,
+    server: &ServerArgs,
+    offline: impl FnOnce() -> ExitCode,
+    remote: impl FnOnce(
+        &super::admin_client::Remote,
+        &ServerArgs,
+    ) -> Result<pb::KeyChangeResponse, String>,
+) -> ExitCode {
+    match server.connect(&args.data.data_dir) {
+        Ok(None) => offline(),
+        Ok(Some(connected)) => match remote(&connected, server) {
+            Ok(response) if response.events.is_empty() => {
+                println!("nothing to do (request {})", response.request_id);
+                ExitCode::SUCCESS
+            }
+            Ok(response) => {
+                for event in &response.events {
+                    println!(
+                        "{}\tv{}\t{}\tgeneration {}\t({})",
+                        event.jurisdiction,
+                        event.version,
+                        event.key_id,
+                        event.generation,
+                        event.operation
+                    );
+                }
+                println!("request {}", response.request_id);
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(EXIT_FAILURE, error),
+        },
+        Err(error) => fail(EXIT_FAILURE, error),
+    }
+}
+
+/// The new master key of `rotate-master`: a file, else the environment.
+fn new_master(file: Option<&Path>) -> Result<keys::LocalMasterKey, keys::Error> {
+    if let Some(path) = file {
+        return keys::load_master_key(None, Some(path), Path::new("."), MasterKeyPolicy::default());
+    }
+    let text = std::env::var(NEW_MASTER_KEY_ENV)
+        .map(keys::MasterKeyText::new)
+        .map_err(|_| {
+            keys::Error::Refused(format!(
+                "no new master key: pass --new-master-key-file or set {NEW_MASTER_KEY_ENV}"
+            ))
+        })?;
+    Ok(keys::LocalMasterKey::new(
+        keys::parse_master_key(text.expose(), NEW_MASTER_KEY_ENV)?,
+        keys::MasterKeyOrigin::Environment,
+    ))
+}
+
 pub fn run(command: Command) -> ExitCode {
     match command {
         Command::Init {
@@ -165,15 +292,112 @@ pub fn run(command: Command) -> ExitCode {
             });
             report(result, "every jurisdiction already has keys: nothing to do")
         }
-        Command::Rotate { args, jurisdiction } => {
-            let result = run_change(&args, false, "ringfence keys rotate", |path, master| {
-                let mut keyring = Keyring::open(path, master)?;
-                let before = keyring.states();
-                let event = keyring.rotate(&jurisdiction)?;
-                Ok((before, keyring, vec![event]))
-            });
-            report(result, "nothing rotated")
-        }
+        Command::Rotate {
+            args,
+            server,
+            jurisdiction,
+        } => change(
+            &args,
+            &server,
+            || {
+                let result = run_change(&args, false, "ringfence keys rotate", |path, master| {
+                    let mut keyring = Keyring::open(path, master)?;
+                    let before = keyring.states();
+                    let event = keyring.rotate(&jurisdiction)?;
+                    Ok((before, keyring, vec![event]))
+                });
+                report(result, "nothing rotated")
+            },
+            |remote, server| {
+                let message = pb::RotateKeyRequest {
+                    jurisdiction: jurisdiction.as_str().to_owned(),
+                    purpose: server.purpose.clone(),
+                    ticket: server.ticket.clone(),
+                };
+                remote.call(message, |mut client, request| async move {
+                    client.rotate_key(request).await
+                })
+            },
+        ),
+        Command::Retire {
+            args,
+            server,
+            jurisdiction,
+            below,
+        } => change(
+            &args,
+            &server,
+            || {
+                offline_change(&args, "ringfence keys retire", |keyring| {
+                    keyring.retire(&jurisdiction, below)
+                })
+            },
+            |remote, server| {
+                let message = pb::RetireKeysRequest {
+                    jurisdiction: jurisdiction.as_str().to_owned(),
+                    below: below.get(),
+                    purpose: server.purpose.clone(),
+                    ticket: server.ticket.clone(),
+                };
+                remote.call(message, |mut client, request| async move {
+                    client.retire_keys(request).await
+                })
+            },
+        ),
+        Command::Unretire {
+            args,
+            server,
+            jurisdiction,
+            from,
+        } => change(
+            &args,
+            &server,
+            || {
+                offline_change(&args, "ringfence keys unretire", |keyring| {
+                    keyring.unretire(&jurisdiction, from)
+                })
+            },
+            |remote, server| {
+                let message = pb::UnretireKeysRequest {
+                    jurisdiction: jurisdiction.as_str().to_owned(),
+                    from: from.get(),
+                    purpose: server.purpose.clone(),
+                    ticket: server.ticket.clone(),
+                };
+                remote.call(message, |mut client, request| async move {
+                    client.unretire_keys(request).await
+                })
+            },
+        ),
+        Command::Destroy {
+            args,
+            server,
+            jurisdiction,
+            below,
+        } => change(
+            &args,
+            &server,
+            || {
+                offline_change(&args, "ringfence keys destroy", |keyring| {
+                    keyring.destroy(&jurisdiction, below)
+                })
+            },
+            |remote, server| {
+                let message = pb::DestroyKeysRequest {
+                    jurisdiction: jurisdiction.as_str().to_owned(),
+                    below: below.get(),
+                    purpose: server.purpose.clone(),
+                    ticket: server.ticket.clone(),
+                };
+                remote.call(message, |mut client, request| async move {
+                    client.destroy_keys(request).await
+                })
+            },
+        ),
+        Command::RotateMaster {
+            args,
+            new_master_key_file,
+        } => rotate_master(&args, new_master_key_file.as_deref()),
         Command::Migrate { args } => {
             let result = run_change(&args, false, "ringfence keys migrate", |path, master| {
                 // A format-1 keyring has no generations: the log's newest checkpoint
@@ -183,33 +407,120 @@ pub fn run(command: Command) -> ExitCode {
             });
             report(result, "nothing to migrate")
         }
-        Command::List { args } => {
-            let opened = args.master(false).and_then(|master| {
-                Keyring::open(&args.data.data_dir.join(keys::KEYRING_FILE), &master)
-            });
-            match opened {
-                Ok(keyring) => {
-                    for info in keyring.summary() {
-                        for version in &info.versions {
-                            let marker = if version.version == info.current {
-                                " (current)"
-                            } else {
-                                ""
-                            };
-                            println!(
-                                "{}\tv{}\t{}\t{}\tgeneration {}{marker}",
-                                info.jurisdiction,
-                                version.version,
-                                version.key_id,
-                                version.created_at,
-                                info.generation
-                            );
-                        }
-                    }
+        Command::List {
+            args,
+            server,
+            jurisdiction,
+        } => {
+            let listed = match server.connect(&args.data.data_dir) {
+                Ok(Some(remote)) => {
+                    let message = pb::ListKeysRequest {
+                        jurisdiction: jurisdiction
+                            .as_ref()
+                            .map(|j| j.as_str().to_owned())
+                            .unwrap_or_default(),
+                        purpose: server.purpose.clone(),
+                        ticket: server.ticket.clone(),
+                    };
+                    remote
+                        .call(message, |mut client, request| async move {
+                            client.list_keys(request).await
+                        })
+                        .map(|response| response.key_rings)
+                }
+                Ok(None) => args
+                    .master(false)
+                    .and_then(|master| {
+                        Keyring::open(&args.data.data_dir.join(keys::KEYRING_FILE), &master)
+                    })
+                    .map(|keyring| {
+                        keyring
+                            .summary()
+                            .into_iter()
+                            .filter(|info| {
+                                jurisdiction
+                                    .as_ref()
+                                    .is_none_or(|j| j.as_str() == info.jurisdiction)
+                            })
+                            .map(pb::KeyRing::from)
+                            .collect()
+                    })
+                    .map_err(|error| error.to_string()),
+                Err(error) => Err(error),
+            };
+            match listed {
+                Ok(key_rings) => {
+                    print_key_rings(&key_rings);
                     ExitCode::SUCCESS
                 }
                 Err(error) => fail(EXIT_FAILURE, error),
             }
         }
     }
+}
+
+/// One offline change to an existing keyring: open, change, save and log.
+fn offline_change(
+    args: &KeyArgs,
+    actor: &str,
+    change: impl FnOnce(&mut Keyring) -> Result<Vec<KeyEvent>, keys::Error>,
+) -> ExitCode {
+    let result = run_change(args, false, actor, |path, master| {
+        let mut keyring = Keyring::open(path, master)?;
+        let before = keyring.states();
+        let events = change(&mut keyring)?;
+        Ok((before, keyring, events))
+    });
+    report(result, "nothing to do")
+}
+
+/// `keys rotate-master`: re-seal under the new master key, then check that the new key
+/// opens the saved keyring and the old one does not.
+fn rotate_master(args: &KeyArgs, new_master_key_file: Option<&Path>) -> ExitCode {
+    let new = match new_master(new_master_key_file) {
+        Ok(new) => new,
+        Err(error) => return fail(EXIT_FAILURE, error),
+    };
+    let mut old_was_development = None;
+    let result = run_change(
+        args,
+        false,
+        "ringfence keys rotate-master",
+        |path, master| {
+            if let keys::MasterKeyOrigin::Development { path, .. } = master.origin() {
+                old_was_development = Some(path.clone());
+            }
+            let mut keyring = Keyring::open(path, master)?;
+            let before = keyring.states();
+            let events = keyring.reseal(&new)?;
+            Ok((before, keyring, events))
+        },
+    );
+    let code = report(result, "the keyring holds no keys: nothing to re-seal");
+    if code != ExitCode::SUCCESS {
+        return code;
+    }
+    let path = args.data.data_dir.join(keys::KEYRING_FILE);
+    if let Err(error) = Keyring::open(&path, &new) {
+        return fail(
+            EXIT_FAILURE,
+            format!("the re-sealed keyring does not open with the new master key: {error}"),
+        );
+    }
+    println!(
+        "re-sealed under {}; the old master key opens nothing of `{}` now (older copies of the file, e.g. in backups, still open with it: see docs/crypto.md, \"Rotating the master key\")",
+        keys::MasterKeySource::describe(&new),
+        path.display()
+    );
+    if let Some(dev_key) = old_was_development {
+        // It opens nothing any more, and left in place it would be picked up first.
+        match std::fs::remove_file(&dev_key) {
+            Ok(()) => println!("removed the development master key `{}`", dev_key.display()),
+            Err(error) => eprintln!(
+                "warning: cannot remove the development master key `{}` ({error}); it opens nothing now: delete it",
+                dev_key.display()
+            ),
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -1,5 +1,6 @@
 //! Subcommands of the `ringfence` binary and their exit codes.
 
+mod admin_client;
 mod audit;
 mod dev;
 mod keys;

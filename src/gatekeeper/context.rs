@@ -69,6 +69,7 @@ impl<'a> Context<'a> {
             checkpoint: None,
             key_event: None,
             unsigned_tail: None,
+            key_admin: None,
         }
     }
 }

@@ -9,6 +9,7 @@ use super::{Error, Gatekeeper, InvalidRequest, follow_up_field};
 use crate::audit::RecordEntry;
 use crate::crypto::{self, Envelope, RecordScope};
 use crate::identity::Caller;
+use crate::keys::{self, Keyring};
 use crate::policy::{Action, PolicySnapshot, Verdict};
 use crate::record::{FieldName, KeyVersion};
 
@@ -27,6 +28,8 @@ impl Plan {
             Plan::Deny(_) => "denied",
             Plan::Fail(FieldFailure::Integrity) => "integrity_failure",
             Plan::Fail(FieldFailure::UnknownKeyVersion) => "unknown_key_version",
+            Plan::Fail(FieldFailure::RetiredKeyVersion(_)) => "retired_key_version",
+            Plan::Fail(FieldFailure::DestroyedKeyVersion(_)) => "destroyed_key_version",
         }
     }
 }
@@ -34,7 +37,7 @@ impl Plan {
 /// Record keys of one record, derived when first needed (a record's fields may be
 /// sealed under several key versions).
 struct RecordKeys<'g> {
-    gate: &'g Gatekeeper,
+    keyring: &'g Keyring,
     keys: std::collections::BTreeMap<KeyVersion, crypto::RecordKey>,
 }
 
@@ -44,8 +47,7 @@ impl RecordKeys<'_> {
         Ok(match self.keys.entry(scope.key_version) {
             Entry::Occupied(known) => known.into_mut(),
             Entry::Vacant(slot) => slot.insert(
-                self.gate
-                    .keyring
+                self.keyring
                     .derivation_key(scope.jurisdiction, scope.key_version)?
                     .record_key(scope)?,
             ),
@@ -77,7 +79,9 @@ impl Gatekeeper {
         let decisions = self
             .decide(&snapshot, &context, Action::Decrypt, subject, &names)
             .await?;
-        let plans = self.plan(record, &names, &decisions, &envelopes);
+        // One keyring for the whole request: a live key change is seen whole or not at all.
+        let keyring = self.keyring.load();
+        let plans = plan(&keyring, record, &decisions, &envelopes);
         // Guarantee 2: the decisions are durable before any field is decrypted.
         let mut entry = context.entry(
             "decrypt",
@@ -112,7 +116,7 @@ impl Gatekeeper {
         );
         let answer = self
             .open(
-                record, names, plans, &envelopes, &context, &snapshot, &logged,
+                &keyring, record, names, plans, &envelopes, &context, &snapshot, &logged,
             )
             .await;
         let fields = match answer {
@@ -201,43 +205,12 @@ impl Gatekeeper {
         }
     }
 
-    /// Each field's fate: denied by policy, failing (moved from another jurisdiction,
-    /// or sealed under a key version this server does not hold), or to be opened.
-    fn plan(
-        &self,
-        record: &RecordRef,
-        names: &[FieldName],
-        decisions: &[Verdict<'_>],
-        envelopes: &[Envelope<'_>],
-    ) -> Vec<Plan> {
-        names
-            .iter()
-            .zip(decisions)
-            .zip(envelopes)
-            .map(|((_, decision), envelope)| {
-                if !decision.allowed {
-                    Plan::Deny(denial(decision))
-                } else if envelope.jurisdiction != record.jurisdiction {
-                    // Moved from another jurisdiction: its key and AAD could never match.
-                    Plan::Fail(FieldFailure::Integrity)
-                } else if self
-                    .keyring
-                    .derivation_key(&record.jurisdiction, envelope.key_version)
-                    .is_err()
-                {
-                    Plan::Fail(FieldFailure::UnknownKeyVersion)
-                } else {
-                    Plan::Open(envelope.key_version)
-                }
-            })
-            .collect()
-    }
-
     /// Opens the fields planned to be opened. A field that fails authentication is an
     /// integrity failure, itself logged (guarantee 4) before the answer goes out.
     #[allow(clippy::too_many_arguments)]
     async fn open(
         &self,
+        keyring: &Keyring,
         record: &RecordRef,
         names: Vec<FieldName>,
         plans: Vec<Plan>,
@@ -247,7 +220,7 @@ impl Gatekeeper {
         logged: &RecordEntry,
     ) -> Result<Vec<(FieldName, Outcome)>, Error> {
         let mut keys = RecordKeys {
-            gate: self,
+            keyring,
             keys: std::collections::BTreeMap::new(),
         };
         let mut outcomes = Vec::with_capacity(names.len());
@@ -297,4 +270,39 @@ impl Gatekeeper {
         }
         Ok(outcomes)
     }
+}
+
+/// Each field's fate: denied by policy, failing (moved from another jurisdiction, or
+/// sealed under a key version this server does not hold, retired or destroyed), or to
+/// be opened.
+fn plan(
+    keyring: &Keyring,
+    record: &RecordRef,
+    decisions: &[Verdict<'_>],
+    envelopes: &[Envelope<'_>],
+) -> Vec<Plan> {
+    decisions
+        .iter()
+        .zip(envelopes)
+        .map(|(decision, envelope)| {
+            if !decision.allowed {
+                return Plan::Deny(denial(decision));
+            }
+            if envelope.jurisdiction != record.jurisdiction {
+                // Moved from another jurisdiction: its key and AAD could never match.
+                return Plan::Fail(FieldFailure::Integrity);
+            }
+            let version = envelope.key_version;
+            match keyring.derivation_key(&record.jurisdiction, version) {
+                Ok(_) => Plan::Open(version),
+                Err(keys::Error::RetiredKeyVersion(..)) => {
+                    Plan::Fail(FieldFailure::RetiredKeyVersion(version))
+                }
+                Err(keys::Error::DestroyedKeyVersion(..)) => {
+                    Plan::Fail(FieldFailure::DestroyedKeyVersion(version))
+                }
+                Err(_) => Plan::Fail(FieldFailure::UnknownKeyVersion),
+            }
+        })
+        .collect()
 }

@@ -6,6 +6,7 @@ use super::types::{Encrypted, PlainRecord, SealedRecord};
 use super::{Error, Gatekeeper, InvalidRequest};
 use crate::crypto::{self, RecordScope};
 use crate::identity::Caller;
+use crate::keys::Keyring;
 use crate::policy::Action;
 use crate::record::{FieldName, KeyVersion, StatedPurpose};
 
@@ -18,7 +19,9 @@ impl Gatekeeper {
     ) -> Result<Encrypted, Error> {
         let record = &request.record;
         self.check_plain(&request)?;
-        let key_version = self.keyring.current_for_encryption(&record.jurisdiction)?;
+        // One keyring for the whole request: a live rotation is seen whole or not at all.
+        let keyring = self.keyring.load();
+        let key_version = keyring.current_for_encryption(&record.jurisdiction)?;
         let stated = StatedPurpose::default();
         let context = Context::new(caller, &stated)?;
         let snapshot = self.policies.current();
@@ -82,7 +85,7 @@ impl Gatekeeper {
             });
         }
 
-        let sealed = self.seal(&request, key_version)?;
+        let sealed = seal(&keyring, &request, key_version)?;
         Ok(Encrypted {
             policy_set: snapshot.hash().to_owned(),
             request_id: context.request_id,
@@ -114,30 +117,28 @@ impl Gatekeeper {
         }
         Ok(())
     }
+}
 
-    /// Seals every field under the record key of `key_version`, each with a fresh
-    /// nonce.
-    fn seal(
-        &self,
-        request: &PlainRecord,
-        key_version: KeyVersion,
-    ) -> Result<Vec<(FieldName, Vec<u8>)>, Error> {
-        let record = &request.record;
-        let scope = RecordScope {
-            jurisdiction: &record.jurisdiction,
-            key_version,
-            record_type: &record.record_type,
-            record_id: &record.record_id,
-        };
-        let key = self
-            .keyring
-            .derivation_key(&record.jurisdiction, key_version)?
-            .record_key(&scope)?;
-        let nonces = crypto::fresh_nonces(request.fields.len())?;
-        let mut sealed = Vec::with_capacity(request.fields.len());
-        for ((name, value), nonce) in request.fields.iter().zip(&nonces) {
-            sealed.push((name.clone(), key.seal(&scope, name, nonce, value)?));
-        }
-        Ok(sealed)
+/// Seals every field under the record key of `key_version`, each with a fresh nonce.
+fn seal(
+    keyring: &Keyring,
+    request: &PlainRecord,
+    key_version: KeyVersion,
+) -> Result<Vec<(FieldName, Vec<u8>)>, Error> {
+    let record = &request.record;
+    let scope = RecordScope {
+        jurisdiction: &record.jurisdiction,
+        key_version,
+        record_type: &record.record_type,
+        record_id: &record.record_id,
+    };
+    let key = keyring
+        .derivation_key(&record.jurisdiction, key_version)?
+        .record_key(&scope)?;
+    let nonces = crypto::fresh_nonces(request.fields.len())?;
+    let mut sealed = Vec::with_capacity(request.fields.len());
+    for ((name, value), nonce) in request.fields.iter().zip(&nonces) {
+        sealed.push((name.clone(), key.seal(&scope, name, nonce, value)?));
     }
+    Ok(sealed)
 }

@@ -7,6 +7,7 @@
 //! and decrypt only the permitted fields -> answer. A denied field is never decrypted,
 //! and nothing is decrypted when the log append fails.
 
+mod admin;
 mod authorize;
 mod context;
 mod decrypt;
@@ -15,6 +16,7 @@ mod types;
 
 use std::sync::Arc;
 
+pub use admin::{KeyChange, KeyChanged, KeyListing};
 pub use types::{
     AuthorizeRequest, Authorized, DecryptRequest, Decrypted, Denial, Encrypted, FieldFailure,
     Outcome, PlainRecord, Receipt, RecordRef, SealedRecord,
@@ -23,6 +25,7 @@ pub use types::{
 use crate::audit::{self, DecisionLog, Entry, FieldEntry};
 use crate::crypto;
 use crate::identity::Caller;
+use crate::keyadmin::{self, LiveKeyring};
 use crate::keys::{self, Keyring};
 use crate::policy::{self, Action, PolicySnapshot, PolicyStore, Verdict};
 use crate::record::{FieldName, RecordType};
@@ -66,6 +69,23 @@ pub enum Error {
     /// The decision log could not record the decision; nothing was done.
     #[error(transparent)]
     Log(#[from] audit::Error),
+    /// Policy denied a key administration request; nothing was changed.
+    #[error("key administration denied: `{action}` on {resource}")]
+    AdminDenied {
+        /// The Cedar action.
+        action: &'static str,
+        /// The resource, e.g. `KeyRing::"US"`.
+        resource: String,
+        /// Determining policy ids the caller may see.
+        policy_ids: Vec<String>,
+    },
+    /// A permitted key change that the keyring's rules refuse (retiring the current
+    /// version, destroying one not retired, ...); nothing was changed.
+    #[error(transparent)]
+    KeyChangeRefused(keys::Error),
+    /// A key change failed while being saved or logged.
+    #[error(transparent)]
+    KeyAdmin(#[from] keyadmin::Error),
     /// Policy denied encrypting some fields; nothing was encrypted.
     #[error("encryption denied for field(s) {}", .fields.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", "))]
     EncryptDenied {
@@ -82,7 +102,7 @@ pub enum Error {
 /// The data flow of the service, independent of the transport.
 #[derive(Debug)]
 pub struct Gatekeeper {
-    keyring: Keyring,
+    keyring: LiveKeyring,
     policies: Arc<PolicyStore>,
     log: DecisionLog,
     limits: Limits,
@@ -98,7 +118,7 @@ impl Gatekeeper {
         limits: Limits,
     ) -> Self {
         Self {
-            keyring,
+            keyring: LiveKeyring::new(keyring),
             policies,
             log,
             limits,
@@ -179,32 +199,47 @@ impl Gatekeeper {
             Err(
                 error @ (policy::Error::UnknownPrincipal(_) | policy::Error::UnknownService(_)),
             ) => {
-                // Admission checks the directory first; this is a reload in between.
-                let source = crate::failures::Source::Caller {
-                    service: context.caller.service.clone(),
-                    employee: context.caller.employee.clone(),
-                };
-                let Some(held_back) = self.failures.admit(&source) else {
-                    return Err(error.into());
-                };
                 let record = record_entry(record_type, subject.record_id, jurisdiction);
-                let mut entry = context.entry(
-                    "unauthenticated",
-                    Some(action),
-                    Some(record),
-                    Some(snapshot.hash()),
-                );
-                entry.outcome = error.to_string();
-                if held_back > 0 {
-                    entry.outcome.push_str(&format!(
-                        "; {held_back} more authentication failures not logged individually"
-                    ));
-                }
-                self.log.append(entry).await?;
+                self.log_unknown_caller(snapshot, context, action, Some(record), &error)
+                    .await?;
                 Err(error.into())
             }
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// Logs a request whose principal or service is not in the directory (admission
+    /// checks the directory first, so this is a reload in between) as an
+    /// authentication failure, within the failure limiter's budget.
+    async fn log_unknown_caller(
+        &self,
+        snapshot: &PolicySnapshot,
+        context: &Context<'_>,
+        action: Action,
+        record: Option<audit::RecordEntry>,
+        error: &policy::Error,
+    ) -> Result<(), Error> {
+        let source = crate::failures::Source::Caller {
+            service: context.caller.service.clone(),
+            employee: context.caller.employee.clone(),
+        };
+        let Some(held_back) = self.failures.admit(&source) else {
+            return Ok(());
+        };
+        let mut entry = context.entry(
+            "unauthenticated",
+            Some(action),
+            record,
+            Some(snapshot.hash()),
+        );
+        entry.outcome = error.to_string();
+        if held_back > 0 {
+            entry.outcome.push_str(&format!(
+                "; {held_back} more authentication failures not logged individually"
+            ));
+        }
+        self.log.append(entry).await?;
+        Ok(())
     }
 
     /// Records that an answer whose decisions are in the log never reached the caller

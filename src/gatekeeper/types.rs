@@ -5,7 +5,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::RecordEntry;
 use crate::policy::Action;
-use crate::record::{FieldName, Jurisdiction, RecordId, RecordType, StatedPurpose};
+use crate::record::{FieldName, Jurisdiction, KeyVersion, RecordId, RecordType, StatedPurpose};
 
 /// Which record a request is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +100,10 @@ pub enum FieldFailure {
     Integrity,
     /// The envelope names a key version this server does not hold.
     UnknownKeyVersion,
+    /// The envelope's key version is retired (until `unretire`).
+    RetiredKeyVersion(KeyVersion),
+    /// The envelope's key version was destroyed: the field is lost for good.
+    DestroyedKeyVersion(KeyVersion),
 }
 
 /// What happened to one requested field. Debug output never shows plaintext.

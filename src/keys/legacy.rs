@@ -59,10 +59,11 @@ pub fn migrate(
         .map_err(|error| invalid(error.to_string()))?
         .get("format")
         .and_then(|format| format.as_str().map(str::to_owned));
-    if format.as_deref() == Some(super::KEYRING_FORMAT) {
+    if let Some(current @ (super::KEYRING_FORMAT | super::PREVIOUS_KEYRING_FORMAT)) =
+        format.as_deref()
+    {
         return Err(invalid(format!(
-            "already in format `{}`: nothing to migrate",
-            super::KEYRING_FORMAT
+            "already in format `{current}`: nothing to migrate"
         )));
     }
     let file: LegacyFile =
@@ -97,12 +98,12 @@ pub fn migrate(
             let derivation = DerivationKey::from_root(&root);
             let key_id = derivation.key_id(&jurisdiction, version)?;
             let resealed = wrapping.seal(version, &key_id, &root)?;
-            let keys = VersionKeys {
+            let keys = VersionKeys::held(
                 derivation,
                 key_id,
-                created_at: version_entry.created_at.clone(),
-                sealed: resealed,
-            };
+                version_entry.created_at.clone(),
+                resealed,
+            );
             if versions.insert(version, keys).is_some() {
                 return Err(invalid(format!(
                     "`{code}`: version {version} appears twice"
@@ -124,9 +125,10 @@ pub fn migrate(
         keyring.keys.insert(
             jurisdiction,
             JurisdictionKeys {
-                wrapping,
+                wrapping: std::sync::Arc::new(wrapping),
                 generation: 1,
                 current,
+                min_decryption: KeyVersion::FIRST,
                 versions,
             },
         );

@@ -1,5 +1,6 @@
 //! The keyring: per-jurisdiction, versioned 256-bit root keys, each jurisdiction sealed
-//! and authenticated under a wrapping key of its own, changed by one writer at a time.
+//! and authenticated under a wrapping key of its own, changed by one writer at a time,
+//! and each version's lifecycle (active, decrypt-only, retired, destroyed).
 //!
 //! Owns the keyring file (`keyring.json`), its lock file and the master-key sources
 //! ([`master`]). It never returns root key bytes: callers get a [`DerivationKey`] (the
@@ -15,6 +16,7 @@ mod sealed;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -29,20 +31,24 @@ pub use master::{
 };
 
 use sealed::{
-    JurisdictionFile, JurisdictionKeys, KeyringFile, Opening, VersionFile, VersionKeys,
-    new_version, open_jurisdiction,
+    Held, JurisdictionFile, JurisdictionKeys, KeyringFile, Opening, VersionFile, VersionKeys,
+    check_key_id, new_version, open_jurisdiction,
 };
 
 /// File name of the sealed keyring in the data directory.
 pub const KEYRING_FILE: &str = "keyring.json";
 /// File name of the keyring's writer lock in the data directory.
 pub const KEYRING_LOCK_FILE: &str = "keyring.lock";
-/// The keyring format this code reads and writes.
-pub const KEYRING_FORMAT: &str = "ringfence-keyring/2";
+/// The keyring format this code writes (and reads).
+pub const KEYRING_FORMAT: &str = "ringfence-keyring/3";
+/// The format before retirement and destruction; read, and written as format 3 with
+/// the next change.
+pub const PREVIOUS_KEYRING_FORMAT: &str = "ringfence-keyring/2";
 /// The first format: one wrapping key, unauthenticated metadata. Only `keys migrate`
 /// reads it.
 pub const LEGACY_KEYRING_FORMAT: &str = "ringfence-keyring/1";
-const METADATA_LABEL: &[u8] = b"ringfence/v2 keyring-metadata";
+const METADATA_LABEL: &[u8] = b"ringfence/v3 keyring-metadata";
+const METADATA_LABEL_V2: &[u8] = b"ringfence/v2 keyring-metadata";
 
 /// Errors of the keyring and master-key handling. Messages never contain key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +148,16 @@ pub enum Error {
     /// The jurisdiction has no key of that version.
     #[error("jurisdiction `{0}` has no key version {1}")]
     UnknownKeyVersion(Jurisdiction, KeyVersion),
+    /// The version is retired: it decrypts nothing until `unretire`.
+    #[error("key version {1} of `{0}` is retired")]
+    RetiredKeyVersion(Jurisdiction, KeyVersion),
+    /// The version was destroyed: nothing can decrypt under it any more.
+    #[error("key version {1} of `{0}` was destroyed")]
+    DestroyedKeyVersion(Jurisdiction, KeyVersion),
+    /// A lifecycle change that would break the keyring's rules (retiring the current
+    /// version, destroying one still in use, ...); the message says which.
+    #[error("{0}")]
+    Refused(String),
     /// The keyring lock could not be taken.
     #[error("cannot lock the keyring: {0}")]
     Lock(#[from] fsutil::LockError),
@@ -153,7 +169,8 @@ pub enum Error {
 /// One change to the keyring, for the decision log. Never carries key bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyEvent {
-    /// `init`, `rotate` or `migrate`.
+    /// `init`, `rotate`, `retire`, `unretire`, `destroy`, `reseal` (a new master key)
+    /// or `migrate`.
     pub operation: &'static str,
     /// The jurisdiction changed.
     pub jurisdiction: Jurisdiction,
@@ -165,6 +182,32 @@ pub struct KeyEvent {
     pub generation: u64,
 }
 
+/// Where a key version stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VersionState {
+    /// The current version: new encryptions use it, and it decrypts.
+    Active,
+    /// An older version that still decrypts.
+    DecryptOnly,
+    /// Kept sealed, but decrypts nothing until `unretire`.
+    Retired,
+    /// Its sealed key is gone: nothing decrypts under it, ever.
+    Destroyed,
+}
+
+impl VersionState {
+    /// The name `keys list` and the admin service use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Active => "active",
+            VersionState::DecryptOnly => "decrypt-only",
+            VersionState::Retired => "retired",
+            VersionState::Destroyed => "destroyed",
+        }
+    }
+}
+
 /// What an operator may see of a jurisdiction's keys: versions, ids and dates, no bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyInfo {
@@ -174,7 +217,9 @@ pub struct KeyInfo {
     pub generation: u64,
     /// Version used for new encryptions.
     pub current: u32,
-    /// Every version held: number, key id, creation time.
+    /// Versions below this one are retired or destroyed.
+    pub min_decryption_version: u32,
+    /// Every version: number, key id, creation time, state.
     pub versions: Vec<VersionInfo>,
 }
 
@@ -187,10 +232,17 @@ pub struct VersionInfo {
     pub key_id: String,
     /// Creation time (RFC 3339).
     pub created_at: String,
+    /// Where it stands.
+    pub state: VersionState,
+    /// When it was destroyed (RFC 3339), if it was.
+    pub destroyed_at: Option<String>,
 }
 
 /// The opened keyring. Debug output lists jurisdictions and versions only. Holds each
-/// jurisdiction's wrapping key (to seal new versions) and the PRK of every version.
+/// jurisdiction's wrapping key (to seal new versions) and the PRK of every held
+/// version. Cloning shares them (a server swaps whole keyrings, see
+/// [`crate::keyadmin::LiveKeyring`]).
+#[derive(Clone)]
 pub struct Keyring {
     path: PathBuf,
     keys: BTreeMap<Jurisdiction, JurisdictionKeys>,
@@ -289,8 +341,9 @@ impl Keyring {
             .map_err(|error| invalid(error.to_string()))?
             .get("format")
             .and_then(|format| format.as_str().map(str::to_owned));
-        match format.as_deref() {
-            Some(KEYRING_FORMAT) => {}
+        let format3 = match format.as_deref() {
+            Some(KEYRING_FORMAT) => true,
+            Some(PREVIOUS_KEYRING_FORMAT) => false,
             Some(LEGACY_KEYRING_FORMAT) => return Err(Error::Legacy(path.to_owned())),
             Some(other) => {
                 return Err(invalid(format!(
@@ -299,7 +352,7 @@ impl Keyring {
                 )));
             }
             None => return Err(invalid("no `format` member".to_owned())),
-        }
+        };
         let file: KeyringFile =
             serde_json::from_str(&text).map_err(|error| invalid(error.to_string()))?;
         let mut keys = BTreeMap::new();
@@ -307,7 +360,7 @@ impl Keyring {
         for (code, entry) in &file.jurisdictions {
             let jurisdiction = Jurisdiction::new(code).map_err(|e| invalid(e.to_string()))?;
             let wrapping = master.wrapping_key(&jurisdiction)?;
-            match open_jurisdiction(wrapping, entry) {
+            match open_jurisdiction(wrapping, entry, format3) {
                 Ok(opened) => {
                     keys.insert(jurisdiction, opened);
                 }
@@ -371,9 +424,10 @@ impl Keyring {
         self.keys.insert(
             jurisdiction.clone(),
             JurisdictionKeys {
-                wrapping,
+                wrapping: Arc::new(wrapping),
                 generation: 1,
                 current: version,
+                min_decryption: KeyVersion::FIRST,
                 versions: BTreeMap::from([(version, keys)]),
             },
         );
@@ -415,6 +469,138 @@ impl Keyring {
         })
     }
 
+    fn jurisdiction_mut(
+        &mut self,
+        jurisdiction: &Jurisdiction,
+    ) -> Result<&mut JurisdictionKeys, Error> {
+        self.keys
+            .get_mut(jurisdiction)
+            .ok_or_else(|| Error::UnknownJurisdiction(jurisdiction.clone()))
+    }
+
+    /// Retires every version of `jurisdiction` below `below`: their fields stop
+    /// decrypting until [`Keyring::unretire`]. The current version cannot be retired
+    /// (rotate first). One event per version that changed state; none, and no change,
+    /// when all of them were retired or destroyed already. Not saved until
+    /// [`Keyring::save`].
+    pub fn retire(
+        &mut self,
+        jurisdiction: &Jurisdiction,
+        below: KeyVersion,
+    ) -> Result<Vec<KeyEvent>, Error> {
+        let keys = self.jurisdiction_mut(jurisdiction)?;
+        if below > keys.current {
+            return Err(Error::Refused(format!(
+                "cannot retire versions below {below} of `{jurisdiction}`: version {} is current (rotate first; new encryptions need it)",
+                keys.current
+            )));
+        }
+        if below <= keys.min_decryption {
+            return Ok(Vec::new());
+        }
+        let changed: Vec<KeyVersion> = keys
+            .versions
+            .range(keys.min_decryption..below)
+            .filter(|(_, v)| v.derivation().is_some())
+            .map(|(version, _)| *version)
+            .collect();
+        if !changed.is_empty() {
+            keys.min_decryption = below;
+        }
+        Ok(keys.changed("retire", jurisdiction, &changed))
+    }
+
+    /// Lets every retired (not destroyed) version of `jurisdiction` from `from` on
+    /// decrypt again. Not saved until [`Keyring::save`].
+    pub fn unretire(
+        &mut self,
+        jurisdiction: &Jurisdiction,
+        from: KeyVersion,
+    ) -> Result<Vec<KeyEvent>, Error> {
+        let keys = self.jurisdiction_mut(jurisdiction)?;
+        if from >= keys.min_decryption {
+            return Ok(Vec::new());
+        }
+        let changed: Vec<KeyVersion> = keys
+            .versions
+            .range(from..keys.min_decryption)
+            .filter(|(_, v)| v.derivation().is_some())
+            .map(|(version, _)| *version)
+            .collect();
+        let Some(lowest) = changed.first().copied() else {
+            return Err(Error::Refused(format!(
+                "every version of `{jurisdiction}` from {from} below {} was destroyed: nothing to unretire",
+                keys.min_decryption
+            )));
+        };
+        keys.min_decryption = lowest;
+        Ok(keys.changed("unretire", jurisdiction, &changed))
+    }
+
+    /// Destroys the sealed keys of every version of `jurisdiction` below `below`. Each
+    /// must be retired first; destroyed versions keep their number, key id and dates.
+    /// Permanent once saved: no file, key or command brings them back (copies of the
+    /// old keyring in backups aside, `docs/crypto.md`, "Destroying keys").
+    pub fn destroy(
+        &mut self,
+        jurisdiction: &Jurisdiction,
+        below: KeyVersion,
+    ) -> Result<Vec<KeyEvent>, Error> {
+        let keys = self.jurisdiction_mut(jurisdiction)?;
+        if below > keys.min_decryption {
+            return Err(Error::Refused(format!(
+                "version {} of `{jurisdiction}` is not retired: retire versions below {below} first (`ringfence keys retire --jurisdiction {jurisdiction} --below {below}`), check that nothing needs them, then destroy them",
+                keys.min_decryption
+            )));
+        }
+        let at = crate::record::rfc3339_now();
+        let mut changed = Vec::new();
+        for (version, v) in keys.versions.range_mut(..below) {
+            if v.derivation().is_some() {
+                v.held = Held::Destroyed { at: at.clone() };
+                changed.push(*version);
+            }
+        }
+        Ok(keys.changed("destroy", jurisdiction, &changed))
+    }
+
+    /// Re-seals every held key of every jurisdiction under the wrapping keys of
+    /// `new_master`, leaving root keys, key ids and envelopes unchanged: once saved,
+    /// the old master key opens nothing of this keyring. One `reseal` event per
+    /// jurisdiction. Not saved until [`Keyring::save`].
+    pub fn reseal(&mut self, new_master: &dyn MasterKeySource) -> Result<Vec<KeyEvent>, Error> {
+        let mut events = Vec::new();
+        for (jurisdiction, keys) in &mut self.keys {
+            let wrapping = new_master.wrapping_key(jurisdiction)?;
+            for (version, v) in &mut keys.versions {
+                if let Held::Key { sealed, .. } = &mut v.held {
+                    let root = keys
+                        .wrapping
+                        .open(*version, &v.key_id, sealed)
+                        .map_err(|_| Error::Tampered {
+                            path: self.path.clone(),
+                            jurisdiction: jurisdiction.clone(),
+                            what: format!("sealed key v{version}"),
+                        })?;
+                    let derivation = DerivationKey::from_root(&root);
+                    if check_key_id(&wrapping, *version, &v.key_id, &derivation).is_err() {
+                        return Err(Error::KeyIdMismatch {
+                            path: self.path.clone(),
+                            jurisdiction: jurisdiction.clone(),
+                            version: *version,
+                            key_id: v.key_id,
+                        });
+                    }
+                    *sealed = wrapping.seal(*version, &v.key_id, &root)?;
+                }
+            }
+            keys.wrapping = Arc::new(wrapping);
+            let current = keys.current;
+            events.extend(keys.changed("reseal", jurisdiction, &[current]));
+        }
+        Ok(events)
+    }
+
     /// Writes the keyring atomically (unique temporary file, fsync, rename, fsync of the
     /// directory). The caller holds the keyring lock.
     pub fn save(&self) -> Result<(), Error> {
@@ -429,14 +615,25 @@ impl Keyring {
                 JurisdictionFile {
                     generation: keys.generation,
                     current: keys.current.get(),
+                    min_decryption_version: Some(keys.min_decryption.get()),
                     versions: keys
                         .versions
                         .iter()
-                        .map(|(version, v)| VersionFile {
-                            version: version.get(),
-                            key_id: v.key_id.to_string(),
-                            created_at: v.created_at.clone(),
-                            sealed: base64::engine::general_purpose::STANDARD.encode(&v.sealed),
+                        .map(|(version, v)| {
+                            let (sealed, destroyed_at) = match &v.held {
+                                Held::Key { sealed, .. } => (
+                                    Some(base64::engine::general_purpose::STANDARD.encode(sealed)),
+                                    None,
+                                ),
+                                Held::Destroyed { at } => (None, Some(at.clone())),
+                            };
+                            VersionFile {
+                                version: version.get(),
+                                key_id: v.key_id.to_string(),
+                                created_at: v.created_at.clone(),
+                                sealed,
+                                destroyed_at,
+                            }
                         })
                         .collect(),
                     mac: hex::encode(mac),
@@ -512,7 +709,8 @@ impl Keyring {
             .ok_or_else(|| Error::UnknownJurisdiction(jurisdiction.clone()))
     }
 
-    /// The derivation key of one version, for encryption or decryption.
+    /// The derivation key of one version, for encryption or decryption; refused for a
+    /// retired or destroyed version.
     pub fn derivation_key(
         &self,
         jurisdiction: &Jurisdiction,
@@ -522,10 +720,17 @@ impl Keyring {
             .keys
             .get(jurisdiction)
             .ok_or_else(|| Error::UnknownJurisdiction(jurisdiction.clone()))?;
-        keys.versions
+        let held = keys
+            .versions
             .get(&version)
-            .map(|v| &v.derivation)
-            .ok_or_else(|| Error::UnknownKeyVersion(jurisdiction.clone(), version))
+            .ok_or_else(|| Error::UnknownKeyVersion(jurisdiction.clone(), version))?;
+        match held.derivation() {
+            None => Err(Error::DestroyedKeyVersion(jurisdiction.clone(), version)),
+            Some(_) if version < keys.min_decryption => {
+                Err(Error::RetiredKeyVersion(jurisdiction.clone(), version))
+            }
+            Some(derivation) => Ok(derivation),
+        }
     }
 
     /// Whether `jurisdiction` accepts new encryptions.
@@ -541,6 +746,7 @@ impl Keyring {
                 jurisdiction: jurisdiction.as_str().to_owned(),
                 generation: keys.generation,
                 current: keys.current.get(),
+                min_decryption_version: keys.min_decryption.get(),
                 versions: keys
                     .versions
                     .iter()
@@ -548,6 +754,11 @@ impl Keyring {
                         version: version.get(),
                         key_id: v.key_id.to_string(),
                         created_at: v.created_at.clone(),
+                        state: keys.state(*version, v),
+                        destroyed_at: match &v.held {
+                            Held::Destroyed { at } => Some(at.clone()),
+                            Held::Key { .. } => None,
+                        },
                     })
                     .collect(),
             })
@@ -557,6 +768,47 @@ impl Keyring {
     /// The keyring file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl JurisdictionKeys {
+    fn state(&self, version: KeyVersion, keys: &VersionKeys) -> VersionState {
+        if keys.derivation().is_none() {
+            VersionState::Destroyed
+        } else if version < self.min_decryption {
+            VersionState::Retired
+        } else if version == self.current {
+            VersionState::Active
+        } else {
+            VersionState::DecryptOnly
+        }
+    }
+
+    /// Raises the generation for one change and describes the versions it touched
+    /// (no change, and no events, when it touched none).
+    fn changed(
+        &mut self,
+        operation: &'static str,
+        jurisdiction: &Jurisdiction,
+        versions: &[KeyVersion],
+    ) -> Vec<KeyEvent> {
+        if versions.is_empty() {
+            return Vec::new();
+        }
+        self.generation = self.generation.saturating_add(1);
+        versions
+            .iter()
+            .filter_map(|version| {
+                let keys = self.versions.get(version)?;
+                Some(KeyEvent {
+                    operation,
+                    jurisdiction: jurisdiction.clone(),
+                    version: *version,
+                    key_id: keys.key_id,
+                    generation: self.generation,
+                })
+            })
+            .collect()
     }
 }
 

@@ -184,21 +184,22 @@ fn swapped_keys_resealed_with_the_right_master_key_are_refused_by_key_id() {
         let sealed = wrapping.seal(version, &key_id, other).unwrap();
         versions.insert(
             version,
-            VersionKeys {
-                derivation: DerivationKey::from_root(other),
+            VersionKeys::held(
+                DerivationKey::from_root(other),
                 key_id,
-                created_at: crate::record::rfc3339_now(),
+                crate::record::rfc3339_now(),
                 sealed,
-            },
+            ),
         );
     }
     let mut keyring = Keyring::empty(&path);
     keyring.keys.insert(
         us.clone(),
         JurisdictionKeys {
-            wrapping,
+            wrapping: Arc::new(wrapping),
             generation: 2,
             current: KeyVersion::new(2).unwrap(),
+            min_decryption: KeyVersion::FIRST,
             versions,
         },
     );
@@ -311,4 +312,296 @@ fn keys_at_rest_are_sealed_and_private_and_never_printed() {
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "keyring readable by others: {mode:o}");
     }
+}
+
+fn v(number: u32) -> KeyVersion {
+    KeyVersion::new(number).unwrap()
+}
+
+fn states(keyring: &Keyring, jurisdiction: &str) -> Vec<(u32, VersionState)> {
+    keyring
+        .summary()
+        .into_iter()
+        .find(|info| info.jurisdiction == jurisdiction)
+        .unwrap()
+        .versions
+        .iter()
+        .map(|version| (version.version, version.state))
+        .collect()
+}
+
+#[test]
+fn retire_unretire_and_destroy_follow_the_lifecycle_and_survive_reopening() {
+    use VersionState::*;
+    let dir = tempfile::tempdir().unwrap();
+    let master = master();
+    let path = saved(dir.path(), &master);
+    let us = Jurisdiction::new("US").unwrap();
+    let mut keyring = Keyring::open(&path, &master).unwrap();
+    keyring.rotate(&us).unwrap();
+    assert_eq!(
+        states(&keyring, "US"),
+        [(1, DecryptOnly), (2, DecryptOnly), (3, Active)]
+    );
+
+    // The current version cannot be retired; nor can a version be destroyed before
+    // it is retired.
+    assert!(matches!(keyring.retire(&us, v(4)), Err(Error::Refused(_))));
+    let refused = keyring.destroy(&us, v(2)).unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("retire versions below 2 first"),
+        "{refused}"
+    );
+
+    let generation = keyring.generations()["US"];
+    let retired = keyring.retire(&us, v(3)).unwrap();
+    assert_eq!(
+        retired
+            .iter()
+            .map(|e| (e.operation, e.version.get()))
+            .collect::<Vec<_>>(),
+        [("retire", 1), ("retire", 2)]
+    );
+    assert!(retired.iter().all(|e| e.generation == generation + 1));
+    assert!(
+        keyring.retire(&us, v(2)).unwrap().is_empty(),
+        "already retired"
+    );
+    assert_eq!(
+        keyring.generations()["US"],
+        generation + 1,
+        "no-op changes nothing"
+    );
+    assert!(matches!(
+        keyring.derivation_key(&us, v(1)),
+        Err(Error::RetiredKeyVersion(_, version)) if version == v(1)
+    ));
+    assert!(keyring.derivation_key(&us, v(3)).is_ok());
+    // Other jurisdictions are untouched.
+    assert!(
+        keyring
+            .derivation_key(&Jurisdiction::new("SG").unwrap(), v(1))
+            .is_ok()
+    );
+    keyring.save().unwrap();
+
+    let mut keyring = Keyring::open(&path, &master).unwrap();
+    assert_eq!(
+        states(&keyring, "US"),
+        [(1, Retired), (2, Retired), (3, Active)]
+    );
+    let unretired = keyring.unretire(&us, v(2)).unwrap();
+    assert_eq!(unretired.len(), 1);
+    assert_eq!(
+        states(&keyring, "US"),
+        [(1, Retired), (2, DecryptOnly), (3, Active)]
+    );
+
+    let destroyed = keyring.destroy(&us, v(2)).unwrap();
+    assert_eq!(
+        destroyed
+            .iter()
+            .map(|e| (e.operation, e.version.get()))
+            .collect::<Vec<_>>(),
+        [("destroy", 1)]
+    );
+    keyring.save().unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let first = &file["jurisdictions"]["US"]["versions"][0];
+    assert!(
+        first.get("sealed").is_none(),
+        "a destroyed key is not on disk: {first}"
+    );
+    assert!(first["destroyed_at"].is_string());
+    assert_eq!(file["format"], KEYRING_FORMAT);
+
+    // Destroyed for good: reopened, it stays destroyed; unretire cannot bring it back.
+    let mut keyring = Keyring::open(&path, &master).unwrap();
+    assert_eq!(
+        states(&keyring, "US"),
+        [(1, Destroyed), (2, DecryptOnly), (3, Active)]
+    );
+    assert!(matches!(
+        keyring.derivation_key(&us, v(1)),
+        Err(Error::DestroyedKeyVersion(..))
+    ));
+    keyring.retire(&us, v(2)).unwrap();
+    let error = keyring.unretire(&us, v(1)).unwrap_err();
+    assert!(error.to_string().contains("destroyed"), "{error}");
+    // Version numbers are never reused.
+    assert_eq!(keyring.rotate(&us).unwrap().version, v(4));
+}
+
+#[test]
+fn lifecycle_state_is_authenticated() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = master();
+    let path = saved(dir.path(), &master);
+    let us = Jurisdiction::new("US").unwrap();
+    let mut keyring = Keyring::open(&path, &master).unwrap();
+    keyring.retire(&us, v(2)).unwrap();
+    keyring.save().unwrap();
+    // Lowering the threshold by hand, or dropping it, would unretire without a trace.
+    for edit_file in [
+        (|value: &mut serde_json::Value| {
+            value["jurisdictions"]["US"]["min_decryption_version"] = 1.into();
+        }) as fn(&mut serde_json::Value),
+        |value| {
+            value["jurisdictions"]["US"]
+                .as_object_mut()
+                .unwrap()
+                .remove("min_decryption_version");
+        },
+        |value| {
+            value["jurisdictions"]["US"]["versions"][0]["destroyed_at"] =
+                "2026-01-01T00:00:00Z".into();
+            value["jurisdictions"]["US"]["versions"][0]
+                .as_object_mut()
+                .unwrap()
+                .remove("sealed");
+        },
+    ] {
+        let original = fs::read_to_string(&path).unwrap();
+        edit(&path, edit_file);
+        assert!(Keyring::open(&path, &master).is_err());
+        fs::write(&path, original).unwrap();
+    }
+    assert!(Keyring::open(&path, &master).is_ok());
+}
+
+#[test]
+fn format_2_files_are_read_and_written_back_as_format_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = master();
+    let path = dir.path().join(KEYRING_FILE);
+    let us = Jurisdiction::new("US").unwrap();
+    let mut keyring = Keyring::empty(&path);
+    keyring.initialize(&us, &master).unwrap();
+    let jurisdiction = &keyring.keys[&us];
+    let held = &jurisdiction.versions[&KeyVersion::FIRST];
+    let Held::Key { sealed, .. } = &held.held else {
+        panic!("held")
+    };
+    // Written by hand exactly as the previous release wrote format 2.
+    let metadata = sealed::metadata_bytes(
+        &us,
+        1,
+        KeyVersion::FIRST,
+        None,
+        [sealed::VersionMeta {
+            version: KeyVersion::FIRST,
+            key_id: &held.key_id,
+            created_at: &held.created_at,
+            sealed: Ok(sealed),
+        }]
+        .into_iter(),
+    )
+    .unwrap();
+    let mac = jurisdiction.wrapping.authenticate(&metadata).unwrap();
+    let text = serde_json::json!({
+        "format": PREVIOUS_KEYRING_FORMAT,
+        "jurisdictions": {"US": {
+            "generation": 1, "current": 1,
+            "versions": [{"version": 1, "key_id": held.key_id.to_string(),
+                "created_at": held.created_at, "sealed": base64::engine::general_purpose::STANDARD.encode(sealed)}],
+            "mac": hex::encode(mac),
+        }}
+    });
+    fs::write(&path, text.to_string()).unwrap();
+    let mut reopened = Keyring::open(&path, &master).unwrap();
+    assert!(reopened.derivation_key(&us, KeyVersion::FIRST).is_ok());
+    // A format-2 file cannot carry format-3 members.
+    edit(&path, |value| {
+        value["jurisdictions"]["US"]["min_decryption_version"] = 1.into();
+    });
+    assert!(Keyring::open(&path, &master).is_err());
+    reopened.rotate(&us).unwrap();
+    reopened.save().unwrap();
+    let file: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(file["format"], KEYRING_FORMAT);
+    assert_eq!(
+        Keyring::open(&path, &master).unwrap().summary()[0].current,
+        2
+    );
+}
+
+#[test]
+fn resealing_under_a_new_master_key_keeps_every_key_and_locks_out_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = master();
+    let path = saved(dir.path(), &old);
+    let us = Jurisdiction::new("US").unwrap();
+    let mut keyring = Keyring::open(&path, &old).unwrap();
+    keyring.rotate(&us).unwrap();
+    keyring.retire(&us, v(2)).unwrap();
+    keyring.destroy(&us, v(2)).unwrap();
+    let scope_bytes = |keyring: &Keyring, version: u32| {
+        let record_type = crate::record::RecordType::new("user_profile").unwrap();
+        let record_id = crate::record::RecordId::new("u-1").unwrap();
+        let scope = crate::crypto::RecordScope {
+            jurisdiction: &us,
+            key_version: v(version),
+            record_type: &record_type,
+            record_id: &record_id,
+        };
+        let key = keyring
+            .derivation_key(&us, v(version))
+            .unwrap()
+            .record_key(&scope)
+            .unwrap();
+        let name = crate::record::FieldName::new("email").unwrap();
+        let nonce = crate::crypto::fresh_nonces(1).unwrap();
+        let sealed = key
+            .seal(&scope, &name, &nonce[0], b"ada@example.com")
+            .unwrap();
+        (sealed, record_type, record_id, name)
+    };
+    let (before, record_type, record_id, name) = scope_bytes(&keyring, 3);
+    let ids: Vec<_> = keyring
+        .summary()
+        .into_iter()
+        .map(|info| info.versions)
+        .collect();
+    let new = master();
+    let events = keyring.reseal(&new).unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.operation, e.jurisdiction.as_str()))
+            .collect::<Vec<_>>(),
+        [("reseal", "SG"), ("reseal", "US")]
+    );
+    keyring.save().unwrap();
+    assert!(matches!(
+        Keyring::open(&path, &old),
+        Err(Error::WrongMasterKey { .. })
+    ));
+    let reopened = Keyring::open(&path, &new).unwrap();
+    let after: Vec<_> = reopened
+        .summary()
+        .into_iter()
+        .map(|info| info.versions)
+        .collect();
+    assert_eq!(ids, after, "versions, key ids, dates and states unchanged");
+    // A field sealed before opens with the re-sealed keys.
+    let envelope = crate::crypto::Envelope::parse(&before).unwrap();
+    let scope = crate::crypto::RecordScope {
+        jurisdiction: &us,
+        key_version: v(3),
+        record_type: &record_type,
+        record_id: &record_id,
+    };
+    let key = reopened
+        .derivation_key(&us, v(3))
+        .unwrap()
+        .record_key(&scope)
+        .unwrap();
+    assert_eq!(
+        key.open(&scope, &name, &envelope).unwrap().as_slice(),
+        b"ada@example.com"
+    );
 }

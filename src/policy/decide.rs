@@ -207,18 +207,54 @@ impl PolicySnapshot {
         ]
     }
 
+    fn field_uid(
+        &self,
+        jurisdiction: &Jurisdiction,
+        record_type: &RecordType,
+        field: &FieldName,
+    ) -> EntityUid {
+        self.names
+            .field(&field_entity_id(jurisdiction, record_type, field))
+    }
+
+    /// Decides a key administration `action` on `jurisdiction`'s `KeyRing`. Only
+    /// employees administer keys: a service acting alone is refused before Cedar.
+    /// Not cached (key administration is rare).
+    pub fn decide_key(
+        &self,
+        action: Action,
+        facts: &RequestFacts<'_>,
+        jurisdiction: &Jurisdiction,
+    ) -> Result<FieldDecision, Error> {
+        if action.resource_kind() != super::names::ResourceKind::KeyRing {
+            return Err(Error::Internal(format!(
+                "`{}` is not a key administration action",
+                action.as_str()
+            )));
+        }
+        if !matches!(facts.principal, Principal::Employee(_)) {
+            return Err(Error::NotAnEmployee(facts.principal.to_string()));
+        }
+        let (principal, service) = self.caller_uids(facts.principal, facts.service)?;
+        if !self.jurisdictions.contains(jurisdiction) {
+            return Err(Error::UnknownJurisdiction(jurisdiction.clone()));
+        }
+        let context = self.context(facts, service)?;
+        self.evaluate(
+            action,
+            &principal,
+            &context,
+            self.names.key_ring(jurisdiction),
+        )
+    }
+
     fn evaluate(
         &self,
         action: Action,
         principal: &EntityUid,
         context: &Context,
-        jurisdiction: &Jurisdiction,
-        record_type: &RecordType,
-        field: &FieldName,
+        resource: EntityUid,
     ) -> Result<FieldDecision, Error> {
-        let resource = self
-            .names
-            .field(&field_entity_id(jurisdiction, record_type, field));
         // No per-request schema check: principal, action and resource types are fixed
         // by this code and the context is built with typed values, and `probe_schema`
         // proved at load that the schema accepts exactly this shape.
@@ -318,9 +354,7 @@ impl PolicySnapshot {
                         action,
                         &principal,
                         context,
-                        jurisdiction,
-                        record_type,
-                        field,
+                        self.field_uid(jurisdiction, record_type, field),
                     )?);
                     // An erring decision carries Cedar's error text, which can name
                     // this field's entity: it is neither cached nor shared.
@@ -366,9 +400,7 @@ impl PolicySnapshot {
                     action,
                     &principal,
                     &context,
-                    jurisdiction,
-                    record_type,
-                    field,
+                    self.field_uid(jurisdiction, record_type, field),
                 )
             })
             .collect()

@@ -18,7 +18,7 @@ use super::analysis;
 use super::diagnostics::{
     Collected, LoadError, name_snippets, policy_locations, render, render_in_file,
 };
-use super::names::{Names, field_entity_id, uid};
+use super::names::{KEY_RING_TYPE, Names, ResourceKind, field_entity_id, uid};
 use super::{
     Action, CALLER_VISIBLE_ANNOTATION, CATALOG_FILE, DIRECTORY_FILE, FieldCatalog, ID_ANNOTATION,
     Observed, PolicySnapshot, SCHEMA_FILE,
@@ -269,9 +269,11 @@ impl PolicySnapshot {
             let uid = fixture.get("uid");
             let uid = uid.and_then(|u| u.get("__entity")).or(uid);
             let entity_type = uid.and_then(|u| u.get("type")).and_then(Value::as_str);
-            if let Some(kind @ ("Field" | analysis::JURISDICTION_TYPE)) = entity_type {
+            if let Some(kind @ ("Field" | KEY_RING_TYPE | analysis::JURISDICTION_TYPE)) =
+                entity_type
+            {
                 return Err(format!(
-                    "`{kind}` entities cannot be fixtures: fields come from {CATALOG_FILE}, jurisdictions from {DIRECTORY_FILE}"
+                    "`{kind}` entities cannot be fixtures: fields come from {CATALOG_FILE}, jurisdictions (and their key rings) from {DIRECTORY_FILE}"
                 ));
             }
         }
@@ -431,7 +433,7 @@ fn actions_in_scope(est: &Value) -> Option<BTreeSet<Action>> {
             return None;
         }
         let id = entity.get("id").and_then(Value::as_str)?;
-        Action::ALL.into_iter().find(|action| action.as_str() == id)
+        Action::from_id(id)
     };
     match scope.get("op").and_then(Value::as_str) {
         Some("==") => {
@@ -448,8 +450,9 @@ fn actions_in_scope(est: &Value) -> Option<BTreeSet<Action>> {
     }
 }
 
-/// Parses the directory, adds a `Field` entity for every (jurisdiction, catalog field),
-/// and validates all entities against the schema.
+/// Parses the directory, adds a `Field` entity for every (jurisdiction, catalog field)
+/// and a `KeyRing` entity for every jurisdiction, and validates all entities against
+/// the schema.
 fn directory_entities(
     text: &str,
     path: &Path,
@@ -471,6 +474,11 @@ fn directory_entities(
                     "{at}: `Field` entities are generated from {CATALOG_FILE} and must not appear in the directory"
                 ));
             }
+            (Some(KEY_RING_TYPE), _) => {
+                return Err(format!(
+                    "{at}: `{KEY_RING_TYPE}` entities are generated for every `Jurisdiction` and must not appear in the directory"
+                ));
+            }
             (Some(analysis::JURISDICTION_TYPE), Some(code)) => {
                 let jurisdiction =
                     Jurisdiction::new(code).map_err(|error| format!("{at}: {error}"))?;
@@ -480,6 +488,13 @@ fn directory_entities(
         }
     }
     for jurisdiction in jurisdictions.iter() {
+        entities.push(json!({
+            "uid": {"type": KEY_RING_TYPE, "id": jurisdiction.as_str()},
+            "attrs": {
+                "jurisdiction": {"__entity": {"type": "Jurisdiction", "id": jurisdiction.as_str()}},
+            },
+            "parents": [{"type": "Jurisdiction", "id": jurisdiction.as_str()}],
+        }));
         for (record_type, field, classification) in catalog.entries() {
             entities.push(json!({
                 "uid": {"type": "Field", "id": field_entity_id(jurisdiction, record_type, field)},
@@ -522,17 +537,22 @@ fn probe_schema(schema: &Schema) -> Result<(), String> {
     ])
     .map_err(|error| error.to_string())?;
     for action in Action::ALL {
-        for principal_type in ["Employee", "Service"] {
+        // Keys are administered by people: key actions need only apply to employees.
+        let (resource_type, principal_types): (&str, &[&str]) = match action.resource_kind() {
+            ResourceKind::Field => ("Field", &["Employee", "Service"]),
+            ResourceKind::KeyRing => (KEY_RING_TYPE, &["Employee"]),
+        };
+        for principal_type in principal_types {
             let request = Request::new(
                 uid(principal_type, "probe").map_err(|e| e.to_string())?,
                 uid("Action", action.as_str()).map_err(|e| e.to_string())?,
-                uid("Field", "probe").map_err(|e| e.to_string())?,
+                uid(resource_type, "probe").map_err(|e| e.to_string())?,
                 context.clone(),
                 Some(schema),
             );
             if let Err(error) = request {
                 return Err(format!(
-                    "the schema must let action `{}` apply to principal `{principal_type}` and resource `Field` with context {{purpose: String, ticket: String, authentication: String, service: Service, request_time: Long}}: {error}",
+                    "the schema must let action `{}` apply to principal `{principal_type}` and resource `{resource_type}` with context {{purpose: String, ticket: String, authentication: String, service: Service, request_time: Long}}: {error}",
                     action.as_str()
                 ));
             }

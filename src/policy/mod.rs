@@ -30,7 +30,7 @@ pub use analysis::Observed;
 pub use catalog::FieldCatalog;
 pub use decide::{FieldDecision, RequestFacts, Verdict};
 pub use diagnostics::LoadError;
-pub use names::{Action, Principal, field_entity_id};
+pub use names::{Action, KEY_RING_TYPE, Principal, ResourceKind, field_entity_id};
 pub use store::{LoadAttempt, PolicyStore, StoreStatus, Trigger, affects_policy_set};
 
 use crate::record::{FieldName, Jurisdiction, RecordType};
@@ -102,6 +102,11 @@ pub enum Error {
     /// No `Jurisdiction` entity of that code is in the directory.
     #[error("unknown jurisdiction `{0}`: not in the policy directory")]
     UnknownJurisdiction(Jurisdiction),
+    /// Key administration needs an employee principal; a service alone may not.
+    #[error(
+        "key administration is decided for employees only, not `{0}`: present an employee token"
+    )]
+    NotAnEmployee(String),
     /// A request could not be built; a defect, not a caller mistake.
     #[error("internal policy error: {0}")]
     Internal(String),

@@ -16,17 +16,66 @@ pub enum Action {
     Encrypt,
     /// Decrypting (or asking whether one may decrypt) a field.
     Decrypt,
+    /// Making a new root key version current (`KeyRing` resource).
+    RotateKey,
+    /// Retiring old key versions.
+    RetireKey,
+    /// Letting retired key versions decrypt again.
+    UnretireKey,
+    /// Destroying retired key versions for good.
+    DestroyKey,
+    /// Listing key versions, ids and states.
+    ViewKeys,
+}
+
+/// The resource type an action applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceKind {
+    /// `Field`: one field of a record type in a jurisdiction.
+    Field,
+    /// `KeyRing`: one jurisdiction's root keys.
+    KeyRing,
 }
 
 impl Action {
     /// Every action, in a fixed order.
-    pub const ALL: [Action; 2] = [Action::Encrypt, Action::Decrypt];
+    pub const ALL: [Action; 7] = [
+        Action::Encrypt,
+        Action::Decrypt,
+        Action::RotateKey,
+        Action::RetireKey,
+        Action::UnretireKey,
+        Action::DestroyKey,
+        Action::ViewKeys,
+    ];
 
     /// The Cedar action id.
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Encrypt => "encrypt",
             Action::Decrypt => "decrypt",
+            Action::RotateKey => "rotate_key",
+            Action::RetireKey => "retire_key",
+            Action::UnretireKey => "unretire_key",
+            Action::DestroyKey => "destroy_key",
+            Action::ViewKeys => "view_keys",
+        }
+    }
+
+    /// The action with Cedar id `id`.
+    pub fn from_id(id: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|action| action.as_str() == id)
+    }
+
+    /// What the action applies to.
+    pub fn resource_kind(self) -> ResourceKind {
+        match self {
+            Action::Encrypt | Action::Decrypt => ResourceKind::Field,
+            Action::RotateKey
+            | Action::RetireKey
+            | Action::UnretireKey
+            | Action::DestroyKey
+            | Action::ViewKeys => ResourceKind::KeyRing,
         }
     }
 }
@@ -91,8 +140,14 @@ pub(super) struct Names {
     pub(super) employee: EntityTypeName,
     pub(super) service: EntityTypeName,
     pub(super) field: EntityTypeName,
-    pub(super) encrypt: EntityUid,
-    pub(super) decrypt: EntityUid,
+    pub(super) key_ring: EntityTypeName,
+    encrypt: EntityUid,
+    decrypt: EntityUid,
+    rotate_key: EntityUid,
+    retire_key: EntityUid,
+    unretire_key: EntityUid,
+    destroy_key: EntityUid,
+    view_keys: EntityUid,
 }
 
 impl Names {
@@ -101,9 +156,23 @@ impl Names {
             employee: type_name("Employee")?,
             service: type_name("Service")?,
             field: type_name("Field")?,
+            key_ring: type_name(KEY_RING_TYPE)?,
             encrypt: uid("Action", Action::Encrypt.as_str())?,
             decrypt: uid("Action", Action::Decrypt.as_str())?,
+            rotate_key: uid("Action", Action::RotateKey.as_str())?,
+            retire_key: uid("Action", Action::RetireKey.as_str())?,
+            unretire_key: uid("Action", Action::UnretireKey.as_str())?,
+            destroy_key: uid("Action", Action::DestroyKey.as_str())?,
+            view_keys: uid("Action", Action::ViewKeys.as_str())?,
         })
+    }
+
+    /// The `KeyRing` entity of a jurisdiction.
+    pub(super) fn key_ring(&self, jurisdiction: &Jurisdiction) -> EntityUid {
+        EntityUid::from_type_name_and_id(
+            self.key_ring.clone(),
+            EntityId::new(jurisdiction.as_str()),
+        )
     }
 
     pub(super) fn principal(&self, principal: &Principal) -> EntityUid {
@@ -126,6 +195,11 @@ impl Names {
         match action {
             Action::Encrypt => &self.encrypt,
             Action::Decrypt => &self.decrypt,
+            Action::RotateKey => &self.rotate_key,
+            Action::RetireKey => &self.retire_key,
+            Action::UnretireKey => &self.unretire_key,
+            Action::DestroyKey => &self.destroy_key,
+            Action::ViewKeys => &self.view_keys,
         }
     }
 }
@@ -140,6 +214,9 @@ pub(super) fn uid(type_name_text: &str, id: &str) -> Result<EntityUid, Error> {
         EntityId::new(id),
     ))
 }
+
+/// Entity type of a jurisdiction's root keys, the resource of key administration.
+pub const KEY_RING_TYPE: &str = "KeyRing";
 
 /// Id of the `Field` entity of a (jurisdiction, record type, field).
 pub fn field_entity_id(

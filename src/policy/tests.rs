@@ -303,7 +303,7 @@ fn field_specific_policies_make_fields_distinct() {
         r#"@id("alice-reads-one-restricted-field")
 permit (principal == Employee::"alice", action == Action::"decrypt", resource == Field::"US/user_profile/tax_id");
 @id("nobody-reads-watch-history")
-forbid (principal, action, resource) when { resource.field == "watch_history" };
+forbid (principal, action, resource is Field) when { resource.field == "watch_history" };
 @id("no-tax-id-through-a-record-literal")
 forbid (principal, action == Action::"decrypt", resource in Jurisdiction::"US")
 when { {Value: resource.field} == {Value: "legal_hold_notes"} };

@@ -135,16 +135,24 @@ impl From<Decrypted> for pb::DecryptRecordResponse {
                         let (kind, message) = match failure {
                             FieldFailure::Integrity => (
                                 pb::field_error::Kind::Integrity,
-                                "integrity check failed: the ciphertext was altered, truncated or does not belong to this field, record or jurisdiction",
+                                "integrity check failed: the ciphertext was altered, truncated or does not belong to this field, record or jurisdiction".to_owned(),
                             ),
                             FieldFailure::UnknownKeyVersion => (
                                 pb::field_error::Kind::UnknownKeyVersion,
-                                "the ciphertext names a key version this server does not hold",
+                                "the ciphertext names a key version this server does not hold".to_owned(),
+                            ),
+                            FieldFailure::RetiredKeyVersion(version) => (
+                                pb::field_error::Kind::RetiredKeyVersion,
+                                format!("the ciphertext is sealed under key version {version}, which is retired: it decrypts again only if a key administrator unretires it"),
+                            ),
+                            FieldFailure::DestroyedKeyVersion(version) => (
+                                pb::field_error::Kind::DestroyedKeyVersion,
+                                format!("the ciphertext is sealed under key version {version}, which was destroyed: it can never be decrypted"),
                             ),
                         };
                         pb::field_outcome::Outcome::Error(pb::FieldError {
                             kind: kind.into(),
-                            message: message.to_owned(),
+                            message,
                         })
                     }
                 };

@@ -3,11 +3,13 @@
 //! The only `From<Error> for tonic::Status` lives here: callers get a precise code and
 //! an actionable message, internals go to the server log.
 
+mod admin;
 mod admission;
 mod convert;
 mod follow_ups;
 mod stream;
 
+pub use admin::KeyAdminService;
 pub use admission::{Admission, Admitted};
 pub use follow_ups::FollowUps;
 pub use stream::{CALLER_RECORDS_IN_FLIGHT, DeliveryStream};
@@ -51,6 +53,26 @@ impl From<gatekeeper::Error> for Status {
                 Status::unavailable(
                     "the decision log cannot record this request, so nothing was encrypted or decrypted; retry later",
                 )
+            }
+            E::Policy(error @ policy::Error::NotAnEmployee(_)) => {
+                Status::permission_denied(error.to_string())
+            }
+            error @ E::AdminDenied { .. } => {
+                let message = match &error {
+                    E::AdminDenied { policy_ids, .. } if !policy_ids.is_empty() => {
+                        format!("{error} (policies: {})", policy_ids.join(", "))
+                    }
+                    _ => format!("{error}: no policy permits it"),
+                };
+                Status::permission_denied(message)
+            }
+            E::KeyChangeRefused(
+                error @ (keys::Error::UnknownJurisdiction(_) | keys::Error::UnknownKeyVersion(..)),
+            ) => Status::invalid_argument(error.to_string()),
+            E::KeyChangeRefused(error) => Status::failed_precondition(error.to_string()),
+            E::KeyAdmin(error) => {
+                tracing::error!(%error, "key change failed");
+                Status::internal(format!("the key change failed: {error}"))
             }
             error @ E::EncryptDenied { .. } => {
                 let message = match &error {

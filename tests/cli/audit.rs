@@ -28,6 +28,7 @@ fn audit_verify_names_the_first_bad_entry() {
             checkpoint: None,
             key_event: None,
             unsigned_tail: None,
+            key_admin: None,
         };
         let (line, hash) = ringfence::audit::chain_line(seq, &prev, &entry).unwrap();
         text.push_str(&line);

@@ -384,3 +384,204 @@ fn the_private_keys_ringfence_writes_load_in_openssl_and_python_cryptography() {
         .unwrap();
     assert_eq!(String::from_utf8(raw.stdout).unwrap(), x);
 }
+
+#[test]
+fn the_key_lifecycle_runs_live_through_the_server_and_offline_and_the_log_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let data = dir.path().join("ringfence-data");
+    let (server, started, logs) = spawn_serve(dir.path(), &["--dev"], None);
+    let address = address_of(&started);
+    let token = |employee: &str, service: &str| {
+        let token = run(ringfence().current_dir(dir.path()).args([
+            "dev",
+            "token",
+            "--employee",
+            employee,
+            "--service",
+            service,
+        ]));
+        token.succeeded();
+        let path = dir.path().join(format!("{employee}.jwt"));
+        std::fs::write(&path, token.stdout.trim()).unwrap();
+        path
+    };
+    let kim = token("kim", "us-key-console");
+    let alice = token("alice", "us-support-tool");
+    let online = |args: &[&str]| {
+        run(ringfence()
+            .current_dir(dir.path())
+            .arg("keys")
+            .args(args)
+            .args(["--server", &address, "--dev-service", "us-key-console"])
+            .arg("--token-file")
+            .arg(&kim)
+            .args(["--ticket", "KEY-9"]))
+    };
+    let pki = data.join("dev-pki");
+    let read = |name: &str| std::fs::read_to_string(pki.join(name)).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let socket: std::net::SocketAddr = address.parse().unwrap();
+    let client = |service: &'static str| {
+        let (ca, cert, key) = (
+            read("ca.pem"),
+            read(&format!("clients/{service}.pem")),
+            read(&format!("clients/{service}-key.pem")),
+        );
+        runtime
+            .block_on(async move { mtls_client(socket, &ca, Some((&cert, &key))).await.unwrap() })
+    };
+    let mut signup = client("us-signup");
+    let mut support = client("us-support-tool");
+    let alice_token = std::fs::read_to_string(&alice).unwrap();
+    let mut read_email = |record: ringfence::pb::EncryptedRecord| {
+        runtime.block_on(async {
+            support
+                .decrypt_record(with_token(
+                    decrypt_request(record, &["email"], "support", "INC-1"),
+                    &alice_token,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    };
+    let first = runtime.block_on(encrypted_record(
+        &mut signup,
+        tonic::Request::new(profile("u-1", "US")),
+    ));
+
+    online(&["rotate", "--jurisdiction", "US"])
+        .succeeded()
+        .says("US\tv2\t")
+        .says("(rotate)");
+    online(&["retire", "--jurisdiction", "US", "--below", "2"])
+        .succeeded()
+        .says("(retire)");
+    let answer = read_email(first.clone());
+    assert!(matches!(
+        outcome(&answer, "email"),
+        ringfence::pb::field_outcome::Outcome::Error(error)
+            if error.kind() == ringfence::pb::field_error::Kind::RetiredKeyVersion
+    ));
+    online(&["unretire", "--jurisdiction", "US", "--from", "1"])
+        .succeeded()
+        .says("(unretire)");
+    online(&["list", "--jurisdiction", "US"])
+        .succeeded()
+        .says("\tdecrypt-only\t")
+        .says("\tactive\t");
+    // Offline changes stay refused while the server runs, pointing at --server.
+    run(ringfence().current_dir(dir.path()).args([
+        "keys",
+        "rotate",
+        "--jurisdiction",
+        "US",
+        "--dev",
+    ]))
+    .complains("--server");
+    let second = runtime.block_on(encrypted_record(
+        &mut signup,
+        tonic::Request::new(profile("u-2", "US")),
+    ));
+    drop((signup, read_email));
+    stop_logged(server, &logs);
+
+    // Offline: re-seal everything under a new master key; the development key that
+    // opened it before opens nothing now.
+    let old_key = std::fs::read_to_string(data.join("dev-master.key")).unwrap();
+    let new_key = "7e".repeat(32);
+    std::fs::write(dir.path().join("new.key"), &new_key).unwrap();
+    run(ringfence().current_dir(dir.path()).args([
+        "keys",
+        "rotate-master",
+        "--dev",
+        "--new-master-key-file",
+        "new.key",
+    ]))
+    .succeeded()
+    .says("re-sealed")
+    .says("removed the development master key");
+    keys_with(dir.path(), old_key.trim(), &["list"]).complains("does not open keyring");
+    keys_with(dir.path(), &new_key, &["list"])
+        .succeeded()
+        .says("US\tv1\t")
+        .says("decrypt-only");
+
+    // Started with only the new master key, everything decrypts.
+    let (server, started, logs) = spawn_serve(dir.path(), &["--dev"], Some(&new_key));
+    let socket: std::net::SocketAddr = address_of(&started).parse().unwrap();
+    runtime.block_on(async {
+        let mut support = mtls_client(
+            socket,
+            &read("ca.pem"),
+            Some((
+                &read("clients/us-support-tool.pem"),
+                &read("clients/us-support-tool-key.pem"),
+            )),
+        )
+        .await
+        .unwrap();
+        for (record, id) in [(first, "u-1"), (second, "u-2")] {
+            let answer = support
+                .decrypt_record(with_token(
+                    decrypt_request(record, &["email"], "support", "INC-1"),
+                    &alice_token,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(matches!(
+                outcome(&answer, "email"),
+                ringfence::pb::field_outcome::Outcome::Plaintext(p) if p == &secret_value(id, "email")
+            ));
+        }
+    });
+    stop_logged(server, &logs);
+
+    // The log verifies with the public key after online and offline key events, and
+    // `audit query` finds them by kind and jurisdiction.
+    run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "verify",
+        "--public-key",
+        "ringfence-data/audit-signing-key.pub.pem",
+    ]))
+    .succeeded()
+    .says("every signature valid");
+    let us = run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "query",
+        "--kind",
+        "key_event",
+        "--jurisdiction",
+        "US",
+    ]));
+    us.succeeded();
+    let operations: Vec<String> = us
+        .stdout
+        .lines()
+        .map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+            entry["key_event"]["operation"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        operations,
+        ["init", "rotate", "retire", "unretire", "reseal"],
+        "{}",
+        us.stdout
+    );
+    let admin = run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "query",
+        "--kind",
+        "key_admin",
+        "--jurisdiction",
+        "US",
+        "--principal",
+        "kim",
+    ]));
+    admin.succeeded();
+    assert_eq!(admin.stdout.lines().count(), 4, "{}", admin.stdout);
+}

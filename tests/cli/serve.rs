@@ -326,7 +326,7 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         .current_dir(dir.path())
         .args(["keys", "list", "--dev"]));
     assert!(
-        keys.stdout.contains("US\tv2\t") && keys.stdout.contains("(current)"),
+        keys.stdout.contains("US\tv2\t") && keys.stdout.contains("\tactive\t"),
         "{}",
         keys.stdout
     );

@@ -143,6 +143,7 @@ fn without_legal_policy(text: &str) -> String {
 }
 
 mod decisions;
+mod keys;
 mod log;
 mod reload;
 mod requests;

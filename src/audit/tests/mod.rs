@@ -35,6 +35,7 @@ pub(super) fn entry(n: usize) -> Entry {
         checkpoint: None,
         key_event: None,
         unsigned_tail: None,
+        key_admin: None,
     }
 }
 

@@ -33,11 +33,39 @@ pub(super) enum Expected {
     Deny,
 }
 
+/// An action as suites write it: its Cedar id.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub(super) enum ActionSpec {
     Encrypt,
     Decrypt,
+    RotateKey,
+    RetireKey,
+    UnretireKey,
+    DestroyKey,
+    ViewKeys,
+}
+
+/// One action or a list of them, all of one resource kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Actions {
+    One(ActionSpec),
+    Many(Vec<ActionSpec>),
+}
+
+impl ActionSpec {
+    fn action(self) -> Action {
+        match self {
+            ActionSpec::Encrypt => Action::Encrypt,
+            ActionSpec::Decrypt => Action::Decrypt,
+            ActionSpec::RotateKey => Action::RotateKey,
+            ActionSpec::RetireKey => Action::RetireKey,
+            ActionSpec::UnretireKey => Action::UnretireKey,
+            ActionSpec::DestroyKey => Action::DestroyKey,
+            ActionSpec::ViewKeys => Action::ViewKeys,
+        }
+    }
 }
 
 /// Declares a struct with the request dimensions that both `defaults` and cases may set,
@@ -58,8 +86,9 @@ macro_rules! with_request_dimensions {
             /// Calling service id(s); the principal when no employee is named.
             #[serde(default)]
             service: Option<OneOrMany>,
+            /// Action(s); a list makes the case a matrix.
             #[serde(default)]
-            action: Option<ActionSpec>,
+            action: Option<Actions>,
             #[serde(default)]
             record_type: Option<String>,
             #[serde(default)]
@@ -136,8 +165,10 @@ pub struct Case {
     pub description: Option<String>,
     pub(super) principals: Principals,
     pub(super) services: Vec<String>,
-    pub(super) action: Action,
-    pub(super) record_type: RecordType,
+    pub(super) actions: Vec<Action>,
+    /// `None` for key administration actions, whose resource is the jurisdiction's
+    /// `KeyRing`.
+    pub(super) record_type: Option<RecordType>,
     pub(super) jurisdictions: Vec<Jurisdiction>,
     pub(super) fields: Fields,
     pub(super) purposes: Vec<String>,
@@ -234,21 +265,56 @@ impl Case {
         if services.is_empty() {
             return Err("`service` is missing (the calling service, or the principal when no employee is named)".to_owned());
         }
-        let action = match pick!(action) {
-            Some(ActionSpec::Encrypt) => Action::Encrypt,
-            Some(ActionSpec::Decrypt) => Action::Decrypt,
-            None => return Err("`action` is missing (encrypt or decrypt)".to_owned()),
+        let actions: Vec<Action> = match pick!(action) {
+            Some(Actions::One(spec)) => vec![spec.action()],
+            Some(Actions::Many(specs)) => specs.into_iter().map(ActionSpec::action).collect(),
+            None => Vec::new(),
         };
-        let record_type = pick!(record_type)
-            .ok_or_else(|| "`record_type` is missing".to_owned())
-            .and_then(|text| RecordType::new(&text).map_err(|error| error.to_string()))?;
+        let Some(action) = actions.first().copied() else {
+            return Err(
+                "`action` is missing (encrypt, decrypt, or a key action such as rotate_key)"
+                    .to_owned(),
+            );
+        };
+        if actions
+            .iter()
+            .any(|other| other.resource_kind() != action.resource_kind())
+        {
+            return Err(
+                "`action` mixes record actions (encrypt, decrypt) and key actions: write them as separate cases"
+                    .to_owned(),
+            );
+        }
+        let record_type = match action.resource_kind() {
+            ResourceKind::Field => Some(
+                pick!(record_type)
+                    .ok_or_else(|| "`record_type` is missing".to_owned())
+                    .and_then(|text| RecordType::new(&text).map_err(|error| error.to_string()))?,
+            ),
+            ResourceKind::KeyRing => {
+                // Only the case's own keys count: defaults may serve field cases too.
+                if spec.record_type.is_some()
+                    || spec.field.is_some()
+                    || spec.classification.is_some()
+                {
+                    return Err(format!(
+                        "`{}` acts on a jurisdiction's key ring: `record_type`, `field` and `classification` do not apply",
+                        action.as_str()
+                    ));
+                }
+                None
+            }
+        };
         let jurisdictions = list(pick!(jurisdiction).as_ref(), "jurisdiction", |text| {
             Jurisdiction::new(text).map_err(|error| error.to_string())
         })?;
         if jurisdictions.is_empty() {
             return Err("`jurisdiction` is missing".to_owned());
         }
-        let fields = match (pick!(field), pick!(classification)) {
+        let fields = match (
+            pick!(field).filter(|_| record_type.is_some()),
+            pick!(classification).filter(|_| record_type.is_some()),
+        ) {
             (Some(_), Some(_)) => {
                 return Err("set `field` or `classification`, not both".to_owned());
             }
@@ -285,7 +351,7 @@ impl Case {
             description: spec.description,
             principals,
             services,
-            action,
+            actions,
             record_type,
             jurisdictions,
             fields,

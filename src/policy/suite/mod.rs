@@ -24,7 +24,7 @@ pub use report::{CaseReport, Coverage, Report, SuiteReport};
 use format::{Expected, Fields, Principals};
 use report::describe;
 
-use super::{Action, FieldDecision, PolicySnapshot, Principal, RequestFacts};
+use super::{Action, FieldDecision, PolicySnapshot, Principal, RequestFacts, ResourceKind};
 use crate::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};
 
 /// Directory of test suites inside the policy directory.
@@ -148,15 +148,17 @@ fn run_case(
         },
         Principals::Services => vec![None],
     };
-    let fields: Vec<FieldName> = match snapshot.catalog().fields(&case.record_type) {
-        None => {
+    // A key action has one resource per jurisdiction, its `KeyRing`: no fields.
+    let record_type = case.record_type.as_ref();
+    let fields: Vec<FieldName> = match record_type.map(|r| (r, snapshot.catalog().fields(r))) {
+        None => Vec::new(),
+        Some((record_type, None)) => {
             report.fail(format!(
-                "unknown record type `{}`: not in the field catalog",
-                case.record_type
+                "unknown record type `{record_type}`: not in the field catalog"
             ));
             return report;
         }
-        Some(all) => match &case.fields {
+        Some((record_type, Some(all))) => match &case.fields {
             Fields::Named(names) => names.clone(),
             Fields::All => all.cloned().collect(),
             Fields::Classified(classes) => {
@@ -174,7 +176,7 @@ fn run_case(
                     .filter(|field| {
                         snapshot
                             .catalog()
-                            .classification(&case.record_type, field)
+                            .classification(record_type, field)
                             .is_some_and(|class| classes.iter().any(|c| c == class))
                     })
                     .cloned()
@@ -182,7 +184,7 @@ fn run_case(
                 if matching.is_empty() {
                     report.fail(format!(
                         "no field of `{}` is classified {}, so the case checks nothing",
-                        case.record_type,
+                        record_type,
                         classes.join(" or ")
                     ));
                     return report;
@@ -191,7 +193,11 @@ fn run_case(
             }
         },
     };
-    for principal in &principals {
+    for (action, principal) in case
+        .actions
+        .iter()
+        .flat_map(|action| principals.iter().map(move |principal| (*action, principal)))
+    {
         for service in &case.services {
             let principal = principal
                 .clone()
@@ -210,32 +216,43 @@ fn run_case(
                             stated: &stated,
                             request_time: case.at.unwrap_or(now),
                         };
+                        let resource = match record_type {
+                            Some(record_type) => format!("{jurisdiction}/{record_type}"),
+                            None => format!("{}::\"{jurisdiction}\"", super::KEY_RING_TYPE),
+                        };
                         let situation = format!(
-                            "{principal} via {}, {} {jurisdiction}/{}, purpose {purpose:?}, ticket {ticket:?}",
+                            "{principal} via {}, {} {resource}, purpose {purpose:?}, ticket {ticket:?}",
                             Principal::Service(service.clone()),
-                            case.action.as_str(),
-                            case.record_type
+                            action.as_str(),
                         );
-                        let decisions = match snapshot.decide_each(
-                            case.action,
-                            &facts,
-                            jurisdiction,
-                            &case.record_type,
-                            &fields,
-                        ) {
+                        let decided = match (action.resource_kind(), record_type) {
+                            (ResourceKind::Field, Some(record_type)) => snapshot
+                                .decide_each(action, &facts, jurisdiction, record_type, &fields)
+                                .map(|decisions| {
+                                    fields
+                                        .iter()
+                                        .map(|field| format!(", field {field}"))
+                                        .zip(decisions)
+                                        .collect::<Vec<_>>()
+                                }),
+                            _ => snapshot
+                                .decide_key(action, &facts, jurisdiction)
+                                .map(|decision| vec![(String::new(), decision)]),
+                        };
+                        let decisions = match decided {
                             Ok(decisions) => decisions,
                             Err(error) => {
                                 report.fail(format!("{situation}: {error}"));
                                 continue;
                             }
                         };
-                        for (field, decision) in fields.iter().zip(&decisions) {
+                        for (target, decision) in &decisions {
                             report.checks += 1;
                             for id in &decision.policies {
                                 *covered.entry(id.clone()).or_default() += 1;
                             }
                             check(case, decision, &mut report, || {
-                                format!("{situation}, field {field}")
+                                format!("{situation}{target}")
                             });
                         }
                     }

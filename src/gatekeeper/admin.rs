@@ -1,0 +1,316 @@
+//! Key administration: decide a key action on a jurisdiction's `KeyRing` for an
+//! employee, log the decision durably, then change the live keyring through
+//! [`crate::keyadmin`]. Never handles master-key material and returns no key bytes.
+
+use super::context::Context;
+use super::{Error, Gatekeeper};
+use crate::audit::{KEY_ADMIN_KIND, KeyAdminEntry, KeyRingDecision};
+use crate::identity::Caller;
+use crate::keyadmin::{self, Actor};
+use crate::keys::{KeyEvent, KeyInfo, Keyring};
+use crate::policy::{self, Action, FieldDecision, PolicySnapshot};
+use crate::record::{Jurisdiction, KeyVersion, StatedPurpose};
+
+/// A change to one jurisdiction's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyChange {
+    /// A new version becomes current.
+    Rotate,
+    /// Versions below `below` stop decrypting.
+    Retire {
+        /// The lowest version that keeps decrypting.
+        below: KeyVersion,
+    },
+    /// Retired versions from `from` on decrypt again.
+    Unretire {
+        /// The lowest version to let decrypt again.
+        from: KeyVersion,
+    },
+    /// Retired versions below `below` are destroyed for good.
+    Destroy {
+        /// Versions below this one are destroyed.
+        below: KeyVersion,
+    },
+}
+
+impl KeyChange {
+    /// The Cedar action that decides it.
+    pub fn action(self) -> Action {
+        match self {
+            KeyChange::Rotate => Action::RotateKey,
+            KeyChange::Retire { .. } => Action::RetireKey,
+            KeyChange::Unretire { .. } => Action::UnretireKey,
+            KeyChange::Destroy { .. } => Action::DestroyKey,
+        }
+    }
+
+    fn entry(self, key_rings: Vec<KeyRingDecision>) -> KeyAdminEntry {
+        let (operation, below, from) = match self {
+            KeyChange::Rotate => ("rotate", None, None),
+            KeyChange::Retire { below } => ("retire", Some(below.get()), None),
+            KeyChange::Unretire { from } => ("unretire", None, Some(from.get())),
+            KeyChange::Destroy { below } => ("destroy", Some(below.get()), None),
+        };
+        KeyAdminEntry {
+            operation: operation.to_owned(),
+            below,
+            from,
+            key_rings,
+        }
+    }
+
+    fn apply(
+        self,
+        keyring: &mut Keyring,
+        jurisdiction: &Jurisdiction,
+    ) -> Result<Vec<KeyEvent>, crate::keys::Error> {
+        match self {
+            KeyChange::Rotate => keyring.rotate(jurisdiction).map(|event| vec![event]),
+            KeyChange::Retire { below } => keyring.retire(jurisdiction, below),
+            KeyChange::Unretire { from } => keyring.unretire(jurisdiction, from),
+            KeyChange::Destroy { below } => keyring.destroy(jurisdiction, below),
+        }
+    }
+}
+
+/// A key change made (or found to change nothing).
+#[derive(Debug, Clone)]
+pub struct KeyChanged {
+    /// The request's id in the decision log.
+    pub request_id: String,
+    /// The policy set that decided.
+    pub policy_set: String,
+    /// What changed; empty when nothing needed to.
+    pub events: Vec<KeyEvent>,
+    /// The jurisdiction's keys after the change.
+    pub key_ring: Option<KeyInfo>,
+}
+
+/// Key versions the caller may see.
+#[derive(Debug, Clone)]
+pub struct KeyListing {
+    /// The request's id in the decision log.
+    pub request_id: String,
+    /// The policy set that decided.
+    pub policy_set: String,
+    /// One entry per jurisdiction the caller may view.
+    pub key_rings: Vec<KeyInfo>,
+}
+
+fn ring_decision(jurisdiction: &Jurisdiction, decision: &FieldDecision) -> KeyRingDecision {
+    KeyRingDecision {
+        jurisdiction: jurisdiction.as_str().to_owned(),
+        decision: if decision.allowed { "allow" } else { "deny" }.to_owned(),
+        policies: decision.policies.clone(),
+        errors: decision.errors.clone(),
+    }
+}
+
+fn denied(action: Action, jurisdictions: &[&Jurisdiction], decisions: &[FieldDecision]) -> Error {
+    let mut policy_ids: Vec<String> = decisions
+        .iter()
+        .flat_map(|decision| decision.visible_policies.iter().cloned())
+        .collect();
+    policy_ids.sort_unstable();
+    policy_ids.dedup();
+    Error::AdminDenied {
+        action: action.as_str(),
+        resource: jurisdictions
+            .iter()
+            .map(|j| format!("{}::\"{j}\"", policy::KEY_RING_TYPE))
+            .collect::<Vec<_>>()
+            .join(", "),
+        policy_ids,
+    }
+}
+
+impl Gatekeeper {
+    /// The keyring requests use now (its summary is what `ListKeys` shows).
+    pub fn keyring(&self) -> std::sync::Arc<Keyring> {
+        self.keyring.load()
+    }
+
+    /// Decides a key action on `jurisdiction`'s key ring. An unknown caller is logged
+    /// as an authentication failure; a caller who is not an employee gets its own
+    /// `key_admin` entry before the refusal.
+    async fn decide_key(
+        &self,
+        snapshot: &PolicySnapshot,
+        context: &Context<'_>,
+        action: Action,
+        jurisdiction: &Jurisdiction,
+        admin: impl Fn(Vec<KeyRingDecision>) -> KeyAdminEntry,
+    ) -> Result<FieldDecision, Error> {
+        match snapshot.decide_key(action, &context.facts(), jurisdiction) {
+            Ok(decision) => Ok(decision),
+            Err(
+                error @ (policy::Error::UnknownPrincipal(_) | policy::Error::UnknownService(_)),
+            ) => {
+                self.log_unknown_caller(snapshot, context, action, None, &error)
+                    .await?;
+                Err(error.into())
+            }
+            Err(error @ policy::Error::NotAnEmployee(_)) => {
+                let mut entry =
+                    context.entry(KEY_ADMIN_KIND, Some(action), None, Some(snapshot.hash()));
+                entry.key_admin = Some(admin(Vec::new()));
+                entry.outcome = error.to_string();
+                self.log.append(entry).await?;
+                Err(error.into())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Decides `change` on `jurisdiction`'s keys for the caller, logs the decision
+    /// (and, when permitted, whether the keyring's rules allow it) durably, then saves
+    /// the change, serves it to every request that starts after this returns, and
+    /// logs its `key_event` entries under the same request id with a checkpoint.
+    pub async fn change_keys(
+        &self,
+        caller: &Caller,
+        stated: &StatedPurpose,
+        jurisdiction: &Jurisdiction,
+        change: KeyChange,
+    ) -> Result<KeyChanged, Error> {
+        let context = Context::new(caller, stated)?;
+        let snapshot = self.policies.current();
+        let action = change.action();
+        let decision = self
+            .decide_key(&snapshot, &context, action, jurisdiction, |rings| {
+                change.entry(rings)
+            })
+            .await?;
+        let mut entry = context.entry(KEY_ADMIN_KIND, Some(action), None, Some(snapshot.hash()));
+        entry.key_admin = Some(change.entry(vec![ring_decision(jurisdiction, &decision)]));
+        if !decision.allowed {
+            entry.outcome = "denied".to_owned();
+            self.log.append(entry).await?;
+            return Err(denied(action, &[jurisdiction], &[decision]));
+        }
+        let holder = crate::fsutil::describe_process(&format!(
+            "a `{}` request of {} (request {})",
+            action.as_str(),
+            context.principal,
+            context.request_id
+        ));
+        let prepared = match self
+            .keyring
+            .prepare(&holder, |keyring| change.apply(keyring, jurisdiction))
+            .await
+        {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                entry.outcome = format!("refused: {error}");
+                self.log.append(entry).await?;
+                return Err(match error {
+                    keyadmin::Error::Keys(error) => Error::KeyChangeRefused(error),
+                    other => other.into(),
+                });
+            }
+        };
+        entry.outcome = if prepared.events().is_empty() {
+            "unchanged"
+        } else {
+            "allowed"
+        }
+        .to_owned();
+        // The decision is durable before anything changes.
+        self.log.append(entry).await?;
+        let actor = Actor {
+            principal: context.principal.to_string(),
+            service: Some(caller.service.clone()),
+            authentication: caller.method.to_owned(),
+            request_id: context.request_id.clone(),
+            stated: stated.clone(),
+        };
+        let events = prepared.commit(&self.log, &actor).await?;
+        let key_ring = self
+            .keyring
+            .load()
+            .summary()
+            .into_iter()
+            .find(|info| info.jurisdiction == jurisdiction.as_str());
+        Ok(KeyChanged {
+            request_id: context.request_id,
+            policy_set: snapshot.hash().to_owned(),
+            events,
+            key_ring,
+        })
+    }
+
+    /// The key versions of `jurisdiction` (or of every jurisdiction the keyring holds,
+    /// when `None`) that the caller may view (`view_keys`), decided and logged. Refused
+    /// when the caller may view none of them.
+    pub async fn list_keys(
+        &self,
+        caller: &Caller,
+        stated: &StatedPurpose,
+        jurisdiction: Option<&Jurisdiction>,
+    ) -> Result<KeyListing, Error> {
+        let context = Context::new(caller, stated)?;
+        let snapshot = self.policies.current();
+        let keyring = self.keyring.load();
+        let summary = keyring.summary();
+        let candidates: Vec<Jurisdiction> = match jurisdiction {
+            Some(jurisdiction) => vec![jurisdiction.clone()],
+            None => summary
+                .iter()
+                .filter_map(|info| Jurisdiction::new(&info.jurisdiction).ok())
+                // Jurisdictions the policies do not know cannot be decided: not shown.
+                .filter(|j| snapshot.jurisdictions().contains(j))
+                .collect(),
+        };
+        let admin = |key_rings| KeyAdminEntry {
+            operation: "list".to_owned(),
+            below: None,
+            from: None,
+            key_rings,
+        };
+        let mut decisions = Vec::with_capacity(candidates.len());
+        for candidate in &candidates {
+            decisions.push(
+                self.decide_key(&snapshot, &context, Action::ViewKeys, candidate, admin)
+                    .await?,
+            );
+        }
+        let mut entry = context.entry(
+            KEY_ADMIN_KIND,
+            Some(Action::ViewKeys),
+            None,
+            Some(snapshot.hash()),
+        );
+        entry.key_admin = Some(admin(
+            candidates
+                .iter()
+                .zip(&decisions)
+                .map(|(j, decision)| ring_decision(j, decision))
+                .collect(),
+        ));
+        let allowed: Vec<&Jurisdiction> = candidates
+            .iter()
+            .zip(&decisions)
+            .filter(|(_, decision)| decision.allowed)
+            .map(|(j, _)| j)
+            .collect();
+        entry.outcome = if allowed.is_empty() {
+            "denied"
+        } else {
+            "listed"
+        }
+        .to_owned();
+        self.log.append(entry).await?;
+        if allowed.is_empty() {
+            let all: Vec<&Jurisdiction> = candidates.iter().collect();
+            return Err(denied(Action::ViewKeys, &all, &decisions));
+        }
+        Ok(KeyListing {
+            request_id: context.request_id,
+            policy_set: snapshot.hash().to_owned(),
+            key_rings: summary
+                .into_iter()
+                .filter(|info| allowed.iter().any(|j| j.as_str() == info.jurisdiction))
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! gRPC handlers of `ringfence.v1.KeyAdmin`: proto -> domain, call the [`Gatekeeper`]'s
+//! key administration, map back. Holds no logic of its own; never sees key bytes.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::admission::caller;
+use crate::gatekeeper::{Gatekeeper, KeyChange, KeyChanged, KeyListing};
+use crate::keys::{KeyEvent, KeyInfo, VersionState};
+use crate::pb;
+use crate::record::{Jurisdiction, KeyVersion, StatedPurpose};
+
+/// The `ringfence.v1.KeyAdmin` service.
+#[derive(Debug, Clone)]
+pub struct KeyAdminService {
+    gate: Arc<Gatekeeper>,
+}
+
+impl KeyAdminService {
+    /// Administers `gate`'s keyring.
+    pub fn new(gate: Arc<Gatekeeper>) -> Self {
+        Self { gate }
+    }
+
+    /// Runs one change in a task of its own, so that a cancelled call cannot stop it
+    /// between its decision entry, the saved keyring and its `key_event` entries.
+    async fn change<T>(
+        &self,
+        request: Request<T>,
+        parse: impl FnOnce(&T) -> Result<(Jurisdiction, KeyChange, StatedPurpose), Status>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        let caller = caller(&request)?;
+        let (jurisdiction, change, stated) = parse(request.get_ref())?;
+        let gate = Arc::clone(&self.gate);
+        let changed = tokio::spawn(async move {
+            gate.change_keys(&caller, &stated, &jurisdiction, change)
+                .await
+        })
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "key change task failed");
+            Status::internal("internal error; the server log has details")
+        })??;
+        Ok(Response::new(changed.into()))
+    }
+}
+
+fn jurisdiction(code: &str) -> Result<Jurisdiction, Status> {
+    Jurisdiction::new(code).map_err(|error| Status::invalid_argument(error.to_string()))
+}
+
+fn stated(purpose: &str, ticket: &str) -> Result<StatedPurpose, Status> {
+    StatedPurpose::new(purpose, ticket).map_err(|error| Status::invalid_argument(error.to_string()))
+}
+
+fn version(value: u32, name: &str) -> Result<KeyVersion, Status> {
+    KeyVersion::new(value).ok_or_else(|| {
+        Status::invalid_argument(format!("`{name}` must be a key version (1 or more)"))
+    })
+}
+
+#[tonic::async_trait]
+impl pb::key_admin_server::KeyAdmin for KeyAdminService {
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        self.change(request, |m| {
+            Ok((
+                jurisdiction(&m.jurisdiction)?,
+                KeyChange::Rotate,
+                stated(&m.purpose, &m.ticket)?,
+            ))
+        })
+        .await
+    }
+
+    async fn retire_keys(
+        &self,
+        request: Request<pb::RetireKeysRequest>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        self.change(request, |m| {
+            Ok((
+                jurisdiction(&m.jurisdiction)?,
+                KeyChange::Retire {
+                    below: version(m.below, "below")?,
+                },
+                stated(&m.purpose, &m.ticket)?,
+            ))
+        })
+        .await
+    }
+
+    async fn unretire_keys(
+        &self,
+        request: Request<pb::UnretireKeysRequest>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        self.change(request, |m| {
+            Ok((
+                jurisdiction(&m.jurisdiction)?,
+                KeyChange::Unretire {
+                    from: version(m.from, "from")?,
+                },
+                stated(&m.purpose, &m.ticket)?,
+            ))
+        })
+        .await
+    }
+
+    async fn destroy_keys(
+        &self,
+        request: Request<pb::DestroyKeysRequest>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        self.change(request, |m| {
+            Ok((
+                jurisdiction(&m.jurisdiction)?,
+                KeyChange::Destroy {
+                    below: version(m.below, "below")?,
+                },
+                stated(&m.purpose, &m.ticket)?,
+            ))
+        })
+        .await
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let caller = caller(&request)?;
+        let message = request.into_inner();
+        let wanted = if message.jurisdiction.is_empty() {
+            None
+        } else {
+            Some(jurisdiction(&message.jurisdiction)?)
+        };
+        let stated = stated(&message.purpose, &message.ticket)?;
+        let gate = Arc::clone(&self.gate);
+        let listing =
+            tokio::spawn(async move { gate.list_keys(&caller, &stated, wanted.as_ref()).await })
+                .await
+                .map_err(|error| {
+                    tracing::error!(%error, "key listing task failed");
+                    Status::internal("internal error; the server log has details")
+                })??;
+        Ok(Response::new(listing.into()))
+    }
+}
+
+impl From<&KeyEvent> for pb::KeyEvent {
+    fn from(event: &KeyEvent) -> Self {
+        Self {
+            operation: event.operation.to_owned(),
+            jurisdiction: event.jurisdiction.as_str().to_owned(),
+            version: event.version.get(),
+            key_id: event.key_id.to_string(),
+            generation: event.generation,
+        }
+    }
+}
+
+impl From<KeyInfo> for pb::KeyRing {
+    fn from(info: KeyInfo) -> Self {
+        Self {
+            jurisdiction: info.jurisdiction,
+            generation: info.generation,
+            current: info.current,
+            min_decryption_version: info.min_decryption_version,
+            versions: info
+                .versions
+                .into_iter()
+                .map(|version| pb::KeyVersion {
+                    version: version.version,
+                    key_id: version.key_id,
+                    created_at: version.created_at,
+                    state: match version.state {
+                        VersionState::Active => pb::key_version::State::Active,
+                        VersionState::DecryptOnly => pb::key_version::State::DecryptOnly,
+                        VersionState::Retired => pb::key_version::State::Retired,
+                        VersionState::Destroyed => pb::key_version::State::Destroyed,
+                    }
+                    .into(),
+                    destroyed_at: version.destroyed_at.unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<KeyChanged> for pb::KeyChangeResponse {
+    fn from(changed: KeyChanged) -> Self {
+        Self {
+            events: changed.events.iter().map(Into::into).collect(),
+            key_ring: changed.key_ring.map(Into::into),
+            request_id: changed.request_id,
+            policy_set: changed.policy_set,
+        }
+    }
+}
+
+impl From<KeyListing> for pb::ListKeysResponse {
+    fn from(listing: KeyListing) -> Self {
+        Self {
+            key_rings: listing.key_rings.into_iter().map(Into::into).collect(),
+            request_id: listing.request_id,
+            policy_set: listing.policy_set,
+        }
+    }
+}

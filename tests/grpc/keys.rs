@@ -1,0 +1,455 @@
+//! Key administration over gRPC (`ringfence.v1.KeyAdmin`): live rotation under load,
+//! retire / unretire / destroy with per-field kinds, refusals, all of it logged.
+
+use super::*;
+use pb::key_admin_client::KeyAdminClient;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+type Admin = KeyAdminClient<tonic::transport::Channel>;
+
+/// A request of kim (a US key administrator) through the key console, with a ticket.
+fn as_key_admin<T>(message: T) -> tonic::Request<T> {
+    as_caller(message, "us-key-console", Some("kim"))
+}
+
+fn rotate(jurisdiction: &str) -> pb::RotateKeyRequest {
+    pb::RotateKeyRequest {
+        jurisdiction: jurisdiction.to_owned(),
+        purpose: "scheduled-rotation".to_owned(),
+        ticket: "KEY-1".to_owned(),
+    }
+}
+
+fn retire(below: u32) -> pb::RetireKeysRequest {
+    pb::RetireKeysRequest {
+        jurisdiction: "US".to_owned(),
+        below,
+        purpose: String::new(),
+        ticket: "KEY-2".to_owned(),
+    }
+}
+
+/// The key version an envelope names.
+fn version_of(record: &pb::EncryptedRecord, field: &str) -> u32 {
+    let bytes = &record
+        .fields
+        .iter()
+        .find(|f| f.name == field)
+        .unwrap()
+        .ciphertext;
+    ringfence::crypto::Envelope::parse(bytes)
+        .unwrap()
+        .key_version
+        .get()
+}
+
+/// Decrypts `fields` of `record` as alice (US gatekeeper engineer) for support.
+async fn alice_reads(
+    client: &mut pb::ringfence_client::RingfenceClient<tonic::transport::Channel>,
+    record: pb::EncryptedRecord,
+    fields: &[&str],
+) -> pb::DecryptRecordResponse {
+    client
+        .decrypt_record(as_caller(
+            decrypt_request(record, fields, "support", "SUP-1"),
+            "us-support-tool",
+            Some("alice"),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn error_message(outcome: &Outcome) -> &str {
+    match outcome {
+        Outcome::Error(error) => &error.message,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_under_load_is_live_atomic_and_fails_no_request() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let old = encrypt_profile(&mut client, "u-old", "US").await;
+    assert_eq!(version_of(&old, "email"), 1);
+
+    // 16 clients encrypt and decrypt until told to stop; every request must succeed,
+    // and each records the key version it got and when it started.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..16 {
+        let stop = Arc::clone(&stop);
+        let failures = Arc::clone(&failures);
+        let mut client = server.client().await;
+        let old = old.clone();
+        workers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut round = 0;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                let id = format!("u-{worker}-{round}");
+                let started = std::time::Instant::now();
+                let encrypted = client
+                    .encrypt_record(as_caller(profile(&id, "US"), "us-signup", None))
+                    .await;
+                let Ok(encrypted) = encrypted else {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let record = encrypted.into_inner().record.unwrap();
+                let versions: std::collections::BTreeSet<u32> = PROFILE_FIELDS
+                    .iter()
+                    .map(|field| version_of(&record, field))
+                    .collect();
+                // Never half a change: one version for every field of a record.
+                assert_eq!(versions.len(), 1, "{versions:?}");
+                seen.push((started, *versions.first().unwrap()));
+                for (record, id) in [(record, id.as_str()), (old.clone(), "u-old")] {
+                    let answer = client
+                        .decrypt_record(as_caller(
+                            decrypt_request(record, &["email", "phone"], "support", "SUP-1"),
+                            "us-support-tool",
+                            Some("alice"),
+                        ))
+                        .await;
+                    match answer {
+                        Ok(answer) => {
+                            let answer = answer.into_inner();
+                            for field in ["email", "phone"] {
+                                assert_eq!(
+                                    plaintext(outcome(&answer, field)),
+                                    secret_value(id, field).as_slice()
+                                );
+                            }
+                        }
+                        Err(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut admin = KeyAdminClient::new(server.channel().await);
+    let rotated = admin
+        .rotate_key(as_key_admin(rotate("US")))
+        .await
+        .unwrap()
+        .into_inner();
+    let returned = std::time::Instant::now();
+    assert_eq!(rotated.events.len(), 1);
+    let event = &rotated.events[0];
+    assert_eq!((event.operation.as_str(), event.version), ("rotate", 2));
+    let ring = rotated.key_ring.unwrap();
+    assert_eq!((ring.current, ring.versions.len()), (2, 2));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for worker in workers {
+        seen.extend(worker.await.unwrap());
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "no request may fail");
+    assert!(seen.iter().any(|(_, version)| *version == 1));
+    let after: Vec<u32> = seen
+        .iter()
+        .filter(|(started, _)| *started > returned)
+        .map(|(_, version)| *version)
+        .collect();
+    assert!(!after.is_empty(), "requests ran after the rotation");
+    assert!(
+        after.iter().all(|version| *version == 2),
+        "every request that started after the call returned uses the new version"
+    );
+    // New and old ciphertexts decrypt.
+    let new = encrypt_profile(&mut client, "u-new", "US").await;
+    assert_eq!(version_of(&new, "email"), 2);
+    for (record, id) in [(new, "u-new"), (old, "u-old")] {
+        let answer = alice_reads(&mut client, record, &["email"]).await;
+        assert_eq!(
+            plaintext(outcome(&answer, "email")),
+            secret_value(id, "email").as_slice()
+        );
+    }
+
+    // The log: the decision, then the key event under the same request id, then a
+    // checkpoint that vouches for the new generation.
+    let entries = server.log_entries();
+    let position = |kind: &str| {
+        entries
+            .iter()
+            .position(|e| e["kind"] == kind && e["request_id"] == rotated.request_id)
+            .unwrap_or_else(|| panic!("no {kind} entry for the rotation"))
+    };
+    let (decided, changed) = (position("key_admin"), position("key_event"));
+    assert!(decided < changed);
+    assert_eq!(entries[decided]["principal"], "Employee::\"kim\"");
+    assert_eq!(entries[decided]["action"], "rotate_key");
+    assert_eq!(entries[decided]["outcome"], "allowed");
+    assert_eq!(
+        entries[decided]["key_admin"]["key_rings"][0]["policies"][0],
+        "us-key-admins-manage-us-keys"
+    );
+    assert_eq!(entries[changed]["key_event"]["version"], 2);
+    assert_eq!(entries[changed]["ticket"], "KEY-1");
+    assert!(
+        entries[changed..]
+            .iter()
+            .any(|e| e["kind"] == "checkpoint" && e["checkpoint"]["key_generations"]["US"] == 2),
+        "a checkpoint vouches for the new generation"
+    );
+    server.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retired_and_destroyed_versions_fail_per_field_and_destruction_survives_a_restart() {
+    let server = start().await;
+    let mut client = server.client().await;
+    let mut admin = KeyAdminClient::new(server.channel().await);
+    // The same record written under version 1, then again under version 2: a record
+    // whose fields are sealed under two versions.
+    let first = encrypt_profile(&mut client, "u-7", "US").await;
+    admin.rotate_key(as_key_admin(rotate("US"))).await.unwrap();
+    let second = encrypt_profile(&mut client, "u-7", "US").await;
+    let mut mixed = second.clone();
+    *ciphertext_mut(&mut mixed, "email") = first
+        .fields
+        .iter()
+        .find(|f| f.name == "email")
+        .unwrap()
+        .ciphertext
+        .clone();
+    assert_eq!(
+        (version_of(&mixed, "email"), version_of(&mixed, "phone")),
+        (1, 2)
+    );
+
+    // The current version cannot be retired.
+    let status = status_of(admin.retire_keys(as_key_admin(retire(3))).await).await;
+    assert_status(&status, Code::FailedPrecondition, "version 2 is current");
+
+    let retired = admin
+        .retire_keys(as_key_admin(retire(2)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retired.events.len(), 1);
+    assert_eq!(retired.events[0].operation, "retire");
+    let answer = alice_reads(&mut client, mixed.clone(), &["email", "phone"]).await;
+    assert_eq!(
+        error_kind(outcome(&answer, "email")),
+        pb::field_error::Kind::RetiredKeyVersion
+    );
+    assert!(error_message(outcome(&answer, "email")).contains("key version 1"));
+    assert_eq!(
+        plaintext(outcome(&answer, "phone")),
+        secret_value("u-7", "phone").as_slice(),
+        "the other fields are unaffected"
+    );
+    let entries = server.log_entries();
+    let logged = entries
+        .iter()
+        .find(|e| e["request_id"] == answer.request_id && e["kind"] == "decrypt")
+        .unwrap();
+    let email = logged["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == "email")
+        .unwrap();
+    assert_eq!(email["outcome"], "retired_key_version");
+    assert_eq!(email["key_version"], 1);
+
+    // Unretire: it decrypts again.
+    admin
+        .unretire_keys(as_key_admin(pb::UnretireKeysRequest {
+            jurisdiction: "US".to_owned(),
+            from: 1,
+            purpose: String::new(),
+            ticket: "KEY-3".to_owned(),
+        }))
+        .await
+        .unwrap();
+    let answer = alice_reads(&mut client, mixed.clone(), &["email"]).await;
+    assert_eq!(
+        plaintext(outcome(&answer, "email")),
+        secret_value("u-7", "email").as_slice()
+    );
+
+    // Destroy needs retirement first, then is permanent.
+    let destroy = |purpose: &str| {
+        as_key_admin(pb::DestroyKeysRequest {
+            jurisdiction: "US".to_owned(),
+            below: 2,
+            purpose: purpose.to_owned(),
+            ticket: "KEY-4".to_owned(),
+        })
+    };
+    let status = status_of(admin.destroy_keys(destroy("key-destruction")).await).await;
+    assert_status(
+        &status,
+        Code::FailedPrecondition,
+        "retire versions below 2 first",
+    );
+    admin.retire_keys(as_key_admin(retire(2))).await.unwrap();
+    // The shipped policy wants the purpose said out loud.
+    let status = status_of(admin.destroy_keys(destroy("cleanup")).await).await;
+    assert_status(&status, Code::PermissionDenied, "destroy_key");
+    let destroyed = admin
+        .destroy_keys(destroy("key-destruction"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(destroyed.events[0].operation, "destroy");
+    let states: Vec<i32> = destroyed
+        .key_ring
+        .unwrap()
+        .versions
+        .iter()
+        .map(|v| v.state)
+        .collect();
+    assert_eq!(
+        states,
+        [
+            pb::key_version::State::Destroyed as i32,
+            pb::key_version::State::Active as i32
+        ]
+    );
+    let status = status_of(
+        admin
+            .unretire_keys(as_key_admin(pb::UnretireKeysRequest {
+                jurisdiction: "US".to_owned(),
+                from: 1,
+                purpose: String::new(),
+                ticket: "KEY-5".to_owned(),
+            }))
+            .await,
+    )
+    .await;
+    assert_status(&status, Code::FailedPrecondition, "destroyed");
+
+    // Across a restart: still destroyed, and not on disk.
+    let TestServer {
+        running,
+        dir,
+        config,
+    } = server;
+    running.stop().await.unwrap();
+    let keyring = std::fs::read_to_string(config.data_dir.join("keyring.json")).unwrap();
+    let keyring: serde_json::Value = serde_json::from_str(&keyring).unwrap();
+    assert!(
+        keyring["jurisdictions"]["US"]["versions"][0]
+            .get("sealed")
+            .is_none()
+    );
+    let running = ringfence::server::start(config.clone()).await.unwrap();
+    let server = TestServer {
+        running,
+        dir,
+        config,
+    };
+    let mut client = server.client().await;
+    let answer = alice_reads(&mut client, mixed, &["email", "phone"]).await;
+    assert_eq!(
+        error_kind(outcome(&answer, "email")),
+        pb::field_error::Kind::DestroyedKeyVersion
+    );
+    assert_eq!(
+        plaintext(outcome(&answer, "phone")),
+        secret_value("u-7", "phone").as_slice()
+    );
+    server.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_administration_without_a_permit_is_refused_and_logged() {
+    let server = start().await;
+    let mut admin: Admin = KeyAdminClient::new(server.channel().await);
+    let keyring = std::fs::read(server.data_dir().join("keyring.json")).unwrap();
+    // A reader of US data, a parent-company engineer, and a service acting alone.
+    for (service, employee, needle) in [
+        ("us-key-console", Some("alice"), "no policy permits it"),
+        (
+            "us-key-console",
+            Some("bob"),
+            "parent-company-never-administers-us-keys",
+        ),
+        ("us-key-console", None, "employees only"),
+        ("us-support-tool", Some("kim"), "no policy permits it"),
+    ] {
+        let status = status_of(
+            admin
+                .rotate_key(as_caller(rotate("US"), service, employee))
+                .await,
+        )
+        .await;
+        assert_status(&status, Code::PermissionDenied, needle);
+    }
+    let status = status_of(
+        admin
+            .list_keys(as_caller(
+                pb::ListKeysRequest {
+                    jurisdiction: String::new(),
+                    purpose: String::new(),
+                    ticket: "KEY-1".to_owned(),
+                },
+                "us-key-console",
+                Some("alice"),
+            ))
+            .await,
+    )
+    .await;
+    assert_status(&status, Code::PermissionDenied, "view_keys");
+    assert_eq!(
+        std::fs::read(server.data_dir().join("keyring.json")).unwrap(),
+        keyring,
+        "nothing changed"
+    );
+    let entries = server.log_entries();
+    let refused: Vec<_> = entries
+        .iter()
+        .filter(|e| e["kind"] == "key_admin")
+        .collect();
+    assert_eq!(refused.len(), 5, "{refused:?}");
+    assert!(refused[..2].iter().all(|e| e["outcome"] == "denied"));
+    assert_eq!(
+        refused[1]["key_admin"]["key_rings"][0]["policies"][0],
+        "parent-company-never-administers-us-keys"
+    );
+    assert_eq!(refused[2]["principal"], "Service::\"us-key-console\"");
+    assert!(
+        refused[2]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("employees only")
+    );
+    assert!(
+        entries
+            .iter()
+            .filter(|e| e["kind"] == "key_event")
+            .all(|e| e["key_event"]["operation"] == "init"),
+        "no key changed"
+    );
+
+    // The key administrator lists what they may view: US only.
+    let listed = admin
+        .list_keys(as_key_admin(pb::ListKeysRequest {
+            jurisdiction: String::new(),
+            purpose: String::new(),
+            ticket: "KEY-1".to_owned(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let jurisdictions: Vec<&str> = listed
+        .key_rings
+        .iter()
+        .map(|r| r.jurisdiction.as_str())
+        .collect();
+    assert_eq!(jurisdictions, ["US"]);
+    server.running.stop().await.unwrap();
+}
