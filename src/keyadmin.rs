@@ -32,6 +32,9 @@ pub enum Error {
     /// The checkpoint signing key is unusable.
     #[error(transparent)]
     Signer(#[from] audit::checkpoint::Error),
+    /// Another change holds a lock; nothing was changed.
+    #[error("the keyring is busy: {0}; retry")]
+    Busy(String),
     /// Anything else around the change.
     #[error("{0}")]
     Other(String),
@@ -130,20 +133,23 @@ pub fn key_event_entry(event: &KeyEvent, actor: &Actor) -> Entry {
     entry
 }
 
-/// Appends `events` to an open log as `key_event` entries after telling it the new
-/// generations, then asks for a checkpoint over them (none when there are no events).
+/// Appends `events` to an open log as `key_event` entries, then tells it the new
+/// generations and asks for a checkpoint that vouches for them (none when there are no
+/// events). In that order: a checkpoint must never vouch for a generation whose events
+/// are not in the log, or a change that failed to log would not be found `unlogged`
+/// at the next start.
 pub async fn log_events(
     log: &DecisionLog,
     generations: BTreeMap<String, u64>,
     events: &[KeyEvent],
     actor: &Actor,
 ) -> Result<(), audit::Error> {
+    for event in events {
+        log.append(key_event_entry(event, actor)).await?;
+    }
     log.set_key_generations(generations);
     if events.is_empty() {
         return Ok(());
-    }
-    for event in events {
-        log.append(key_event_entry(event, actor)).await?;
     }
     log.checkpoint().await?;
     Ok(())
@@ -242,6 +248,10 @@ pub fn change_offline(
     result.map(|()| events)
 }
 
+/// How long a live change waits for another change (in this server or an offline
+/// command holding the keyring lock) before it is refused as busy.
+const CHANGE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The keyring a running server decrypts and encrypts with, changed live by the admin
 /// service. Each request takes one [`LiveKeyring::load`] and uses it throughout, so a
 /// change is atomic: requests that started before it use the old keyring whole,
@@ -251,10 +261,14 @@ pub struct LiveKeyring {
     current: ArcSwap<Keyring>,
     /// One change at a time within the server (the file lock serializes processes).
     changes: tokio::sync::Mutex<()>,
+    /// Set when a change may have reached the file but not memory or the log: the file
+    /// and the served keyring may differ, so further changes are refused until a
+    /// restart reads the file again (and records what the log missed as `unlogged`).
+    broken: std::sync::Mutex<Option<String>>,
 }
 
-/// A change computed on a copy of the keyring, holding both locks, not yet saved.
-/// Dropping it changes nothing.
+/// A change being made: both locks held and a copy of the keyring to change. Nothing
+/// is saved or served until [`PreparedChange::commit`]; dropping it changes nothing.
 pub struct PreparedChange<'a> {
     live: &'a LiveKeyring,
     _serial: tokio::sync::MutexGuard<'a, ()>,
@@ -277,6 +291,7 @@ impl LiveKeyring {
         Self {
             current: ArcSwap::from_pointee(keyring),
             changes: tokio::sync::Mutex::new(()),
+            broken: std::sync::Mutex::new(None),
         }
     }
 
@@ -285,60 +300,104 @@ impl LiveKeyring {
         self.current.load_full()
     }
 
-    /// Computes a change on a copy of the keyring, after taking the keyring file lock
-    /// (waiting for an offline writer, which will then find the log locked by this
-    /// server). Nothing is saved or served until [`PreparedChange::commit`].
-    pub async fn prepare(
-        &self,
-        holder: &str,
-        change: impl FnOnce(&mut Keyring) -> Result<Vec<KeyEvent>, keys::Error>,
-    ) -> Result<PreparedChange<'_>, Error> {
-        let serial = self.changes.lock().await;
-        let mut next = Keyring::clone(&self.current.load());
-        let data_dir = next.path().parent().map(Path::to_owned).unwrap_or_default();
-        let holder = holder.to_owned();
-        let file_lock = tokio::task::spawn_blocking(move || keys::lock(&data_dir, &holder))
+    /// Takes this server's change lock and the keyring file lock, each within
+    /// [`CHANGE_PATIENCE`] (else [`Error::Busy`] naming the holder), and copies the
+    /// keyring to change. Decide whether the caller may make the change after this
+    /// returns: a decision taken before waiting could be stale by now.
+    pub async fn lock(&self, holder: &str) -> Result<PreparedChange<'_>, Error> {
+        let serial = tokio::time::timeout(CHANGE_PATIENCE, self.changes.lock())
             .await
-            .map_err(|error| Error::Other(format!("keyring lock task failed: {error}")))??;
-        let events = change(&mut next)?;
+            .map_err(|_| {
+                Error::Busy("another key change is in progress in this server".to_owned())
+            })?;
+        if let Some(problem) = self
+            .broken
+            .lock()
+            .map_err(|_| Error::Other("poisoned".to_owned()))?
+            .as_ref()
+        {
+            return Err(Error::Other(format!(
+                "key changes are disabled until the server restarts: {problem}"
+            )));
+        }
+        let next = Keyring::clone(&self.current.load());
+        let path = next
+            .path()
+            .parent()
+            .map(|dir| dir.join(keys::KEYRING_LOCK_FILE))
+            .unwrap_or_else(|| PathBuf::from(keys::KEYRING_LOCK_FILE));
+        let holder = holder.to_owned();
+        let file_lock = tokio::task::spawn_blocking(move || {
+            crate::fsutil::LockFile::try_acquire(&path, &holder, CHANGE_PATIENCE)
+        })
+        .await
+        .map_err(|error| Error::Other(format!("keyring lock task failed: {error}")))?
+        .map_err(|error| Error::Busy(error.to_string()))?;
         Ok(PreparedChange {
             live: self,
             _serial: serial,
             _file_lock: file_lock,
             next,
-            events,
+            events: Vec::new(),
         })
+    }
+
+    fn break_changes(&self, problem: String) {
+        if let Ok(mut broken) = self.broken.lock() {
+            *broken = Some(problem);
+        }
     }
 }
 
 impl PreparedChange<'_> {
-    /// What the change would do; empty when it changes nothing.
-    pub fn events(&self) -> &[KeyEvent] {
-        &self.events
+    /// Applies `change` to the copy. A refused change leaves the copy as it was.
+    pub fn apply(
+        &mut self,
+        change: impl FnOnce(&mut Keyring) -> Result<Vec<KeyEvent>, keys::Error>,
+    ) -> Result<&[KeyEvent], keys::Error> {
+        let mut scratch = self.next.clone();
+        let events = change(&mut scratch)?;
+        self.next = scratch;
+        self.events.extend(events);
+        Ok(&self.events)
     }
 
-    /// Saves the changed keyring, serves it to every request that starts from now on,
-    /// and logs its events with a checkpoint over the new generations. A change that
-    /// was saved but could not be logged is still served (the file is the truth) and
-    /// is recorded as `unlogged` at the next start; the error says so.
+    /// What the changed copy holds of `jurisdiction` (versions, ids, states).
+    pub fn summary(&self, jurisdiction: &str) -> Option<keys::KeyInfo> {
+        self.next
+            .summary()
+            .into_iter()
+            .find(|info| info.jurisdiction == jurisdiction)
+    }
+
+    /// Saves the changed keyring, logs its events and a checkpoint over the new
+    /// generations, and only then serves it to every request that starts from now on
+    /// (so no entry uses a version before its `key_event`). When the save or the log
+    /// fails, the server keeps serving the keyring it had and refuses further changes
+    /// until it restarts: the file may hold the change, and the next start reads it and
+    /// records what the log missed as `unlogged`.
     pub async fn commit(self, log: &DecisionLog, actor: &Actor) -> Result<Vec<KeyEvent>, Error> {
         if self.events.is_empty() {
             return Ok(Vec::new());
         }
+        let live = self.live;
         let next = Arc::new(self.next);
         let saving = Arc::clone(&next);
-        tokio::task::spawn_blocking(move || saving.save())
+        let saved = tokio::task::spawn_blocking(move || saving.save())
             .await
-            .map_err(|error| Error::Other(format!("keyring save task failed: {error}")))??;
-        let generations = next.generations();
-        self.live.current.store(next);
-        log_events(log, generations, &self.events, actor)
-            .await
-            .map_err(|error| {
-                Error::Other(format!(
-                    "the keyring was changed but the change could not be logged ({error}); the next start records it as `unlogged`"
-                ))
-            })?;
+            .map_err(|error| Error::Other(format!("keyring save task failed: {error}")))
+            .and_then(|saved| saved.map_err(Error::from));
+        if let Err(error) = saved {
+            live.break_changes(format!("saving the keyring failed ({error})"));
+            return Err(error);
+        }
+        if let Err(error) = log_events(log, next.generations(), &self.events, actor).await {
+            live.break_changes(format!("a saved key change could not be logged ({error})"));
+            return Err(Error::Other(format!(
+                "the keyring was saved but the change could not be logged ({error}); it takes effect, and is recorded as `unlogged`, when the server restarts"
+            )));
+        }
+        live.current.store(next);
         Ok(self.events)
     }
 }

@@ -27,6 +27,8 @@ use crate::service::{self, RingfenceService};
 
 /// gRPC name of the ringfence service, as health checks know it.
 pub const SERVICE_NAME: &str = "ringfence.v1.Ringfence";
+/// gRPC name of the key administration service, as health checks know it.
+pub const KEY_ADMIN_SERVICE_NAME: &str = "ringfence.v1.KeyAdmin";
 pub use crate::config::{LOG_DIR, POLICY_ARCHIVE_DIR};
 
 /// Why the server could not start.
@@ -441,9 +443,11 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         .map_err(|error| Error::Io(error.to_string()))?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
+    for name in [SERVICE_NAME, KEY_ADMIN_SERVICE_NAME] {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
     health.set_service_status("", ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -454,14 +458,14 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
     let ringfence = RingfenceService::new(Arc::clone(&gate), config.max_message_bytes)
         .with_stream_limits(config.streams);
     let follow_ups = ringfence.follow_ups();
+    let key_admin = ringfence.key_admin();
     let ringfence = pb::ringfence_server::RingfenceServer::new(ringfence)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let admission = service::Admission::new(mode, Arc::clone(&gate));
     let ringfence = service::Admitted::new(ringfence, admission.clone());
     let key_admin =
-        pb::key_admin_server::KeyAdminServer::new(service::KeyAdminService::new(Arc::clone(&gate)))
-            .max_decoding_message_size(64 * 1024);
+        pb::key_admin_server::KeyAdminServer::new(key_admin).max_decoding_message_size(64 * 1024);
     let key_admin = service::Admitted::new(key_admin, admission);
 
     let mut background = Vec::new();
@@ -479,7 +483,9 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
                 } else {
                     ServingStatus::NotServing
                 };
-                health.set_service_status(SERVICE_NAME, status).await;
+                for name in [SERVICE_NAME, KEY_ADMIN_SERVICE_NAME] {
+                    health.set_service_status(name, status).await;
+                }
                 health.set_service_status("", status).await;
             }
         }

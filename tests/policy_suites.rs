@@ -171,6 +171,24 @@ fn the_key_admin_suite_fails_when_key_administration_is_widened() {
             }),
         ),
         (
+            "forbid keyed on employer only",
+            Box::new(|text| {
+                text.replace(
+                    "principal in Organization::\"parentco\" ||\n  principal.employer == Organization::\"parentco\"",
+                    "principal.employer == Organization::\"parentco\"",
+                )
+            }),
+        ),
+        (
+            "forbid keyed on membership only",
+            Box::new(|text| {
+                text.replace(
+                    "principal in Organization::\"parentco\" ||\n  principal.employer == Organization::\"parentco\"",
+                    "principal in Organization::\"parentco\"",
+                )
+            }),
+        ),
+        (
             "the key console may read user data",
             Box::new(|text| without_policy(text, "key-console-never-touches-user-data")),
         ),

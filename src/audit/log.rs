@@ -137,6 +137,7 @@ impl DecisionLog {
             .len();
         let healthy = Arc::new(AtomicBool::new(true));
         let problem = Arc::new(Problem::default());
+        let checkpointed_generations = options.key_generations.clone().unwrap_or_default();
         let mut writer = Writer {
             dir: dir.to_owned(),
             file,
@@ -147,6 +148,7 @@ impl DecisionLog {
             last_checkpoint: None,
             // A log that ends in a checkpoint needs no new one until entries follow.
             checkpointed_seq: if ends_signed { seq } else { 0 },
+            checkpointed_generations,
             seq,
             last_hash,
             failure: None,

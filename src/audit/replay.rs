@@ -33,7 +33,7 @@ pub struct Mismatch {
 pub struct ReplayReport {
     /// Entries re-decided.
     pub replayed: u64,
-    /// Field decisions compared.
+    /// Decisions compared (one per field, or per key ring of a `key_admin` entry).
     pub decisions: u64,
     /// Entries with nothing to re-decide (checkpoints, rejected or unauthenticated
     /// requests, integrity follow-ups).
@@ -79,16 +79,17 @@ fn replay_entry(
         return;
     };
     let action = match entry.kind.as_str() {
-        "encrypt" => Action::Encrypt,
-        "decrypt" | "authorize" => Action::Decrypt,
-        _ => {
-            report.skipped += 1;
-            return;
-        }
+        "encrypt" => Some(Action::Encrypt),
+        "decrypt" | "authorize" => Some(Action::Decrypt),
+        super::KEY_ADMIN_KIND => entry.action.as_deref().and_then(Action::from_id),
+        _ => None,
     };
-    let (Some(hash), Some(record), false) =
-        (&entry.policy_set, &entry.record, entry.fields.is_empty())
-    else {
+    // Something was decided: fields of a record, or key rings.
+    let decided = match &entry.key_admin {
+        Some(admin) => !admin.key_rings.is_empty(),
+        None => entry.record.is_some() && !entry.fields.is_empty(),
+    };
+    let (Some(action), Some(hash), true) = (action, &entry.policy_set, decided) else {
         report.skipped += 1;
         return;
     };
@@ -112,6 +113,14 @@ fn replay_entry(
             slot.1 += 1;
             return;
         }
+    };
+    if let Some(admin) = &entry.key_admin {
+        replay_key_admin(&entry, admin, action, snapshot, hash, report, mismatch);
+        return;
+    }
+    let Some(record) = &entry.record else {
+        report.skipped += 1;
+        return;
     };
     // The facts as the gatekeeper saw them; any that no longer parse is itself a finding.
     let parsed = (|| -> Result<_, String> {
@@ -176,5 +185,77 @@ fn replay_entry(
             "a decided request".to_owned(),
             format!("cannot replay: {error}"),
         )),
+    }
+}
+
+/// Re-decides each key ring of a `key_admin` entry.
+fn replay_key_admin(
+    entry: &Entry,
+    admin: &super::KeyAdminEntry,
+    action: Action,
+    snapshot: &PolicySnapshot,
+    hash: &str,
+    report: &mut ReplayReport,
+    mismatch: impl Fn(&str, String, String) -> Mismatch,
+) {
+    let parsed = (|| -> Result<_, String> {
+        let principal = Principal::from_str(entry.principal.as_deref().unwrap_or_default())?;
+        let service = entry.service.clone().ok_or("no calling service recorded")?;
+        let stated =
+            StatedPurpose::new(&entry.purpose, &entry.ticket).map_err(|e| e.to_string())?;
+        Ok((principal, service, stated))
+    })();
+    let (principal, service, stated) = match parsed {
+        Ok(parsed) => parsed,
+        Err(problem) => {
+            report.mismatches.push(mismatch(
+                "*",
+                "a decided request".to_owned(),
+                format!("cannot replay: {problem}"),
+            ));
+            return;
+        }
+    };
+    let facts = RequestFacts {
+        principal: &principal,
+        service: &service,
+        authentication: &entry.authentication,
+        stated: &stated,
+        request_time: entry.request_time,
+    };
+    report.replayed += 1;
+    *report.policy_sets.entry(hash.to_owned()).or_default() += 1;
+    for ring in &admin.key_rings {
+        let resource = format!(
+            "{}::\"{}\"",
+            crate::policy::KEY_RING_TYPE,
+            ring.jurisdiction
+        );
+        let decision = Jurisdiction::new(&ring.jurisdiction)
+            .map_err(|e| e.to_string())
+            .and_then(|jurisdiction| {
+                snapshot
+                    .decide_key(action, &facts, &jurisdiction)
+                    .map_err(|e| e.to_string())
+            });
+        report.decisions += 1;
+        let recorded_allowed = ring.decision == "allow";
+        let mut recorded_policies = ring.policies.clone();
+        recorded_policies.sort_unstable();
+        match decision {
+            Ok(decision)
+                if decision.allowed == recorded_allowed
+                    && decision.policies == recorded_policies => {}
+            Ok(decision) => report.mismatches.push(mismatch(
+                &resource,
+                describe(recorded_allowed, &recorded_policies),
+                describe(decision.allowed, &decision.policies),
+            )),
+            Err(problem) => report.mismatches.push(mismatch(
+                &resource,
+                describe(recorded_allowed, &recorded_policies),
+                format!("cannot replay: {problem}"),
+            )),
+        }
     }
 }

@@ -53,6 +53,9 @@ pub(super) struct Writer {
     pub(super) last_checkpoint: Option<Instant>,
     /// Sequence number the last checkpoint vouched for.
     pub(super) checkpointed_seq: u64,
+    /// Keyring generations the last checkpoint vouched for: new ones get a checkpoint
+    /// of their own even when no entry followed it.
+    pub(super) checkpointed_generations: BTreeMap<String, u64>,
     pub(super) seq: u64,
     pub(super) last_hash: String,
     pub(super) failure: Option<Failure>,
@@ -73,8 +76,8 @@ struct Pending {
     last_hash: String,
     /// Entries since the last checkpoint, with this commit's.
     unsigned: Option<UnsignedSpan>,
-    /// Whether a checkpoint ends the lines.
-    checkpointed: bool,
+    /// Whether a checkpoint ends the lines, and the generations it vouches for.
+    checkpointed: Option<BTreeMap<String, u64>>,
 }
 
 impl Pending {
@@ -246,7 +249,7 @@ impl Writer {
             seq: self.seq,
             last_hash: self.last_hash.clone(),
             unsigned: self.unsigned.clone(),
-            checkpointed: false,
+            checkpointed: None,
         };
         let mut receipts = Vec::with_capacity(batch.len());
         for job in batch {
@@ -283,7 +286,14 @@ impl Writer {
         let Some(signer) = &self.options.signer else {
             return Ok(());
         };
-        if !self.checkpoint_due() || pending.seq <= self.checkpointed_seq {
+        let generations = self
+            .key_generations
+            .lock()
+            .map(|generations| generations.clone())
+            .unwrap_or_default();
+        let nothing_new =
+            pending.seq <= self.checkpointed_seq && generations == self.checkpointed_generations;
+        if !self.checkpoint_due() || nothing_new {
             return Ok(());
         }
         let now = time::OffsetDateTime::now_utc();
@@ -315,16 +325,11 @@ impl Writer {
             });
             pending.push(&entry)?;
         }
-        let generations = self
-            .key_generations
-            .lock()
-            .map(|generations| generations.clone())
-            .unwrap_or_default();
         let checkpoint =
             signer.sign_with(pending.seq, &pending.last_hash, &signed_at, &generations);
         // A checkpoint that cannot be written is left for the next batch.
         if pending.push(&Entry::checkpoint(checkpoint)).is_ok() {
-            pending.checkpointed = true;
+            pending.checkpointed = Some(generations);
         }
         Ok(())
     }
@@ -338,7 +343,8 @@ impl Writer {
         self.last_hash = pending.last_hash;
         self.segment_bytes += pending.buffer.len() as u64;
         self.unsigned = pending.unsigned;
-        if pending.checkpointed {
+        if let Some(generations) = pending.checkpointed {
+            self.checkpointed_generations = generations;
             self.last_checkpoint = Some(Instant::now());
             self.checkpointed_seq = pending.seq;
             self.unsigned = None;

@@ -17,7 +17,7 @@ pub struct FilterArgs {
     /// Calling service id.
     #[arg(long)]
     service: Option<String>,
-    /// Entry kind: decrypt, encrypt, authorize, integrity_failure, rejected, unauthenticated, checkpoint, key_event.
+    /// Entry kind: decrypt, encrypt, authorize, integrity_failure, rejected, unauthenticated, checkpoint, key_event, key_admin.
     #[arg(long)]
     kind: Option<String>,
     /// Record jurisdiction.

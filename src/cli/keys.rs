@@ -127,7 +127,7 @@ pub enum Command {
         #[arg(long)]
         new_master_key_file: Option<PathBuf>,
     },
-    /// Convert a keyring of format 1 (unauthenticated metadata) to format 2, once.
+    /// Convert a keyring of format 1 (unauthenticated metadata) to the current format, once.
     Migrate {
         #[command(flatten)]
         args: KeyArgs,
@@ -268,7 +268,7 @@ fn new_master(file: Option<&Path>) -> Result<keys::LocalMasterKey, keys::Error> 
         })?;
     Ok(keys::LocalMasterKey::new(
         keys::parse_master_key(text.expose(), NEW_MASTER_KEY_ENV)?,
-        keys::MasterKeyOrigin::Environment,
+        keys::MasterKeyOrigin::Variable(NEW_MASTER_KEY_ENV),
     ))
 }
 
@@ -474,22 +474,34 @@ fn offline_change(
     report(result, "nothing to do")
 }
 
-/// `keys rotate-master`: re-seal under the new master key, then check that the new key
-/// opens the saved keyring and the old one does not.
+/// `keys rotate-master`: refuses a new key that already opens the keyring, re-seals
+/// under the new key, then checks that the new key opens the saved keyring and the old
+/// one does not.
 fn rotate_master(args: &KeyArgs, new_master_key_file: Option<&Path>) -> ExitCode {
     let new = match new_master(new_master_key_file) {
         Ok(new) => new,
         Err(error) => return fail(EXIT_FAILURE, error),
     };
-    let mut old_was_development = None;
+    let old = match args.master(false) {
+        Ok(old) => old,
+        Err(error) => return fail(EXIT_FAILURE, error),
+    };
+    let path = args.data.data_dir.join(keys::KEYRING_FILE);
+    if Keyring::open(&path, &new).is_ok() {
+        return fail(
+            EXIT_FAILURE,
+            format!(
+                "the new master key ({}) already opens `{}`: it is the current one; nothing was changed",
+                keys::MasterKeySource::describe(&new),
+                path.display()
+            ),
+        );
+    }
     let result = run_change(
         args,
         false,
         "ringfence keys rotate-master",
         |path, master| {
-            if let keys::MasterKeyOrigin::Development { path, .. } = master.origin() {
-                old_was_development = Some(path.clone());
-            }
             let mut keyring = Keyring::open(path, master)?;
             let before = keyring.states();
             let events = keyring.reseal(&new)?;
@@ -500,21 +512,35 @@ fn rotate_master(args: &KeyArgs, new_master_key_file: Option<&Path>) -> ExitCode
     if code != ExitCode::SUCCESS {
         return code;
     }
-    let path = args.data.data_dir.join(keys::KEYRING_FILE);
     if let Err(error) = Keyring::open(&path, &new) {
         return fail(
             EXIT_FAILURE,
             format!("the re-sealed keyring does not open with the new master key: {error}"),
         );
     }
+    match Keyring::open(&path, &old) {
+        Err(keys::Error::WrongMasterKey { .. }) => {}
+        other => {
+            return fail(
+                EXIT_FAILURE,
+                format!(
+                    "the old master key should open nothing of the re-sealed keyring, but opening it gave: {}",
+                    other
+                        .map(|_| "success".to_owned())
+                        .unwrap_or_else(|e| e.to_string())
+                ),
+            );
+        }
+    }
     println!(
-        "re-sealed under {}; the old master key opens nothing of `{}` now (older copies of the file, e.g. in backups, still open with it: see docs/crypto.md, \"Rotating the master key\")",
+        "re-sealed under {}; checked: the old master key opens nothing of `{}` (older copies of the file, e.g. in backups, still open with it: see docs/crypto.md, \"Rotating the master key\")",
         keys::MasterKeySource::describe(&new),
         path.display()
     );
-    if let Some(dev_key) = old_was_development {
-        // It opens nothing any more, and left in place it would be picked up first.
-        match std::fs::remove_file(&dev_key) {
+    if let keys::MasterKeyOrigin::Development { path: dev_key, .. } = old.origin() {
+        // It opens nothing any more (checked above), and left in place it would be
+        // picked up first by commands allowed to use it.
+        match std::fs::remove_file(dev_key) {
             Ok(()) => println!("removed the development master key `{}`", dev_key.display()),
             Err(error) => eprintln!(
                 "warning: cannot remove the development master key `{}` ({error}); it opens nothing now: delete it",

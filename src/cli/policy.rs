@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use ringfence::config::DEFAULT_POLICIES;
 use ringfence::policy::suite::{self, Suite};
-use ringfence::policy::{Action, PolicySnapshot, Principal, RequestFacts};
+use ringfence::policy::{
+    Action, FieldDecision, KEY_RING_TYPE, PolicySnapshot, Principal, RequestFacts, ResourceKind,
+};
 use ringfence::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};
 
 use super::{
@@ -28,6 +30,30 @@ pub enum Format {
 pub enum ActionArg {
     Encrypt,
     Decrypt,
+    #[value(name = "rotate_key")]
+    RotateKey,
+    #[value(name = "retire_key")]
+    RetireKey,
+    #[value(name = "unretire_key")]
+    UnretireKey,
+    #[value(name = "destroy_key")]
+    DestroyKey,
+    #[value(name = "view_keys")]
+    ViewKeys,
+}
+
+impl ActionArg {
+    fn action(self) -> Action {
+        match self {
+            ActionArg::Encrypt => Action::Encrypt,
+            ActionArg::Decrypt => Action::Decrypt,
+            ActionArg::RotateKey => Action::RotateKey,
+            ActionArg::RetireKey => Action::RetireKey,
+            ActionArg::UnretireKey => Action::UnretireKey,
+            ActionArg::DestroyKey => Action::DestroyKey,
+            ActionArg::ViewKeys => Action::ViewKeys,
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -71,9 +97,10 @@ pub enum Command {
         /// Action to decide.
         #[arg(long, value_enum, default_value = "decrypt")]
         action: ActionArg,
-        /// Record type, e.g. user_profile.
+        /// Record type, e.g. user_profile (not for key actions, which act on the
+        /// jurisdiction's `KeyRing`).
         #[arg(long)]
-        record_type: RecordType,
+        record_type: Option<RecordType>,
         /// Jurisdiction of the record, e.g. US.
         #[arg(long)]
         jurisdiction: Jurisdiction,
@@ -190,13 +217,49 @@ pub fn run(command: Command) -> ExitCode {
                 Ok(stated) => stated,
                 Err(error) => return fail(EXIT_FAILURE, error),
             };
-            let action = match action {
-                ActionArg::Encrypt => Action::Encrypt,
-                ActionArg::Decrypt => Action::Decrypt,
-            };
+            let action = action.action();
             let principal = match employee {
                 Some(id) => Principal::Employee(id),
                 None => Principal::Service(service.clone()),
+            };
+            let record_type = match (action.resource_kind(), record_type) {
+                (ResourceKind::KeyRing, None) => {
+                    let facts = RequestFacts {
+                        principal: &principal,
+                        service: &service,
+                        authentication: "explain",
+                        stated: &stated,
+                        request_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+                    };
+                    return match snapshot.decide_key(action, &facts, &jurisdiction) {
+                        Ok(decision) => {
+                            println!(
+                                "{} {KEY_RING_TYPE}::\"{jurisdiction}\" by {principal} via Service::{service:?} (purpose {purpose:?}, ticket {ticket:?}), policy set {}",
+                                action.as_str(),
+                                snapshot.hash()
+                            );
+                            println!("  {}", explained(&snapshot, &decision));
+                            ExitCode::SUCCESS
+                        }
+                        Err(error) => fail(EXIT_FAILURE, error),
+                    };
+                }
+                (ResourceKind::KeyRing, Some(_)) => {
+                    return fail(
+                        EXIT_FAILURE,
+                        format!(
+                            "`{}` acts on the jurisdiction's key ring: --record-type and --field do not apply",
+                            action.as_str()
+                        ),
+                    );
+                }
+                (ResourceKind::Field, Some(record_type)) => record_type,
+                (ResourceKind::Field, None) => {
+                    return fail(
+                        EXIT_FAILURE,
+                        format!("`{}` needs --record-type", action.as_str()),
+                    );
+                }
             };
             let fields = if fields.is_empty() {
                 match snapshot.catalog().fields(&record_type) {
@@ -235,28 +298,37 @@ pub fn run(command: Command) -> ExitCode {
                     .catalog()
                     .classification(&record_type, field)
                     .unwrap_or_default();
-                let verdict = if decision.allowed { "ALLOW" } else { "DENY" };
-                let why = if !decision.errors.is_empty() {
-                    format!(
-                        "evaluation error (fails closed): {}",
-                        decision.errors.join("; ")
-                    )
-                } else if decision.policies.is_empty() {
-                    "no policy permits this (default deny)".to_owned()
-                } else {
-                    let named: Vec<String> = decision
-                        .policies
-                        .iter()
-                        .map(|id| match snapshot.policy_files().get(id) {
-                            Some(file) => format!("{id} ({})", file.display()),
-                            None => id.clone(),
-                        })
-                        .collect();
-                    format!("determined by {}", named.join(", "))
-                };
-                println!("  {field:<20} {classification:<11} {verdict:<5} {why}");
+                println!(
+                    "  {field:<20} {classification:<11} {}",
+                    explained(&snapshot, &decision)
+                );
             }
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `ALLOW` or `DENY`, and why: the determining policies with their files, default
+/// deny, or the evaluation error that failed closed.
+fn explained(snapshot: &PolicySnapshot, decision: &FieldDecision) -> String {
+    let verdict = if decision.allowed { "ALLOW" } else { "DENY" };
+    let why = if !decision.errors.is_empty() {
+        format!(
+            "evaluation error (fails closed): {}",
+            decision.errors.join("; ")
+        )
+    } else if decision.policies.is_empty() {
+        "no policy permits this (default deny)".to_owned()
+    } else {
+        let named: Vec<String> = decision
+            .policies
+            .iter()
+            .map(|id| match snapshot.policy_files().get(id) {
+                Some(file) => format!("{id} ({})", file.display()),
+                None => id.clone(),
+            })
+            .collect();
+        format!("determined by {}", named.join(", "))
+    };
+    format!("{verdict:<5} {why}")
 }

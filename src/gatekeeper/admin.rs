@@ -6,7 +6,7 @@ use super::context::Context;
 use super::{Error, Gatekeeper};
 use crate::audit::{KEY_ADMIN_KIND, KeyAdminEntry, KeyRingDecision};
 use crate::identity::Caller;
-use crate::keyadmin::{self, Actor};
+use crate::keyadmin::Actor;
 use crate::keys::{KeyEvent, KeyInfo, Keyring};
 use crate::policy::{self, Action, FieldDecision, PolicySnapshot};
 use crate::record::{Jurisdiction, KeyVersion, StatedPurpose};
@@ -125,11 +125,6 @@ fn denied(action: Action, jurisdictions: &[&Jurisdiction], decisions: &[FieldDec
 }
 
 impl Gatekeeper {
-    /// The keyring requests use now (its summary is what `ListKeys` shows).
-    pub fn keyring(&self) -> std::sync::Arc<Keyring> {
-        self.keyring.load()
-    }
-
     /// Decides a key action on `jurisdiction`'s key ring. An unknown caller is logged
     /// as an authentication failure; a caller who is not an employee gets its own
     /// `key_admin` entry before the refusal.
@@ -162,10 +157,12 @@ impl Gatekeeper {
         }
     }
 
-    /// Decides `change` on `jurisdiction`'s keys for the caller, logs the decision
-    /// (and, when permitted, whether the keyring's rules allow it) durably, then saves
-    /// the change, serves it to every request that starts after this returns, and
-    /// logs its `key_event` entries under the same request id with a checkpoint.
+    /// Decides `change` on `jurisdiction`'s keys for the caller and logs the decision
+    /// (and, when permitted, whether the keyring's rules allow it) durably; then saves
+    /// the change, logs its `key_event` entries under the same request id with a
+    /// checkpoint, and serves it to every request that starts after this returns. The
+    /// locks are taken first, so the credentials and the policy set that decide are
+    /// the ones in force when the change is made.
     pub async fn change_keys(
         &self,
         caller: &Caller,
@@ -174,8 +171,16 @@ impl Gatekeeper {
         change: KeyChange,
     ) -> Result<KeyChanged, Error> {
         let context = Context::new(caller, stated)?;
-        let snapshot = self.policies.current();
         let action = change.action();
+        let holder = crate::fsutil::describe_process(&format!(
+            "a `{}` request of {} (request {})",
+            action.as_str(),
+            context.principal,
+            context.request_id
+        ));
+        let mut prepared = self.keyring.lock(&holder).await?;
+        caller.check_credentials()?;
+        let snapshot = self.policies.current();
         let decision = self
             .decide_key(&snapshot, &context, action, jurisdiction, |rings| {
                 change.entry(rings)
@@ -188,35 +193,18 @@ impl Gatekeeper {
             self.log.append(entry).await?;
             return Err(denied(action, &[jurisdiction], &[decision]));
         }
-        let holder = crate::fsutil::describe_process(&format!(
-            "a `{}` request of {} (request {})",
-            action.as_str(),
-            context.principal,
-            context.request_id
-        ));
-        let prepared = match self
-            .keyring
-            .prepare(&holder, |keyring| change.apply(keyring, jurisdiction))
-            .await
-        {
-            Ok(prepared) => prepared,
+        let unchanged = match prepared.apply(|keyring| change.apply(keyring, jurisdiction)) {
+            Ok(events) => events.is_empty(),
             Err(error) => {
                 entry.outcome = format!("refused: {error}");
                 self.log.append(entry).await?;
-                return Err(match error {
-                    keyadmin::Error::Keys(error) => Error::KeyChangeRefused(error),
-                    other => other.into(),
-                });
+                return Err(Error::KeyChangeRefused(error));
             }
         };
-        entry.outcome = if prepared.events().is_empty() {
-            "unchanged"
-        } else {
-            "allowed"
-        }
-        .to_owned();
+        entry.outcome = if unchanged { "unchanged" } else { "allowed" }.to_owned();
         // The decision is durable before anything changes.
-        self.log.append(entry).await?;
+        self.log.append(entry.clone()).await?;
+        let key_ring = prepared.summary(jurisdiction.as_str());
         let actor = Actor {
             principal: context.principal.to_string(),
             service: Some(caller.service.clone()),
@@ -224,13 +212,19 @@ impl Gatekeeper {
             request_id: context.request_id.clone(),
             stated: stated.clone(),
         };
-        let events = prepared.commit(&self.log, &actor).await?;
-        let key_ring = self
-            .keyring
-            .load()
-            .summary()
-            .into_iter()
-            .find(|info| info.jurisdiction == jurisdiction.as_str());
+        let events = match prepared.commit(&self.log, &actor).await {
+            Ok(events) => events,
+            Err(error) => {
+                // The log says it was allowed; it also says it did not happen (as far
+                // as this server knows: see `PreparedChange::commit`).
+                entry.time = crate::record::rfc3339_now();
+                entry.outcome = format!("failed: {error}");
+                if let Err(log_error) = self.log.append(entry).await {
+                    tracing::error!(%log_error, request_id = context.request_id, "failed key change not logged");
+                }
+                return Err(error.into());
+            }
+        };
         Ok(KeyChanged {
             request_id: context.request_id,
             policy_set: snapshot.hash().to_owned(),

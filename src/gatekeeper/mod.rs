@@ -83,9 +83,12 @@ pub enum Error {
     /// version, destroying one not retired, ...); nothing was changed.
     #[error(transparent)]
     KeyChangeRefused(keys::Error),
-    /// A key change failed while being saved or logged.
+    /// A key change failed while being saved or logged, or its locks were busy.
     #[error(transparent)]
     KeyAdmin(#[from] keyadmin::Error),
+    /// The caller's credentials expired or were revoked since the call was admitted.
+    #[error(transparent)]
+    Credentials(#[from] crate::identity::Error),
     /// Policy denied encrypting some fields; nothing was encrypted.
     #[error("encryption denied for field(s) {}", .fields.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", "))]
     EncryptDenied {

@@ -60,6 +60,8 @@ impl std::fmt::Debug for MasterKeyText {
 pub enum MasterKeyOrigin {
     /// The `RINGFENCE_MASTER_KEY` environment variable.
     Environment,
+    /// Another environment variable, by name (e.g. the new key of `keys rotate-master`).
+    Variable(&'static str),
     /// An operator-supplied key file.
     File(PathBuf),
     /// Generated in this process and never stored (tests, benchmarks).
@@ -105,6 +107,7 @@ impl MasterKeySource for LocalMasterKey {
     fn describe(&self) -> String {
         match &self.origin {
             MasterKeyOrigin::Environment => format!("environment variable {MASTER_KEY_ENV}"),
+            MasterKeyOrigin::Variable(name) => format!("environment variable {name}"),
             MasterKeyOrigin::File(path) => format!("master key file `{}`", path.display()),
             MasterKeyOrigin::Generated => "a master key generated in this process".to_owned(),
             MasterKeyOrigin::Development { path, .. } => {

@@ -591,7 +591,7 @@ impl Keyring {
                             key_id: v.key_id,
                         });
                     }
-                    *sealed = wrapping.seal(*version, &v.key_id, &root)?;
+                    *sealed = zeroize::Zeroizing::new(wrapping.seal(*version, &v.key_id, &root)?);
                 }
             }
             keys.wrapping = Arc::new(wrapping);

@@ -53,7 +53,9 @@ pub(super) enum Held {
     /// The PRK, and the root key as sealed at rest.
     Key {
         derivation: Arc<DerivationKey>,
-        sealed: Vec<u8>,
+        /// Wiped when dropped: once a version is destroyed and the last keyring that
+        /// held it is gone, not even its sealed form stays in memory.
+        sealed: zeroize::Zeroizing<Vec<u8>>,
     },
     /// Destroyed at this time: nothing left that opens its envelopes.
     Destroyed { at: String },
@@ -71,7 +73,7 @@ impl VersionKeys {
             created_at,
             held: Held::Key {
                 derivation: Arc::new(derivation),
-                sealed,
+                sealed: zeroize::Zeroizing::new(sealed),
             },
         }
     }

@@ -385,6 +385,10 @@ impl Policies {
             let renamed = policy.new_id(PolicyId::new(id));
             match renamed.to_json() {
                 Ok(est) => {
+                    if let Some(problem) = grants_key_actions_unnamed(&est) {
+                        diagnostics.push(format!("{location}: policy `{id}` {problem}"));
+                        continue;
+                    }
                     self.observed.add_policy(&est);
                     self.action_scopes
                         .push((renamed.clone(), actions_in_scope(&est)));
@@ -422,6 +426,49 @@ fn by_action(
         by_action.insert(action, set);
     }
     Ok(by_action)
+}
+
+/// Why a policy would grant key administration without naming it: a `permit` whose
+/// action scope is `action` alone (every action) and whose resource scope admits a
+/// `KeyRing`. Written before key actions existed, such a permit would now also grant
+/// `destroy_key`; it is refused with the fix. Forbids may stay broad.
+fn grants_key_actions_unnamed(est: &Value) -> Option<String> {
+    if est.get("effect").and_then(Value::as_str) != Some("permit") {
+        return None;
+    }
+    let every_action = est
+        .get("action")
+        .and_then(|scope| scope.get("op"))
+        .and_then(Value::as_str)
+        == Some("All");
+    if !every_action {
+        return None;
+    }
+    let resource = est.get("resource")?;
+    let entity_type = |value: Option<&Value>| {
+        value
+            .map(|entity| entity.get("__entity").unwrap_or(entity))
+            .and_then(|entity| entity.get("type"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    // The type the scope pins the resource to, when it pins one.
+    let pinned = match resource.get("op").and_then(Value::as_str) {
+        Some("==") => entity_type(resource.get("entity")),
+        Some("is") => resource
+            .get("entity_type")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        // `in` a Field: only that field (fields have no members).
+        Some("in") => entity_type(resource.get("entity")).filter(|t| t == "Field"),
+        _ => None,
+    };
+    if pinned.is_some_and(|t| t != KEY_RING_TYPE) {
+        return None;
+    }
+    Some(format!(
+        "permits every action on a resource that may be a `{KEY_RING_TYPE}`, so it would grant key administration (`destroy_key` included): name its actions (`action in [Action::\"decrypt\", ...]`) or scope it to fields (`resource is Field`)"
+    ))
 }
 
 /// The actions a policy's action scope admits; `None` when it may admit any.

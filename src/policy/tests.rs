@@ -538,3 +538,51 @@ fn principals_are_written_and_read_in_cedar_entity_uid_syntax() {
         assert!(bad.parse::<Principal>().is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_permit_of_every_action_that_could_reach_a_key_ring_is_refused_with_the_fix() {
+    for (text, refused) in [
+        // Written before key actions existed: it would now grant `destroy_key`.
+        (
+            r#"permit (principal == Employee::"alice", action, resource in Jurisdiction::"US");"#,
+            true,
+        ),
+        (r#"permit (principal, action, resource);"#, true),
+        (r#"permit (principal, action, resource is KeyRing);"#, true),
+        (
+            r#"permit (principal, action, resource is Field) when { resource.classification == "public" };"#,
+            false,
+        ),
+        (
+            r#"permit (principal, action, resource == Field::"US/user_profile/email");"#,
+            false,
+        ),
+        (
+            r#"permit (principal, action in [Action::"decrypt"], resource in Jurisdiction::"US");"#,
+            false,
+        ),
+        // Forbids may stay broad.
+        (
+            r#"forbid (principal, action, resource in Jurisdiction::"US") when { context.ticket == "" };"#,
+            false,
+        ),
+    ] {
+        let copy = copy_of_shipped();
+        std::fs::write(
+            copy.path().join("extra.cedar"),
+            format!("@id(\"extra\")\n{text}\n"),
+        )
+        .unwrap();
+        let loaded = PolicySnapshot::load(copy.path());
+        match (refused, loaded) {
+            (true, Err(error)) => {
+                let text = error.to_string();
+                assert!(text.contains("extra.cedar:1:1"), "{text}");
+                assert!(text.contains("would grant key administration"), "{text}");
+                assert!(text.contains("resource is Field"), "{text}");
+            }
+            (false, Ok(_)) => {}
+            (refused, outcome) => panic!("{text}: refused {refused}, got {:?}", outcome.err()),
+        }
+    }
+}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::FollowUps;
 use super::admission::caller;
 use crate::gatekeeper::{Gatekeeper, KeyChange, KeyChanged, KeyListing};
 use crate::keys::{KeyEvent, KeyInfo, VersionState};
@@ -15,16 +16,52 @@ use crate::record::{Jurisdiction, KeyVersion, StatedPurpose};
 #[derive(Debug, Clone)]
 pub struct KeyAdminService {
     gate: Arc<Gatekeeper>,
+    /// Shared with the `Ringfence` service: calls in progress, cancelled ones included.
+    unary: Arc<tokio::sync::Semaphore>,
+    follow_ups: FollowUps,
 }
 
 impl KeyAdminService {
-    /// Administers `gate`'s keyring.
-    pub fn new(gate: Arc<Gatekeeper>) -> Self {
-        Self { gate }
+    /// Administers `gate`'s keyring; its calls count against `unary` and are tracked
+    /// by `follow_ups`, so that shutdown waits for a change in progress.
+    pub(super) fn new(
+        gate: Arc<Gatekeeper>,
+        unary: Arc<tokio::sync::Semaphore>,
+        follow_ups: FollowUps,
+    ) -> Self {
+        Self {
+            gate,
+            unary,
+            follow_ups,
+        }
     }
 
-    /// Runs one change in a task of its own, so that a cancelled call cannot stop it
-    /// between its decision entry, the saved keyring and its `key_event` entries.
+    /// Runs `work` in a task of its own, so that a cancelled call cannot stop it
+    /// between its decision entry, the saved keyring and its `key_event` entries; at
+    /// most [`super::UNARY_IN_PROGRESS`] calls of either service run at once.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    ) -> Result<T, Status> {
+        let permit = Arc::clone(&self.unary).try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the server is busy ({} calls in progress); retry with backoff",
+                super::UNARY_IN_PROGRESS
+            ))
+        })?;
+        let task = self
+            .follow_ups
+            .spawn(async move {
+                let _permit = permit;
+                work.await
+            })
+            .ok_or_else(|| Status::unavailable("the server is shutting down"))?;
+        task.await.map_err(|error| {
+            tracing::error!(%error, "key administration task failed");
+            Status::internal("internal error; the server log has details")
+        })?
+    }
+
     async fn change<T>(
         &self,
         request: Request<T>,
@@ -33,15 +70,13 @@ impl KeyAdminService {
         let caller = caller(&request)?;
         let (jurisdiction, change, stated) = parse(request.get_ref())?;
         let gate = Arc::clone(&self.gate);
-        let changed = tokio::spawn(async move {
-            gate.change_keys(&caller, &stated, &jurisdiction, change)
-                .await
-        })
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, "key change task failed");
-            Status::internal("internal error; the server log has details")
-        })??;
+        let changed = self
+            .run(async move {
+                Ok(gate
+                    .change_keys(&caller, &stated, &jurisdiction, change)
+                    .await?)
+            })
+            .await?;
         Ok(Response::new(changed.into()))
     }
 }
@@ -137,13 +172,9 @@ impl pb::key_admin_server::KeyAdmin for KeyAdminService {
         };
         let stated = stated(&message.purpose, &message.ticket)?;
         let gate = Arc::clone(&self.gate);
-        let listing =
-            tokio::spawn(async move { gate.list_keys(&caller, &stated, wanted.as_ref()).await })
-                .await
-                .map_err(|error| {
-                    tracing::error!(%error, "key listing task failed");
-                    Status::internal("internal error; the server log has details")
-                })??;
+        let listing = self
+            .run(async move { Ok(gate.list_keys(&caller, &stated, wanted.as_ref()).await?) })
+            .await?;
         Ok(Response::new(listing.into()))
     }
 }

@@ -70,10 +70,19 @@ impl From<gatekeeper::Error> for Status {
                 error @ (keys::Error::UnknownJurisdiction(_) | keys::Error::UnknownKeyVersion(..)),
             ) => Status::invalid_argument(error.to_string()),
             E::KeyChangeRefused(error) => Status::failed_precondition(error.to_string()),
+            E::KeyAdmin(crate::keyadmin::Error::Busy(why)) => {
+                tracing::warn!(%why, "key change refused: busy");
+                Status::unavailable(
+                    "another key change holds the keyring; nothing was changed: retry later",
+                )
+            }
             E::KeyAdmin(error) => {
                 tracing::error!(%error, "key change failed");
-                Status::internal(format!("the key change failed: {error}"))
+                Status::internal(
+                    "the key change failed; the decision log and the server log say what happened",
+                )
             }
+            E::Credentials(error) => Status::unauthenticated(error.to_string()),
             error @ E::EncryptDenied { .. } => {
                 let message = match &error {
                     E::EncryptDenied { policy_ids, .. } if !policy_ids.is_empty() => {
@@ -121,6 +130,16 @@ impl RingfenceService {
     pub fn with_stream_limits(mut self, limits: crate::config::StreamLimits) -> Self {
         self.stream_limits = limits;
         self
+    }
+
+    /// The `ringfence.v1.KeyAdmin` service of the same gatekeeper, sharing this
+    /// service's limit on calls in progress and its follow-up tracking.
+    pub fn key_admin(&self) -> KeyAdminService {
+        KeyAdminService::new(
+            Arc::clone(&self.gate),
+            Arc::clone(&self.unary),
+            self.follow_ups.clone(),
+        )
     }
 
     /// The work this service leaves running after a call returns (answers of calls

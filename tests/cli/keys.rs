@@ -490,6 +490,18 @@ fn the_key_lifecycle_runs_live_through_the_server_and_offline_and_the_log_verifi
     // Offline: re-seal everything under a new master key; the development key that
     // opened it before opens nothing now.
     let old_key = std::fs::read_to_string(data.join("dev-master.key")).unwrap();
+    // The current key as the "new" one is refused, and its file stays.
+    std::fs::write(dir.path().join("same.key"), &old_key).unwrap();
+    let same = run(ringfence().current_dir(dir.path()).args([
+        "keys",
+        "rotate-master",
+        "--dev",
+        "--new-master-key-file",
+        "same.key",
+    ]));
+    assert_eq!(same.code, 1, "{}", same.stdout);
+    same.complains("already opens");
+    assert!(data.join("dev-master.key").exists());
     let new_key = "7e".repeat(32);
     std::fs::write(dir.path().join("new.key"), &new_key).unwrap();
     run(ringfence().current_dir(dir.path()).args([
@@ -584,4 +596,11 @@ fn the_key_lifecycle_runs_live_through_the_server_and_offline_and_the_log_verifi
     ]));
     admin.succeeded();
     assert_eq!(admin.stdout.lines().count(), 4, "{}", admin.stdout);
+    // Auditors re-decide key administration like any other decision.
+    run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "replay", "--kind", "key_admin"]))
+    .succeeded()
+    .says("4 entries replayed (4 field decisions)")
+    .says(": 0 differ");
 }

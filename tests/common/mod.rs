@@ -323,3 +323,50 @@ pub fn assert_status(status: &tonic::Status, code: tonic::Code, needle: &str) {
         "the message does not name `{needle}`: {status:?}"
     );
 }
+
+/// A server in the development identity mode (`serve --dev`): mutual TLS with the
+/// development PKI it creates in its data directory, and employee tokens.
+pub async fn start_dev() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServeConfig {
+        auth: ringfence::config::Auth::Dev,
+        ..test_config(dir.path())
+    };
+    let running = server::start(config.clone()).await.unwrap();
+    TestServer {
+        running,
+        dir,
+        config,
+    }
+}
+
+impl TestServer {
+    /// A channel authenticated as `service` with its development client certificate.
+    pub async fn dev_channel(&self, service: &str) -> Channel {
+        let pki = ringfence::dev::DevPki::of(&self.data_dir());
+        let read = |path: PathBuf| std::fs::read_to_string(path).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(pki.ca_cert())))
+            .identity(tonic::transport::Identity::from_pem(
+                read(pki.client_cert(service)),
+                read(pki.client_key(service)),
+            ))
+            .domain_name("localhost");
+        Channel::from_shared(format!("https://{}", self.running.local_addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// A development token of `employee`, bound to `service`.
+    pub fn dev_token(&self, employee: &str, service: &str) -> String {
+        ringfence::dev::DevPki::of(&self.data_dir())
+            .token_signer()
+            .unwrap()
+            .mint(employee, service, time::Duration::minutes(5))
+            .unwrap()
+    }
+}

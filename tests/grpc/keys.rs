@@ -1,16 +1,60 @@
 //! Key administration over gRPC (`ringfence.v1.KeyAdmin`): live rotation under load,
-//! retire / unretire / destroy with per-field kinds, refusals, all of it logged.
+//! retire / unretire / destroy with per-field kinds, refusals, all of it logged. The
+//! servers run in the development identity mode (mutual TLS and bound employee
+//! tokens): the shipped policies grant key administration to proven identities only.
 
 use super::*;
 use pb::key_admin_client::KeyAdminClient;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-type Admin = KeyAdminClient<tonic::transport::Channel>;
+type Client = pb::ringfence_client::RingfenceClient<tonic::transport::Channel>;
 
-/// A request of kim (a US key administrator) through the key console, with a ticket.
-fn as_key_admin<T>(message: T) -> tonic::Request<T> {
-    as_caller(message, "us-key-console", Some("kim"))
+/// Clients of a development-mode server: us-signup, the support tool with alice's
+/// token, and the key console with kim's (a US key administrator).
+struct Callers {
+    signup: Client,
+    support: Client,
+    alice: String,
+    admin: KeyAdminClient<tonic::transport::Channel>,
+    kim: String,
+}
+
+impl Callers {
+    async fn of(server: &TestServer) -> Self {
+        Self {
+            signup: Client::new(server.dev_channel("us-signup").await),
+            support: Client::new(server.dev_channel("us-support-tool").await),
+            alice: server.dev_token("alice", "us-support-tool"),
+            admin: KeyAdminClient::new(server.dev_channel("us-key-console").await),
+            kim: server.dev_token("kim", "us-key-console"),
+        }
+    }
+
+    /// A request of kim through the key console.
+    fn as_key_admin<T>(&self, message: T) -> tonic::Request<T> {
+        with_token(message, &self.kim)
+    }
+
+    async fn encrypt(&mut self, id: &str) -> pb::EncryptedRecord {
+        encrypted_record(&mut self.signup, tonic::Request::new(profile(id, "US"))).await
+    }
+
+    /// Decrypts `fields` of `record` as alice (US gatekeeper engineer) for support.
+    async fn alice_reads(
+        &mut self,
+        record: pb::EncryptedRecord,
+        fields: &[&str],
+    ) -> pb::DecryptRecordResponse {
+        self.support
+            .decrypt_record(with_token(
+                decrypt_request(record, fields, "support", "SUP-1"),
+                &self.alice,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
 }
 
 fn rotate(jurisdiction: &str) -> pb::RotateKeyRequest {
@@ -44,23 +88,6 @@ fn version_of(record: &pb::EncryptedRecord, field: &str) -> u32 {
         .get()
 }
 
-/// Decrypts `fields` of `record` as alice (US gatekeeper engineer) for support.
-async fn alice_reads(
-    client: &mut pb::ringfence_client::RingfenceClient<tonic::transport::Channel>,
-    record: pb::EncryptedRecord,
-    fields: &[&str],
-) -> pb::DecryptRecordResponse {
-    client
-        .decrypt_record(as_caller(
-            decrypt_request(record, fields, "support", "SUP-1"),
-            "us-support-tool",
-            Some("alice"),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 fn error_message(outcome: &Outcome) -> &str {
     match outcome {
         Outcome::Error(error) => &error.message,
@@ -70,9 +97,9 @@ fn error_message(outcome: &Outcome) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_under_load_is_live_atomic_and_fails_no_request() {
-    let server = start().await;
-    let mut client = server.client().await;
-    let old = encrypt_profile(&mut client, "u-old", "US").await;
+    let server = start_dev().await;
+    let mut callers = Callers::of(&server).await;
+    let old = callers.encrypt("u-old").await;
     assert_eq!(version_of(&old, "email"), 1);
 
     // 16 clients encrypt and decrypt until told to stop; every request must succeed,
@@ -83,7 +110,9 @@ async fn a_rotation_under_load_is_live_atomic_and_fails_no_request() {
     for worker in 0..16 {
         let stop = Arc::clone(&stop);
         let failures = Arc::clone(&failures);
-        let mut client = server.client().await;
+        let mut signup = Client::new(server.dev_channel("us-signup").await);
+        let mut support = Client::new(server.dev_channel("us-support-tool").await);
+        let alice = callers.alice.clone();
         let old = old.clone();
         workers.push(tokio::spawn(async move {
             let mut seen = Vec::new();
@@ -92,8 +121,8 @@ async fn a_rotation_under_load_is_live_atomic_and_fails_no_request() {
                 round += 1;
                 let id = format!("u-{worker}-{round}");
                 let started = std::time::Instant::now();
-                let encrypted = client
-                    .encrypt_record(as_caller(profile(&id, "US"), "us-signup", None))
+                let encrypted = signup
+                    .encrypt_record(tonic::Request::new(profile(&id, "US")))
                     .await;
                 let Ok(encrypted) = encrypted else {
                     failures.fetch_add(1, Ordering::Relaxed);
@@ -108,11 +137,10 @@ async fn a_rotation_under_load_is_live_atomic_and_fails_no_request() {
                 assert_eq!(versions.len(), 1, "{versions:?}");
                 seen.push((started, *versions.first().unwrap()));
                 for (record, id) in [(record, id.as_str()), (old.clone(), "u-old")] {
-                    let answer = client
-                        .decrypt_record(as_caller(
+                    let answer = support
+                        .decrypt_record(with_token(
                             decrypt_request(record, &["email", "phone"], "support", "SUP-1"),
-                            "us-support-tool",
-                            Some("alice"),
+                            &alice,
                         ))
                         .await;
                     match answer {
@@ -135,9 +163,10 @@ async fn a_rotation_under_load_is_live_atomic_and_fails_no_request() {
         }));
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let mut admin = KeyAdminClient::new(server.channel().await);
-    let rotated = admin
-        .rotate_key(as_key_admin(rotate("US")))
+    let request = callers.as_key_admin(rotate("US"));
+    let rotated = callers
+        .admin
+        .rotate_key(request)
         .await
         .unwrap()
         .into_inner();
@@ -166,10 +195,10 @@ async fn a_rotation_under_load_is_live_atomic_and_fails_no_request() {
         "every request that started after the call returned uses the new version"
     );
     // New and old ciphertexts decrypt.
-    let new = encrypt_profile(&mut client, "u-new", "US").await;
+    let new = callers.encrypt("u-new").await;
     assert_eq!(version_of(&new, "email"), 2);
     for (record, id) in [(new, "u-new"), (old, "u-old")] {
-        let answer = alice_reads(&mut client, record, &["email"]).await;
+        let answer = callers.alice_reads(record, &["email"]).await;
         assert_eq!(
             plaintext(outcome(&answer, "email")),
             secret_value(id, "email").as_slice()
@@ -207,14 +236,20 @@ async fn a_rotation_under_load_is_live_atomic_and_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retired_and_destroyed_versions_fail_per_field_and_destruction_survives_a_restart() {
-    let server = start().await;
-    let mut client = server.client().await;
-    let mut admin = KeyAdminClient::new(server.channel().await);
+    let server = start_dev().await;
+    let mut callers = Callers::of(&server).await;
+    let kim = callers.kim.clone();
+    macro_rules! with_kim {
+        ($message:expr) => {
+            with_token($message, &kim)
+        };
+    }
     // The same record written under version 1, then again under version 2: a record
     // whose fields are sealed under two versions.
-    let first = encrypt_profile(&mut client, "u-7", "US").await;
-    admin.rotate_key(as_key_admin(rotate("US"))).await.unwrap();
-    let second = encrypt_profile(&mut client, "u-7", "US").await;
+    let first = callers.encrypt("u-7").await;
+    let request = with_kim!(rotate("US"));
+    callers.admin.rotate_key(request).await.unwrap();
+    let second = callers.encrypt("u-7").await;
     let mut mixed = second.clone();
     *ciphertext_mut(&mut mixed, "email") = first
         .fields
@@ -229,17 +264,20 @@ async fn retired_and_destroyed_versions_fail_per_field_and_destruction_survives_
     );
 
     // The current version cannot be retired.
-    let status = status_of(admin.retire_keys(as_key_admin(retire(3))).await).await;
+    let status = status_of(callers.admin.retire_keys(with_kim!(retire(3))).await).await;
     assert_status(&status, Code::FailedPrecondition, "version 2 is current");
 
-    let retired = admin
-        .retire_keys(as_key_admin(retire(2)))
+    let retired = callers
+        .admin
+        .retire_keys(with_kim!(retire(2)))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(retired.events.len(), 1);
     assert_eq!(retired.events[0].operation, "retire");
-    let answer = alice_reads(&mut client, mixed.clone(), &["email", "phone"]).await;
+    let answer = callers
+        .alice_reads(mixed.clone(), &["email", "phone"])
+        .await;
     assert_eq!(
         error_kind(outcome(&answer, "email")),
         pb::field_error::Kind::RetiredKeyVersion
@@ -265,8 +303,9 @@ async fn retired_and_destroyed_versions_fail_per_field_and_destruction_survives_
     assert_eq!(email["key_version"], 1);
 
     // Unretire: it decrypts again.
-    admin
-        .unretire_keys(as_key_admin(pb::UnretireKeysRequest {
+    callers
+        .admin
+        .unretire_keys(with_kim!(pb::UnretireKeysRequest {
             jurisdiction: "US".to_owned(),
             from: 1,
             purpose: String::new(),
@@ -274,7 +313,7 @@ async fn retired_and_destroyed_versions_fail_per_field_and_destruction_survives_
         }))
         .await
         .unwrap();
-    let answer = alice_reads(&mut client, mixed.clone(), &["email"]).await;
+    let answer = callers.alice_reads(mixed.clone(), &["email"]).await;
     assert_eq!(
         plaintext(outcome(&answer, "email")),
         secret_value("u-7", "email").as_slice()
@@ -282,24 +321,29 @@ async fn retired_and_destroyed_versions_fail_per_field_and_destruction_survives_
 
     // Destroy needs retirement first, then is permanent.
     let destroy = |purpose: &str| {
-        as_key_admin(pb::DestroyKeysRequest {
+        with_kim!(pb::DestroyKeysRequest {
             jurisdiction: "US".to_owned(),
             below: 2,
             purpose: purpose.to_owned(),
             ticket: "KEY-4".to_owned(),
         })
     };
-    let status = status_of(admin.destroy_keys(destroy("key-destruction")).await).await;
+    let status = status_of(callers.admin.destroy_keys(destroy("key-destruction")).await).await;
     assert_status(
         &status,
         Code::FailedPrecondition,
         "retire versions below 2 first",
     );
-    admin.retire_keys(as_key_admin(retire(2))).await.unwrap();
+    callers
+        .admin
+        .retire_keys(with_kim!(retire(2)))
+        .await
+        .unwrap();
     // The shipped policy wants the purpose said out loud.
-    let status = status_of(admin.destroy_keys(destroy("cleanup")).await).await;
+    let status = status_of(callers.admin.destroy_keys(destroy("cleanup")).await).await;
     assert_status(&status, Code::PermissionDenied, "destroy_key");
-    let destroyed = admin
+    let destroyed = callers
+        .admin
         .destroy_keys(destroy("key-destruction"))
         .await
         .unwrap()
@@ -320,8 +364,9 @@ async fn retired_and_destroyed_versions_fail_per_field_and_destruction_survives_
         ]
     );
     let status = status_of(
-        admin
-            .unretire_keys(as_key_admin(pb::UnretireKeysRequest {
+        callers
+            .admin
+            .unretire_keys(with_kim!(pb::UnretireKeysRequest {
                 jurisdiction: "US".to_owned(),
                 from: 1,
                 purpose: String::new(),
@@ -352,8 +397,8 @@ async fn retired_and_destroyed_versions_fail_per_field_and_destruction_survives_
         dir,
         config,
     };
-    let mut client = server.client().await;
-    let answer = alice_reads(&mut client, mixed, &["email", "phone"]).await;
+    let mut callers = Callers::of(&server).await;
+    let answer = callers.alice_reads(mixed, &["email", "phone"]).await;
     assert_eq!(
         error_kind(outcome(&answer, "email")),
         pb::field_error::Kind::DestroyedKeyVersion
@@ -367,38 +412,55 @@ async fn retired_and_destroyed_versions_fail_per_field_and_destruction_survives_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_administration_without_a_permit_is_refused_and_logged() {
-    let server = start().await;
-    let mut admin: Admin = KeyAdminClient::new(server.channel().await);
+    let server = start_dev().await;
+    let callers = Callers::of(&server).await;
     let keyring = std::fs::read(server.data_dir().join("keyring.json")).unwrap();
-    // A reader of US data, a parent-company engineer, and a service acting alone.
-    for (service, employee, needle) in [
-        ("us-key-console", Some("alice"), "no policy permits it"),
+    let console = server.dev_channel("us-key-console").await;
+    let support = server.dev_channel("us-support-tool").await;
+    // A reader of US data, a parent-company engineer, the key console acting alone,
+    // and the key administrator through another service.
+    for (channel, employee, needle) in [
         (
-            "us-key-console",
-            Some("bob"),
+            &console,
+            Some(("alice", "us-key-console")),
+            "no policy permits it",
+        ),
+        (
+            &console,
+            Some(("bob", "us-key-console")),
             "parent-company-never-administers-us-keys",
         ),
-        ("us-key-console", None, "employees only"),
-        ("us-support-tool", Some("kim"), "no policy permits it"),
+        (&console, None, "employees only"),
+        (
+            &support,
+            Some(("kim", "us-support-tool")),
+            "no policy permits it",
+        ),
     ] {
+        let request = match employee {
+            Some((employee, service)) => {
+                with_token(rotate("US"), &server.dev_token(employee, service))
+            }
+            None => tonic::Request::new(rotate("US")),
+        };
         let status = status_of(
-            admin
-                .rotate_key(as_caller(rotate("US"), service, employee))
+            KeyAdminClient::new(channel.clone())
+                .rotate_key(request)
                 .await,
         )
         .await;
         assert_status(&status, Code::PermissionDenied, needle);
     }
+    let list = pb::ListKeysRequest {
+        jurisdiction: String::new(),
+        purpose: String::new(),
+        ticket: "KEY-1".to_owned(),
+    };
     let status = status_of(
-        admin
-            .list_keys(as_caller(
-                pb::ListKeysRequest {
-                    jurisdiction: String::new(),
-                    purpose: String::new(),
-                    ticket: "KEY-1".to_owned(),
-                },
-                "us-key-console",
-                Some("alice"),
+        KeyAdminClient::new(console.clone())
+            .list_keys(with_token(
+                list.clone(),
+                &server.dev_token("alice", "us-key-console"),
             ))
             .await,
     )
@@ -436,12 +498,9 @@ async fn key_administration_without_a_permit_is_refused_and_logged() {
     );
 
     // The key administrator lists what they may view: US only.
+    let mut admin = callers.admin.clone();
     let listed = admin
-        .list_keys(as_key_admin(pb::ListKeysRequest {
-            jurisdiction: String::new(),
-            purpose: String::new(),
-            ticket: "KEY-1".to_owned(),
-        }))
+        .list_keys(callers.as_key_admin(list))
         .await
         .unwrap()
         .into_inner();
@@ -451,5 +510,17 @@ async fn key_administration_without_a_permit_is_refused_and_logged() {
         .map(|r| r.jurisdiction.as_str())
         .collect();
     assert_eq!(jurisdictions, ["US"]);
+    server.running.stop().await.unwrap();
+
+    // Identity claimed in headers (the danger mode) never administers keys, whoever
+    // it names: the shipped policies want a certificate and a bound token.
+    let server = start().await;
+    let status = status_of(
+        KeyAdminClient::new(server.channel().await)
+            .rotate_key(as_caller(rotate("US"), "us-key-console", Some("kim")))
+            .await,
+    )
+    .await;
+    assert_status(&status, Code::PermissionDenied, "no policy permits it");
     server.running.stop().await.unwrap();
 }
