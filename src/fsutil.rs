@@ -46,6 +46,32 @@ pub fn create_private_file(path: &Path, contents: &[u8]) -> std::io::Result<bool
     }
 }
 
+/// Removes temporary files [`write_private_file`] left beside `path` (a crash between
+/// writing and renaming one): they may hold an old copy of a secret. Call it only while
+/// holding the lock that guards `path`, so that no writer is using one. Returns what
+/// was removed.
+pub fn remove_stale_temporaries(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let (Some(dir), Some(file_name)) = (path.parent(), path.file_name()) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!(".{}.", file_name.to_string_lossy());
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") && entry.file_type()?.is_file() {
+            fs::remove_file(entry.path())?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
+}
+
 fn temporary_name(path: &Path) -> std::io::Result<PathBuf> {
     let mut suffix = [0u8; 8];
     rand::rngs::SysRng

@@ -35,6 +35,10 @@ pub enum Error {
     /// Another change holds a lock; nothing was changed.
     #[error("the keyring is busy: {0}; retry")]
     Busy(String),
+    /// An earlier live change may have reached the file but not the server: live
+    /// changes are refused until a restart reads the file again.
+    #[error("key changes are disabled until the server restarts: {0}")]
+    Disabled(String),
     /// Anything else around the change.
     #[error("{0}")]
     Other(String),
@@ -316,9 +320,7 @@ impl LiveKeyring {
             .map_err(|_| Error::Other("poisoned".to_owned()))?
             .as_ref()
         {
-            return Err(Error::Other(format!(
-                "key changes are disabled until the server restarts: {problem}"
-            )));
+            return Err(Error::Disabled(problem.clone()));
         }
         let next = Keyring::clone(&self.current.load());
         let path = next
@@ -332,7 +334,10 @@ impl LiveKeyring {
         })
         .await
         .map_err(|error| Error::Other(format!("keyring lock task failed: {error}")))?
-        .map_err(|error| Error::Busy(error.to_string()))?;
+        .map_err(|error| match error {
+            held @ crate::fsutil::LockError::Held { .. } => Error::Busy(held.to_string()),
+            other => Error::Keys(keys::Error::Lock(other)),
+        })?;
         Ok(PreparedChange {
             live: self,
             _serial: serial,
@@ -372,10 +377,11 @@ impl PreparedChange<'_> {
 
     /// Saves the changed keyring, logs its events and a checkpoint over the new
     /// generations, and only then serves it to every request that starts from now on
-    /// (so no entry uses a version before its `key_event`). When the save or the log
-    /// fails, the server keeps serving the keyring it had and refuses further changes
-    /// until it restarts: the file may hold the change, and the next start reads it and
-    /// records what the log missed as `unlogged`.
+    /// (so no entry uses a version before its `key_event`). When the save fails, the
+    /// server keeps the keyring it had; when the events cannot be logged, it serves
+    /// the saved one (the file is the truth). Either way it refuses further changes
+    /// until it restarts, and the next start records what the log missed as
+    /// `unlogged`.
     pub async fn commit(self, log: &DecisionLog, actor: &Actor) -> Result<Vec<KeyEvent>, Error> {
         if self.events.is_empty() {
             return Ok(Vec::new());
@@ -391,11 +397,23 @@ impl PreparedChange<'_> {
             live.break_changes(format!("saving the keyring failed ({error})"));
             return Err(error);
         }
-        if let Err(error) = log_events(log, next.generations(), &self.events, actor).await {
-            live.break_changes(format!("a saved key change could not be logged ({error})"));
-            return Err(Error::Other(format!(
-                "the keyring was saved but the change could not be logged ({error}); it takes effect, and is recorded as `unlogged`, when the server restarts"
-            )));
+        for event in &self.events {
+            if let Err(error) = log.append(key_event_entry(event, actor)).await {
+                // The file is the truth: serve it (a destroyed version must not keep
+                // decrypting), stop further changes, and let the next start record the
+                // change as `unlogged` (no checkpoint vouches for it meanwhile).
+                live.current.store(next);
+                live.break_changes(format!("a saved key change could not be logged ({error})"));
+                return Err(Error::Other(format!(
+                    "the keyring was saved and is in use, but the change could not be logged ({error}); the next start records it as `unlogged`"
+                )));
+            }
+        }
+        // Logged: from here on the change is served. A checkpoint that cannot be
+        // written now comes with a later batch (the log refuses requests meanwhile).
+        log.set_key_generations(next.generations());
+        if let Err(error) = log.checkpoint().await {
+            tracing::warn!(%error, "no checkpoint after a key change yet");
         }
         live.current.store(next);
         Ok(self.events)

@@ -117,9 +117,14 @@ impl DecisionLog {
             check_newest_checkpoint(dir, checkpoint, options.signer.as_ref())?;
             check_key_generations(checkpoint, keyring)?;
         }
-        let key_generations = Arc::new(std::sync::Mutex::new(
-            options.key_generations.clone().unwrap_or_default(),
-        ));
+        // Checkpoints vouch for what the log has vouched for so far: a keyring ahead of
+        // it (a change saved but never logged) is vouched for only after its
+        // `unlogged` events are written and the caller raises the generations.
+        let vouched = match (&options.key_generations, &newest_checkpoint) {
+            (Some(_), Some(checkpoint)) => checkpoint.key_generations.clone(),
+            _ => BTreeMap::new(),
+        };
+        let key_generations = Arc::new(std::sync::Mutex::new(vouched.clone()));
         let Head {
             seq,
             hash: last_hash,
@@ -137,7 +142,7 @@ impl DecisionLog {
             .len();
         let healthy = Arc::new(AtomicBool::new(true));
         let problem = Arc::new(Problem::default());
-        let checkpointed_generations = options.key_generations.clone().unwrap_or_default();
+        let checkpointed_generations = vouched;
         let mut writer = Writer {
             dir: dir.to_owned(),
             file,
@@ -236,7 +241,8 @@ impl DecisionLog {
     }
 
     /// Sets the keyring generations that checkpoints from now on vouch for (after a
-    /// key change, before its `key_event` entries are appended).
+    /// key change's `key_event` entries are in the log; a checkpoint follows even when
+    /// no other entry does).
     pub fn set_key_generations(&self, generations: BTreeMap<String, u64>) {
         if let Ok(mut slot) = self.key_generations.lock() {
             *slot = generations;

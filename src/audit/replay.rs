@@ -233,11 +233,14 @@ fn replay_key_admin(
         );
         let decision = Jurisdiction::new(&ring.jurisdiction)
             .map_err(|e| e.to_string())
-            .and_then(|jurisdiction| {
-                snapshot
-                    .decide_key(action, &facts, &jurisdiction)
-                    .map_err(|e| e.to_string())
-            });
+            .and_then(
+                |jurisdiction| match snapshot.decide_key(action, &facts, &jurisdiction) {
+                    Err(crate::policy::Error::NotAnEmployee(_)) => {
+                        Ok(crate::policy::FieldDecision::refused())
+                    }
+                    decided => decided.map_err(|e| e.to_string()),
+                },
+            );
         report.decisions += 1;
         let recorded_allowed = ring.decision == "allow";
         let mut recorded_policies = ring.policies.clone();

@@ -222,12 +222,19 @@ pub fn run(command: Command) -> ExitCode {
                 Some(id) => Principal::Employee(id),
                 None => Principal::Service(service.clone()),
             };
+            // As a deployed server authenticates them (and as suites decide): an
+            // employee with a certificate and a bound token, a service with its
+            // certificate alone.
+            let authentication = match principal {
+                Principal::Employee(_) => ringfence::identity::METHOD_MTLS_TOKEN,
+                Principal::Service(_) => ringfence::identity::METHOD_MTLS,
+            };
             let record_type = match (action.resource_kind(), record_type) {
                 (ResourceKind::KeyRing, None) => {
                     let facts = RequestFacts {
                         principal: &principal,
                         service: &service,
-                        authentication: "explain",
+                        authentication,
                         stated: &stated,
                         request_time: time::OffsetDateTime::now_utc().unix_timestamp(),
                     };
@@ -279,7 +286,7 @@ pub fn run(command: Command) -> ExitCode {
             let facts = RequestFacts {
                 principal: &principal,
                 service: &service,
-                authentication: "explain",
+                authentication,
                 stated: &stated,
                 request_time: time::OffsetDateTime::now_utc().unix_timestamp(),
             };

@@ -148,7 +148,12 @@ impl Gatekeeper {
             Err(error @ policy::Error::NotAnEmployee(_)) => {
                 let mut entry =
                     context.entry(KEY_ADMIN_KIND, Some(action), None, Some(snapshot.hash()));
-                entry.key_admin = Some(admin(Vec::new()));
+                // Recorded as a denial of that key ring, so that queries by
+                // jurisdiction find it and replay re-decides it.
+                entry.key_admin = Some(admin(vec![ring_decision(
+                    jurisdiction,
+                    &FieldDecision::refused(),
+                )]));
                 entry.outcome = error.to_string();
                 self.log.append(entry).await?;
                 Err(error.into())
@@ -160,9 +165,11 @@ impl Gatekeeper {
     /// Decides `change` on `jurisdiction`'s keys for the caller and logs the decision
     /// (and, when permitted, whether the keyring's rules allow it) durably; then saves
     /// the change, logs its `key_event` entries under the same request id with a
-    /// checkpoint, and serves it to every request that starts after this returns. The
-    /// locks are taken first, so the credentials and the policy set that decide are
-    /// the ones in force when the change is made.
+    /// checkpoint, and serves it to every request that starts after this returns.
+    /// Denials are decided and logged without the locks, so that refused callers
+    /// cannot hold up key administrators; a permitted change takes the locks, then has
+    /// its credentials checked again and is decided again by the policy set in force,
+    /// if it changed meanwhile.
     pub async fn change_keys(
         &self,
         caller: &Caller,
@@ -178,21 +185,33 @@ impl Gatekeeper {
             context.principal,
             context.request_id
         ));
-        let mut prepared = self.keyring.lock(&holder).await?;
-        caller.check_credentials()?;
-        let snapshot = self.policies.current();
-        let decision = self
+        let mut snapshot = self.policies.current();
+        let mut decision = self
             .decide_key(&snapshot, &context, action, jurisdiction, |rings| {
                 change.entry(rings)
             })
             .await?;
+        let mut prepared = None;
+        if decision.allowed {
+            prepared = Some(self.keyring.lock(&holder).await?);
+            caller.check_credentials()?;
+            let now = self.policies.current();
+            if now.hash() != snapshot.hash() {
+                snapshot = now;
+                decision = self
+                    .decide_key(&snapshot, &context, action, jurisdiction, |rings| {
+                        change.entry(rings)
+                    })
+                    .await?;
+            }
+        }
         let mut entry = context.entry(KEY_ADMIN_KIND, Some(action), None, Some(snapshot.hash()));
         entry.key_admin = Some(change.entry(vec![ring_decision(jurisdiction, &decision)]));
-        if !decision.allowed {
+        let Some(mut prepared) = prepared.filter(|_| decision.allowed) else {
             entry.outcome = "denied".to_owned();
             self.log.append(entry).await?;
             return Err(denied(action, &[jurisdiction], &[decision]));
-        }
+        };
         let unchanged = match prepared.apply(|keyring| change.apply(keyring, jurisdiction)) {
             Ok(events) => events.is_empty(),
             Err(error) => {

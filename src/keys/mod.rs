@@ -602,8 +602,16 @@ impl Keyring {
     }
 
     /// Writes the keyring atomically (unique temporary file, fsync, rename, fsync of the
-    /// directory). The caller holds the keyring lock.
+    /// directory), first removing temporary copies a crashed writer left (they may hold
+    /// versions destroyed since). The caller holds the keyring lock.
     pub fn save(&self) -> Result<(), Error> {
+        for stale in fsutil::remove_stale_temporaries(&self.path).map_err(|source| Error::Io {
+            action: "cannot remove stale temporary copies of keyring",
+            path: self.path.clone(),
+            source,
+        })? {
+            tracing::warn!(file = %stale.display(), "removed a temporary keyring copy a crashed writer left");
+        }
         let mut file = KeyringFile {
             format: KEYRING_FORMAT.to_owned(),
             jurisdictions: BTreeMap::new(),

@@ -605,3 +605,20 @@ fn resealing_under_a_new_master_key_keeps_every_key_and_locks_out_the_old_one() 
         b"ada@example.com"
     );
 }
+
+#[test]
+fn saving_removes_temporary_copies_a_crashed_writer_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = master();
+    let path = saved(dir.path(), &master);
+    // As `write_private_file` names them: `.keyring.json.<pid>.<hex>.tmp`.
+    let stale = dir.path().join(".keyring.json.4242.00112233aabbccdd.tmp");
+    fs::write(&stale, fs::read(&path).unwrap()).unwrap();
+    let unrelated = dir.path().join(".other.json.4242.00.tmp");
+    fs::write(&unrelated, b"x").unwrap();
+    let keyring = Keyring::open(&path, &master).unwrap();
+    assert!(stale.exists(), "opening removes nothing");
+    keyring.save().unwrap();
+    assert!(!stale.exists(), "an old copy of the sealed keys is gone");
+    assert!(unrelated.exists());
+}

@@ -42,6 +42,19 @@ pub struct FieldDecision {
     pub errors: Vec<String>,
 }
 
+impl FieldDecision {
+    /// A denial no policy determined: what a request Cedar is never asked about gets
+    /// (a service acting alone on a key ring).
+    pub fn refused() -> Self {
+        Self {
+            allowed: false,
+            policies: Vec::new(),
+            visible_policies: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+}
+
 /// One field's decision with the field's classification from the catalog.
 #[derive(Debug, Clone)]
 pub struct Verdict<'s> {
@@ -218,8 +231,9 @@ impl PolicySnapshot {
     }
 
     /// Decides a key administration `action` on `jurisdiction`'s `KeyRing`. Only
-    /// employees administer keys: a service acting alone is refused before Cedar.
-    /// Not cached (key administration is rare).
+    /// employees administer keys: a service acting alone is refused before Cedar with
+    /// [`Error::NotAnEmployee`] (callers that only need the decision treat it as
+    /// [`FieldDecision::refused`]). Not cached (key administration is rare).
     pub fn decide_key(
         &self,
         action: Action,
@@ -231,6 +245,9 @@ impl PolicySnapshot {
                 "`{}` is not a key administration action",
                 action.as_str()
             )));
+        }
+        if !self.key_admin {
+            return Err(Error::KeyAdministrationUndeclared);
         }
         if !matches!(facts.principal, Principal::Employee(_)) {
             return Err(Error::NotAnEmployee(facts.principal.to_string()));

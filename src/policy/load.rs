@@ -78,7 +78,13 @@ impl PolicySnapshot {
                 .push(format!("{}: no `.cedar` policy files", dir.display()));
         }
 
-        let mut policies = Policies::default();
+        // Key administration exists only in a schema that declares it: a policy set
+        // written before it (or archived before it) loads and decides records as it did.
+        let key_admin = schema.as_ref().is_some_and(declares_key_administration);
+        let mut policies = Policies {
+            key_admin,
+            ..Policies::default()
+        };
         for path in &policy_paths {
             let Some(text) = collected.read(path) else {
                 continue;
@@ -96,6 +102,7 @@ impl PolicySnapshot {
             observed,
             action_scopes,
             hidden_ids,
+            ..
         } = policies;
 
         let catalog_path = dir.join(CATALOG_FILE);
@@ -144,6 +151,7 @@ impl PolicySnapshot {
                     &directory_path,
                     catalog,
                     &schema,
+                    key_admin,
                     &mut jurisdictions,
                 ) {
                     Ok(entities) => Some(entities),
@@ -156,7 +164,7 @@ impl PolicySnapshot {
             _ => None,
         };
 
-        if let Err(diagnostic) = probe_schema(&schema) {
+        if let Err(diagnostic) = probe_schema(&schema, key_admin) {
             collected
                 .diagnostics
                 .push(format!("{}: {diagnostic}", schema_path.display()));
@@ -188,6 +196,7 @@ impl PolicySnapshot {
             observed,
             hidden_ids,
             policy_files,
+            key_admin,
             authorizer: Authorizer::new(),
             cache: RwLock::new(HashMap::new()),
         })
@@ -295,6 +304,7 @@ impl PolicySnapshot {
             observed: self.observed.clone(),
             hidden_ids: self.hidden_ids.clone(),
             policy_files: self.policy_files.clone(),
+            key_admin: self.key_admin,
             authorizer: Authorizer::new(),
             cache: RwLock::new(HashMap::new()),
         })
@@ -311,6 +321,8 @@ struct Policies {
     /// Each policy with the actions its scope admits (`None`: any).
     action_scopes: Vec<(cedar_policy::Policy, Option<BTreeSet<Action>>)>,
     hidden_ids: HashSet<String>,
+    /// Whether the schema declares key administration (see [`declares_key_administration`]).
+    key_admin: bool,
 }
 
 impl Policies {
@@ -385,7 +397,9 @@ impl Policies {
             let renamed = policy.new_id(PolicyId::new(id));
             match renamed.to_json() {
                 Ok(est) => {
-                    if let Some(problem) = grants_key_actions_unnamed(&est) {
+                    if let Some(problem) =
+                        grants_key_actions_unnamed(&est).filter(|_| self.key_admin)
+                    {
                         diagnostics.push(format!("{location}: policy `{id}` {problem}"));
                         continue;
                     }
@@ -426,6 +440,15 @@ fn by_action(
         by_action.insert(action, set);
     }
     Ok(by_action)
+}
+
+/// Whether `schema` declares key administration: the `KeyRing` entity type (and then,
+/// as [`probe_schema`] checks, every key action on it). Without it, no `KeyRing`
+/// entities are made and every key action is refused.
+fn declares_key_administration(schema: &Schema) -> bool {
+    schema
+        .entity_types()
+        .any(|entity_type| entity_type.to_string() == KEY_RING_TYPE)
 }
 
 /// Why a policy would grant key administration without naming it: a `permit` whose
@@ -505,6 +528,7 @@ fn directory_entities(
     path: &Path,
     catalog: &FieldCatalog,
     schema: &Schema,
+    key_admin: bool,
     jurisdictions: &mut BTreeSet<Jurisdiction>,
 ) -> Result<Entities, String> {
     let at = path.display();
@@ -535,13 +559,15 @@ fn directory_entities(
         }
     }
     for jurisdiction in jurisdictions.iter() {
-        entities.push(json!({
+        if key_admin {
+            entities.push(json!({
             "uid": {"type": KEY_RING_TYPE, "id": jurisdiction.as_str()},
             "attrs": {
                 "jurisdiction": {"__entity": {"type": "Jurisdiction", "id": jurisdiction.as_str()}},
             },
             "parents": [{"type": "Jurisdiction", "id": jurisdiction.as_str()}],
-        }));
+            }));
+        }
         for (record_type, field, classification) in catalog.entries() {
             entities.push(json!({
                 "uid": {"type": "Field", "id": field_entity_id(jurisdiction, record_type, field)},
@@ -561,7 +587,7 @@ fn directory_entities(
 
 /// Checks that the schema accepts the requests this service builds, so a schema edit
 /// that breaks them fails at load, not on a request path.
-fn probe_schema(schema: &Schema) -> Result<(), String> {
+fn probe_schema(schema: &Schema, key_admin: bool) -> Result<(), String> {
     let service = uid("Service", "probe").map_err(|e| e.to_string())?;
     let context = Context::from_pairs([
         (
@@ -587,7 +613,8 @@ fn probe_schema(schema: &Schema) -> Result<(), String> {
         // Keys are administered by people: key actions need only apply to employees.
         let (resource_type, principal_types): (&str, &[&str]) = match action.resource_kind() {
             ResourceKind::Field => ("Field", &["Employee", "Service"]),
-            ResourceKind::KeyRing => (KEY_RING_TYPE, &["Employee"]),
+            ResourceKind::KeyRing if key_admin => (KEY_RING_TYPE, &["Employee"]),
+            ResourceKind::KeyRing => continue,
         };
         for principal_type in principal_types {
             let request = Request::new(

@@ -63,6 +63,8 @@ pub struct PolicySnapshot {
     observed: Observed,
     hidden_ids: HashSet<String>,
     policy_files: BTreeMap<String, PathBuf>,
+    /// Whether the schema declares key administration (`KeyRing` and key actions).
+    key_admin: bool,
     authorizer: Authorizer,
     cache: RwLock<HashMap<DecisionKey, Arc<FieldDecision>>>,
 }
@@ -107,6 +109,11 @@ pub enum Error {
         "key administration is decided for employees only, not `{0}`: present an employee token"
     )]
     NotAnEmployee(String),
+    /// The policy set's schema declares no key administration.
+    #[error(
+        "the policy set's schema declares no key administration (the `KeyRing` entity type and the key actions): add them as in the shipped policies/schema.cedarschema to administer keys"
+    )]
+    KeyAdministrationUndeclared,
     /// A request could not be built; a defect, not a caller mistake.
     #[error("internal policy error: {0}")]
     Internal(String),

@@ -586,3 +586,41 @@ fn a_permit_of_every_action_that_could_reach_a_key_ring_is_refused_with_the_fix(
         }
     }
 }
+
+#[test]
+fn a_policy_set_written_before_key_administration_still_loads_and_decides_records() {
+    let copy = copy_of_shipped();
+    let schema_path = copy.path().join("schema.cedarschema");
+    let schema = std::fs::read_to_string(&schema_path).unwrap();
+    let start = schema.find("// One jurisdiction's root keys").unwrap();
+    let end = start + schema[start..].find("};").unwrap() + 2;
+    let actions = schema.find("// Key administration").unwrap();
+    std::fs::write(
+        &schema_path,
+        format!("{}{}", &schema[..start], &schema[end..actions]),
+    )
+    .unwrap();
+    std::fs::remove_file(copy.path().join("key-admin.cedar")).unwrap();
+    // Unscoped permits grant nothing they did not grant before: accepted.
+    std::fs::write(
+        copy.path().join("extra.cedar"),
+        "@id(\"extra\")\npermit (principal == Employee::\"alice\", action, resource in Jurisdiction::\"US\") when { context.ticket == \"OLD-1\" };\n",
+    )
+    .unwrap();
+    let snapshot = PolicySnapshot::load(copy.path()).unwrap();
+    let alice = Ask::employee("alice", "support", "INC-1");
+    assert!(decide(&snapshot, &alice, Action::Decrypt, "US", &["email"])[0].allowed);
+    let kim = Principal::Employee("kim".to_owned());
+    let stated = StatedPurpose::new("", "KEY-1").unwrap();
+    let facts = RequestFacts {
+        principal: &kim,
+        service: "us-key-console",
+        authentication: crate::identity::METHOD_MTLS_TOKEN,
+        stated: &stated,
+        request_time: 0,
+    };
+    assert!(matches!(
+        snapshot.decide_key(Action::RotateKey, &facts, &Jurisdiction::new("US").unwrap()),
+        Err(Error::KeyAdministrationUndeclared)
+    ));
+}

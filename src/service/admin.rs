@@ -16,14 +16,14 @@ use crate::record::{Jurisdiction, KeyVersion, StatedPurpose};
 #[derive(Debug, Clone)]
 pub struct KeyAdminService {
     gate: Arc<Gatekeeper>,
-    /// Shared with the `Ringfence` service: calls in progress, cancelled ones included.
+    /// Calls in progress, cancelled ones included.
     unary: Arc<tokio::sync::Semaphore>,
     follow_ups: FollowUps,
 }
 
 impl KeyAdminService {
-    /// Administers `gate`'s keyring; its calls count against `unary` and are tracked
-    /// by `follow_ups`, so that shutdown waits for a change in progress.
+    /// Administers `gate`'s keyring; at most `unary`'s permits of calls run at once,
+    /// each tracked by `follow_ups`, so that shutdown waits for a change in progress.
     pub(super) fn new(
         gate: Arc<Gatekeeper>,
         unary: Arc<tokio::sync::Semaphore>,
@@ -38,15 +38,15 @@ impl KeyAdminService {
 
     /// Runs `work` in a task of its own, so that a cancelled call cannot stop it
     /// between its decision entry, the saved keyring and its `key_event` entries; at
-    /// most [`super::UNARY_IN_PROGRESS`] calls of either service run at once.
+    /// most [`super::KEY_ADMIN_IN_PROGRESS`] run at once.
     async fn run<T: Send + 'static>(
         &self,
         work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
     ) -> Result<T, Status> {
         let permit = Arc::clone(&self.unary).try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
-                "the server is busy ({} calls in progress); retry with backoff",
-                super::UNARY_IN_PROGRESS
+                "the server is busy ({} key administration calls in progress); retry with backoff",
+                super::KEY_ADMIN_IN_PROGRESS
             ))
         })?;
         let task = self

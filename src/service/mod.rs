@@ -29,6 +29,8 @@ use crate::policy;
 
 /// Unary calls whose work runs at once, cancelled ones included.
 pub const UNARY_IN_PROGRESS: usize = 1024;
+/// Key administration calls whose work runs at once, cancelled ones included.
+pub const KEY_ADMIN_IN_PROGRESS: usize = 16;
 /// Why a streamed answer was not delivered: the stream ended before the transport took it.
 const STREAM_CLOSED: &str = "stream closed before the answer was sent";
 
@@ -57,6 +59,9 @@ impl From<gatekeeper::Error> for Status {
             E::Policy(error @ policy::Error::NotAnEmployee(_)) => {
                 Status::permission_denied(error.to_string())
             }
+            E::Policy(error @ policy::Error::KeyAdministrationUndeclared) => {
+                Status::failed_precondition(error.to_string())
+            }
             error @ E::AdminDenied { .. } => {
                 let message = match &error {
                     E::AdminDenied { policy_ids, .. } if !policy_ids.is_empty() => {
@@ -75,6 +80,9 @@ impl From<gatekeeper::Error> for Status {
                 Status::unavailable(
                     "another key change holds the keyring; nothing was changed: retry later",
                 )
+            }
+            E::KeyAdmin(error @ crate::keyadmin::Error::Disabled(_)) => {
+                Status::failed_precondition(error.to_string())
             }
             E::KeyAdmin(error) => {
                 tracing::error!(%error, "key change failed");
@@ -133,11 +141,13 @@ impl RingfenceService {
     }
 
     /// The `ringfence.v1.KeyAdmin` service of the same gatekeeper, sharing this
-    /// service's limit on calls in progress and its follow-up tracking.
+    /// service's follow-up tracking (shutdown waits for key changes in progress) with
+    /// a limit of its own on calls in progress ([`KEY_ADMIN_IN_PROGRESS`]), so that
+    /// neither service can crowd out the other.
     pub fn key_admin(&self) -> KeyAdminService {
         KeyAdminService::new(
             Arc::clone(&self.gate),
-            Arc::clone(&self.unary),
+            Arc::new(tokio::sync::Semaphore::new(KEY_ADMIN_IN_PROGRESS)),
             self.follow_ups.clone(),
         )
     }

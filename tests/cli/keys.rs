@@ -406,6 +406,24 @@ fn the_key_lifecycle_runs_live_through_the_server_and_offline_and_the_log_verifi
         std::fs::write(&path, token.stdout.trim()).unwrap();
         path
     };
+    // What the server will decide, explained offline from the policy directory.
+    run(ringfence().current_dir(dir.path()).args([
+        "policy",
+        "explain",
+        "--action",
+        "rotate_key",
+        "--jurisdiction",
+        "US",
+        "--employee",
+        "kim",
+        "--service",
+        "us-key-console",
+        "--ticket",
+        "KEY-9",
+    ]))
+    .succeeded()
+    .says("rotate_key KeyRing::\"US\" by Employee::\"kim\"")
+    .says("ALLOW determined by us-key-admins-manage-us-keys");
     let kim = token("kim", "us-key-console");
     let alice = token("alice", "us-support-tool");
     let online = |args: &[&str]| {

@@ -483,6 +483,7 @@ async fn key_administration_without_a_permit_is_refused_and_logged() {
         "parent-company-never-administers-us-keys"
     );
     assert_eq!(refused[2]["principal"], "Service::\"us-key-console\"");
+    assert_eq!(refused[2]["key_admin"]["key_rings"][0]["decision"], "deny");
     assert!(
         refused[2]["outcome"]
             .as_str()

@@ -235,9 +235,12 @@ fn run_case(
                                         .zip(decisions)
                                         .collect::<Vec<_>>()
                                 }),
-                            _ => snapshot
-                                .decide_key(action, &facts, jurisdiction)
-                                .map(|decision| vec![(String::new(), decision)]),
+                            _ => match snapshot.decide_key(action, &facts, jurisdiction) {
+                                // A service alone is refused before Cedar: a deny.
+                                Err(super::Error::NotAnEmployee(_)) => Ok(FieldDecision::refused()),
+                                decided => decided,
+                            }
+                            .map(|decision| vec![(String::new(), decision)]),
                         };
                         let decisions = match decided {
                             Ok(decisions) => decisions,
