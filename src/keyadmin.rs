@@ -306,8 +306,8 @@ impl LiveKeyring {
 
     /// Takes this server's change lock and the keyring file lock, each within
     /// [`CHANGE_PATIENCE`] (else [`Error::Busy`] naming the holder), and copies the
-    /// keyring to change. Decide whether the caller may make the change after this
-    /// returns: a decision taken before waiting could be stale by now.
+    /// keyring to change. A decision taken before waiting may be stale by now: check
+    /// the caller's credentials again, and decide again if the policies changed.
     pub async fn lock(&self, holder: &str) -> Result<PreparedChange<'_>, Error> {
         let serial = tokio::time::timeout(CHANGE_PATIENCE, self.changes.lock())
             .await
@@ -394,6 +394,19 @@ impl PreparedChange<'_> {
             .map_err(|error| Error::Other(format!("keyring save task failed: {error}")))
             .and_then(|saved| saved.map_err(Error::from));
         if let Err(error) = saved {
+            // A save can fail after the rename (the directory's fsync): then the file
+            // holds the change, and it is served (a destroyed version must not keep
+            // decrypting); otherwise the old keyring stays (a new version whose key is
+            // not on disk must never encrypt).
+            let reached_disk = {
+                let next = Arc::clone(&next);
+                tokio::task::spawn_blocking(move || next.is_saved())
+                    .await
+                    .unwrap_or(false)
+            };
+            if reached_disk {
+                live.current.store(next);
+            }
             live.break_changes(format!("saving the keyring failed ({error})"));
             return Err(error);
         }

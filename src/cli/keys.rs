@@ -537,6 +537,11 @@ fn rotate_master(args: &KeyArgs, new_master_key_file: Option<&Path>) -> ExitCode
         keys::MasterKeySource::describe(&new),
         path.display()
     );
+    if new_master_key_file.is_none() {
+        eprintln!(
+            "warning: the new master key came from {NEW_MASTER_KEY_ENV} and nothing stored it: it is the only key that opens the keyring now; store it where `serve` reads it (--master-key-file or {MASTER_KEY_ENV}) before you unset it"
+        );
+    }
     if let keys::MasterKeyOrigin::Development { path: dev_key, .. } = old.origin() {
         // It opens nothing any more (checked above), and left in place it would be
         // picked up first by commands allowed to use it.

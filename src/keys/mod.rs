@@ -612,6 +612,25 @@ impl Keyring {
         })? {
             tracing::warn!(file = %stale.display(), "removed a temporary keyring copy a crashed writer left");
         }
+        let text = self.file_text()?;
+        fsutil::write_private_file(&self.path, text.as_bytes()).map_err(|source| Error::Io {
+            action: "cannot write keyring",
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Whether the file at [`Keyring::path`] holds exactly this keyring (after a save
+    /// that reported an error, it may or may not).
+    pub fn is_saved(&self) -> bool {
+        match (fs::read_to_string(&self.path), self.file_text()) {
+            (Ok(on_disk), Ok(text)) => on_disk == text,
+            _ => false,
+        }
+    }
+
+    /// The file's text: deterministic for a given keyring (tags are HMACs).
+    fn file_text(&self) -> Result<String, Error> {
         let mut file = KeyringFile {
             format: KEYRING_FORMAT.to_owned(),
             jurisdictions: BTreeMap::new(),
@@ -648,14 +667,9 @@ impl Keyring {
                 },
             );
         }
-        let text = serde_json::to_string_pretty(&file).map_err(|error| Error::Invalid {
+        serde_json::to_string_pretty(&file).map_err(|error| Error::Invalid {
             path: self.path.clone(),
             reason: error.to_string(),
-        })?;
-        fsutil::write_private_file(&self.path, text.as_bytes()).map_err(|source| Error::Io {
-            action: "cannot write keyring",
-            path: self.path.clone(),
-            source,
         })
     }
 

@@ -270,3 +270,78 @@ fn a_keyring_older_than_the_newest_checkpoint_is_refused_before_anything_is_writ
     )
     .unwrap();
 }
+
+/// The key generations each checkpoint in `dir`'s first segment vouches for, in order.
+fn vouched_generations(dir: &std::path::Path) -> Vec<BTreeMap<String, u64>> {
+    lines_of(&segment_path(dir, 1))
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|value| value["kind"] == CHECKPOINT_KIND)
+        .map(|value| {
+            // Absent when the checkpoint vouches for no generation.
+            serde_json::from_value(value["checkpoint"]["key_generations"].clone())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[test]
+fn new_generations_get_a_checkpoint_of_their_own_and_a_reopened_log_vouches_only_for_what_it_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let us = |generation: u64| BTreeMap::from([("US".to_owned(), generation)]);
+    let runtime = runtime();
+    let (log, _) = DecisionLog::open_with(
+        dir.path(),
+        LogOptions {
+            signer: Some(signer()),
+            key_generations: Some(us(1)),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    runtime.block_on(async {
+        log.append(entry(0)).await.unwrap();
+        log.set_key_generations(us(1));
+        log.checkpoint().await.unwrap();
+        // A key change's events are in; the generations rise with nothing after them.
+        log.set_key_generations(us(2));
+        log.checkpoint().await.unwrap();
+        // Nothing new: no further checkpoint.
+        log.checkpoint().await.unwrap();
+    });
+    drop(log);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let vouched = vouched_generations(dir.path());
+    assert_eq!(vouched.last(), Some(&us(2)), "{vouched:?}");
+    assert_eq!(
+        vouched.iter().filter(|g| **g == us(2)).count(),
+        1,
+        "{vouched:?}"
+    );
+
+    // A keyring ahead of the log (a change saved, never logged) is not vouched for by
+    // what the writer signs at open or with the next entries: only once the caller
+    // raises the generations (after writing the `unlogged` events).
+    let (log, _) = DecisionLog::open_with(
+        dir.path(),
+        LogOptions {
+            signer: Some(signer()),
+            key_generations: Some(us(3)),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    runtime.block_on(async {
+        log.append(entry(1)).await.unwrap();
+        log.checkpoint().await.unwrap();
+    });
+    assert_eq!(vouched_generations(dir.path()).last(), Some(&us(2)));
+    runtime.block_on(async {
+        log.set_key_generations(us(3));
+        log.checkpoint().await.unwrap();
+    });
+    drop(log);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(vouched_generations(dir.path()).last(), Some(&us(3)));
+    verify_signed(dir.path()).unwrap();
+}
