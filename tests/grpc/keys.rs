@@ -525,3 +525,62 @@ async fn key_administration_without_a_permit_is_refused_and_logged() {
     assert_status(&status, Code::PermissionDenied, "no policy permits it");
     server.running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_keyring_refuses_a_change_and_a_failed_save_stops_further_changes() {
+    let server = start_dev().await;
+    let mut callers = Callers::of(&server).await;
+    let first = callers.encrypt("u-9").await;
+
+    // Another writer holds the keyring lock (an offline `keys` command waiting for
+    // the log): the change is refused as busy after its patience, nothing changed.
+    let holder = ringfence::keys::lock(&server.data_dir(), "a test holding the keyring").unwrap();
+    let request = callers.as_key_admin(rotate("US"));
+    let status = status_of(callers.admin.rotate_key(request).await).await;
+    assert_status(
+        &status,
+        Code::Unavailable,
+        "another key change holds the keyring",
+    );
+    drop(holder);
+
+    // The keyring file cannot be replaced (a directory stands in its place): the save
+    // fails, the server keeps the keys it had, says so in the log, and refuses further
+    // live changes until a restart reads the file again.
+    let keyring = server.data_dir().join("keyring.json");
+    let saved = std::fs::read(&keyring).unwrap();
+    std::fs::remove_file(&keyring).unwrap();
+    std::fs::create_dir_all(keyring.join("in-the-way")).unwrap();
+    let request = callers.as_key_admin(rotate("US"));
+    let status = status_of(callers.admin.rotate_key(request).await).await;
+    assert_status(&status, Code::Internal, "the key change failed");
+    let entries = server.log_entries();
+    let outcomes: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "key_admin")
+        .filter_map(|e| e["outcome"].as_str())
+        .collect();
+    assert_eq!(outcomes[outcomes.len() - 2], "allowed", "{outcomes:?}");
+    assert!(
+        outcomes[outcomes.len() - 1].starts_with("failed: "),
+        "{outcomes:?}"
+    );
+    let request = callers.as_key_admin(rotate("US"));
+    let status = status_of(callers.admin.rotate_key(request).await).await;
+    assert_status(
+        &status,
+        Code::FailedPrecondition,
+        "key changes are disabled until the server restarts",
+    );
+    // Records are still served with the keys the server had.
+    let record = callers.encrypt("u-10").await;
+    assert_eq!(version_of(&record, "email"), 1);
+    let answer = callers.alice_reads(first, &["email"]).await;
+    assert_eq!(
+        plaintext(outcome(&answer, "email")),
+        secret_value("u-9", "email").as_slice()
+    );
+    std::fs::remove_dir_all(&keyring).unwrap();
+    std::fs::write(&keyring, saved).unwrap();
+    server.running.stop().await.unwrap();
+}
