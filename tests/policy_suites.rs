@@ -189,6 +189,10 @@ fn the_key_admin_suite_fails_when_key_administration_is_widened() {
             }),
         ),
         (
+            "proven identity no longer required",
+            Box::new(|text| text.replace("context.authentication == \"mtls+token\" &&", "")),
+        ),
+        (
             "the key console may read user data",
             Box::new(|text| without_policy(text, "key-console-never-touches-user-data")),
         ),

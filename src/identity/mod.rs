@@ -39,6 +39,13 @@ pub const METHOD_MTLS_TOKEN: &str = "mtls+token";
 pub const METHOD_MTLS_UNBOUND_TOKEN: &str = "mtls+unbound-token";
 /// `authentication` in the danger mode.
 pub const METHOD_DANGER: &str = "danger-trust-identity-headers";
+/// Every `authentication` value ringfence puts in a request's context.
+pub const METHODS: [&str; 4] = [
+    METHOD_MTLS,
+    METHOD_MTLS_TOKEN,
+    METHOD_MTLS_UNBOUND_TOKEN,
+    METHOD_DANGER,
+];
 
 /// Proven identity: client certificates, and optionally employee tokens.
 #[derive(Debug)]

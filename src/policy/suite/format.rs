@@ -101,6 +101,10 @@ macro_rules! with_request_dimensions {
             purpose: Option<OneOrMany>,
             #[serde(default)]
             ticket: Option<OneOrMany>,
+            /// How the caller is authenticated (`context.authentication`); default:
+            /// `mtls+token` for an employee, `mtls` for a service alone.
+            #[serde(default)]
+            authentication: Option<OneOrMany>,
             /// Request time (RFC 3339); default: when the suite runs.
             #[serde(default)]
             at: Option<String>,
@@ -173,6 +177,9 @@ pub struct Case {
     pub(super) fields: Fields,
     pub(super) purposes: Vec<String>,
     pub(super) tickets: Vec<String>,
+    /// Authentication methods to decide with; empty: as a deployed server
+    /// authenticates the principal.
+    pub(super) authentications: Vec<String>,
     pub(super) at: Option<i64>,
     pub(super) expect: Expected,
     pub(super) determined_by: Option<BTreeSet<String>>,
@@ -339,6 +346,17 @@ impl Case {
                 StatedPurpose::new(purpose, ticket).map_err(|error| error.to_string())?;
             }
         }
+        let authentications = list(pick!(authentication).as_ref(), "authentication", |text| {
+            if crate::identity::METHODS.contains(&text) {
+                Ok(text.to_owned())
+            } else {
+                Err(format!(
+                    "`{}` is not an authentication method ringfence sets: one of {}",
+                    crate::record::shown(text),
+                    crate::identity::METHODS.join(", ")
+                ))
+            }
+        })?;
         let at = pick!(at)
             .map(|text| {
                 time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
@@ -357,6 +375,7 @@ impl Case {
             fields,
             purposes,
             tickets,
+            authentications,
             at,
             expect: spec.expect,
             determined_by: spec

@@ -202,7 +202,15 @@ fn run_case(
             let principal = principal
                 .clone()
                 .unwrap_or_else(|| Principal::Service(service.clone()));
-            for jurisdiction in &case.jurisdictions {
+            let methods: Vec<&str> = if case.authentications.is_empty() {
+                vec![authentication_of(&principal)]
+            } else {
+                case.authentications.iter().map(String::as_str).collect()
+            };
+            for (authentication, jurisdiction) in methods
+                .iter()
+                .flat_map(|method| case.jurisdictions.iter().map(move |j| (*method, j)))
+            {
                 for purpose in &case.purposes {
                     for ticket in &case.tickets {
                         let Ok(stated) = StatedPurpose::new(purpose, ticket) else {
@@ -212,7 +220,7 @@ fn run_case(
                         let facts = RequestFacts {
                             principal: &principal,
                             service,
-                            authentication: authentication_of(&principal),
+                            authentication,
                             stated: &stated,
                             request_time: case.at.unwrap_or(now),
                         };
@@ -221,7 +229,7 @@ fn run_case(
                             None => format!("{}::\"{jurisdiction}\"", super::KEY_RING_TYPE),
                         };
                         let situation = format!(
-                            "{principal} via {}, {} {resource}, purpose {purpose:?}, ticket {ticket:?}",
+                            "{principal} via {} ({authentication}), {} {resource}, purpose {purpose:?}, ticket {ticket:?}",
                             Principal::Service(service.clone()),
                             action.as_str(),
                         );

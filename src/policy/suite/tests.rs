@@ -130,6 +130,18 @@ fn malformed_cases_are_rejected_before_running() {
         ),
         ("employee: alice\n    at: yesterday", "RFC 3339"),
         ("employee: alice\n    purpose: \"a\\nb\"", "purpose"),
+        (
+            "employee: alice\n    authentication: mtls-token",
+            "not an authentication method",
+        ),
+        (
+            "employee: alice\n    action: [decrypt, rotate_key]",
+            "mixes record actions",
+        ),
+        (
+            "employee: kim\n    action: rotate_key\n    record_type: user_profile",
+            "do not apply",
+        ),
     ];
     for (body, expected) in problems {
         let error = suite(&format!(
