@@ -234,8 +234,10 @@ impl Gatekeeper {
         let events = match prepared.commit(&self.log, &actor).await {
             Ok(events) => events,
             Err(error) => {
-                // The log says it was allowed; it also says it did not happen (as far
-                // as this server knows: see `PreparedChange::commit`).
+                // The log says it was allowed; this entry says it did not complete.
+                // Whether the file (and so the server) holds it: the `key_event`
+                // entries, or the `unlogged` ones of the next start, say.
+                // `PreparedChange::commit` has the rules.
                 entry.time = crate::record::rfc3339_now();
                 entry.outcome = format!("failed: {error}");
                 if let Err(log_error) = self.log.append(entry).await {
