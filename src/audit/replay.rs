@@ -124,10 +124,7 @@ fn replay_entry(
     };
     // The facts as the gatekeeper saw them; any that no longer parse is itself a finding.
     let parsed = (|| -> Result<_, String> {
-        let principal = Principal::from_str(entry.principal.as_deref().unwrap_or_default())?;
-        let service = entry.service.clone().ok_or("no calling service recorded")?;
-        let stated =
-            StatedPurpose::new(&entry.purpose, &entry.ticket).map_err(|e| e.to_string())?;
+        let (principal, service, stated) = caller_of(&entry)?;
         let jurisdiction = Jurisdiction::new(&record.jurisdiction).map_err(|e| e.to_string())?;
         let record_type = RecordType::new(&record.record_type).map_err(|e| e.to_string())?;
         let fields = entry
@@ -198,14 +195,7 @@ fn replay_key_admin(
     report: &mut ReplayReport,
     mismatch: impl Fn(&str, String, String) -> Mismatch,
 ) {
-    let parsed = (|| -> Result<_, String> {
-        let principal = Principal::from_str(entry.principal.as_deref().unwrap_or_default())?;
-        let service = entry.service.clone().ok_or("no calling service recorded")?;
-        let stated =
-            StatedPurpose::new(&entry.purpose, &entry.ticket).map_err(|e| e.to_string())?;
-        Ok((principal, service, stated))
-    })();
-    let (principal, service, stated) = match parsed {
+    let (principal, service, stated) = match caller_of(entry) {
         Ok(parsed) => parsed,
         Err(problem) => {
             report.mismatches.push(mismatch(
@@ -261,4 +251,12 @@ fn replay_key_admin(
             )),
         }
     }
+}
+
+/// Who asked, as the entry recorded it: principal, calling service, purpose and ticket.
+fn caller_of(entry: &Entry) -> Result<(Principal, String, StatedPurpose), String> {
+    let principal = Principal::from_str(entry.principal.as_deref().unwrap_or_default())?;
+    let service = entry.service.clone().ok_or("no calling service recorded")?;
+    let stated = StatedPurpose::new(&entry.purpose, &entry.ticket).map_err(|e| e.to_string())?;
+    Ok((principal, service, stated))
 }

@@ -7,18 +7,16 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::RwLock;
 
-use cedar_policy::{
-    Authorizer, Context, Entities, PolicyId, PolicySet, Request, RestrictedExpression, Schema,
-    ValidationMode, Validator,
-};
+use cedar_policy::{Authorizer, Entities, PolicyId, PolicySet, Schema, ValidationMode, Validator};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::analysis;
+use super::checks::{declares_key_administration, grants_key_actions_unnamed, probe_schema};
 use super::diagnostics::{
     Collected, LoadError, name_snippets, policy_locations, render, render_in_file,
 };
-use super::names::{KEY_RING_TYPE, Names, ResourceKind, field_entity_id, uid};
+use super::names::{KEY_RING_TYPE, Names, field_entity_id};
 use super::{
     Action, CALLER_VISIBLE_ANNOTATION, CATALOG_FILE, DIRECTORY_FILE, FieldCatalog, ID_ANNOTATION,
     Observed, PolicySnapshot, SCHEMA_FILE,
@@ -442,58 +440,6 @@ fn by_action(
     Ok(by_action)
 }
 
-/// Whether `schema` declares key administration: the `KeyRing` entity type (and then,
-/// as [`probe_schema`] checks, every key action on it). Without it, no `KeyRing`
-/// entities are made and every key action is refused.
-fn declares_key_administration(schema: &Schema) -> bool {
-    schema
-        .entity_types()
-        .any(|entity_type| entity_type.to_string() == KEY_RING_TYPE)
-}
-
-/// Why a policy would grant key administration without naming it: a `permit` whose
-/// action scope is `action` alone (every action) and whose resource scope admits a
-/// `KeyRing`. Written before key actions existed, such a permit would now also grant
-/// `destroy_key`; it is refused with the fix. Forbids may stay broad.
-fn grants_key_actions_unnamed(est: &Value) -> Option<String> {
-    if est.get("effect").and_then(Value::as_str) != Some("permit") {
-        return None;
-    }
-    let every_action = est
-        .get("action")
-        .and_then(|scope| scope.get("op"))
-        .and_then(Value::as_str)
-        == Some("All");
-    if !every_action {
-        return None;
-    }
-    let resource = est.get("resource")?;
-    let entity_type = |value: Option<&Value>| {
-        value
-            .map(|entity| entity.get("__entity").unwrap_or(entity))
-            .and_then(|entity| entity.get("type"))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    };
-    // The type the scope pins the resource to, when it pins one.
-    let pinned = match resource.get("op").and_then(Value::as_str) {
-        Some("==") => entity_type(resource.get("entity")),
-        Some("is") => resource
-            .get("entity_type")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        // `in` a Field: only that field (fields have no members).
-        Some("in") => entity_type(resource.get("entity")).filter(|t| t == "Field"),
-        _ => None,
-    };
-    if pinned.is_some_and(|t| t != KEY_RING_TYPE) {
-        return None;
-    }
-    Some(format!(
-        "permits every action on a resource that may be a `{KEY_RING_TYPE}`, so it would grant key administration (`destroy_key` included): name its actions (`action in [Action::\"decrypt\", ...]`) or scope it to fields (`resource is Field`)"
-    ))
-}
-
 /// The actions a policy's action scope admits; `None` when it may admit any.
 fn actions_in_scope(est: &Value) -> Option<BTreeSet<Action>> {
     let scope = est.get("action")?;
@@ -583,54 +529,4 @@ fn directory_entities(
     }
     Entities::from_json_value(Value::Array(entities), Some(schema))
         .map_err(|error| format!("{at}:\n{}", render(&error)))
-}
-
-/// Checks that the schema accepts the requests this service builds, so a schema edit
-/// that breaks them fails at load, not on a request path.
-fn probe_schema(schema: &Schema, key_admin: bool) -> Result<(), String> {
-    let service = uid("Service", "probe").map_err(|e| e.to_string())?;
-    let context = Context::from_pairs([
-        (
-            "purpose".to_owned(),
-            RestrictedExpression::new_string(String::new()),
-        ),
-        (
-            "ticket".to_owned(),
-            RestrictedExpression::new_string(String::new()),
-        ),
-        (
-            "authentication".to_owned(),
-            RestrictedExpression::new_string(String::new()),
-        ),
-        (
-            "service".to_owned(),
-            RestrictedExpression::new_entity_uid(service),
-        ),
-        ("request_time".to_owned(), RestrictedExpression::new_long(0)),
-    ])
-    .map_err(|error| error.to_string())?;
-    for action in Action::ALL {
-        // Keys are administered by people: key actions need only apply to employees.
-        let (resource_type, principal_types): (&str, &[&str]) = match action.resource_kind() {
-            ResourceKind::Field => ("Field", &["Employee", "Service"]),
-            ResourceKind::KeyRing if key_admin => (KEY_RING_TYPE, &["Employee"]),
-            ResourceKind::KeyRing => continue,
-        };
-        for principal_type in principal_types {
-            let request = Request::new(
-                uid(principal_type, "probe").map_err(|e| e.to_string())?,
-                uid("Action", action.as_str()).map_err(|e| e.to_string())?,
-                uid(resource_type, "probe").map_err(|e| e.to_string())?,
-                context.clone(),
-                Some(schema),
-            );
-            if let Err(error) = request {
-                return Err(format!(
-                    "the schema must let action `{}` apply to principal `{principal_type}` and resource `{resource_type}` with context {{purpose: String, ticket: String, authentication: String, service: Service, request_time: Long}}: {error}",
-                    action.as_str()
-                ));
-            }
-        }
-    }
-    Ok(())
 }

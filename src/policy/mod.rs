@@ -11,6 +11,7 @@
 
 pub mod analysis;
 pub mod catalog;
+mod checks;
 mod decide;
 mod diagnostics;
 mod load;
