@@ -76,7 +76,19 @@ fn bench(c: &mut Criterion) {
     let (log, _) = runtime
         .block_on(async { DecisionLog::open_with(&dir.path().join("log"), signed_log_options()) })
         .unwrap();
-    let gate = Gatekeeper::new(keyring, Arc::clone(&policies), log, Limits::default());
+    let subjects = ringfence::subjects::Subjects::open(
+        dir.path(),
+        &keyring,
+        ringfence::subjects::DEFAULT_CACHE_ENTRIES,
+    )
+    .unwrap();
+    let gate = Gatekeeper::new(
+        keyring,
+        Arc::new(subjects),
+        Arc::clone(&policies),
+        log,
+        Limits::default(),
+    );
 
     let signup = Caller {
         service: "us-signup".to_owned(),
@@ -93,6 +105,7 @@ fn bench(c: &mut Criterion) {
         certificate: None,
     };
     let plain = PlainRecord {
+        subject: None,
         record: record_ref("user-00000001"),
         fields: profile_fields()
             .iter()
@@ -233,6 +246,7 @@ fn log_appends(c: &mut Criterion) {
         purpose: "support".to_owned(),
         ticket: "INC-1".to_owned(),
         record: Some(RecordEntry {
+            subject: None,
             record_type: "user_profile".to_owned(),
             record_id: "user-00000001".to_owned(),
             jurisdiction: "US".to_owned(),

@@ -15,7 +15,8 @@
 //! `--in-process` (no gRPC: N tasks call the gatekeeper directly; the CPU figure is
 //! then decide + log + decrypt alone), `--mtls` (serve with `--dev`: mutual TLS with
 //! client certificates and employee tokens, as deployed, instead of plain TCP with
-//! identity headers).
+//! identity headers), `--write-bodies DIR` (with `--addr`: encrypt one record and write
+//! gRPC-framed request bodies for h2load, see `benches/h2load.sh`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -51,6 +52,7 @@ struct Options {
     addr: Option<String>,
     in_process: bool,
     mtls: bool,
+    write_bodies: Option<PathBuf>,
 }
 
 /// With `--mtls`: the development PKI of the spawned server and alice's token.
@@ -95,6 +97,7 @@ fn options() -> Options {
         addr: None,
         in_process: false,
         mtls: false,
+        write_bodies: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -109,6 +112,7 @@ fn options() -> Options {
             "--addr" => options.addr = Some(value()),
             "--in-process" => options.in_process = true,
             "--mtls" => options.mtls = true,
+            "--write-bodies" => options.write_bodies = Some(PathBuf::from(value())),
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -212,6 +216,7 @@ async fn setup(channel: Channel, count: usize) -> Vec<pb::EncryptedRecord> {
     let mut records = Vec::with_capacity(count);
     for n in 0..count {
         let request = pb::EncryptRecordRequest {
+            subject_id: String::new(),
             record_type: "user_profile".to_owned(),
             record_id: format!("user-{n:08}"),
             jurisdiction: "US".to_owned(),
@@ -279,6 +284,7 @@ async fn in_process(options: &Options, data_dir: &Path) {
     let mut records = Vec::new();
     for n in 0..options.records {
         let plain = PlainRecord {
+            subject: None,
             record: RecordRef {
                 record_type: RecordType::new("user_profile").unwrap(),
                 record_id: RecordId::new(&format!("user-{n:08}")).unwrap(),
@@ -351,6 +357,23 @@ async fn in_process(options: &Options, data_dir: &Path) {
     );
 }
 
+/// Writes gRPC-framed request bodies for an outside load generator (h2load, see
+/// `benches/h2load.sh`): `decrypt.bin` (alice's DecryptRecord of the first record,
+/// purpose support, ticket INC-1) and `status.bin` (GetStatus, the floor).
+fn write_bodies(dir: &Path, record: &pb::EncryptedRecord) {
+    fn framed(message: &impl prost::Message) -> Vec<u8> {
+        let body = message.encode_to_vec();
+        let mut out = vec![0u8];
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let decrypt = decrypt_request(record, "INC-1".to_owned());
+    std::fs::write(dir.join("decrypt.bin"), framed(&decrypt)).unwrap();
+    std::fs::write(dir.join("status.bin"), framed(&pb::GetStatusRequest {})).unwrap();
+}
+
 #[tokio::main]
 async fn main() {
     let options = options();
@@ -381,6 +404,10 @@ async fn main() {
     };
     let setup_channel = channel(&addr, "us-signup").await;
     let records = Arc::new(setup(setup_channel, options.records).await);
+    if let Some(dir) = &options.write_bodies {
+        write_bodies(dir, &records[0]);
+        return;
+    }
 
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
     let done = Arc::new(AtomicU64::new(0));

@@ -81,6 +81,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let encrypted = client
         .encrypt_record(tonic::Request::new(pb::EncryptRecordRequest {
+            subject_id: String::new(),
             record_type: "user_profile".to_owned(),
             record_id: "user-1001".to_owned(),
             jurisdiction: "US".to_owned(),

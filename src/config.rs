@@ -113,6 +113,9 @@ pub struct ServeConfig {
     pub log_segment_bytes: u64,
     /// Decision log segment age before rotation.
     pub log_segment_age: std::time::Duration,
+    /// Unsealed subject secrets kept in memory (0: none; every request reads the
+    /// subject store).
+    pub subject_cache_entries: usize,
 }
 
 /// A configuration that must not be served.
@@ -170,6 +173,7 @@ impl ServeConfig {
             checkpoint_key: None,
             log_segment_bytes: crate::audit::DEFAULT_SEGMENT_BYTES,
             log_segment_age: crate::audit::DEFAULT_SEGMENT_AGE,
+            subject_cache_entries: crate::subjects::DEFAULT_CACHE_ENTRIES,
         }
     }
 

@@ -197,6 +197,22 @@ pub fn change_offline(
     actor: &str,
     change: Box<Change<'_>>,
 ) -> Result<Vec<KeyEvent>, Error> {
+    change_offline_with(paths, actor, change, Box::new(|_| Ok(())))
+}
+
+/// What must change with a keyring, just before it is saved (see
+/// [`change_offline_with`]).
+pub type BeforeSave<'a> = dyn FnOnce(&Keyring) -> Result<(), Error> + 'a;
+
+/// [`change_offline`] with `before_save`, run while both locks are held (no server
+/// runs) just before the changed keyring is saved: what must change with it (the
+/// subject store, re-sealed by `keys rotate-master`).
+pub fn change_offline_with(
+    paths: &DataPaths,
+    actor: &str,
+    change: Box<Change<'_>>,
+    before_save: Box<BeforeSave<'_>>,
+) -> Result<Vec<KeyEvent>, Error> {
     let holder = crate::fsutil::describe_process(&format!("`{actor}`"));
     let keyring_lock = keys::lock(&paths.data_dir, &holder)?;
     let (before, keyring, events) = change(&paths.keyring())?;
@@ -236,6 +252,7 @@ pub fn change_offline(
         if events.is_empty() {
             return Ok(());
         }
+        before_save(&keyring)?;
         keyring.save()?;
         log_events(&log, keyring.generations(), &events, &actor)
             .await
@@ -431,4 +448,99 @@ impl PreparedChange<'_> {
         live.current.store(next);
         Ok(self.events)
     }
+}
+
+/// Shreds `subject` with the server stopped (`keys shred`): under both locks, destroys
+/// its secrets in `jurisdictions` (every one the keyring holds, when empty) and logs a
+/// `key_admin` entry for it (no policy decides a local command; it names the command
+/// as its principal, like offline key changes).
+pub fn shred_offline(
+    paths: &DataPaths,
+    actor: &str,
+    master: &dyn keys::MasterKeySource,
+    subject: &crate::record::SubjectId,
+    jurisdictions: &[crate::record::Jurisdiction],
+) -> Result<Vec<crate::subjects::ShredOutcome>, Error> {
+    let holder = crate::fsutil::describe_process(&format!("`{actor}`"));
+    let keyring_lock = keys::lock(&paths.data_dir, &holder)?;
+    let keyring = Keyring::open(&paths.keyring(), master)?;
+    let targets: Vec<crate::record::Jurisdiction> = if jurisdictions.is_empty() {
+        keyring.jurisdictions().cloned().collect()
+    } else {
+        for jurisdiction in jurisdictions {
+            if !keyring.holds(jurisdiction) {
+                return Err(keys::Error::UnknownJurisdiction(jurisdiction.clone()).into());
+            }
+        }
+        jurisdictions.to_vec()
+    };
+    let (signer, _, _) = paths.signer()?;
+    let (log, _) = DecisionLog::open_with(
+        &paths.log(),
+        LogOptions {
+            signer: Some(signer),
+            key_generations: Some(keyring.generations()),
+            holder: holder.clone(),
+            ..LogOptions::default()
+        },
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| Error::Other(format!("cannot start runtime: {error}")))?;
+    let result = runtime.block_on(async {
+        let subjects = crate::subjects::Subjects::open(&paths.data_dir, &keyring, 0)
+            .map_err(|error| Error::Other(error.to_string()))?;
+        let outcomes = subjects
+            .shred(subject, &targets)
+            .await
+            .map_err(|error| Error::Other(error.to_string()))?;
+        let time = time::OffsetDateTime::now_utc();
+        let mut entry = Entry::bare(
+            crate::record::rfc3339(time),
+            time.unix_timestamp(),
+            String::new(),
+            audit::KEY_ADMIN_KIND,
+            shred_outcome(&outcomes),
+        );
+        entry.principal = Some(holder.clone());
+        entry.authentication = "local".to_owned();
+        entry.action = Some(crate::policy::Action::Shred.as_str().to_owned());
+        entry.key_admin = Some(audit::KeyAdminEntry {
+            operation: "shred".to_owned(),
+            below: None,
+            from: None,
+            key_rings: targets
+                .iter()
+                .map(|jurisdiction| audit::KeyRingDecision {
+                    jurisdiction: jurisdiction.as_str().to_owned(),
+                    decision: "local".to_owned(),
+                    policies: Vec::new(),
+                    errors: Vec::new(),
+                })
+                .collect(),
+            subject: Some(subject.as_str().to_owned()),
+        });
+        log.append(entry).await.map_err(|error| {
+            Error::Other(format!(
+                "the subject was shredded but the shred could not be logged ({error})"
+            ))
+        })?;
+        Ok(outcomes)
+    });
+    log.close();
+    drop(keyring_lock);
+    result
+}
+
+/// The outcome text of a shred's entry: `shredded: US shredded, EU no_secret`.
+pub fn shred_outcome(outcomes: &[crate::subjects::ShredOutcome]) -> String {
+    format!(
+        "shredded: {}",
+        outcomes
+            .iter()
+            .map(|outcome| format!("{} {}", outcome.jurisdiction(), outcome.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }

@@ -28,6 +28,7 @@ pub mod record;
 pub mod reload;
 pub mod server;
 pub mod service;
+pub mod subjects;
 
 /// Generated protobuf and gRPC code for `ringfence.v1`; never edited by hand.
 pub mod pb {

@@ -126,6 +126,12 @@ string_newtype!(
     /// The caller's identifier of one record: 1 to 256 bytes of printable UTF-8.
     RecordId
 );
+string_newtype!(
+    /// The person a record is about (the data subject), whose secret material every
+    /// field of the record is sealed with: 1 to 256 bytes of printable UTF-8. Defaults
+    /// to the record id.
+    SubjectId
+);
 
 impl Jurisdiction {
     /// Longest accepted code, in bytes.
@@ -203,6 +209,25 @@ impl RecordId {
             ));
         }
         Ok(Self(value.to_owned()))
+    }
+}
+
+impl SubjectId {
+    /// Longest accepted subject id, in bytes.
+    pub const MAX_LEN: usize = RecordId::MAX_LEN;
+
+    /// Checks a subject id with the rules of a record id.
+    pub fn new(value: &str) -> Result<Self, InvalidName> {
+        RecordId::new(value)
+            .map(|_| Self(value.to_owned()))
+            .map_err(|error| InvalidName::new("subject_id", value, error.reason))
+    }
+}
+
+impl From<&RecordId> for SubjectId {
+    /// A record's default subject: its own id.
+    fn from(record: &RecordId) -> Self {
+        Self(record.as_str().to_owned())
     }
 }
 

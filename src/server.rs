@@ -46,6 +46,9 @@ pub enum Error {
     /// The decision log cannot be opened.
     #[error(transparent)]
     Log(#[from] audit::Error),
+    /// The subject store is damaged, or sealed under another master key.
+    #[error(transparent)]
+    Subjects(#[from] crate::subjects::Error),
     /// The data directory or listen socket is unusable.
     #[error("{0}")]
     Io(String),
@@ -182,6 +185,10 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
             keyring.save()?;
         }
     }
+    // The subject store, checked against the keyring's master key before anything
+    // is written to it; under the keyring lock, as `keys rotate-master` re-seals it.
+    let subjects =
+        crate::subjects::Subjects::open(&config.data_dir, &keyring, config.subject_cache_entries)?;
     drop(keyring_lock);
     drop(master);
     keyring.configure_encryption(&config.jurisdictions)?;
@@ -202,6 +209,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
     );
     Ok(Arc::new(Gatekeeper::new(
         keyring,
+        Arc::new(subjects),
         policies,
         log,
         config.limits,

@@ -15,10 +15,15 @@ use serde_json::Value;
 
 /// What `script` prints, parsed, next to the vector it must reproduce.
 fn run_reference(script: &str, vector: &str) -> Option<(Value, Value)> {
+    run_reference_with(script, &[], vector)
+}
+
+fn run_reference_with(script: &str, args: &[&str], vector: &str) -> Option<(Value, Value)> {
     let python = system_tools::python_with_cryptography()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let output = Command::new(&python)
         .arg(root.join(script))
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -68,4 +73,18 @@ fn python_reference_key_hierarchy_reproduces_its_known_answer_vector() {
     };
     // The sealed root key, byte for byte (nonce || ciphertext || tag).
     assert_eq!(printed["sealed_root_key"].as_str().unwrap().len(), 120);
+}
+
+#[test]
+fn python_reference_implementation_reproduces_the_format_2_known_answer_vector() {
+    let Some((printed, _)) = run_reference_with(
+        "docs/reference_envelope.py",
+        &["v2"],
+        "tests/data/envelope_v2_kat.json",
+    ) else {
+        return;
+    };
+    // Format 2: the header names the key id and the subject.
+    let envelope = hex::decode(printed["envelope"].as_str().unwrap()).unwrap();
+    assert_eq!(envelope.get(2), Some(&2));
 }

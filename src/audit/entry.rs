@@ -15,6 +15,10 @@ pub struct RecordEntry {
     pub record_id: String,
     /// Jurisdiction.
     pub jurisdiction: String,
+    /// The data subject, when known (format-2 envelopes and encryptions name it;
+    /// absent in entries written before, and for format-1 records not named one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// The decision and outcome for one field.
@@ -68,8 +72,12 @@ pub struct KeyAdminEntry {
     /// `unretire`: this version and the ones after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<u32>,
-    /// The decision for each key ring concerned, e.g. `KeyRing::"US"`.
+    /// The decision for each key ring concerned, e.g. `KeyRing::"US"` (for `shred`,
+    /// each jurisdiction's `DataSubjects`).
     pub key_rings: Vec<KeyRingDecision>,
+    /// `shred`: the data subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// The decision on one jurisdiction's key ring.

@@ -25,6 +25,9 @@ pub struct Filter {
     pub record_type: Option<String>,
     /// Record id.
     pub record_id: Option<String>,
+    /// Data subject: entries about the subject's records (a record without a named
+    /// subject is its own subject, by record id) and shreds of the subject.
+    pub subject: Option<String>,
     /// A field the entry decided.
     pub field: Option<String>,
     /// `allow` or `deny`; with `field`, the decision for that field.
@@ -55,6 +58,18 @@ fn principal_matches(entry: &Value, wanted: &str) -> bool {
                 .split_once("::")
                 .is_some_and(|(_, id)| id.trim_matches('"') == wanted)
     })
+}
+
+fn subject_matches(entry: &Value, wanted: &str) -> bool {
+    if let Some(record) = entry.get("record") {
+        return match text(record, "/subject") {
+            Some(subject) => subject == wanted,
+            // Entries before subjects, and format-1 records not named one: a record's
+            // default subject is its id.
+            None => text(record, "/record_id") == Some(wanted),
+        };
+    }
+    text(entry, "/key_admin/subject") == Some(wanted)
 }
 
 impl Filter {
@@ -91,6 +106,11 @@ impl Filter {
         }
         if let Some(principal) = &self.principal
             && !principal_matches(entry, principal)
+        {
+            return false;
+        }
+        if let Some(subject) = &self.subject
+            && !subject_matches(entry, subject)
         {
             return false;
         }
@@ -280,6 +300,26 @@ mod tests {
         .unwrap();
         let error = for_each_entry(dir.path(), &Filter::default(), |_, _| Ok(())).unwrap_err();
         assert!(error.to_string().contains("format 3, unknown"), "{error}");
+    }
+
+    #[test]
+    fn entries_about_a_subject_are_found_by_subject_or_by_default_record_id() {
+        let named = json!({"kind": "decrypt",
+            "record": {"record_type": "user_profile", "record_id": "r-1", "jurisdiction": "US", "subject": "s-9"}});
+        let unnamed = json!({"kind": "decrypt",
+            "record": {"record_type": "user_profile", "record_id": "s-9", "jurisdiction": "US"}});
+        let other = json!({"kind": "decrypt",
+            "record": {"record_type": "user_profile", "record_id": "s-9", "jurisdiction": "US", "subject": "s-1"}});
+        let shred = json!({"kind": "key_admin", "key_admin": {"operation": "shred", "key_rings": [], "subject": "s-9"}});
+        let filter = Filter {
+            subject: Some("s-9".to_owned()),
+            ..Filter::default()
+        };
+        assert!(filter.matches(&named));
+        assert!(filter.matches(&unnamed));
+        assert!(!filter.matches(&other));
+        assert!(filter.matches(&shred));
+        assert!(!filter.matches(&json!({"kind": "checkpoint"})));
     }
 
     fn entry() -> Value {

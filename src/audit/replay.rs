@@ -81,6 +81,7 @@ fn replay_entry(
     let action = match entry.kind.as_str() {
         "encrypt" => Some(Action::Encrypt),
         "decrypt" | "authorize" => Some(Action::Decrypt),
+        "rewrap" => Some(Action::Rewrap),
         super::KEY_ADMIN_KIND => entry.action.as_deref().and_then(Action::from_id),
         _ => None,
     };
@@ -218,7 +219,7 @@ fn replay_key_admin(
     for ring in &admin.key_rings {
         let resource = format!(
             "{}::\"{}\"",
-            crate::policy::KEY_RING_TYPE,
+            action.resource_kind().type_name(),
             ring.jurisdiction
         );
         let decision = Jurisdiction::new(&ring.jurisdiction)

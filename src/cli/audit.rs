@@ -29,6 +29,11 @@ pub struct FilterArgs {
     /// Record id.
     #[arg(long)]
     record_id: Option<String>,
+    /// Data subject: who read, encrypted, rewrapped or shredded what of this person
+    /// (a data-subject access request). Records without a named subject are their
+    /// own subject, by record id.
+    #[arg(long)]
+    subject: Option<String>,
     /// A field the entry decided.
     #[arg(long)]
     field: Option<String>,
@@ -52,6 +57,7 @@ impl From<FilterArgs> for Filter {
             jurisdiction: args.jurisdiction,
             record_type: args.record_type,
             record_id: args.record_id,
+            subject: args.subject,
             field: args.field,
             decision: args.decision,
             since: args.since,

@@ -1,5 +1,6 @@
 //! `ringfence keys ...`: create, list, rotate, retire, unretire, destroy and migrate
-//! root keys, and re-seal them under a new master key. Offline (server stopped) every
+//! root keys, re-seal them (and the subject store) under a new master key, and shred
+//! data subjects. Offline (server stopped) every
 //! change is logged as `key_event` entries with a signed checkpoint and refused while a
 //! server holds the log; with `--server` the running server's KeyAdmin service decides,
 //! logs and applies it live. Versions, key ids, dates and states only, never key bytes.
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 use ringfence::keyadmin::{self, DataPaths};
 use ringfence::keys::{self, KeyEvent, Keyring, MASTER_KEY_ENV, MasterKeyPolicy};
 use ringfence::pb;
-use ringfence::record::{Jurisdiction, KeyVersion};
+use ringfence::record::{Jurisdiction, KeyVersion, SubjectId};
 
 use super::admin_client::{ServerArgs, print_key_rings};
 use super::{DataDir, EXIT_FAILURE, fail};
@@ -115,9 +116,29 @@ pub enum Command {
         #[arg(long)]
         below: KeyVersion,
     },
+    /// Crypto-shred a data subject: destroy its secret in every jurisdiction (or the
+    /// ones given), so that none of its format-2 fields ever decrypts again (per-field
+    /// KIND_SHREDDED) and nothing is encrypted for it again. PERMANENT (see
+    /// docs/crypto.md, "Shredding", for backups). With --server the running server
+    /// decides `shred`, logs it and applies it to every request that starts after the
+    /// command returns; offline (server stopped) it is logged as a local command.
+    /// Format-1 fields do not depend on the subject's secret: rewrap them first.
+    Shred {
+        #[command(flatten)]
+        args: KeyArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The data subject, as records name it (`subject_id`, default their record id).
+        #[arg(long)]
+        subject: SubjectId,
+        /// Jurisdictions to shred in, comma-separated (default: every one the keyring
+        /// holds).
+        #[arg(long, value_delimiter = ',')]
+        jurisdictions: Vec<Jurisdiction>,
+    },
     /// Re-seal every key under a new master key (server stopped): root keys, key ids
-    /// and records stay as they are; afterwards only the new master key opens the
-    /// keyring. The current master key comes from --master-key-file or
+    /// and records stay as they are, and so do the subject secrets (re-sealed in the
+    /// subject store first); afterwards only the new master key opens the keyring. The current master key comes from --master-key-file or
     /// RINGFENCE_MASTER_KEY as usual.
     RotateMaster {
         #[command(flatten)]
@@ -197,6 +218,27 @@ fn run_change(
     actor: &str,
     change: impl FnOnce(&Path, &keys::LocalMasterKey) -> Result<Changed, keys::Error>,
 ) -> Result<Vec<KeyEvent>, keyadmin::Error> {
+    run_change_inner(args, create, actor, change, Box::new(|_| Ok(())))
+}
+
+/// [`run_change`] of an existing keyring with a step before the save (see
+/// [`keyadmin::change_offline_with`]).
+fn run_change_with<'a>(
+    args: &'a KeyArgs,
+    actor: &str,
+    change: impl FnOnce(&Path, &keys::LocalMasterKey) -> Result<Changed, keys::Error>,
+    before_save: Box<keyadmin::BeforeSave<'a>>,
+) -> Result<Vec<KeyEvent>, keyadmin::Error> {
+    run_change_inner(args, false, actor, change, before_save)
+}
+
+fn run_change_inner<'a>(
+    args: &'a KeyArgs,
+    create: bool,
+    actor: &str,
+    change: impl FnOnce(&Path, &keys::LocalMasterKey) -> Result<Changed, keys::Error>,
+    before_save: Box<keyadmin::BeforeSave<'a>>,
+) -> Result<Vec<KeyEvent>, keyadmin::Error> {
     if let Err(error) = std::fs::create_dir_all(&args.data.data_dir) {
         return Err(keyadmin::Error::Other(format!(
             "cannot create data directory `{}`: {error}",
@@ -210,11 +252,86 @@ fn run_change(
             keys::MasterKeySource::describe(&master)
         );
     }
-    keyadmin::change_offline(
+    keyadmin::change_offline_with(
         &args.paths(),
         actor,
         Box::new(|path: &Path| change(path, &master)),
+        before_save,
     )
+}
+
+/// `keys shred`: through `--server`'s KeyAdmin service, or offline.
+fn shred(
+    args: &KeyArgs,
+    server: &ServerArgs,
+    subject: &SubjectId,
+    jurisdictions: &[Jurisdiction],
+) -> ExitCode {
+    let print = |outcomes: Vec<(String, String)>| {
+        for (jurisdiction, outcome) in outcomes {
+            println!("{jurisdiction}\t{outcome}");
+        }
+    };
+    match server.connect(&args.data.data_dir) {
+        Ok(Some(remote)) => {
+            let message = pb::ShredSubjectRequest {
+                subject_id: subject.as_str().to_owned(),
+                jurisdictions: jurisdictions
+                    .iter()
+                    .map(|j| j.as_str().to_owned())
+                    .collect(),
+                purpose: server.purpose.clone(),
+                ticket: server.ticket.clone(),
+            };
+            match remote.call(message, |mut client, request| async move {
+                client.shred_subject(request).await
+            }) {
+                Ok(response) => {
+                    print(
+                        response
+                            .jurisdictions
+                            .into_iter()
+                            .map(|shred| (shred.jurisdiction, shred.outcome))
+                            .collect(),
+                    );
+                    println!("request {}", response.request_id);
+                    ExitCode::SUCCESS
+                }
+                Err(error) => fail(EXIT_FAILURE, error),
+            }
+        }
+        Ok(None) => {
+            let master = match args.master(false) {
+                Ok(master) => master,
+                Err(error) => return fail(EXIT_FAILURE, error),
+            };
+            match keyadmin::shred_offline(
+                &args.paths(),
+                "ringfence keys shred",
+                &master,
+                subject,
+                jurisdictions,
+            ) {
+                Ok(outcomes) => {
+                    print(
+                        outcomes
+                            .iter()
+                            .map(|o| (o.jurisdiction().as_str().to_owned(), o.as_str().to_owned()))
+                            .collect(),
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(keyadmin::Error::Log(error @ ringfence::audit::Error::Locked { .. })) => fail(
+                    EXIT_FAILURE,
+                    format!(
+                        "{error}: a server runs on this data directory (it caches subject secrets); shred through it with --server"
+                    ),
+                ),
+                Err(error) => fail(EXIT_FAILURE, error),
+            }
+        }
+        Err(error) => fail(EXIT_FAILURE, error),
+    }
 }
 
 /// Makes a change through `--server`'s KeyAdmin service, or offline.
@@ -398,6 +515,12 @@ pub fn run(command: Command) -> ExitCode {
             args,
             new_master_key_file,
         } => rotate_master(&args, new_master_key_file.as_deref()),
+        Command::Shred {
+            args,
+            server,
+            subject,
+            jurisdictions,
+        } => shred(&args, &server, &subject, &jurisdictions),
         Command::Migrate { args } => {
             let result = run_change(&args, false, "ringfence keys migrate", |path, master| {
                 // A format-1 keyring has no generations: the log's newest checkpoint
@@ -497,16 +620,34 @@ fn rotate_master(args: &KeyArgs, new_master_key_file: Option<&Path>) -> ExitCode
             ),
         );
     }
-    let result = run_change(
+    // The keyring as it was, to re-seal the subject store from (under both locks,
+    // just before the re-sealed keyring is saved).
+    let old_keyring = std::cell::RefCell::new(None);
+    let result = run_change_with(
         args,
-        false,
         "ringfence keys rotate-master",
         |path, master| {
             let mut keyring = Keyring::open(path, master)?;
             let before = keyring.states();
+            *old_keyring.borrow_mut() = Some(keyring.clone());
             let events = keyring.reseal(&new)?;
             Ok((before, keyring, events))
         },
+        Box::new(|new_keyring: &Keyring| {
+            let Some(old) = old_keyring.borrow_mut().take() else {
+                return Ok(());
+            };
+            match ringfence::subjects::reseal_store(&args.data.data_dir, &old, new_keyring) {
+                Ok(Some(count)) => {
+                    println!("re-sealed {count} subject secrets in the subject store");
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(error) => Err(keyadmin::Error::Other(format!(
+                    "the subject store could not be re-sealed ({error}); nothing was changed"
+                ))),
+            }
+        }),
     );
     let code = report(result, "the keyring holds no keys: nothing to re-seal");
     if code != ExitCode::SUCCESS {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use ringfence::config::DEFAULT_POLICIES;
 use ringfence::policy::suite::{self, Suite};
 use ringfence::policy::{
-    Action, FieldDecision, KEY_RING_TYPE, PolicySnapshot, Principal, RequestFacts, ResourceKind,
+    Action, FieldDecision, PolicySnapshot, Principal, RequestFacts, ResourceKind,
 };
 use ringfence::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};
 
@@ -40,6 +40,8 @@ pub enum ActionArg {
     DestroyKey,
     #[value(name = "view_keys")]
     ViewKeys,
+    Rewrap,
+    Shred,
 }
 
 impl ActionArg {
@@ -52,6 +54,8 @@ impl ActionArg {
             ActionArg::UnretireKey => Action::UnretireKey,
             ActionArg::DestroyKey => Action::DestroyKey,
             ActionArg::ViewKeys => Action::ViewKeys,
+            ActionArg::Rewrap => Action::Rewrap,
+            ActionArg::Shred => Action::Shred,
         }
     }
 }
@@ -230,7 +234,7 @@ pub fn run(command: Command) -> ExitCode {
                 Principal::Service(_) => ringfence::identity::METHOD_MTLS,
             };
             let record_type = match (action.resource_kind(), record_type) {
-                (ResourceKind::KeyRing, None) => {
+                (ResourceKind::KeyRing | ResourceKind::DataSubjects, None) => {
                     let facts = RequestFacts {
                         principal: &principal,
                         service: &service,
@@ -241,8 +245,9 @@ pub fn run(command: Command) -> ExitCode {
                     return match snapshot.decide_key(action, &facts, &jurisdiction) {
                         Ok(decision) => {
                             println!(
-                                "{} {KEY_RING_TYPE}::\"{jurisdiction}\" by {principal} via Service::{service:?} (purpose {purpose:?}, ticket {ticket:?}), policy set {}",
+                                "{} {}::\"{jurisdiction}\" by {principal} via Service::{service:?} (purpose {purpose:?}, ticket {ticket:?}), policy set {}",
                                 action.as_str(),
+                                action.resource_kind().type_name(),
                                 snapshot.hash()
                             );
                             println!("  {}", explained(&snapshot, &decision));
@@ -251,12 +256,13 @@ pub fn run(command: Command) -> ExitCode {
                         Err(error) => fail(EXIT_FAILURE, error),
                     };
                 }
-                (ResourceKind::KeyRing, Some(_)) => {
+                (ResourceKind::KeyRing | ResourceKind::DataSubjects, Some(_)) => {
                     return fail(
                         EXIT_FAILURE,
                         format!(
-                            "`{}` acts on the jurisdiction's key ring: --record-type and --field do not apply",
-                            action.as_str()
+                            "`{}` acts on the jurisdiction's `{}`: --record-type and --field do not apply",
+                            action.as_str(),
+                            action.resource_kind().type_name()
                         ),
                     );
                 }

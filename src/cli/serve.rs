@@ -112,6 +112,10 @@ pub struct Args {
     /// Start a new decision log segment after this many hours.
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
     log_segment_hours: u64,
+    /// Unsealed data-subject secrets kept in memory (about 200 bytes each); 0 reads
+    /// the subject store on every request.
+    #[arg(long, default_value_t = ringfence::subjects::DEFAULT_CACHE_ENTRIES as u64, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    subject_cache: u64,
 }
 
 fn auth(args: &Args) -> Auth {
@@ -166,6 +170,7 @@ pub fn run(args: Args) -> ExitCode {
         checkpoint_key: args.checkpoint_key,
         log_segment_bytes: args.log_segment_mib * 1024 * 1024,
         log_segment_age: std::time::Duration::from_secs(args.log_segment_hours * 3600),
+        subject_cache_entries: usize::try_from(args.subject_cache).unwrap_or(usize::MAX),
         ..ServeConfig::defaults()
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -8,12 +8,15 @@
 //!   extracted once; every record gets its own AES key, expanded with an `info` that names
 //!   the purpose, jurisdiction, key version, record type and record id. One AES key thus
 //!   serves one record's fields only, far below the 2^32 random-nonce limit of SP 800-38D.
+//! - Envelope format 2 also names the root key's id and the record's data subject, and
+//!   its record key mixes in that subject's random secret ([`SubjectSecret`]): destroying
+//!   the secret (shredding) leaves no key that opens the subject's fields.
 
 mod envelope;
 mod wrapping;
 
 pub use envelope::{Envelope, MIN_ENVELOPE_LEN, RecordKey};
-pub use wrapping::{KeyId, LegacyKeyWrapper, SEALED_KEY_LEN, WrappingKey};
+pub use wrapping::{KeyId, LegacyKeyWrapper, SEALED_KEY_LEN, SEALED_SUBJECT_LEN, WrappingKey};
 
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{AeadInOut, KeyInit, Nonce, Tag};
@@ -23,12 +26,15 @@ use sha2::Sha256;
 use std::fmt;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::record::{FieldName, Jurisdiction, KeyVersion, RecordId, RecordType};
+use crate::record::{FieldName, Jurisdiction, KeyVersion, RecordId, RecordType, SubjectId};
 
 /// First two bytes of every envelope.
 pub const ENVELOPE_MAGIC: [u8; 2] = *b"RF";
-/// The envelope format this code writes and reads.
-pub const ENVELOPE_VERSION: u8 = 1;
+/// The envelope format this code writes: key id and data subject in the header, the
+/// subject's secret in the record key.
+pub const ENVELOPE_VERSION: u8 = 2;
+/// The first envelope format (no key id, no subject); still read, never written.
+pub const ENVELOPE_VERSION_1: u8 = 1;
 /// AES-GCM nonce length in bytes.
 pub const NONCE_LEN: usize = 12;
 /// AES-GCM tag length in bytes.
@@ -41,6 +47,10 @@ pub const ROOT_KEY_SALT: &[u8] = b"ringfence/v1 root-key";
 /// HKDF salt used when extracting the key-wrapping key from the master key.
 pub const MASTER_KEY_SALT: &[u8] = b"ringfence/v1 master-key";
 const RECORD_KEY_LABEL: &[u8] = b"ringfence/v1 record-key";
+const SUBJECT_RECORD_SALT: &[u8] = b"ringfence/v2 subject-record-key";
+const RECORD_KEY_LABEL_V2: &[u8] = b"ringfence/v2 record-key";
+const SUBJECT_SEAL_LABEL: &[u8] = b"ringfence/v2 subject-secret-seal";
+const SUBJECT_STORE_CHECK_LABEL: &[u8] = b"ringfence/v2 subject-store-check";
 const KEY_WRAP_LABEL: &[u8] = b"ringfence/v1 keyring-wrap";
 const ROOT_KEY_AAD_LABEL: &[u8] = b"ringfence/v1 root-key-seal";
 const JURISDICTION_WRAP_LABEL: &[u8] = b"ringfence/v2 jurisdiction-wrapping-key";
@@ -99,6 +109,29 @@ impl fmt::Debug for SecretKey {
     }
 }
 
+/// The random secret material of one data subject in one jurisdiction, mixed into
+/// every record key of that subject (format 2). Zeroized on drop; never printed.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct SubjectSecret([u8; KEY_LEN]);
+
+impl SubjectSecret {
+    /// A fresh secret from the operating system's RNG.
+    pub fn generate() -> Result<Self, Error> {
+        SecretKey::generate().map(|key| Self(*key.expose()))
+    }
+
+    /// Takes ownership of secret bytes (known-answer tests, unsealing).
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Debug for SubjectSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SubjectSecret(<redacted>)")
+    }
+}
+
 /// Appends `value` with a 2-byte big-endian length prefix (the `lp16` of docs/crypto.md).
 pub fn put_lp16(out: &mut Vec<u8>, value: &[u8]) -> Result<(), Error> {
     let len = u16::try_from(value.len()).map_err(|_| Error::TooLong("a length-prefixed value"))?;
@@ -137,6 +170,18 @@ pub fn fresh_nonces(count: usize) -> Result<Vec<[u8; NONCE_LEN]>, Error> {
             nonce
         })
         .collect())
+}
+
+/// The data subject of a format-2 record: the id, the secret and the id of the root
+/// key version, all bound into the record key and the envelope header.
+#[derive(Debug, Clone, Copy)]
+pub struct SubjectScope<'a> {
+    /// The subject's id.
+    pub subject: &'a SubjectId,
+    /// The subject's secret in the record's jurisdiction.
+    pub secret: &'a SubjectSecret,
+    /// The key id of the root key version ([`DerivationKey::key_id`]).
+    pub key_id: &'a KeyId,
 }
 
 /// Where a record lives: everything its key and its fields' associated data bind to.
@@ -186,15 +231,61 @@ impl DerivationKey {
         Ok(KeyId(id))
     }
 
-    /// The AES-256-GCM key of one record (docs/crypto.md, "Record keys").
+    /// The AES-256-GCM key of one format-1 record (docs/crypto.md, "Record keys"):
+    /// root key only, so it can be derived again as long as the root key exists.
     pub fn record_key(&self, scope: &RecordScope<'_>) -> Result<RecordKey, Error> {
         let info = record_key_info(scope)?;
         let mut okm = Zeroizing::new([0u8; KEY_LEN]);
         hkdf_expand(&self.prk, &info, okm.as_mut_slice())?;
         let cipher =
             Aes256Gcm::new_from_slice(okm.as_slice()).map_err(|_| Error::TooLong("key"))?;
-        Ok(RecordKey { cipher })
+        Ok(RecordKey {
+            cipher,
+            subject: None,
+        })
     }
+
+    /// The AES-256-GCM key of one format-2 record (docs/crypto.md, "Record keys,
+    /// format 2"): `PRK_S = HKDF-Extract("ringfence/v2 subject-record-key", PRK_root ||
+    /// secret)`, then `HKDF-Expand(PRK_S, info2, 32)` with `info2 = lp16("ringfence/v2
+    /// record-key") || lp16(J) || u32be(v) || lp16(subject) || lp16(record_type) ||
+    /// lp16(record_id)`. Both the root key and the subject's secret are needed: without
+    /// the secret the key cannot be derived again.
+    pub fn subject_record_key(
+        &self,
+        scope: &RecordScope<'_>,
+        subject: &SubjectScope<'_>,
+    ) -> Result<RecordKey, Error> {
+        let mut ikm = Zeroizing::new([0u8; 2 * KEY_LEN]);
+        let (root, secret) = ikm.split_at_mut(KEY_LEN);
+        root.copy_from_slice(&self.prk);
+        secret.copy_from_slice(&subject.secret.0);
+        let prk = hkdf_extract(SUBJECT_RECORD_SALT, ikm.as_slice());
+        let info = subject_record_key_info(scope, subject.subject)?;
+        let mut okm = Zeroizing::new([0u8; KEY_LEN]);
+        hkdf_expand(prk.as_slice(), &info, okm.as_mut_slice())?;
+        let cipher =
+            Aes256Gcm::new_from_slice(okm.as_slice()).map_err(|_| Error::TooLong("key"))?;
+        Ok(RecordKey {
+            cipher,
+            subject: Some((subject.subject.clone(), *subject.key_id)),
+        })
+    }
+}
+
+/// `info` of a format-2 record key (see [`DerivationKey::subject_record_key`]).
+pub fn subject_record_key_info(
+    scope: &RecordScope<'_>,
+    subject: &SubjectId,
+) -> Result<Vec<u8>, Error> {
+    let mut info = Vec::with_capacity(96 + scope.record_id.as_str().len() + subject.as_str().len());
+    put_lp16(&mut info, RECORD_KEY_LABEL_V2)?;
+    put_lp16(&mut info, scope.jurisdiction.as_str().as_bytes())?;
+    info.extend_from_slice(&scope.key_version.get().to_be_bytes());
+    put_lp16(&mut info, subject.as_str().as_bytes())?;
+    put_lp16(&mut info, scope.record_type.as_str().as_bytes())?;
+    put_lp16(&mut info, scope.record_id.as_str().as_bytes())?;
+    Ok(info)
 }
 
 /// `info` of a record key: `lp16(label) || lp16(jurisdiction) || u32be(version) ||

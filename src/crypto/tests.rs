@@ -105,6 +105,120 @@ fn envelope_matches_known_answer_and_opens() {
     assert_eq!(plaintext.as_slice(), unhex(&vector.plaintext).as_slice());
 }
 
+#[derive(serde::Deserialize)]
+struct EnvelopeVectorV2 {
+    root_key: String,
+    subject_secret: String,
+    jurisdiction: String,
+    key_version: u32,
+    key_id: String,
+    subject_id: String,
+    record_type: String,
+    record_id: String,
+    field: String,
+    nonce: String,
+    plaintext: String,
+    record_key: String,
+    envelope: String,
+}
+
+#[test]
+fn format_2_envelope_matches_its_known_answer_and_needs_the_subject_secret() {
+    let vector: EnvelopeVectorV2 =
+        serde_json::from_str(include_str!("../../tests/data/envelope_v2_kat.json")).unwrap();
+    let root_bytes: [u8; KEY_LEN] = unhex(&vector.root_key).try_into().unwrap();
+    let root = DerivationKey::from_root(&SecretKey::from_bytes(root_bytes));
+    let jurisdiction = Jurisdiction::new(&vector.jurisdiction).unwrap();
+    let key_version = KeyVersion::new(vector.key_version).unwrap();
+    let key_id = root.key_id(&jurisdiction, key_version).unwrap();
+    assert_eq!(key_id.to_string(), vector.key_id);
+    let (record_type, record_id) = (
+        RecordType::new(&vector.record_type).unwrap(),
+        RecordId::new(&vector.record_id).unwrap(),
+    );
+    let scope = RecordScope {
+        jurisdiction: &jurisdiction,
+        key_version,
+        record_type: &record_type,
+        record_id: &record_id,
+    };
+    let subject = SubjectId::new(&vector.subject_id).unwrap();
+    let secret_bytes: [u8; KEY_LEN] = unhex(&vector.subject_secret).try_into().unwrap();
+    let secret = SubjectSecret::from_bytes(secret_bytes);
+    let subject_scope = SubjectScope {
+        subject: &subject,
+        secret: &secret,
+        key_id: &key_id,
+    };
+    // The record key itself, through the same derivation.
+    let mut ikm = root.prk.to_vec();
+    ikm.extend_from_slice(&secret_bytes);
+    let prk = hkdf_extract(SUBJECT_RECORD_SALT, &ikm);
+    let mut okm = [0u8; KEY_LEN];
+    hkdf_expand(
+        prk.as_slice(),
+        &subject_record_key_info(&scope, &subject).unwrap(),
+        &mut okm,
+    )
+    .unwrap();
+    assert_eq!(hex::encode(okm), vector.record_key);
+
+    let key = root.subject_record_key(&scope, &subject_scope).unwrap();
+    let field = FieldName::new(&vector.field).unwrap();
+    let nonce: [u8; NONCE_LEN] = unhex(&vector.nonce).try_into().unwrap();
+    let envelope = key
+        .seal(&scope, &field, &nonce, &unhex(&vector.plaintext))
+        .unwrap();
+    assert_eq!(hex::encode(&envelope), vector.envelope);
+    let parsed = Envelope::parse(&envelope).unwrap();
+    assert_eq!(parsed.format, 2);
+    assert_eq!(parsed.key_id, Some(key_id));
+    assert_eq!(parsed.subject.as_ref(), Some(&subject));
+    assert_eq!(
+        key.open(&scope, &field, &parsed).unwrap().as_slice(),
+        unhex(&vector.plaintext).as_slice()
+    );
+
+    // Another secret (the subject shredded and made anew), another subject, or the
+    // format-1 key of the same root: none opens it.
+    let other_secret = SubjectSecret::from_bytes([9; KEY_LEN]);
+    let other = root
+        .subject_record_key(
+            &scope,
+            &SubjectScope {
+                secret: &other_secret,
+                ..subject_scope
+            },
+        )
+        .unwrap();
+    assert_eq!(other.open(&scope, &field, &parsed), Err(Error::Integrity));
+    let someone = SubjectId::new("person-8").unwrap();
+    let moved = root
+        .subject_record_key(
+            &scope,
+            &SubjectScope {
+                subject: &someone,
+                ..subject_scope
+            },
+        )
+        .unwrap();
+    assert_eq!(moved.open(&scope, &field, &parsed), Err(Error::Integrity));
+    let format_1 = root.record_key(&scope).unwrap();
+    assert_eq!(
+        format_1.open(&scope, &field, &parsed),
+        Err(Error::Integrity)
+    );
+    // A header edit (the subject's id) fails authentication too.
+    let mut edited = envelope.clone();
+    let at = edited
+        .windows(subject.as_str().len())
+        .position(|window| window == subject.as_str().as_bytes())
+        .unwrap();
+    edited[at + 7] ^= 1;
+    let reparsed = Envelope::parse(&edited).unwrap();
+    assert!(key.open(&scope, &field, &reparsed).is_err());
+}
+
 fn sealed_fixture() -> (Fixture, Vec<u8>) {
     let (vector, fixture) = kat();
     let scope = fixture.scope();
@@ -246,7 +360,7 @@ fn garbage_is_malformed_not_a_panic() {
         assert!(matches!(Envelope::parse(garbage), Err(Error::Malformed(_))));
     }
     let mut bad_version = sealed_fixture().1;
-    bad_version[2] = 2;
+    bad_version[2] = 3;
     assert_eq!(
         Envelope::parse(&bad_version).unwrap_err(),
         Error::Malformed("unsupported format version")

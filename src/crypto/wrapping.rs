@@ -41,6 +41,7 @@ impl fmt::Debug for KeyId {
 pub struct WrappingKey {
     jurisdiction: Jurisdiction,
     seal: Aes256Gcm,
+    subjects: Aes256Gcm,
     mac: Zeroizing<[u8; KEY_LEN]>,
 }
 
@@ -79,9 +80,12 @@ impl WrappingKey {
         let seal_key = expand(SEAL_KEY_LABEL)?;
         let seal =
             Aes256Gcm::new_from_slice(seal_key.as_slice()).map_err(|_| Error::TooLong("key"))?;
+        let subjects = Aes256Gcm::new_from_slice(expand(SUBJECT_SEAL_LABEL)?.as_slice())
+            .map_err(|_| Error::TooLong("key"))?;
         Ok(Self {
             jurisdiction: jurisdiction.clone(),
             seal,
+            subjects,
             mac: expand(METADATA_MAC_LABEL)?,
         })
     }
@@ -120,6 +124,43 @@ impl WrappingKey {
         sealed: &[u8],
     ) -> Result<SecretKey, Error> {
         open_under(&self.seal, &self.aad(version, key_id)?, sealed)
+    }
+
+    fn subject_aad(&self, subject: &SubjectId) -> Result<Vec<u8>, Error> {
+        let mut aad = Vec::with_capacity(64 + subject.as_str().len());
+        put_lp16(&mut aad, SUBJECT_SEAL_LABEL)?;
+        put_lp16(&mut aad, self.jurisdiction.as_str().as_bytes())?;
+        put_lp16(&mut aad, subject.as_str().as_bytes())?;
+        Ok(aad)
+    }
+
+    /// Seals a subject's secret bound to this jurisdiction and the subject id, under
+    /// the subject-sealing key `HKDF-Expand(WK_J, lp16("ringfence/v2
+    /// subject-secret-seal"), 32)`: `nonce || ct || tag` ([`SEALED_SUBJECT_LEN`]).
+    pub fn seal_subject(
+        &self,
+        subject: &SubjectId,
+        secret: &SubjectSecret,
+    ) -> Result<Vec<u8>, Error> {
+        let key = SecretKey(secret.0);
+        seal_under(&self.subjects, &self.subject_aad(subject)?, &key)
+    }
+
+    /// Opens a sealed subject secret; [`Error::Integrity`] under a wrong master key
+    /// or when the sealed value was moved to another jurisdiction or subject.
+    pub fn open_subject(&self, subject: &SubjectId, sealed: &[u8]) -> Result<SubjectSecret, Error> {
+        let key = open_under(&self.subjects, &self.subject_aad(subject)?, sealed)?;
+        Ok(SubjectSecret(*key.expose()))
+    }
+
+    /// The check value a subject store keeps per jurisdiction to tell which master key
+    /// sealed it: `HMAC(metadata key, lp16("ringfence/v2 subject-store-check") ||
+    /// lp16(J))`, hex. Reveals nothing about the key.
+    pub fn subject_store_check(&self) -> Result<String, Error> {
+        let mut message = Vec::with_capacity(64);
+        put_lp16(&mut message, SUBJECT_STORE_CHECK_LABEL)?;
+        put_lp16(&mut message, self.jurisdiction.as_str().as_bytes())?;
+        Ok(hex::encode(self.authenticate(&message)?))
     }
 
     /// HMAC-SHA256 of `message` under the metadata key.
@@ -200,6 +241,8 @@ impl fmt::Debug for LegacyKeyWrapper {
 
 /// Length of a sealed root key: nonce, encrypted key, tag.
 pub const SEALED_KEY_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+/// Length of a sealed subject secret: nonce, encrypted secret, tag.
+pub const SEALED_SUBJECT_LEN: usize = SEALED_KEY_LEN;
 
 impl LegacyKeyWrapper {
     /// `wrap = HKDF-Expand(HKDF-Extract(MASTER_KEY_SALT, master), lp16(label), 32)`.

@@ -9,7 +9,9 @@ use crate::identity::Caller;
 use crate::keyadmin::Actor;
 use crate::keys::{KeyEvent, KeyInfo, Keyring};
 use crate::policy::{self, Action, FieldDecision, PolicySnapshot};
+use crate::record::SubjectId;
 use crate::record::{Jurisdiction, KeyVersion, StatedPurpose};
+use crate::subjects::ShredOutcome;
 
 /// A change to one jurisdiction's keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,7 @@ impl KeyChange {
             below,
             from,
             key_rings,
+            subject: None,
         }
     }
 
@@ -86,6 +89,17 @@ pub struct KeyChanged {
     pub key_ring: Option<KeyInfo>,
 }
 
+/// A data subject shredded.
+#[derive(Debug, Clone)]
+pub struct SubjectShredded {
+    /// The request's id in the decision log.
+    pub request_id: String,
+    /// The policy set that decided.
+    pub policy_set: String,
+    /// What happened in each jurisdiction.
+    pub outcomes: Vec<ShredOutcome>,
+}
+
 /// Key versions the caller may see.
 #[derive(Debug, Clone)]
 pub struct KeyListing {
@@ -107,6 +121,7 @@ fn ring_decision(jurisdiction: &Jurisdiction, decision: &FieldDecision) -> KeyRi
 }
 
 fn denied(action: Action, jurisdictions: &[&Jurisdiction], decisions: &[FieldDecision]) -> Error {
+    let resource_type = action.resource_kind().type_name();
     let mut policy_ids: Vec<String> = decisions
         .iter()
         .flat_map(|decision| decision.visible_policies.iter().cloned())
@@ -117,7 +132,7 @@ fn denied(action: Action, jurisdictions: &[&Jurisdiction], decisions: &[FieldDec
         action: action.as_str(),
         resource: jurisdictions
             .iter()
-            .map(|j| format!("{}::\"{j}\"", policy::KEY_RING_TYPE))
+            .map(|j| format!("{resource_type}::\"{j}\""))
             .collect::<Vec<_>>()
             .join(", "),
         policy_ids,
@@ -281,6 +296,7 @@ impl Gatekeeper {
             below: None,
             from: None,
             key_rings,
+            subject: None,
         };
         let mut decisions = Vec::with_capacity(candidates.len());
         for candidate in &candidates {
@@ -326,6 +342,100 @@ impl Gatekeeper {
                 .into_iter()
                 .filter(|info| allowed.iter().any(|j| j.as_str() == info.jurisdiction))
                 .collect(),
+        })
+    }
+}
+
+impl Gatekeeper {
+    /// Shreds `subject` in `jurisdictions` (every jurisdiction the keyring holds and
+    /// the policies know, when `None`): decides `shred` on each jurisdiction's
+    /// `DataSubjects` for the caller, all of which must be permitted, logs the decision
+    /// durably, destroys the subject's secrets (durably, caches forgotten) and logs
+    /// what was destroyed. Every request that starts after this returns finds the
+    /// subject shredded.
+    pub async fn shred_subject(
+        &self,
+        caller: &Caller,
+        stated: &StatedPurpose,
+        subject: &SubjectId,
+        jurisdictions: Option<Vec<Jurisdiction>>,
+    ) -> Result<SubjectShredded, Error> {
+        let context = Context::new(caller, stated)?;
+        let snapshot = self.policies.current();
+        let candidates = jurisdictions.unwrap_or_else(|| {
+            let keyring = self.keyring.load();
+            keyring
+                .jurisdictions()
+                .filter(|j| snapshot.jurisdictions().contains(j))
+                .cloned()
+                .collect()
+        });
+        if candidates.is_empty() {
+            return Err(super::InvalidRequest(
+                "no jurisdiction to shred in: name one the keyring holds".to_owned(),
+            )
+            .into());
+        }
+        let admin = |key_rings| KeyAdminEntry {
+            operation: "shred".to_owned(),
+            below: None,
+            from: None,
+            key_rings,
+            subject: Some(subject.as_str().to_owned()),
+        };
+        let mut decisions = Vec::with_capacity(candidates.len());
+        for candidate in &candidates {
+            decisions.push(
+                self.decide_key(&snapshot, &context, Action::Shred, candidate, admin)
+                    .await?,
+            );
+        }
+        let mut entry = context.entry(
+            KEY_ADMIN_KIND,
+            Some(Action::Shred),
+            None,
+            Some(snapshot.hash()),
+        );
+        entry.key_admin = Some(admin(
+            candidates
+                .iter()
+                .zip(&decisions)
+                .map(|(j, decision)| ring_decision(j, decision))
+                .collect(),
+        ));
+        if decisions.iter().any(|decision| !decision.allowed) {
+            entry.outcome = "denied".to_owned();
+            self.log.append(entry).await?;
+            let all: Vec<&Jurisdiction> = candidates.iter().collect();
+            return Err(denied(Action::Shred, &all, &decisions));
+        }
+        caller.check_credentials()?;
+        for jurisdiction in &candidates {
+            if !self.keyring.load().holds(jurisdiction) {
+                return Err(crate::keys::Error::UnknownJurisdiction(jurisdiction.clone()).into());
+            }
+        }
+        entry.outcome = "allowed".to_owned();
+        // The decision is durable before anything is destroyed.
+        self.log.append(entry.clone()).await?;
+        let outcomes = match self.subjects.shred(subject, &candidates).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                entry.time = crate::record::rfc3339_now();
+                entry.outcome = format!("failed: {error}");
+                if let Err(log_error) = self.log.append(entry).await {
+                    tracing::error!(%log_error, request_id = context.request_id, "failed shred not logged");
+                }
+                return Err(error.into());
+            }
+        };
+        entry.time = crate::record::rfc3339_now();
+        entry.outcome = crate::keyadmin::shred_outcome(&outcomes);
+        self.log.append(entry).await?;
+        Ok(SubjectShredded {
+            request_id: context.request_id,
+            policy_set: snapshot.hash().to_owned(),
+            outcomes,
         })
     }
 }

@@ -93,6 +93,7 @@ pub(super) fn record_entry(
             .map(|id| id.as_str().to_owned())
             .unwrap_or_default(),
         jurisdiction: jurisdiction.as_str().to_owned(),
+        subject: None,
     }
 }
 

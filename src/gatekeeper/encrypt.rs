@@ -4,11 +4,11 @@
 use super::context::{Context, Subject, check_field_names, field_entry};
 use super::types::{Encrypted, PlainRecord, SealedRecord};
 use super::{Error, Gatekeeper, InvalidRequest};
-use crate::crypto::{self, RecordScope};
+use crate::crypto::{self, RecordScope, SubjectScope, SubjectSecret};
 use crate::identity::Caller;
 use crate::keys::Keyring;
 use crate::policy::Action;
-use crate::record::{FieldName, KeyVersion, StatedPurpose};
+use crate::record::{FieldName, KeyVersion, StatedPurpose, SubjectId};
 
 impl Gatekeeper {
     /// Encrypts every field of a record, if policy permits `encrypt` on all of them.
@@ -30,7 +30,12 @@ impl Gatekeeper {
             .iter()
             .map(|(name, _)| name.clone())
             .collect();
-        let record_log = record.entry();
+        let subject = request
+            .subject
+            .clone()
+            .unwrap_or_else(|| SubjectId::from(&record.record_id));
+        let mut record_log = record.entry();
+        record_log.subject = Some(subject.as_str().to_owned());
         let decisions = self
             .decide(
                 &snapshot,
@@ -69,14 +74,9 @@ impl Gatekeeper {
             }
             entry.fields.push(field);
         }
-        entry.outcome = if denied.is_empty() {
-            "encrypted"
-        } else {
-            "denied"
-        }
-        .to_owned();
-        self.log.append(entry).await?;
         if !denied.is_empty() {
+            entry.outcome = "denied".to_owned();
+            self.log.append(entry).await?;
             visible.sort_unstable();
             visible.dedup();
             return Err(Error::EncryptDenied {
@@ -84,13 +84,31 @@ impl Gatekeeper {
                 policy_ids: visible,
             });
         }
+        // The subject's secret (made now for a new subject), before the log says the
+        // record was encrypted: a shredded subject gets nothing encrypted again.
+        let secret = match self
+            .subjects
+            .for_encryption(&keyring, &record.jurisdiction, &subject)
+            .await
+        {
+            Ok(secret) => secret,
+            Err(error @ crate::subjects::Error::Shredded { .. }) => {
+                entry.outcome = format!("refused: {error}");
+                self.log.append(entry).await?;
+                return Err(error.into());
+            }
+            Err(error) => return Err(error.into()),
+        };
+        entry.outcome = "encrypted".to_owned();
+        self.log.append(entry).await?;
 
-        let sealed = seal(&keyring, &request, key_version)?;
+        let sealed = seal(&keyring, &request, key_version, &subject, &secret)?;
         Ok(Encrypted {
             policy_set: snapshot.hash().to_owned(),
             request_id: context.request_id,
             record: SealedRecord {
                 record: request.record.clone(),
+                subject: Some(subject),
                 fields: sealed,
             },
         })
@@ -119,25 +137,62 @@ impl Gatekeeper {
     }
 }
 
-/// Seals every field under the record key of `key_version`, each with a fresh nonce.
+/// Seals every field in envelope format 2 under the record key of `key_version` and
+/// the subject's secret, each with a fresh nonce.
 fn seal(
     keyring: &Keyring,
     request: &PlainRecord,
     key_version: KeyVersion,
+    subject: &SubjectId,
+    secret: &SubjectSecret,
 ) -> Result<Vec<(FieldName, Vec<u8>)>, Error> {
-    let record = &request.record;
+    let fields = request
+        .fields
+        .iter()
+        .map(|(name, value)| (name, value.as_slice()));
+    seal_fields(
+        keyring,
+        &request.record,
+        key_version,
+        subject,
+        secret,
+        fields,
+    )
+}
+
+/// Seals fields of `record` in envelope format 2 (encryption and rewrap).
+pub(super) fn seal_fields<'v>(
+    keyring: &Keyring,
+    record: &super::RecordRef,
+    key_version: KeyVersion,
+    subject: &SubjectId,
+    secret: &SubjectSecret,
+    fields: impl ExactSizeIterator<Item = (&'v FieldName, &'v [u8])>,
+) -> Result<Vec<(FieldName, Vec<u8>)>, Error> {
     let scope = RecordScope {
         jurisdiction: &record.jurisdiction,
         key_version,
         record_type: &record.record_type,
         record_id: &record.record_id,
     };
+    let key_id = keyring
+        .key_id(&record.jurisdiction, key_version)
+        .ok_or_else(|| {
+            crate::keys::Error::UnknownKeyVersion(record.jurisdiction.clone(), key_version)
+        })?;
     let key = keyring
         .derivation_key(&record.jurisdiction, key_version)?
-        .record_key(&scope)?;
-    let nonces = crypto::fresh_nonces(request.fields.len())?;
-    let mut sealed = Vec::with_capacity(request.fields.len());
-    for ((name, value), nonce) in request.fields.iter().zip(&nonces) {
+        .subject_record_key(
+            &scope,
+            &SubjectScope {
+                subject,
+                secret,
+                key_id,
+            },
+        )?;
+    let nonces = crypto::fresh_nonces(fields.len())?;
+    let mut sealed = Vec::with_capacity(fields.len());
+    for ((name, value), nonce) in fields.zip(&nonces) {
         sealed.push((name.clone(), key.seal(&scope, name, nonce, value)?));
     }
     Ok(sealed)

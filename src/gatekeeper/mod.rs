@@ -16,10 +16,11 @@ mod types;
 
 use std::sync::Arc;
 
-pub use admin::{KeyChange, KeyChanged, KeyListing};
+pub use admin::{KeyChange, KeyChanged, KeyListing, SubjectShredded};
 pub use types::{
     AuthorizeRequest, Authorized, DecryptRequest, Decrypted, Denial, Encrypted, FieldFailure,
-    Outcome, PlainRecord, Receipt, RecordRef, SealedRecord,
+    Outcome, PlainRecord, Receipt, RecordRef, RewrapOutcome, RewrapRequest, Rewrapped,
+    SealedRecord,
 };
 
 use crate::audit::{self, DecisionLog, Entry, FieldEntry};
@@ -100,12 +101,16 @@ pub enum Error {
     /// A cryptographic operation failed (e.g. the OS RNG).
     #[error(transparent)]
     Crypto(#[from] crypto::Error),
+    /// The subject store failed, or the subject was shredded.
+    #[error(transparent)]
+    Subjects(#[from] crate::subjects::Error),
 }
 
 /// The data flow of the service, independent of the transport.
 #[derive(Debug)]
 pub struct Gatekeeper {
     keyring: LiveKeyring,
+    subjects: Arc<crate::subjects::Subjects>,
     policies: Arc<PolicyStore>,
     log: DecisionLog,
     limits: Limits,
@@ -116,12 +121,14 @@ impl Gatekeeper {
     /// Assembles a gatekeeper from its parts.
     pub fn new(
         keyring: Keyring,
+        subjects: Arc<crate::subjects::Subjects>,
         policies: Arc<PolicyStore>,
         log: DecisionLog,
         limits: Limits,
     ) -> Self {
         Self {
             keyring: LiveKeyring::new(keyring),
+            subjects,
             policies,
             log,
             limits,

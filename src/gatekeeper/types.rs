@@ -5,7 +5,9 @@ use zeroize::Zeroizing;
 
 use crate::audit::RecordEntry;
 use crate::policy::Action;
-use crate::record::{FieldName, Jurisdiction, KeyVersion, RecordId, RecordType, StatedPurpose};
+use crate::record::{
+    FieldName, Jurisdiction, KeyVersion, RecordId, RecordType, StatedPurpose, SubjectId,
+};
 
 /// Which record a request is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +31,8 @@ impl RecordRef {
 pub struct PlainRecord {
     /// The record.
     pub record: RecordRef,
+    /// The data subject; `None` means the record id.
+    pub subject: Option<SubjectId>,
     /// Field names and plaintext values.
     pub fields: Vec<(FieldName, Zeroizing<Vec<u8>>)>,
 }
@@ -37,6 +41,7 @@ impl std::fmt::Debug for PlainRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PlainRecord")
             .field("record", &self.record)
+            .field("subject", &self.subject)
             .field(
                 "fields",
                 &self
@@ -54,6 +59,8 @@ impl std::fmt::Debug for PlainRecord {
 pub struct SealedRecord {
     /// The record.
     pub record: RecordRef,
+    /// The data subject the caller names, if any (format-2 envelopes name their own).
+    pub subject: Option<SubjectId>,
     /// Field names and envelopes.
     pub fields: Vec<(FieldName, Vec<u8>)>,
 }
@@ -104,6 +111,11 @@ pub enum FieldFailure {
     RetiredKeyVersion(KeyVersion),
     /// The envelope's key version was destroyed: the field is lost for good.
     DestroyedKeyVersion(KeyVersion),
+    /// The record's data subject was shredded: the field is lost for good.
+    Shredded,
+    /// The envelope names a data subject whose secret this server does not hold (a
+    /// subject store restored from an older backup, or a forged envelope).
+    UnknownSubject,
 }
 
 /// What happened to one requested field. Debug output never shows plaintext.
@@ -239,6 +251,63 @@ impl Authorized {
     pub fn receipt(&self) -> Receipt {
         Receipt::new(
             Action::Decrypt,
+            &self.request_id,
+            &self.logged,
+            &self.policy_set,
+            Vec::new(),
+        )
+    }
+}
+
+/// A request to re-encrypt a record under the current key version and format.
+#[derive(Debug, Clone)]
+pub struct RewrapRequest {
+    /// The encrypted record.
+    pub record: SealedRecord,
+    /// Purpose and ticket.
+    pub stated: StatedPurpose,
+}
+
+/// What happened to one field of a rewrap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RewrapOutcome {
+    /// Re-encrypted.
+    Rewrapped {
+        /// Key version before.
+        from_version: KeyVersion,
+        /// Key version now (the current one).
+        to_version: KeyVersion,
+        /// Envelope format before.
+        from_format: u8,
+    },
+    /// Already current; unchanged.
+    Unchanged,
+    /// Not permitted; unchanged.
+    Denied(Denial),
+    /// Not decryptable; unchanged.
+    Failed(FieldFailure),
+}
+
+/// The answer to a rewrap request: no plaintext, only envelopes.
+#[derive(Debug)]
+pub struct Rewrapped {
+    /// Hash of the policy set that decided the request.
+    pub policy_set: String,
+    /// Id of the request's decision log entry.
+    pub request_id: String,
+    /// The record with rewrapped fields replaced, the others as sent.
+    pub record: SealedRecord,
+    /// One outcome per field, in record order.
+    pub fields: Vec<(FieldName, RewrapOutcome)>,
+    /// The record as its decision log entry names it.
+    pub logged: RecordEntry,
+}
+
+impl Rewrapped {
+    /// The receipt of this answer: no field leaves in plaintext.
+    pub fn receipt(&self) -> Receipt {
+        Receipt::new(
+            Action::Rewrap,
             &self.request_id,
             &self.logged,
             &self.policy_set,

@@ -624,6 +624,24 @@ impl Keyring {
         }
     }
 
+    /// The key id of a version the keyring knows (held or destroyed).
+    pub fn key_id(&self, jurisdiction: &Jurisdiction, version: KeyVersion) -> Option<&KeyId> {
+        self.keys
+            .get(jurisdiction)
+            .and_then(|keys| keys.versions.get(&version))
+            .map(|keys| &keys.key_id)
+    }
+
+    /// The wrapping key of a jurisdiction, which seals its subject secrets too.
+    pub fn wrapping_key(&self, jurisdiction: &Jurisdiction) -> Option<&Arc<WrappingKey>> {
+        self.keys.get(jurisdiction).map(|keys| &keys.wrapping)
+    }
+
+    /// The jurisdictions whose keys the keyring holds.
+    pub fn jurisdictions(&self) -> impl Iterator<Item = &Jurisdiction> {
+        self.keys.keys()
+    }
+
     /// Whether `jurisdiction` accepts new encryptions.
     pub fn is_configured(&self, jurisdiction: &Jurisdiction) -> bool {
         self.encrypt_jurisdictions.contains(jurisdiction)

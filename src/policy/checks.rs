@@ -3,19 +3,34 @@
 //! service makes, and that no permit grants key administration without naming it.
 //! Pure functions of the schema and policy text; may not load files or decide.
 
+use std::collections::BTreeSet;
+
 use cedar_policy::{Context, Request, RestrictedExpression, Schema};
 use serde_json::Value;
 
 use super::Action;
 use super::names::{KEY_RING_TYPE, ResourceKind, uid};
 
-/// Whether `schema` declares key administration: the `KeyRing` entity type (and then,
-/// as [`probe_schema`] checks, every key action on it). Without it, no `KeyRing`
-/// entities are made and every key action is refused.
-pub(super) fn declares_key_administration(schema: &Schema) -> bool {
-    schema
-        .entity_types()
-        .any(|entity_type| entity_type.to_string() == KEY_RING_TYPE)
+/// The actions `schema` declares, which are the ones this policy set decides.
+/// `encrypt` and `decrypt` always (the schema must accept them); the key actions when
+/// it declares the `KeyRing` entity type, `shred` when it declares `DataSubjects`
+/// (and then, as [`probe_schema`] checks, the actions on them); `rewrap` when it
+/// declares that action. A policy set written before an action existed loads and
+/// decides what it did; the newer actions are refused for it.
+pub(super) fn declared_actions(schema: &Schema) -> BTreeSet<Action> {
+    let has_type = |name: &str| {
+        schema
+            .entity_types()
+            .any(|entity_type| entity_type.to_string() == name)
+    };
+    let has_action = |id: &str| schema.actions().any(|uid| uid.id().unescaped() == id);
+    Action::ALL
+        .into_iter()
+        .filter(|action| match action.resource_kind() {
+            ResourceKind::Field => *action != Action::Rewrap || has_action(action.as_str()),
+            kind => has_type(kind.type_name()),
+        })
+        .collect()
 }
 
 /// Why a policy would grant key administration without naming it: a `permit` whose
@@ -53,17 +68,17 @@ pub(super) fn grants_key_actions_unnamed(est: &Value) -> Option<String> {
         Some("in") => entity_type(resource.get("entity")).filter(|t| t == "Field"),
         _ => None,
     };
-    if pinned.is_some_and(|t| t != KEY_RING_TYPE) {
+    if pinned.is_some_and(|t| t != KEY_RING_TYPE && t != super::names::DATA_SUBJECTS_TYPE) {
         return None;
     }
     Some(format!(
-        "permits every action on a resource that may be a `{KEY_RING_TYPE}`, so it would grant key administration (`destroy_key` included): name its actions (`action in [Action::\"decrypt\", ...]`) or scope it to fields (`resource is Field`)"
+        "permits every action on a resource that may be a `{KEY_RING_TYPE}` or `DataSubjects`, so it would grant key administration (`destroy_key` and `shred` included): name its actions (`action in [Action::\"decrypt\", ...]`) or scope it to fields (`resource is Field`)"
     ))
 }
 
 /// Checks that the schema accepts the requests this service builds, so a schema edit
 /// that breaks them fails at load, not on a request path.
-pub(super) fn probe_schema(schema: &Schema, key_admin: bool) -> Result<(), String> {
+pub(super) fn probe_schema(schema: &Schema, declared: &BTreeSet<Action>) -> Result<(), String> {
     let service = uid("Service", "probe").map_err(|e| e.to_string())?;
     let context = Context::from_pairs([
         (
@@ -85,12 +100,15 @@ pub(super) fn probe_schema(schema: &Schema, key_admin: bool) -> Result<(), Strin
         ("request_time".to_owned(), RestrictedExpression::new_long(0)),
     ])
     .map_err(|error| error.to_string())?;
-    for action in Action::ALL {
-        // Keys are administered by people: key actions need only apply to employees.
-        let (resource_type, principal_types): (&str, &[&str]) = match action.resource_kind() {
-            ResourceKind::Field => ("Field", &["Employee", "Service"]),
-            ResourceKind::KeyRing if key_admin => (KEY_RING_TYPE, &["Employee"]),
-            ResourceKind::KeyRing => continue,
+    for action in declared.iter().copied() {
+        // Keys and subjects are administered by people: those actions need only
+        // apply to employees.
+        let kind = action.resource_kind();
+        let resource_type = kind.type_name();
+        let principal_types: &[&str] = if kind.is_jurisdictional() {
+            &["Employee"]
+        } else {
+            &["Employee", "Service"]
         };
         for principal_type in principal_types {
             let request = Request::new(

@@ -230,24 +230,25 @@ impl PolicySnapshot {
             .field(&field_entity_id(jurisdiction, record_type, field))
     }
 
-    /// Decides a key administration `action` on `jurisdiction`'s `KeyRing`. Only
-    /// employees administer keys: a service acting alone is refused before Cedar with
-    /// [`Error::NotAnEmployee`] (callers that only need the decision treat it as
-    /// [`FieldDecision::refused`]). Not cached (key administration is rare).
+    /// Decides an administration `action` on `jurisdiction`'s `KeyRing` (key actions)
+    /// or `DataSubjects` (`shred`). Only employees administer keys and subjects: a
+    /// service acting alone is refused before Cedar with [`Error::NotAnEmployee`]
+    /// (callers that only need the decision treat it as [`FieldDecision::refused`]).
+    /// Not cached (administration is rare).
     pub fn decide_key(
         &self,
         action: Action,
         facts: &RequestFacts<'_>,
         jurisdiction: &Jurisdiction,
     ) -> Result<FieldDecision, Error> {
-        if action.resource_kind() != super::names::ResourceKind::KeyRing {
+        if !action.resource_kind().is_jurisdictional() {
             return Err(Error::Internal(format!(
-                "`{}` is not a key administration action",
+                "`{}` is not an administration action",
                 action.as_str()
             )));
         }
-        if !self.key_admin {
-            return Err(Error::KeyAdministrationUndeclared);
+        if !self.declared.contains(&action) {
+            return Err(Error::Undeclared(action));
         }
         if !matches!(facts.principal, Principal::Employee(_)) {
             return Err(Error::NotAnEmployee(facts.principal.to_string()));
@@ -261,7 +262,9 @@ impl PolicySnapshot {
             action,
             &principal,
             &context,
-            self.names.key_ring(jurisdiction),
+            self.names
+                .jurisdictional(action.resource_kind(), jurisdiction)
+                .ok_or_else(|| Error::Internal("not a jurisdictional resource".to_owned()))?,
         )
     }
 
@@ -329,6 +332,15 @@ impl PolicySnapshot {
         record_type: &RecordType,
         fields: &[FieldName],
     ) -> Result<Vec<Verdict<'_>>, Error> {
+        if action.resource_kind().is_jurisdictional() {
+            return Err(Error::Internal(format!(
+                "`{}` is not an action on fields",
+                action.as_str()
+            )));
+        }
+        if !self.declared.contains(&action) {
+            return Err(Error::Undeclared(action));
+        }
         let (principal, service, classifications) =
             self.check_request(facts, jurisdiction, record_type, fields)?;
         let mut context = None;
@@ -407,6 +419,9 @@ impl PolicySnapshot {
         record_type: &RecordType,
         fields: &[FieldName],
     ) -> Result<Vec<FieldDecision>, Error> {
+        if !self.declared.contains(&action) {
+            return Err(Error::Undeclared(action));
+        }
         let (principal, service, _) =
             self.check_request(facts, jurisdiction, record_type, fields)?;
         let context = self.context(facts, service)?;

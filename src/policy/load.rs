@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::analysis;
-use super::checks::{declares_key_administration, grants_key_actions_unnamed, probe_schema};
+use super::checks::{declared_actions, grants_key_actions_unnamed, probe_schema};
 use super::diagnostics::{
     Collected, LoadError, name_snippets, policy_locations, render, render_in_file,
 };
-use super::names::{KEY_RING_TYPE, Names, field_entity_id};
+use super::names::{DATA_SUBJECTS_TYPE, KEY_RING_TYPE, Names, ResourceKind, field_entity_id};
 use super::{
     Action, CALLER_VISIBLE_ANNOTATION, CATALOG_FILE, DIRECTORY_FILE, FieldCatalog, ID_ANNOTATION,
     Observed, PolicySnapshot, SCHEMA_FILE,
@@ -76,9 +76,11 @@ impl PolicySnapshot {
                 .push(format!("{}: no `.cedar` policy files", dir.display()));
         }
 
-        // Key administration exists only in a schema that declares it: a policy set
-        // written before it (or archived before it) loads and decides records as it did.
-        let key_admin = schema.as_ref().is_some_and(declares_key_administration);
+        // Key administration, shredding and rewrapping exist only in a schema that
+        // declares them: a policy set written before them (or archived before them)
+        // loads and decides records as it did.
+        let declared = schema.as_ref().map(declared_actions).unwrap_or_default();
+        let key_admin = declared.contains(&Action::RotateKey) || declared.contains(&Action::Shred);
         let mut policies = Policies {
             key_admin,
             ..Policies::default()
@@ -149,7 +151,7 @@ impl PolicySnapshot {
                     &directory_path,
                     catalog,
                     &schema,
-                    key_admin,
+                    &declared,
                     &mut jurisdictions,
                 ) {
                     Ok(entities) => Some(entities),
@@ -162,7 +164,7 @@ impl PolicySnapshot {
             _ => None,
         };
 
-        if let Err(diagnostic) = probe_schema(&schema, key_admin) {
+        if let Err(diagnostic) = probe_schema(&schema, &declared) {
             collected
                 .diagnostics
                 .push(format!("{}: {diagnostic}", schema_path.display()));
@@ -194,7 +196,7 @@ impl PolicySnapshot {
             observed,
             hidden_ids,
             policy_files,
-            key_admin,
+            declared,
             authorizer: Authorizer::new(),
             cache: RwLock::new(HashMap::new()),
         })
@@ -276,8 +278,9 @@ impl PolicySnapshot {
             let uid = fixture.get("uid");
             let uid = uid.and_then(|u| u.get("__entity")).or(uid);
             let entity_type = uid.and_then(|u| u.get("type")).and_then(Value::as_str);
-            if let Some(kind @ ("Field" | KEY_RING_TYPE | analysis::JURISDICTION_TYPE)) =
-                entity_type
+            if let Some(
+                kind @ ("Field" | KEY_RING_TYPE | DATA_SUBJECTS_TYPE | analysis::JURISDICTION_TYPE),
+            ) = entity_type
             {
                 return Err(format!(
                     "`{kind}` entities cannot be fixtures: fields come from {CATALOG_FILE}, jurisdictions (and their key rings) from {DIRECTORY_FILE}"
@@ -302,7 +305,7 @@ impl PolicySnapshot {
             observed: self.observed.clone(),
             hidden_ids: self.hidden_ids.clone(),
             policy_files: self.policy_files.clone(),
-            key_admin: self.key_admin,
+            declared: self.declared.clone(),
             authorizer: Authorizer::new(),
             cache: RwLock::new(HashMap::new()),
         })
@@ -319,7 +322,8 @@ struct Policies {
     /// Each policy with the actions its scope admits (`None`: any).
     action_scopes: Vec<(cedar_policy::Policy, Option<BTreeSet<Action>>)>,
     hidden_ids: HashSet<String>,
-    /// Whether the schema declares key administration (see [`declares_key_administration`]).
+    /// Whether the schema declares key administration or shredding (see
+    /// [`declared_actions`]): permits of every action are then checked.
     key_admin: bool,
 }
 
@@ -467,14 +471,15 @@ fn actions_in_scope(est: &Value) -> Option<BTreeSet<Action>> {
 }
 
 /// Parses the directory, adds a `Field` entity for every (jurisdiction, catalog field)
-/// and a `KeyRing` entity for every jurisdiction, and validates all entities against
+/// and a `KeyRing` and `DataSubjects` entity for every jurisdiction (when the schema
+/// declares them), and validates all entities against
 /// the schema.
 fn directory_entities(
     text: &str,
     path: &Path,
     catalog: &FieldCatalog,
     schema: &Schema,
-    key_admin: bool,
+    declared: &BTreeSet<Action>,
     jurisdictions: &mut BTreeSet<Jurisdiction>,
 ) -> Result<Entities, String> {
     let at = path.display();
@@ -491,9 +496,9 @@ fn directory_entities(
                     "{at}: `Field` entities are generated from {CATALOG_FILE} and must not appear in the directory"
                 ));
             }
-            (Some(KEY_RING_TYPE), _) => {
+            (Some(generated @ (KEY_RING_TYPE | DATA_SUBJECTS_TYPE)), _) => {
                 return Err(format!(
-                    "{at}: `{KEY_RING_TYPE}` entities are generated for every `Jurisdiction` and must not appear in the directory"
+                    "{at}: `{generated}` entities are generated for every `Jurisdiction` and must not appear in the directory"
                 ));
             }
             (Some(analysis::JURISDICTION_TYPE), Some(code)) => {
@@ -505,9 +510,13 @@ fn directory_entities(
         }
     }
     for jurisdiction in jurisdictions.iter() {
-        if key_admin {
+        let kinds = [ResourceKind::KeyRing, ResourceKind::DataSubjects];
+        for kind in kinds
+            .into_iter()
+            .filter(|kind| declared.iter().any(|a| a.resource_kind() == *kind))
+        {
             entities.push(json!({
-            "uid": {"type": KEY_RING_TYPE, "id": jurisdiction.as_str()},
+            "uid": {"type": kind.type_name(), "id": jurisdiction.as_str()},
             "attrs": {
                 "jurisdiction": {"__entity": {"type": "Jurisdiction", "id": jurisdiction.as_str()}},
             },

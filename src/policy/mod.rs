@@ -31,7 +31,9 @@ pub use analysis::Observed;
 pub use catalog::FieldCatalog;
 pub use decide::{FieldDecision, RequestFacts, Verdict};
 pub use diagnostics::LoadError;
-pub use names::{Action, KEY_RING_TYPE, Principal, ResourceKind, field_entity_id};
+pub use names::{
+    Action, DATA_SUBJECTS_TYPE, KEY_RING_TYPE, Principal, ResourceKind, field_entity_id,
+};
 pub use store::{LoadAttempt, PolicyStore, StoreStatus, Trigger, affects_policy_set};
 
 use crate::record::{FieldName, Jurisdiction, RecordType};
@@ -64,8 +66,8 @@ pub struct PolicySnapshot {
     observed: Observed,
     hidden_ids: HashSet<String>,
     policy_files: BTreeMap<String, PathBuf>,
-    /// Whether the schema declares key administration (`KeyRing` and key actions).
-    key_admin: bool,
+    /// The actions the schema declares (see `checks::declared_actions`).
+    declared: BTreeSet<Action>,
     authorizer: Authorizer,
     cache: RwLock<HashMap<DecisionKey, Arc<FieldDecision>>>,
 }
@@ -110,11 +112,11 @@ pub enum Error {
         "key administration is decided for employees only, not `{0}`: present an employee token"
     )]
     NotAnEmployee(String),
-    /// The policy set's schema declares no key administration.
+    /// The policy set's schema does not declare the action (or its resource type).
     #[error(
-        "the policy set's schema declares no key administration (the `KeyRing` entity type and the key actions): add them as in the shipped policies/schema.cedarschema to administer keys"
+        "the policy set's schema does not declare `{}` (on `{}`): add it as in the shipped policies/schema.cedarschema to use it", .0.as_str(), .0.resource_kind().type_name()
     )]
-    KeyAdministrationUndeclared,
+    Undeclared(Action),
     /// A request could not be built; a defect, not a caller mistake.
     #[error("internal policy error: {0}")]
     Internal(String),

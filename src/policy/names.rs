@@ -26,6 +26,12 @@ pub enum Action {
     DestroyKey,
     /// Listing key versions, ids and states.
     ViewKeys,
+    /// Re-encrypting a field under the current key version without returning its
+    /// plaintext (`Field` resource).
+    Rewrap,
+    /// Destroying a data subject's secret material in a jurisdiction, so that none of
+    /// that subject's fields there ever decrypts again (`DataSubjects` resource).
+    Shred,
 }
 
 /// The resource type an action applies to.
@@ -35,11 +41,30 @@ pub enum ResourceKind {
     Field,
     /// `KeyRing`: one jurisdiction's root keys.
     KeyRing,
+    /// `DataSubjects`: the data subjects of one jurisdiction (their secret material).
+    DataSubjects,
+}
+
+impl ResourceKind {
+    /// The Cedar entity type of the resource.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            ResourceKind::Field => "Field",
+            ResourceKind::KeyRing => KEY_RING_TYPE,
+            ResourceKind::DataSubjects => DATA_SUBJECTS_TYPE,
+        }
+    }
+
+    /// Whether the resource is one entity per jurisdiction (administration), not a
+    /// field of a record.
+    pub fn is_jurisdictional(self) -> bool {
+        !matches!(self, ResourceKind::Field)
+    }
 }
 
 impl Action {
     /// Every action, in a fixed order.
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 9] = [
         Action::Encrypt,
         Action::Decrypt,
         Action::RotateKey,
@@ -47,6 +72,8 @@ impl Action {
         Action::UnretireKey,
         Action::DestroyKey,
         Action::ViewKeys,
+        Action::Rewrap,
+        Action::Shred,
     ];
 
     /// The Cedar action id.
@@ -59,6 +86,8 @@ impl Action {
             Action::UnretireKey => "unretire_key",
             Action::DestroyKey => "destroy_key",
             Action::ViewKeys => "view_keys",
+            Action::Rewrap => "rewrap",
+            Action::Shred => "shred",
         }
     }
 
@@ -70,7 +99,8 @@ impl Action {
     /// What the action applies to.
     pub fn resource_kind(self) -> ResourceKind {
         match self {
-            Action::Encrypt | Action::Decrypt => ResourceKind::Field,
+            Action::Encrypt | Action::Decrypt | Action::Rewrap => ResourceKind::Field,
+            Action::Shred => ResourceKind::DataSubjects,
             Action::RotateKey
             | Action::RetireKey
             | Action::UnretireKey
@@ -141,6 +171,9 @@ pub(super) struct Names {
     pub(super) service: EntityTypeName,
     pub(super) field: EntityTypeName,
     pub(super) key_ring: EntityTypeName,
+    pub(super) data_subjects: EntityTypeName,
+    rewrap: EntityUid,
+    shred: EntityUid,
     encrypt: EntityUid,
     decrypt: EntityUid,
     rotate_key: EntityUid,
@@ -157,6 +190,9 @@ impl Names {
             service: type_name("Service")?,
             field: type_name("Field")?,
             key_ring: type_name(KEY_RING_TYPE)?,
+            data_subjects: type_name(DATA_SUBJECTS_TYPE)?,
+            rewrap: uid("Action", Action::Rewrap.as_str())?,
+            shred: uid("Action", Action::Shred.as_str())?,
             encrypt: uid("Action", Action::Encrypt.as_str())?,
             decrypt: uid("Action", Action::Decrypt.as_str())?,
             rotate_key: uid("Action", Action::RotateKey.as_str())?,
@@ -167,12 +203,21 @@ impl Names {
         })
     }
 
-    /// The `KeyRing` entity of a jurisdiction.
-    pub(super) fn key_ring(&self, jurisdiction: &Jurisdiction) -> EntityUid {
-        EntityUid::from_type_name_and_id(
-            self.key_ring.clone(),
+    /// The `KeyRing` or `DataSubjects` entity of a jurisdiction.
+    pub(super) fn jurisdictional(
+        &self,
+        kind: ResourceKind,
+        jurisdiction: &Jurisdiction,
+    ) -> Option<EntityUid> {
+        let type_name = match kind {
+            ResourceKind::KeyRing => &self.key_ring,
+            ResourceKind::DataSubjects => &self.data_subjects,
+            ResourceKind::Field => return None,
+        };
+        Some(EntityUid::from_type_name_and_id(
+            type_name.clone(),
             EntityId::new(jurisdiction.as_str()),
-        )
+        ))
     }
 
     pub(super) fn principal(&self, principal: &Principal) -> EntityUid {
@@ -200,6 +245,8 @@ impl Names {
             Action::UnretireKey => &self.unretire_key,
             Action::DestroyKey => &self.destroy_key,
             Action::ViewKeys => &self.view_keys,
+            Action::Rewrap => &self.rewrap,
+            Action::Shred => &self.shred,
         }
     }
 }
@@ -217,6 +264,8 @@ pub(super) fn uid(type_name_text: &str, id: &str) -> Result<EntityUid, Error> {
 
 /// Entity type of a jurisdiction's root keys, the resource of key administration.
 pub const KEY_RING_TYPE: &str = "KeyRing";
+/// Entity type of a jurisdiction's data subjects, the resource of `shred`.
+pub const DATA_SUBJECTS_TYPE: &str = "DataSubjects";
 
 /// Id of the `Field` entity of a (jurisdiction, record type, field).
 pub fn field_entity_id(

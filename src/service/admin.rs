@@ -7,10 +7,10 @@ use tonic::{Request, Response, Status};
 
 use super::FollowUps;
 use super::admission::caller;
-use crate::gatekeeper::{Gatekeeper, KeyChange, KeyChanged, KeyListing};
+use crate::gatekeeper::{Gatekeeper, KeyChange, KeyChanged, KeyListing, SubjectShredded};
 use crate::keys::{KeyEvent, KeyInfo, VersionState};
 use crate::pb;
-use crate::record::{Jurisdiction, KeyVersion, StatedPurpose};
+use crate::record::{Jurisdiction, KeyVersion, StatedPurpose, SubjectId};
 
 /// The `ringfence.v1.KeyAdmin` service.
 #[derive(Debug, Clone)]
@@ -176,6 +176,54 @@ impl pb::key_admin_server::KeyAdmin for KeyAdminService {
             .run(async move { Ok(gate.list_keys(&caller, &stated, wanted.as_ref()).await?) })
             .await?;
         Ok(Response::new(listing.into()))
+    }
+
+    async fn shred_subject(
+        &self,
+        request: Request<pb::ShredSubjectRequest>,
+    ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
+        let caller = caller(&request)?;
+        let message = request.into_inner();
+        let subject = SubjectId::new(&message.subject_id)
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let wanted = if message.jurisdictions.is_empty() {
+            None
+        } else {
+            Some(
+                message
+                    .jurisdictions
+                    .iter()
+                    .map(|code| jurisdiction(code))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        };
+        let stated = stated(&message.purpose, &message.ticket)?;
+        let gate = Arc::clone(&self.gate);
+        let shredded = self
+            .run(async move {
+                Ok(gate
+                    .shred_subject(&caller, &stated, &subject, wanted)
+                    .await?)
+            })
+            .await?;
+        Ok(Response::new(shredded.into()))
+    }
+}
+
+impl From<SubjectShredded> for pb::ShredSubjectResponse {
+    fn from(shredded: SubjectShredded) -> Self {
+        Self {
+            jurisdictions: shredded
+                .outcomes
+                .iter()
+                .map(|outcome| pb::SubjectShred {
+                    jurisdiction: outcome.jurisdiction().as_str().to_owned(),
+                    outcome: outcome.as_str().to_owned(),
+                })
+                .collect(),
+            request_id: shredded.request_id,
+            policy_set: shredded.policy_set,
+        }
     }
 }
 

@@ -6,10 +6,12 @@ use zeroize::Zeroizing;
 
 use crate::gatekeeper::{
     AuthorizeRequest, Authorized, DecryptRequest, Decrypted, Denial, Encrypted, FieldFailure,
-    Outcome, PlainRecord, RecordRef, SealedRecord,
+    Outcome, PlainRecord, RecordRef, RewrapOutcome, RewrapRequest, Rewrapped, SealedRecord,
 };
 use crate::pb;
-use crate::record::{FieldName, InvalidName, Jurisdiction, RecordId, RecordType, StatedPurpose};
+use crate::record::{
+    FieldName, InvalidName, Jurisdiction, RecordId, RecordType, StatedPurpose, SubjectId,
+};
 
 fn invalid(error: InvalidName) -> Status {
     Status::invalid_argument(error.to_string())
@@ -17,6 +19,14 @@ fn invalid(error: InvalidName) -> Status {
 
 fn field_name(name: &str) -> Result<FieldName, Status> {
     FieldName::new(name).map_err(invalid)
+}
+
+/// An optional subject id: empty means none.
+fn subject(subject_id: &str) -> Result<Option<SubjectId>, Status> {
+    if subject_id.is_empty() {
+        return Ok(None);
+    }
+    SubjectId::new(subject_id).map(Some).map_err(invalid)
 }
 
 fn record_ref(record_type: &str, record_id: &str, jurisdiction: &str) -> Result<RecordRef, Status> {
@@ -41,7 +51,11 @@ impl TryFrom<pb::EncryptRecordRequest> for PlainRecord {
             .into_iter()
             .map(|field| Ok((field_name(&field.name)?, Zeroizing::new(field.value))))
             .collect::<Result<_, Status>>()?;
-        Ok(Self { record, fields })
+        Ok(Self {
+            record,
+            subject: subject(&message.subject_id)?,
+            fields,
+        })
     }
 }
 
@@ -59,7 +73,11 @@ impl TryFrom<pb::EncryptedRecord> for SealedRecord {
             .into_iter()
             .map(|field| Ok((field_name(&field.name)?, field.ciphertext)))
             .collect::<Result<_, Status>>()?;
-        Ok(Self { record, fields })
+        Ok(Self {
+            record,
+            subject: subject(&message.subject_id)?,
+            fields,
+        })
     }
 }
 
@@ -69,6 +87,10 @@ impl From<SealedRecord> for pb::EncryptedRecord {
             record_type: record.record.record_type.as_str().to_owned(),
             record_id: record.record.record_id.as_str().to_owned(),
             jurisdiction: record.record.jurisdiction.as_str().to_owned(),
+            subject_id: record
+                .subject
+                .map(|subject| subject.as_str().to_owned())
+                .unwrap_or_default(),
             fields: record
                 .fields
                 .into_iter()
@@ -110,6 +132,40 @@ impl TryFrom<pb::DecryptRecordRequest> for DecryptRequest {
     }
 }
 
+/// What a caller is told about a field that could not be decrypted.
+fn field_error(failure: FieldFailure) -> pb::FieldError {
+    let (kind, message) = match failure {
+        FieldFailure::Integrity => (
+            pb::field_error::Kind::Integrity,
+            "integrity check failed: the ciphertext was altered, truncated or does not belong to this field, record or jurisdiction".to_owned(),
+        ),
+        FieldFailure::UnknownKeyVersion => (
+            pb::field_error::Kind::UnknownKeyVersion,
+            "the ciphertext names a key version this server does not hold".to_owned(),
+        ),
+        FieldFailure::RetiredKeyVersion(version) => (
+            pb::field_error::Kind::RetiredKeyVersion,
+            format!("the ciphertext is sealed under key version {version}, which is retired: it decrypts again only if a key administrator unretires it"),
+        ),
+        FieldFailure::DestroyedKeyVersion(version) => (
+            pb::field_error::Kind::DestroyedKeyVersion,
+            format!("the ciphertext is sealed under key version {version}, which was destroyed: it can never be decrypted"),
+        ),
+        FieldFailure::Shredded => (
+            pb::field_error::Kind::Shredded,
+            "the record's data subject was shredded: the field can never be decrypted".to_owned(),
+        ),
+        FieldFailure::UnknownSubject => (
+            pb::field_error::Kind::UnknownKeyVersion,
+            "the ciphertext names a data subject whose secret this server does not hold".to_owned(),
+        ),
+    };
+    pb::FieldError {
+        kind: kind.into(),
+        message,
+    }
+}
+
 fn denied(denial: Denial) -> pb::Denied {
     pb::Denied {
         policy_ids: denial.policy_ids,
@@ -132,28 +188,7 @@ impl From<Decrypted> for pb::DecryptRecordResponse {
                     }
                     Outcome::Denied(denial) => pb::field_outcome::Outcome::Denied(denied(denial)),
                     Outcome::Failed(failure) => {
-                        let (kind, message) = match failure {
-                            FieldFailure::Integrity => (
-                                pb::field_error::Kind::Integrity,
-                                "integrity check failed: the ciphertext was altered, truncated or does not belong to this field, record or jurisdiction".to_owned(),
-                            ),
-                            FieldFailure::UnknownKeyVersion => (
-                                pb::field_error::Kind::UnknownKeyVersion,
-                                "the ciphertext names a key version this server does not hold".to_owned(),
-                            ),
-                            FieldFailure::RetiredKeyVersion(version) => (
-                                pb::field_error::Kind::RetiredKeyVersion,
-                                format!("the ciphertext is sealed under key version {version}, which is retired: it decrypts again only if a key administrator unretires it"),
-                            ),
-                            FieldFailure::DestroyedKeyVersion(version) => (
-                                pb::field_error::Kind::DestroyedKeyVersion,
-                                format!("the ciphertext is sealed under key version {version}, which was destroyed: it can never be decrypted"),
-                            ),
-                        };
-                        pb::field_outcome::Outcome::Error(pb::FieldError {
-                            kind: kind.into(),
-                            message,
-                        })
+                        pb::field_outcome::Outcome::Error(field_error(failure))
                     }
                 };
                 pb::FieldOutcome {
@@ -209,6 +244,55 @@ impl From<Authorized> for pb::AuthorizeResponse {
                 .collect(),
             request_id: authorized.request_id,
             policy_set: authorized.policy_set,
+        }
+    }
+}
+
+impl TryFrom<pb::RewrapRecordRequest> for RewrapRequest {
+    type Error = Status;
+
+    fn try_from(message: pb::RewrapRecordRequest) -> Result<Self, Status> {
+        let record = message
+            .record
+            .ok_or_else(|| Status::invalid_argument("`record` is required"))?;
+        Ok(Self {
+            record: record.try_into()?,
+            stated: StatedPurpose::new(&message.purpose, &message.ticket).map_err(invalid)?,
+        })
+    }
+}
+
+impl From<Rewrapped> for pb::RewrapRecordResponse {
+    fn from(rewrapped: Rewrapped) -> Self {
+        use pb::field_rewrap::Outcome as Wire;
+        let fields = rewrapped
+            .fields
+            .into_iter()
+            .map(|(name, outcome)| pb::FieldRewrap {
+                name: name.as_str().to_owned(),
+                outcome: Some(match outcome {
+                    RewrapOutcome::Rewrapped {
+                        from_version,
+                        to_version,
+                        from_format,
+                    } => Wire::Rewrapped(pb::Rewrapped {
+                        from_version: from_version.get(),
+                        to_version: to_version.get(),
+                        from_format: u32::from(from_format),
+                    }),
+                    RewrapOutcome::Unchanged => Wire::Unchanged(pb::Unchanged {}),
+                    RewrapOutcome::Denied(denial) => Wire::Denied(denied(denial)),
+                    RewrapOutcome::Failed(failure) => Wire::Error(field_error(failure)),
+                }),
+            })
+            .collect();
+        Self {
+            record: Some(rewrapped.record.into()),
+            fields,
+            request_id: rewrapped.request_id,
+            policy_set: rewrapped.policy_set,
+            status: None,
+            index: 0,
         }
     }
 }

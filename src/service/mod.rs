@@ -12,7 +12,7 @@ mod stream;
 pub use admin::KeyAdminService;
 pub use admission::{Admission, Admitted};
 pub use follow_ups::FollowUps;
-pub use stream::{CALLER_RECORDS_IN_FLIGHT, DeliveryStream};
+pub use stream::{Bulk, CALLER_RECORDS_IN_FLIGHT, Decrypts, DeliveryStream, Rewraps};
 
 use admission::caller;
 use follow_ups::{Pending, undelivered};
@@ -59,7 +59,7 @@ impl From<gatekeeper::Error> for Status {
             E::Policy(error @ policy::Error::NotAnEmployee(_)) => {
                 Status::permission_denied(error.to_string())
             }
-            E::Policy(error @ policy::Error::KeyAdministrationUndeclared) => {
+            E::Policy(error @ policy::Error::Undeclared(_)) => {
                 Status::failed_precondition(error.to_string())
             }
             error @ E::AdminDenied { .. } => {
@@ -100,7 +100,16 @@ impl From<gatekeeper::Error> for Status {
                 };
                 Status::permission_denied(message)
             }
-            error @ (E::Policy(_) | E::Keys(_) | E::Crypto(_)) => {
+            E::Subjects(error @ crate::subjects::Error::Shredded { .. }) => {
+                Status::failed_precondition(error.to_string())
+            }
+            E::Subjects(error @ crate::subjects::Error::Store(_)) => {
+                tracing::error!(%error, "request refused: subject store unavailable");
+                Status::unavailable(
+                    "the subject store cannot serve this request, so nothing was encrypted or decrypted; retry later",
+                )
+            }
+            error @ (E::Policy(_) | E::Keys(_) | E::Crypto(_) | E::Subjects(_)) => {
                 tracing::error!(%error, "internal error");
                 Status::internal("internal error; the server log has details")
             }
@@ -212,6 +221,27 @@ impl RingfenceService {
     }
 }
 
+impl RingfenceService {
+    /// Serves one bulk stream of `B`.
+    fn bulk<B: Bulk>(
+        &self,
+        request: Request<Streaming<B::Request>>,
+    ) -> Result<Response<DeliveryStream<B>>, Status>
+    where
+        B::Request: Default,
+    {
+        let caller = caller(&request)?;
+        let context = stream::Context {
+            gate: Arc::clone(&self.gate),
+            slots: Arc::clone(&self.streams),
+            follow_ups: self.follow_ups.clone(),
+            limits: self.stream_limits,
+            max_message_bytes: self.max_message_bytes,
+        };
+        stream::serve::<B>(context, caller, request.into_inner()).map(Response::new)
+    }
+}
+
 /// Decides, logs and decrypts one record; the answer comes with its receipt, taken
 /// before the plaintext moves into the response.
 async fn decrypt_one(
@@ -223,6 +253,19 @@ async fn decrypt_one(
     let decrypted = gate.decrypt_record(caller, request).await?;
     let receipt = decrypted.receipt();
     Ok((decrypted.into(), receipt))
+}
+
+/// Decides, logs and rewraps one record: ciphertext only, so its receipt names no
+/// plaintext field.
+async fn rewrap_one(
+    gate: &Gatekeeper,
+    caller: &Caller,
+    message: pb::RewrapRecordRequest,
+) -> Result<(pb::RewrapRecordResponse, gatekeeper::Receipt), Status> {
+    let request = gatekeeper::RewrapRequest::try_from(message)?;
+    let rewrapped = gate.rewrap_record(caller, request).await?;
+    let receipt = rewrapped.receipt();
+    Ok((rewrapped.into(), receipt))
 }
 
 /// Refuses an answer the transport would refuse to encode, after logging that it
@@ -322,21 +365,32 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
         }))
     }
 
-    type DecryptRecordsStream = DeliveryStream;
+    type DecryptRecordsStream = DeliveryStream<Decrypts>;
 
     async fn decrypt_records(
         &self,
         request: Request<Streaming<pb::DecryptRecordRequest>>,
     ) -> Result<Response<Self::DecryptRecordsStream>, Status> {
-        let caller = caller(&request)?;
-        let context = stream::Context {
-            gate: Arc::clone(&self.gate),
-            slots: Arc::clone(&self.streams),
-            follow_ups: self.follow_ups.clone(),
-            limits: self.stream_limits,
-            max_message_bytes: self.max_message_bytes,
-        };
-        stream::serve(context, caller, request.into_inner()).map(Response::new)
+        self.bulk(request)
+    }
+
+    async fn rewrap_record(
+        &self,
+        request: Request<pb::RewrapRecordRequest>,
+    ) -> Result<Response<pb::RewrapRecordResponse>, Status> {
+        self.unary(request, |gate, caller, message| async move {
+            rewrap_one(&gate, &caller, message).await
+        })
+        .await
+    }
+
+    type RewrapRecordsStream = DeliveryStream<Rewraps>;
+
+    async fn rewrap_records(
+        &self,
+        request: Request<Streaming<pb::RewrapRecordRequest>>,
+    ) -> Result<Response<Self::RewrapRecordsStream>, Status> {
+        self.bulk(request)
     }
 }
 

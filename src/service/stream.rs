@@ -1,4 +1,5 @@
-//! `DecryptRecords`: one bulk stream, bounded so that no caller stalls the others.
+//! Bulk streams (`DecryptRecords`, `RewrapRecords`), bounded so that no caller stalls
+//! the others.
 //! Owns the stream's driver (read, decide and decrypt through the gatekeeper, answer
 //! in order), its queue to the transport and the per-caller stream slots; it may not
 //! decide, log or decrypt by itself (that is the gatekeeper's).
@@ -28,7 +29,7 @@ use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Status;
 
-use super::{FollowUps, STREAM_CLOSED, decrypt_one, undelivered, within_limit};
+use super::{FollowUps, STREAM_CLOSED, decrypt_one, rewrap_one, undelivered, within_limit};
 use crate::config::StreamLimits;
 use crate::gatekeeper::{self, Gatekeeper};
 use crate::identity::Caller;
@@ -45,6 +46,91 @@ pub const STREAM_QUEUE: usize = 2;
 pub const CALLER_RECORDS_IN_FLIGHT: usize = 256;
 /// Records being decided and decrypted at once, all streams together.
 pub const RECORDS_IN_PROGRESS: usize = 128;
+
+/// The answer of one record of a bulk stream, with its receipt.
+pub type Answer<R> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(R, gatekeeper::Receipt), Status>> + Send>,
+>;
+
+/// One kind of bulk stream: its messages, and how one record is answered.
+pub trait Bulk: Send + Sync + 'static {
+    /// What the client sends per record.
+    type Request: prost::Message + Send + 'static;
+    /// What the server answers per record.
+    type Response: prost::Message + Send + 'static;
+    /// The call's name, for messages.
+    const NAME: &'static str;
+    /// Answers one record, with the receipt of what the answer carries.
+    fn answer(
+        gate: Arc<Gatekeeper>,
+        caller: Arc<Caller>,
+        request: Self::Request,
+    ) -> Answer<Self::Response>;
+    /// Sets the position of the request answered.
+    fn set_index(response: &mut Self::Response, index: u64);
+    /// The answer of a record that could not be answered: its index and status.
+    fn record_status(index: u64, status: pb::RecordStatus) -> Self::Response;
+}
+
+/// `DecryptRecords`.
+#[derive(Debug)]
+pub struct Decrypts;
+
+impl Bulk for Decrypts {
+    type Request = pb::DecryptRecordRequest;
+    type Response = pb::DecryptRecordResponse;
+    const NAME: &'static str = "DecryptRecords";
+
+    fn answer(
+        gate: Arc<Gatekeeper>,
+        caller: Arc<Caller>,
+        request: Self::Request,
+    ) -> Answer<Self::Response> {
+        Box::pin(async move { decrypt_one(&gate, &caller, request).await })
+    }
+
+    fn set_index(response: &mut Self::Response, index: u64) {
+        response.index = index;
+    }
+
+    fn record_status(index: u64, status: pb::RecordStatus) -> Self::Response {
+        pb::DecryptRecordResponse {
+            index,
+            status: Some(status),
+            ..pb::DecryptRecordResponse::default()
+        }
+    }
+}
+
+/// `RewrapRecords`.
+#[derive(Debug)]
+pub struct Rewraps;
+
+impl Bulk for Rewraps {
+    type Request = pb::RewrapRecordRequest;
+    type Response = pb::RewrapRecordResponse;
+    const NAME: &'static str = "RewrapRecords";
+
+    fn answer(
+        gate: Arc<Gatekeeper>,
+        caller: Arc<Caller>,
+        request: Self::Request,
+    ) -> Answer<Self::Response> {
+        Box::pin(async move { rewrap_one(&gate, &caller, request).await })
+    }
+
+    fn set_index(response: &mut Self::Response, index: u64) {
+        response.index = index;
+    }
+
+    fn record_status(index: u64, status: pb::RecordStatus) -> Self::Response {
+        pb::RewrapRecordResponse {
+            index,
+            status: Some(status),
+            ..pb::RewrapRecordResponse::default()
+        }
+    }
+}
 
 /// The open streams of each caller.
 #[derive(Debug)]
@@ -80,7 +166,7 @@ impl Slots {
         });
         if streams.open >= limit {
             return Err(Status::resource_exhausted(format!(
-                "{} already has {limit} DecryptRecords streams open, the most one caller may have (--max-streams-per-caller): finish one first, or send more records per stream",
+                "{} already has {limit} bulk streams open, the most one caller may have (--max-streams-per-caller): finish one first, or send more records per stream",
                 caller.principal()
             )));
         }
@@ -117,31 +203,31 @@ impl Drop for Slot {
 
 /// One answer on its way to the transport: the receipt is logged as undelivered if
 /// the stream ends before the transport takes it; the permit goes back when it does.
-struct Delivery {
-    answer: Result<pb::DecryptRecordResponse, Status>,
+struct Delivery<B: Bulk> {
+    answer: Result<B::Response, Status>,
     receipt: Option<gatekeeper::Receipt>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// What the driver and the transport's end share.
-struct Shared {
-    receiver: Mutex<mpsc::Receiver<Delivery>>,
+struct Shared<B: Bulk> {
+    receiver: Mutex<mpsc::Receiver<Delivery<B>>>,
     /// Why the stream ended early, told to the transport after the last answer.
     ended: Mutex<Option<Status>>,
 }
 
-/// The response stream of `DecryptRecords`: an answer counts as delivered when the
+/// The response stream of a bulk call: an answer counts as delivered when the
 /// transport takes it from here; answers still queued when the transport drops the
 /// stream (the client went away) get an `undelivered` entry.
-pub struct DeliveryStream {
-    shared: Arc<Shared>,
+pub struct DeliveryStream<B: Bulk> {
+    shared: Arc<Shared<B>>,
     gate: Arc<Gatekeeper>,
     caller: Arc<Caller>,
     follow_ups: FollowUps,
 }
 
-impl futures_util::Stream for DeliveryStream {
-    type Item = Result<pb::DecryptRecordResponse, Status>;
+impl<B: Bulk> futures_util::Stream for DeliveryStream<B> {
+    type Item = Result<B::Response, Status>;
 
     fn poll_next(
         self: std::pin::Pin<&mut Self>,
@@ -165,7 +251,7 @@ impl futures_util::Stream for DeliveryStream {
     }
 }
 
-impl Drop for DeliveryStream {
+impl<B: Bulk> Drop for DeliveryStream<B> {
     fn drop(&mut self) {
         // Every answer still queued, or being queued by a producer that already holds
         // a slot, is received until the channel reports its end: none is lost unlogged.
@@ -199,15 +285,15 @@ pub(super) struct Context {
     pub(super) max_message_bytes: usize,
 }
 
-/// Starts serving one `DecryptRecords` stream.
-pub(super) fn serve(
+/// Starts serving one bulk stream.
+pub(super) fn serve<B: Bulk>(
     context: Context,
     caller: Caller,
-    inbound: impl Inbound,
-) -> Result<DeliveryStream, Status> {
+    inbound: impl Inbound<B::Request>,
+) -> Result<DeliveryStream<B>, Status> {
     let slot = context.slots.open(&caller, context.limits.max_per_caller)?;
     let caller = Arc::new(caller);
-    let (sender, receiver) = mpsc::channel::<Delivery>(STREAM_QUEUE);
+    let (sender, receiver) = mpsc::channel::<Delivery<B>>(STREAM_QUEUE);
     let shared = Arc::new(Shared {
         receiver: Mutex::new(receiver),
         ended: Mutex::new(None),
@@ -220,7 +306,7 @@ pub(super) fn serve(
     };
     let follow_ups = context.follow_ups.clone();
     follow_ups.spawn(
-        Driver {
+        Driver::<B> {
             context,
             caller,
             slot,
@@ -232,45 +318,37 @@ pub(super) fn serve(
     Ok(stream)
 }
 
-/// The request stream of `DecryptRecords` (tonic's `Streaming`, or any other).
-pub(super) trait Inbound:
-    futures_util::Stream<Item = Result<pb::DecryptRecordRequest, Status>> + Send + Unpin + 'static
+/// The request stream of a bulk call (tonic's `Streaming`, or any other).
+pub(super) trait Inbound<R>:
+    futures_util::Stream<Item = Result<R, Status>> + Send + Unpin + 'static
 {
 }
 
-impl<S> Inbound for S where
-    S: futures_util::Stream<Item = Result<pb::DecryptRecordRequest, Status>>
-        + Send
-        + Unpin
-        + 'static
+impl<R, S> Inbound<R> for S where
+    S: futures_util::Stream<Item = Result<R, Status>> + Send + Unpin + 'static
 {
 }
 
 /// A record being answered: its answer, with the permit of its caller's pool.
-type InFlight = std::pin::Pin<
+type InFlight<R> = std::pin::Pin<
     Box<
         dyn std::future::Future<
-                Output = (
-                    pb::DecryptRecordResponse,
-                    Option<gatekeeper::Receipt>,
-                    OwnedSemaphorePermit,
-                    usize,
-                ),
+                Output = (R, Option<gatekeeper::Receipt>, OwnedSemaphorePermit, usize),
             > + Send,
     >,
 >;
 
-struct Driver {
+struct Driver<B: Bulk> {
     context: Context,
     caller: Arc<Caller>,
     slot: Slot,
-    sender: mpsc::Sender<Delivery>,
-    shared: Arc<Shared>,
+    sender: mpsc::Sender<Delivery<B>>,
+    shared: Arc<Shared<B>>,
 }
 
-impl Driver {
-    async fn run(self, mut inbound: impl Inbound) {
-        let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+impl<B: Bulk> Driver<B> {
+    async fn run(self, mut inbound: impl Inbound<B::Request>) {
+        let mut in_flight: FuturesOrdered<InFlight<B::Response>> = FuturesOrdered::new();
         let mut buffered = 0usize;
         let mut index = 0u64;
         let mut reading = true;
@@ -369,25 +447,27 @@ impl Driver {
         }
     }
 
-    /// Decides, logs and decrypts one record in its own task (so that a client that
-    /// goes away cannot stop it between logging and answering).
+    /// Answers one record in its own task (so that a client that goes away cannot
+    /// stop it between logging and answering).
     fn answer(
         &self,
         index: u64,
-        message: pb::DecryptRecordRequest,
+        message: B::Request,
         held: OwnedSemaphorePermit,
         bytes: usize,
-    ) -> InFlight {
+    ) -> InFlight<B::Response> {
         let gate = Arc::clone(&self.context.gate);
         let caller = Arc::clone(&self.caller);
         let in_progress = Arc::clone(&self.context.slots.in_progress);
         let max_message_bytes = self.context.max_message_bytes;
         let task = self.context.follow_ups.spawn(async move {
             let answer = match in_progress.acquire_owned().await {
-                Ok(_working) => match decrypt_one(&gate, &caller, message).await {
+                Ok(_working) => match B::answer(Arc::clone(&gate), Arc::clone(&caller), message)
+                    .await
+                {
                     Ok((mut response, receipt)) => {
                         // The index is part of what the transport encodes.
-                        response.index = index;
+                        B::set_index(&mut response, index);
                         within_limit(&gate, &caller, (response, receipt), max_message_bytes).await
                     }
                     Err(status) => Err(status),
@@ -397,7 +477,7 @@ impl Driver {
             // A record that cannot be answered gets its own status; the stream goes on.
             match answer {
                 Ok((response, receipt)) => (response, Some(receipt)),
-                Err(status) => (record_status(index, &status), None),
+                Err(status) => (record_status::<B>(index, &status), None),
             }
         });
         Box::pin(async move {
@@ -405,10 +485,10 @@ impl Driver {
                 Some(task) => task.await.unwrap_or_else(|error| {
                     tracing::error!(%error, "record task failed");
                     let status = Status::internal("internal error; the server log has details");
-                    (record_status(index, &status), None)
+                    (record_status::<B>(index, &status), None)
                 }),
                 None => (
-                    record_status(index, &Status::unavailable("server is shutting down")),
+                    record_status::<B>(index, &Status::unavailable("server is shutting down")),
                     None,
                 ),
             };
@@ -422,7 +502,7 @@ impl Driver {
     /// `DEADLINE_EXCEEDED`).
     async fn deliver(
         &self,
-        response: pb::DecryptRecordResponse,
+        response: B::Response,
         receipt: Option<gatekeeper::Receipt>,
         held: OwnedSemaphorePermit,
     ) -> Option<String> {
@@ -474,13 +554,12 @@ impl Driver {
 }
 
 /// The answer of a record that could not be answered: its index and status.
-fn record_status(index: u64, status: &Status) -> pb::DecryptRecordResponse {
-    pb::DecryptRecordResponse {
+fn record_status<B: Bulk>(index: u64, status: &Status) -> B::Response {
+    B::record_status(
         index,
-        status: Some(pb::RecordStatus {
+        pb::RecordStatus {
             code: status.code() as u32,
             message: format!("record {index}: {}", status.message()),
-        }),
-        ..pb::DecryptRecordResponse::default()
-    }
+        },
+    )
 }

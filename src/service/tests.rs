@@ -14,7 +14,14 @@ fn test_gate(dir: &std::path::Path) -> Arc<Gatekeeper> {
         .unwrap(),
     );
     let (log, _) = crate::audit::DecisionLog::open(&dir.join("log")).unwrap();
-    Arc::new(Gatekeeper::new(keyring, policies, log, Default::default()))
+    let subjects = crate::subjects::Subjects::open(dir, &keyring, 1024).unwrap();
+    Arc::new(Gatekeeper::new(
+        keyring,
+        Arc::new(subjects),
+        policies,
+        log,
+        Default::default(),
+    ))
 }
 
 fn log_entries(dir: &std::path::Path) -> Vec<serde_json::Value> {
@@ -70,6 +77,7 @@ async fn cancelled_encrypt_and_authorize_calls_are_logged_as_undelivered() {
     let dir = tempfile::tempdir().unwrap();
     let service = RingfenceService::new(test_gate(dir.path()), 1 << 20);
     let encrypt = pb::EncryptRecordRequest {
+        subject_id: String::new(),
         record_type: "user_profile".to_owned(),
         record_id: "u-1".to_owned(),
         jurisdiction: "US".to_owned(),
@@ -134,6 +142,7 @@ async fn a_stream_the_transport_never_takes_from_ends_and_every_answer_is_follow
         },
     );
     let encrypt = pb::EncryptRecordRequest {
+        subject_id: String::new(),
         record_type: "user_profile".to_owned(),
         record_id: "u-1".to_owned(),
         jurisdiction: "US".to_owned(),
@@ -175,8 +184,8 @@ async fn a_stream_the_transport_never_takes_from_ends_and_every_answer_is_follow
         certificate: None,
     };
     // A transport that never takes an answer: the stream is never polled.
-    let mut stalled = stream::serve(context(), alice.clone(), requests(100)).unwrap();
-    let second = stream::serve(context(), alice.clone(), requests(1));
+    let mut stalled = stream::serve::<Decrypts>(context(), alice.clone(), requests(100)).unwrap();
+    let second = stream::serve::<Decrypts>(context(), alice.clone(), requests(1));
     assert_eq!(
         second.err().map(|status| status.code()),
         Some(tonic::Code::ResourceExhausted),
@@ -209,8 +218,8 @@ async fn a_stream_the_transport_never_takes_from_ends_and_every_answer_is_follow
 
     // A client that sent all it had (the request stream ended) and takes nothing:
     // its last answers wait in the queue under the same timeout, holding the slot.
-    let short = stream::serve(context(), alice.clone(), requests(2)).unwrap();
-    assert!(stream::serve(context(), alice.clone(), requests(0)).is_err());
+    let short = stream::serve::<Decrypts>(context(), alice.clone(), requests(2)).unwrap();
+    assert!(stream::serve::<Decrypts>(context(), alice.clone(), requests(0)).is_err());
     let still_running = service
         .follow_ups()
         .drain(std::time::Duration::from_secs(10))
@@ -221,7 +230,7 @@ async fn a_stream_the_transport_never_takes_from_ends_and_every_answer_is_follow
         .filter(|e| e["kind"] == "undelivered")
         .count();
     assert_eq!(undelivered, read.len() + 2);
-    assert!(stream::serve(context(), alice, requests(0)).is_ok());
+    assert!(stream::serve::<Decrypts>(context(), alice, requests(0)).is_ok());
     drop(short);
 }
 
@@ -240,6 +249,7 @@ async fn a_cancelled_call_logs_its_answer_as_undelivered_once_it_is_ready() {
         action: crate::policy::Action::Decrypt,
         request_id: "r-1".to_owned(),
         record: crate::audit::RecordEntry {
+            subject: None,
             record_type: "user_profile".to_owned(),
             record_id: "u-1".to_owned(),
             jurisdiction: "US".to_owned(),

@@ -8,7 +8,7 @@ fn policy_validate_accepts_the_shipped_set_and_names_file_and_line_of_errors() {
         .args(["policy", "validate", "--policies"])
         .arg(shipped_policies()));
     ok.succeeded();
-    ok.says("valid: 15 policies");
+    ok.says("valid: 19 policies");
 
     let dir = tempfile::tempdir().unwrap();
     copy_policies(dir.path());
@@ -116,7 +116,7 @@ fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
     assert_eq!(ok.code, 0, "{}{}", ok.stdout, ok.stderr);
     ok.says(" passed, 0 failed");
     ok.says("PASS every parent-company employee is denied every US profile field");
-    ok.says("policy coverage: 100.0% (15 of 15");
+    ok.says("policy coverage: 100.0% (19 of 19");
 
     let json = run(ringfence()
         .args(["policy", "test", "--format", "json", "--policies"])

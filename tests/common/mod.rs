@@ -161,6 +161,7 @@ pub fn secret_value(record_id: &str, field: &str) -> Vec<u8> {
 
 pub fn profile(record_id: &str, jurisdiction: &str) -> pb::EncryptRecordRequest {
     pb::EncryptRecordRequest {
+        subject_id: String::new(),
         record_type: "user_profile".to_owned(),
         record_id: record_id.to_owned(),
         jurisdiction: jurisdiction.to_owned(),

@@ -237,6 +237,7 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
     );
 
     let fake = pb::EncryptedRecord {
+        subject_id: String::new(),
         record_type: "user_profile".to_owned(),
         record_id: "u-1".to_owned(),
         jurisdiction: "US".to_owned(),
@@ -317,19 +318,22 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
     use prost::Message as _;
-    // One 3,000-byte email: the decrypt request (ciphertext = plaintext + 38 bytes)
-    // fits the limit, the answer (with request id and policy set hash) does not.
+    // One 3,000-byte email of subject `b`: the decrypt request (a format-2 envelope:
+    // plaintext + 57 bytes of header, key id, subject, nonce and tag; every field, so
+    // no field list) fits the limit, the answer (with request id and policy set hash)
+    // does not.
     let value = vec![b'x'; 3000];
     let sealed = pb::EncryptedRecord {
+        subject_id: String::new(),
         record_type: "user_profile".to_owned(),
         record_id: "big-1".to_owned(),
         jurisdiction: "US".to_owned(),
         fields: vec![pb::EncryptedField {
             name: "email".to_owned(),
-            ciphertext: vec![0; value.len() + 38],
+            ciphertext: vec![0; value.len() + 57],
         }],
     };
-    let request_len = decrypt_request(sealed, &["email"], "support", "INC-1").encoded_len();
+    let request_len = decrypt_request(sealed, &[], "support", "INC-1").encoded_len();
     // Encrypted by a server with the default limit (its answer, the ciphertext, is the
     // larger one), then read through one with the tight limit on the same data.
     let writer = start().await;
@@ -338,6 +342,7 @@ async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
         &mut client,
         as_caller(
             pb::EncryptRecordRequest {
+                subject_id: "b".to_owned(),
                 record_type: "user_profile".to_owned(),
                 record_id: "big-1".to_owned(),
                 jurisdiction: "US".to_owned(),
@@ -354,7 +359,7 @@ async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
     let TestServer { running, dir, .. } = writer;
     running.stop().await.unwrap();
     let config = ringfence::ServeConfig {
-        max_message_bytes: request_len + 8,
+        max_message_bytes: request_len + 2,
         ..test_config(dir.path())
     };
     let running = ringfence::server::start(config.clone()).await.unwrap();
@@ -364,7 +369,11 @@ async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
         config,
     };
     let mut client = server.client().await;
-    let request = decrypt_request(record, &["email"], "support", "INC-1");
+    let record = pb::EncryptedRecord {
+        subject_id: String::new(),
+        ..record
+    };
+    let request = decrypt_request(record, &[], "support", "INC-1");
     assert_eq!(request.encoded_len(), request_len);
     let status = client
         .decrypt_record(as_caller(request, "us-support-tool", Some("alice")))
@@ -386,6 +395,7 @@ async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
     let status = client
         .encrypt_record(as_caller(
             pb::EncryptRecordRequest {
+                subject_id: String::new(),
                 record_type: "user_profile".to_owned(),
                 record_id: "big-2".to_owned(),
                 jurisdiction: "US".to_owned(),

@@ -68,8 +68,11 @@ async fn start_with_full_segments(segments: &[u64]) -> Option<TestServer> {
         std::os::unix::fs::symlink("/dev/full", segment_path(&log_dir, *segment)).unwrap();
     }
     let policies = std::sync::Arc::new(PolicyStore::load(&shipped_policies()).unwrap());
+    let subjects =
+        ringfence::subjects::Subjects::open(&dir.path().join("data"), &keyring, 1024).unwrap();
     let gate = std::sync::Arc::new(ringfence::Gatekeeper::new(
         keyring,
+        std::sync::Arc::new(subjects),
         policies,
         log,
         Default::default(),
@@ -148,3 +151,4 @@ mod log;
 mod reload;
 mod requests;
 mod streams;
+mod subjects;

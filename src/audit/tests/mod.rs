@@ -17,6 +17,7 @@ pub(super) fn entry(n: usize) -> Entry {
         purpose: "support".to_owned(),
         ticket: "INC-1".to_owned(),
         record: Some(RecordEntry {
+            subject: None,
             record_type: "user_profile".to_owned(),
             record_id: format!("u-{n}"),
             jurisdiction: "US".to_owned(),

@@ -44,6 +44,8 @@ pub(super) enum ActionSpec {
     UnretireKey,
     DestroyKey,
     ViewKeys,
+    Rewrap,
+    Shred,
 }
 
 /// One action or a list of them, all of one resource kind.
@@ -64,6 +66,8 @@ impl ActionSpec {
             ActionSpec::UnretireKey => Action::UnretireKey,
             ActionSpec::DestroyKey => Action::DestroyKey,
             ActionSpec::ViewKeys => Action::ViewKeys,
+            ActionSpec::Rewrap => Action::Rewrap,
+            ActionSpec::Shred => Action::Shred,
         }
     }
 }
@@ -288,7 +292,7 @@ impl Case {
             .any(|other| other.resource_kind() != action.resource_kind())
         {
             return Err(
-                "`action` mixes record actions (encrypt, decrypt) and key actions: write them as separate cases"
+                "`action` mixes actions on different resources (fields: encrypt, decrypt, rewrap; `KeyRing`: the key actions; `DataSubjects`: shred): write them as separate cases"
                     .to_owned(),
             );
         }
@@ -298,15 +302,16 @@ impl Case {
                     .ok_or_else(|| "`record_type` is missing".to_owned())
                     .and_then(|text| RecordType::new(&text).map_err(|error| error.to_string()))?,
             ),
-            ResourceKind::KeyRing => {
+            ResourceKind::KeyRing | ResourceKind::DataSubjects => {
                 // Only the case's own keys count: defaults may serve field cases too.
                 if spec.record_type.is_some()
                     || spec.field.is_some()
                     || spec.classification.is_some()
                 {
                     return Err(format!(
-                        "`{}` acts on a jurisdiction's key ring: `record_type`, `field` and `classification` do not apply",
-                        action.as_str()
+                        "`{}` acts on a jurisdiction's `{}`: `record_type`, `field` and `classification` do not apply",
+                        action.as_str(),
+                        action.resource_kind().type_name()
                     ));
                 }
                 None

@@ -226,7 +226,10 @@ fn run_case(
                         };
                         let resource = match record_type {
                             Some(record_type) => format!("{jurisdiction}/{record_type}"),
-                            None => format!("{}::\"{jurisdiction}\"", super::KEY_RING_TYPE),
+                            None => format!(
+                                "{}::\"{jurisdiction}\"",
+                                action.resource_kind().type_name()
+                            ),
                         };
                         let situation = format!(
                             "{principal} via {} ({authentication}), {} {resource}, purpose {purpose:?}, ticket {ticket:?}",
