@@ -218,9 +218,26 @@ impl SubjectId {
 
     /// Checks a subject id with the rules of a record id.
     pub fn new(value: &str) -> Result<Self, InvalidName> {
-        RecordId::new(value)
-            .map(|_| Self(value.to_owned()))
-            .map_err(|error| InvalidName::new("subject_id", value, error.reason))
+        Self::check(value).map(|()| Self(value.to_owned()))
+    }
+
+    /// Whether `value` is a valid subject id, without making one.
+    pub fn check(value: &str) -> Result<(), InvalidName> {
+        if value.is_empty() || value.len() > Self::MAX_LEN {
+            return Err(InvalidName::new(
+                "subject_id",
+                value,
+                "must be 1 to 256 bytes",
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(InvalidName::new(
+                "subject_id",
+                value,
+                "must not contain control characters",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -623,6 +623,7 @@ fn rotate_master(args: &KeyArgs, new_master_key_file: Option<&Path>) -> ExitCode
     // The keyring as it was, to re-seal the subject store from (under both locks,
     // just before the re-sealed keyring is saved).
     let old_keyring = std::cell::RefCell::new(None);
+    let store_resealed = std::cell::Cell::new(false);
     let result = run_change_with(
         args,
         "ringfence keys rotate-master",
@@ -639,6 +640,7 @@ fn rotate_master(args: &KeyArgs, new_master_key_file: Option<&Path>) -> ExitCode
             };
             match ringfence::subjects::reseal_store(&args.data.data_dir, &old, new_keyring) {
                 Ok(Some(count)) => {
+                    store_resealed.set(true);
                     println!("re-sealed {count} subject secrets in the subject store");
                     Ok(())
                 }
@@ -651,6 +653,11 @@ fn rotate_master(args: &KeyArgs, new_master_key_file: Option<&Path>) -> ExitCode
     );
     let code = report(result, "the keyring holds no keys: nothing to re-seal");
     if code != ExitCode::SUCCESS {
+        if store_resealed.get() {
+            eprintln!(
+                "error: the subject store is already sealed under the NEW master key, the keyring not yet: keep both keys and run `keys rotate-master` again with them to finish (serve refuses to start until then)"
+            );
+        }
         return code;
     }
     if let Err(error) = Keyring::open(&path, &new) {

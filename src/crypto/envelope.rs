@@ -14,8 +14,9 @@ pub struct Envelope<'a> {
     pub key_version: KeyVersion,
     /// Format 2: the root key's id (authenticated only by [`RecordKey::open`]).
     pub key_id: Option<KeyId>,
-    /// Format 2: the data subject (authenticated only by [`RecordKey::open`]).
-    pub subject: Option<SubjectId>,
+    /// Format 2: the data subject, a valid [`SubjectId`] (authenticated only by
+    /// [`RecordKey::open`]).
+    pub subject: Option<&'a str>,
     header: &'a [u8],
     nonce: [u8; NONCE_LEN],
     ciphertext: &'a [u8],
@@ -75,7 +76,7 @@ impl<'a> Envelope<'a> {
             }
             let subject = std::str::from_utf8(take(&mut rest, subject_len)?)
                 .ok()
-                .and_then(|id| SubjectId::new(id).ok())
+                .filter(|id| SubjectId::check(id).is_ok())
                 .ok_or(Error::Malformed("bad subject id"))?;
             (Some(key_id), Some(subject))
         } else {
@@ -224,7 +225,7 @@ impl RecordKey {
             None => envelope.format == ENVELOPE_VERSION_1,
             Some((subject, key_id)) => {
                 envelope.format == ENVELOPE_VERSION
-                    && envelope.subject.as_ref() == Some(subject)
+                    && envelope.subject == Some(subject.as_str())
                     && envelope.key_id.as_ref() == Some(key_id)
             }
         };

@@ -173,7 +173,7 @@ fn format_2_envelope_matches_its_known_answer_and_needs_the_subject_secret() {
     let parsed = Envelope::parse(&envelope).unwrap();
     assert_eq!(parsed.format, 2);
     assert_eq!(parsed.key_id, Some(key_id));
-    assert_eq!(parsed.subject.as_ref(), Some(&subject));
+    assert_eq!(parsed.subject, Some(subject.as_str()));
     assert_eq!(
         key.open(&scope, &field, &parsed).unwrap().as_slice(),
         unhex(&vector.plaintext).as_slice()
@@ -206,6 +206,28 @@ fn format_2_envelope_matches_its_known_answer_and_needs_the_subject_secret() {
     let format_1 = root.record_key(&scope).unwrap();
     assert_eq!(
         format_1.open(&scope, &field, &parsed),
+        Err(Error::Integrity)
+    );
+    // The key id is bound by the AAD alone (it is not an input of the key): the same
+    // key with another key id in the header fails authentication.
+    let mut other_id_bytes = *key_id.as_bytes();
+    other_id_bytes[0] ^= 1;
+    let other_id = KeyId(other_id_bytes);
+    let relabelled = root
+        .subject_record_key(
+            &scope,
+            &SubjectScope {
+                key_id: &other_id,
+                ..subject_scope
+            },
+        )
+        .unwrap();
+    let mut edited = envelope.clone();
+    edited[2 + 1 + 1 + 2 + 4] ^= 1;
+    let reparsed = Envelope::parse(&edited).unwrap();
+    assert_eq!(reparsed.key_id, Some(other_id));
+    assert_eq!(
+        relabelled.open(&scope, &field, &reparsed),
         Err(Error::Integrity)
     );
     // A header edit (the subject's id) fails authentication too.

@@ -89,6 +89,9 @@ pub struct KeyChanged {
     pub key_ring: Option<KeyInfo>,
 }
 
+/// Most jurisdictions one shred may name.
+const MAX_SHRED_JURISDICTIONS: usize = 64;
+
 /// A data subject shredded.
 #[derive(Debug, Clone)]
 pub struct SubjectShredded {
@@ -362,18 +365,16 @@ impl Gatekeeper {
     ) -> Result<SubjectShredded, Error> {
         let context = Context::new(caller, stated)?;
         let snapshot = self.policies.current();
-        let candidates = jurisdictions.unwrap_or_else(|| {
-            let keyring = self.keyring.load();
-            keyring
-                .jurisdictions()
-                .filter(|j| snapshot.jurisdictions().contains(j))
-                .cloned()
-                .collect()
-        });
-        if candidates.is_empty() {
-            return Err(super::InvalidRequest(
-                "no jurisdiction to shred in: name one the keyring holds".to_owned(),
-            )
+        // Every jurisdiction the keyring holds unless named; each decided (one the
+        // policies do not know is refused as unknown, never silently skipped).
+        let mut candidates =
+            jurisdictions.unwrap_or_else(|| self.keyring.load().jurisdictions().cloned().collect());
+        candidates.sort_unstable();
+        candidates.dedup();
+        if candidates.is_empty() || candidates.len() > MAX_SHRED_JURISDICTIONS {
+            return Err(super::InvalidRequest(format!(
+                "name 1 to {MAX_SHRED_JURISDICTIONS} jurisdictions to shred in (none: every jurisdiction the keyring holds)"
+            ))
             .into());
         }
         let admin = |key_rings| KeyAdminEntry {

@@ -269,7 +269,20 @@ impl Gatekeeper {
         let (envelopes, subject_id) = self
             .parse_envelopes(&selected, sealed, &context, &snapshot, &logged, action)
             .await?;
-        logged.subject = subject_id.as_ref().map(|id| id.as_str().to_owned());
+        // What the log records as fact: the subject the envelopes name (bound by their
+        // AAD), or for a rewrap the one the new envelopes will name. A subject the
+        // caller names for format-1 fields it only reads is a claim, not recorded.
+        let sealed_for = envelopes.iter().any(|e| e.format == ENVELOPE_VERSION);
+        logged.subject = match action {
+            Action::Rewrap => Some(
+                subject_id
+                    .as_ref()
+                    .map_or(record.record_id.as_str(), SubjectId::as_str)
+                    .to_owned(),
+            ),
+            _ if sealed_for => subject_id.as_ref().map(|id| id.as_str().to_owned()),
+            _ => None,
+        };
         let subject = Subject {
             jurisdiction: &record.jurisdiction,
             record_type: &record.record_type,
@@ -280,13 +293,14 @@ impl Gatekeeper {
             .await?;
         // One keyring for the whole request: a live key change is seen whole or not at all.
         let keyring = self.keyring.load();
-        let subject = self
-            .subject_state(&keyring, sealed, subject_id, &decisions, &envelopes, action)
-            .await?;
+        // Checked before a rewrap makes any secret: the jurisdiction takes encryptions.
         let current = match action {
             Action::Rewrap => Some(keyring.current_for_encryption(&record.jurisdiction)?),
             _ => None,
         };
+        let subject = self
+            .subject_state(&keyring, sealed, subject_id, &decisions, &envelopes, action)
+            .await?;
         let plans = plan(&keyring, record, &decisions, &envelopes, &subject, current);
         // Guarantee 2: the decisions are durable before any field is decrypted.
         let mut entry = context.entry(
@@ -428,8 +442,11 @@ impl Gatekeeper {
     }
 
     /// Where the subject's secret stands, looked up only when a permitted field
-    /// needs it: to open a format-2 field, or (rewrap) to seal any field anew, which
-    /// makes the secret of a subject that has none yet.
+    /// needs it: to open a format-2 field, or (rewrap) to seal any field anew. A
+    /// rewrap makes the secret of a subject that has none yet only for a record of
+    /// format-1 fields alone: a format-2 record whose subject has no secret here (a
+    /// store restored from an older backup) must not get a new one, which would make
+    /// the lost secret impossible to restore.
     async fn subject_state(
         &self,
         keyring: &Keyring,
@@ -448,8 +465,9 @@ impl Gatekeeper {
             Action::Rewrap => Some(named.unwrap_or_else(|| SubjectId::from(&record.record_id))),
             _ => named,
         };
+        let format_2 = envelopes.iter().any(|e| e.format == ENVELOPE_VERSION);
         let secret = match (&id, needed) {
-            (Some(id), true) if action == Action::Rewrap => {
+            (Some(id), true) if action == Action::Rewrap && !format_2 => {
                 match self
                     .subjects
                     .for_encryption(keyring, &record.jurisdiction, id)
@@ -554,23 +572,29 @@ fn record_subject(
     selected: &[(&FieldName, &[u8])],
     named: Option<&SubjectId>,
 ) -> Result<Option<SubjectId>, InvalidRequest> {
-    let mut found: Option<&SubjectId> = None;
+    let mut found: Option<&str> = None;
     for (envelope, (name, _)) in envelopes.iter().zip(selected) {
-        let Some(subject) = envelope.subject.as_ref() else {
+        let Some(subject) = envelope.subject else {
             continue;
         };
-        if let Some(other) = found.or(named)
+        if let Some(other) = found.or(named.map(SubjectId::as_str))
             && other != subject
         {
             return Err(InvalidRequest(format!(
                 "field `{name}` is sealed for data subject `{}`, not `{}`: a record has one subject",
-                crate::record::shown(subject.as_str()),
-                crate::record::shown(other.as_str())
+                crate::record::shown(subject),
+                crate::record::shown(other)
             )));
         }
         found = Some(subject);
     }
-    Ok(found.or(named).cloned())
+    match found {
+        // Checked by the parser.
+        Some(subject) => SubjectId::new(subject)
+            .map(Some)
+            .map_err(|error| InvalidRequest(error.to_string())),
+        None => Ok(named.cloned()),
+    }
 }
 
 /// Each field's fate: denied by policy, failing (moved from another jurisdiction,

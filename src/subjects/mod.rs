@@ -164,32 +164,49 @@ type CacheKey = (Jurisdiction, SubjectId);
 /// [`SubjectSecret`]'s drop) once the last request using them finishes.
 struct Cache {
     capacity: usize,
-    entries: HashMap<CacheKey, Arc<SubjectSecret>>,
+    /// By jurisdiction, then subject: looked up by reference, without copying keys.
+    entries: HashMap<Jurisdiction, HashMap<SubjectId, Arc<SubjectSecret>>>,
+    len: usize,
     order: VecDeque<CacheKey>,
     /// Counts shreds; a secret read from the store before a shred is not cached after.
     shreds: u64,
 }
 
 impl Cache {
-    fn insert(&mut self, key: CacheKey, secret: Arc<SubjectSecret>) {
-        if self.capacity == 0 || self.entries.contains_key(&key) {
+    fn get(&self, jurisdiction: &Jurisdiction, subject: &SubjectId) -> Option<&Arc<SubjectSecret>> {
+        self.entries.get(jurisdiction)?.get(subject)
+    }
+
+    fn insert(&mut self, (jurisdiction, subject): CacheKey, secret: Arc<SubjectSecret>) {
+        if self.capacity == 0 || self.get(&jurisdiction, &subject).is_some() {
             return;
         }
-        while self.entries.len() >= self.capacity {
-            match self.order.pop_front() {
-                Some(oldest) => {
-                    self.entries.remove(&oldest);
-                }
-                None => break,
+        while self.len >= self.capacity {
+            let Some((j, s)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(subjects) = self.entries.get_mut(&j)
+                && subjects.remove(&s).is_some()
+            {
+                self.len -= 1;
             }
         }
-        self.order.push_back(key.clone());
-        self.entries.insert(key, secret);
+        self.order
+            .push_back((jurisdiction.clone(), subject.clone()));
+        self.entries
+            .entry(jurisdiction)
+            .or_default()
+            .insert(subject, secret);
+        self.len += 1;
     }
 
     fn forget(&mut self, subject: &SubjectId) {
         self.shreds += 1;
-        self.entries.retain(|(_, cached), _| cached != subject);
+        for subjects in self.entries.values_mut() {
+            if subjects.remove(subject).is_some() {
+                self.len -= 1;
+            }
+        }
         self.order.retain(|(_, cached)| cached != subject);
     }
 }
@@ -227,7 +244,7 @@ fn checks(keyring: &Keyring) -> Result<BTreeMap<String, String>, Error> {
 /// Checks that an existing store at `path` is intact and sealed under the keyring's
 /// master key, without writing to it.
 fn verify_existing(path: &Path, keyring: &Keyring) -> Result<(), Error> {
-    if !path.exists() {
+    if !sqlite::exists(path) {
         return Ok(());
     }
     let meta = sqlite::inspect(path)?;
@@ -261,18 +278,23 @@ impl Subjects {
             cache: Mutex::new(Cache {
                 capacity: cache_entries,
                 entries: HashMap::new(),
+                len: 0,
                 order: VecDeque::new(),
                 shreds: 0,
             }),
         }
     }
 
-    fn cached(&self, key: &CacheKey) -> (Option<Arc<SubjectSecret>>, u64) {
+    fn cached(
+        &self,
+        jurisdiction: &Jurisdiction,
+        subject: &SubjectId,
+    ) -> (Option<Arc<SubjectSecret>>, u64) {
         let cache = self
             .cache
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        (cache.entries.get(key).cloned(), cache.shreds)
+        (cache.get(jurisdiction, subject).cloned(), cache.shreds)
     }
 
     fn remember(&self, key: CacheKey, secret: &Arc<SubjectSecret>, shreds_before: u64) {
@@ -314,11 +336,11 @@ impl Subjects {
         jurisdiction: &Jurisdiction,
         subject: &SubjectId,
     ) -> Result<Lookup, Error> {
-        let key = (jurisdiction.clone(), subject.clone());
-        let (cached, shreds) = self.cached(&key);
+        let (cached, shreds) = self.cached(jurisdiction, subject);
         if let Some(secret) = cached {
             return Ok(Lookup::Live(secret));
         }
+        let key = (jurisdiction.clone(), subject.clone());
         match self.store.get(jurisdiction, subject).await? {
             None => Ok(Lookup::Unknown),
             Some(Row::Shredded { at }) => Ok(Lookup::Shredded(at)),
@@ -348,7 +370,7 @@ impl Subjects {
             Lookup::Shredded(at) => return Err(shredded(at)),
             Lookup::Unknown => {}
         }
-        let (_, shreds) = self.cached(&(jurisdiction.clone(), subject.clone()));
+        let (_, shreds) = self.cached(jurisdiction, subject);
         let fresh = SubjectSecret::generate()?;
         let sealed = Self::wrapping(keyring, jurisdiction)?.seal_subject(subject, &fresh)?;
         drop(fresh);
@@ -400,7 +422,7 @@ impl Subjects {
 /// many secrets were re-sealed; `None` when there is no store.
 pub fn reseal_store(data_dir: &Path, old: &Keyring, new: &Keyring) -> Result<Option<u64>, Error> {
     let path = data_dir.join(SUBJECTS_FILE);
-    if !path.exists() {
+    if !sqlite::exists(&path) {
         return Ok(None);
     }
     let meta = sqlite::inspect(&path)?;

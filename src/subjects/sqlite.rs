@@ -110,9 +110,29 @@ pub fn inspect(path: &Path) -> Result<BTreeMap<String, String>, Error> {
     }
 }
 
-/// Opens (creating) the store read-write with WAL, `synchronous=FULL` and
-/// `secure_delete` on.
+/// Whether `path` holds a store: an empty file (a first start interrupted before the
+/// store was made) counts as none.
+pub fn exists(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0)
+}
+
+/// Opens (creating, readable by its owner only) the store read-write with WAL,
+/// `synchronous=FULL` and `secure_delete` on.
 pub fn open_connection(path: &Path) -> Result<Connection, Error> {
+    if !path.exists() {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|error| {
+                Error::Store(format!(
+                    "cannot create the subject store `{}`: {error}",
+                    path.display()
+                ))
+            })?;
+    }
     let connection = connect(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
@@ -236,7 +256,11 @@ impl SubjectStore for SqliteStore {
 }
 
 /// The store's thread: takes what is queued (at most [`BATCH`]), runs it in one
-/// transaction, commits (one fsync of the WAL), then answers every operation.
+/// transaction, commits (one fsync of the WAL), then answers every operation. Each
+/// operation runs in a savepoint of its own: one that fails leaves no partial change
+/// (a shred of several jurisdictions is all or nothing) and the others commit; when
+/// SQLite rolls the whole transaction back itself (disk full, I/O error), every
+/// operation of the batch fails.
 fn run(mut connection: Connection, path: &Path, receiver: &mpsc::Receiver<Op>) {
     while let Ok(first) = receiver.recv() {
         let mut batch = vec![first];
@@ -249,20 +273,29 @@ fn run(mut connection: Connection, path: &Path, receiver: &mpsc::Receiver<Op>) {
         let shredded = batch.iter().any(|op| matches!(op, Op::Shred { .. }));
         let mut answers = Vec::with_capacity(batch.len());
         let committed = (|| -> Result<(), Error> {
-            let transaction = connection.transaction().map_err(sql(path))?;
+            let mut transaction = connection.transaction().map_err(sql(path))?;
             for op in &batch {
-                answers.push(execute(&transaction, path, op));
+                let savepoint = transaction.savepoint().map_err(sql(path))?;
+                let answer = execute(&savepoint, path, op);
+                if answer.is_ok() {
+                    savepoint.commit().map_err(sql(path))?;
+                } else {
+                    drop(savepoint);
+                    if transaction.is_autocommit() {
+                        return Err(Error::Store(format!(
+                            "subject store `{}`: the transaction was rolled back",
+                            path.display()
+                        )));
+                    }
+                }
+                answers.push(answer);
             }
             transaction.commit().map_err(sql(path))
         })();
         if shredded && committed.is_ok() {
             // Copy the zeroed pages into the database file and empty the WAL, so the
             // sealed secrets are gone from both (docs/crypto.md, "Shredding").
-            if let Err(error) =
-                connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            {
-                tracing::warn!(%error, "subject store: checkpoint after shredding failed; the WAL keeps old pages until the next checkpoint");
-            }
+            checkpoint(&connection);
         }
         for (op, answer) in batch.into_iter().zip(answers) {
             let failed = |error: &Error| Error::Store(error.to_string());
@@ -304,6 +337,33 @@ fn run(mut connection: Connection, path: &Path, receiver: &mpsc::Receiver<Op>) {
 enum Answer {
     Row(Result<Option<Row>, Error>),
     Shred(Result<Vec<ShredOutcome>, Error>),
+}
+
+impl Answer {
+    fn is_ok(&self) -> bool {
+        match self {
+            Answer::Row(result) => result.is_ok(),
+            Answer::Shred(result) => result.is_ok(),
+        }
+    }
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)`, warning when it could not complete (another
+/// connection reading, an I/O error): the WAL then keeps old pages until the next one.
+fn checkpoint(connection: &Connection) {
+    let result = connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        row.get::<_, i64>(0)
+    });
+    match result {
+        Ok(0) => {}
+        Ok(_) => tracing::warn!(
+            "subject store: the checkpoint after shredding was blocked by another connection; the WAL keeps old pages until the next checkpoint"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "subject store: the checkpoint after shredding failed; the WAL keeps old pages until the next checkpoint"
+        ),
+    }
 }
 
 fn read_row(
@@ -414,33 +474,48 @@ fn execute(connection: &Connection, path: &Path, op: &Op) -> Answer {
 }
 
 /// Re-seals every live secret with `reseal` in one transaction and replaces the
-/// check values (for `keys rotate-master`). Returns how many secrets were re-sealed.
+/// check values (for `keys rotate-master`), reading the rows in pages so that memory
+/// stays bounded however many subjects there are. Returns how many were re-sealed.
 pub fn reseal_all(
     connection: &mut Connection,
     path: &Path,
     mut reseal: impl FnMut(&str, &str, &[u8]) -> Result<Vec<u8>, Error>,
     checks: &BTreeMap<String, String>,
 ) -> Result<u64, Error> {
+    const PAGE: i64 = 10_000;
     let transaction = connection.transaction().map_err(sql(path))?;
-    let rows: Vec<(String, String, Vec<u8>)> = {
-        let mut statement = transaction
-            .prepare("SELECT jurisdiction, subject, sealed FROM subjects WHERE sealed IS NOT NULL")
-            .map_err(sql(path))?;
-        statement
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-            .and_then(|rows| rows.collect::<Result<_, _>>())
-            .map_err(sql(path))?
-    };
     let mut count = 0u64;
-    for (jurisdiction, subject, sealed) in rows {
-        let resealed = reseal(&jurisdiction, &subject, &sealed)?;
-        transaction
-            .execute(
-                "UPDATE subjects SET sealed = ?3 WHERE jurisdiction = ?1 AND subject = ?2",
-                params![jurisdiction, subject, resealed],
-            )
-            .map_err(sql(path))?;
-        count += 1;
+    let mut after = (String::new(), String::new());
+    loop {
+        let rows: Vec<(String, String, Vec<u8>)> = {
+            let mut statement = transaction
+                .prepare_cached(
+                    "SELECT jurisdiction, subject, sealed FROM subjects WHERE sealed IS NOT NULL AND (jurisdiction > ?1 OR (jurisdiction = ?1 AND subject > ?2)) ORDER BY jurisdiction, subject LIMIT ?3",
+                )
+                .map_err(sql(path))?;
+            statement
+                .query_map(params![after.0, after.1, PAGE], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .and_then(|rows| rows.collect::<Result<_, _>>())
+                .map_err(sql(path))?
+        };
+        let Some((last_jurisdiction, last_subject, _)) = rows.last() else {
+            break;
+        };
+        after = (last_jurisdiction.clone(), last_subject.clone());
+        for (jurisdiction, subject, sealed) in rows {
+            let resealed = reseal(&jurisdiction, &subject, &sealed)?;
+            transaction
+                .prepare_cached(
+                    "UPDATE subjects SET sealed = ?3 WHERE jurisdiction = ?1 AND subject = ?2",
+                )
+                .and_then(|mut statement| {
+                    statement.execute(params![jurisdiction, subject, resealed])
+                })
+                .map_err(sql(path))?;
+            count += 1;
+        }
     }
     for (name, value) in checks {
         transaction
@@ -451,8 +526,6 @@ pub fn reseal_all(
             .map_err(sql(path))?;
     }
     transaction.commit().map_err(sql(path))?;
-    connection
-        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .map_err(sql(path))?;
+    checkpoint(connection);
     Ok(count)
 }

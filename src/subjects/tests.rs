@@ -289,10 +289,11 @@ async fn the_cache_is_bounded() {
             .unwrap();
     }
     let cache = subjects.cache.lock().unwrap();
-    assert_eq!(cache.entries.len(), 3);
+    assert_eq!(cache.len, 3);
+    assert_eq!(cache.entries.values().map(HashMap::len).sum::<usize>(), 3);
     assert_eq!(cache.order.len(), 3);
-    assert!(cache.entries.contains_key(&(us.clone(), subject("s9"))));
-    assert!(!cache.entries.contains_key(&(us, subject("s0"))));
+    assert!(cache.get(&us, &subject("s9")).is_some());
+    assert!(cache.get(&us, &subject("s0")).is_none());
 }
 
 #[tokio::test]

@@ -248,3 +248,4 @@ mod dev;
 mod keys;
 mod policy;
 mod serve;
+mod subjects;

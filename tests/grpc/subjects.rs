@@ -459,7 +459,7 @@ async fn rewrap_moves_versions_and_formats_preserves_plaintext_and_never_returns
             (2, 2),
             "{field}"
         );
-        assert_eq!(envelope.subject.as_ref().map(|s| s.as_str()), Some("u-r1"));
+        assert_eq!(envelope.subject, Some("u-r1"));
     }
     // Plaintext preserved, read by an allowed principal.
     let answer = callers.alice_reads(rewrapped.clone()).await;
