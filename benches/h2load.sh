@@ -2,7 +2,7 @@
 # Server CPU per request under an independent load generator (h2load), as a ratio to
 # the same server's GetStatus "floor" (gRPC stack + identity only), interleaved runs.
 #
-#   benches/h2load.sh [RUNS] [REQUESTS] [extra serve flags...]
+#   [RINGFENCE_BIN=path] benches/h2load.sh [RUNS] [REQUESTS] [extra serve flags...]
 #
 # Starts target/release/ringfence with development identity headers on loopback (the
 # decision log fsynced in a temporary directory on disk), writes one gRPC-framed
@@ -20,7 +20,8 @@ if ! command -v h2load >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq nghttp2-client) >/dev/null
 fi
 cargo build --release --locked --quiet --bin ringfence --example loadgen
-bin=target/release/ringfence
+# RINGFENCE_BIN: another server binary to measure (e.g. an older build, to compare).
+bin=${RINGFENCE_BIN:-target/release/ringfence}
 work=$(mktemp -d)
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
 "$bin" keys init --danger-allow-development-master-key --data-dir "$work/data" >/dev/null

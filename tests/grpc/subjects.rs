@@ -576,3 +576,67 @@ async fn rewrap_records_streams_per_record_statuses_and_parent_company_services_
             if denied.policy_ids.contains(&"parent-company-never-rewraps-us-data".to_owned())
     )));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_missing_from_the_store_fails_as_unknown_and_rewrap_makes_no_new_secret() {
+    // No cache: every request reads the store, as after a restart.
+    let dir = tempfile::tempdir().unwrap();
+    let config = ringfence::ServeConfig {
+        auth: ringfence::config::Auth::Dev,
+        subject_cache_entries: 0,
+        ..test_config(dir.path())
+    };
+    let running = ringfence::server::start(config.clone()).await.unwrap();
+    let server = TestServer {
+        running,
+        dir,
+        config,
+    };
+    let mut callers = Callers::of(&server).await;
+    let record = callers.encrypt("u-z1", Some("zed")).await;
+    // The store loses zed (restored from a backup older than zed's first record).
+    let store = rusqlite::Connection::open(server.data_dir().join("subjects.db")).unwrap();
+    let rows = |store: &rusqlite::Connection| -> i64 {
+        store
+            .query_row(
+                "SELECT count(*) FROM subjects WHERE subject = 'zed'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap()
+    };
+    store
+        .execute("DELETE FROM subjects WHERE subject = 'zed'", [])
+        .unwrap();
+    assert_eq!(rows(&store), 0);
+
+    let answer = callers.alice_reads(record.clone()).await;
+    let Outcome::Error(error) = outcome(&answer, "email") else {
+        panic!("email should fail");
+    };
+    assert_eq!(error.kind(), pb::field_error::Kind::UnknownKeyVersion);
+    assert!(error.message.contains("data subject"), "{}", error.message);
+
+    // A rewrap must not paper over the loss with a new secret: restoring the old one
+    // would then be impossible.
+    let response = callers.rewrap(record).await;
+    assert!(response.fields.iter().all(|f| matches!(
+        &f.outcome,
+        Some(pb::field_rewrap::Outcome::Error(error))
+            if error.kind() == pb::field_error::Kind::UnknownKeyVersion
+    )));
+    assert_eq!(rows(&store), 0, "no secret was made for zed");
+    let entries = server.log_entries();
+    let logged: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "decrypt" || e["kind"] == "rewrap")
+        .flat_map(|e| e["fields"].as_array().unwrap())
+        .filter_map(|f| f["outcome"].as_str())
+        .filter(|outcome| *outcome != "denied")
+        .collect();
+    assert!(!logged.is_empty());
+    assert!(
+        logged.iter().all(|outcome| *outcome == "unknown_subject"),
+        "{logged:?}"
+    );
+}
