@@ -258,17 +258,37 @@ fn serve_refuses_a_damaged_or_foreign_subject_store_and_leaves_it_untouched() {
     let (ours, theirs) = (make(), make());
     let data = ours.path().join("ringfence-data");
     let store = data.join("subjects.db");
-    std::fs::copy(theirs.path().join("ringfence-data/subjects.db"), &store).unwrap();
+    // A store is its database file and its write-ahead log together: theirs, whole.
+    for suffix in ["", "-wal", "-shm"] {
+        let name = format!("subjects.db{suffix}");
+        let _ = std::fs::remove_file(data.join(&name));
+        let source = theirs.path().join("ringfence-data").join(&name);
+        if source.exists() {
+            std::fs::copy(source, data.join(&name)).unwrap();
+        }
+    }
     let refuse = |expected: &str| {
         let before = store_files(&data);
-        let refused = run(ringfence().current_dir(ours.path()).args([
-            "serve",
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-        ]));
-        assert_ne!(refused.code, 0, "{}", refused.stderr);
-        refused.complains(expected);
+        let mut child = ringfence()
+            .current_dir(ours.path())
+            .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve started instead of refusing ({expected})");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let output = child.wait_with_output().unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
         assert!(
             store_files(&data) == before,
             "the refusal changed the store"
@@ -276,6 +296,13 @@ fn serve_refuses_a_damaged_or_foreign_subject_store_and_leaves_it_untouched() {
     };
     refuse("sealed under another master key");
 
+    // Damage on disk: everything checkpointed into the database file, then bytes of
+    // it overwritten.
+    let connection = rusqlite::Connection::open(&store).unwrap();
+    connection
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(connection);
     let mut bytes = std::fs::read(&store).unwrap();
     for byte in bytes.iter_mut().skip(100).take(2000) {
         *byte ^= 0xa5;
