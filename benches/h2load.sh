@@ -2,7 +2,7 @@
 # Server CPU per request under an independent load generator (h2load), as a ratio to
 # the same server's GetStatus "floor" (gRPC stack + identity only), interleaved runs.
 #
-#   [RINGFENCE_BIN=path] benches/h2load.sh [RUNS] [REQUESTS] [extra serve flags...]
+#   [RINGFENCE_BIN=path] [LEVELS="1 8 64"] benches/h2load.sh [RUNS] [REQUESTS] [extra serve flags...]
 #
 # Starts target/release/ringfence with development identity headers on loopback (the
 # decision log fsynced in a temporary directory on disk), writes one gRPC-framed
@@ -50,7 +50,9 @@ run() { # PATH BODY CONNS STREAMS -> microseconds of server CPU per request
   echo $(( (after - before) * 10000000 / REQUESTS ))  # ticks -> us, x1000 fixed point
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# LEVELS: which in-flight levels to run (default all three), e.g. LEVELS=64.
 for level in "1 1 1" "8 8 1" "64 16 4"; do
+  case " ${LEVELS:-1 8 64} " in *" ${level%% *} "*) ;; *) continue ;; esac
   set -- $level
   : > "$work/ratios"
   for r in $(seq "$RUNS"); do
