@@ -329,3 +329,107 @@ async fn rotating_the_master_key_reseals_the_store_once() {
         Err(Error::WrongMasterKey(..))
     ));
 }
+
+/// A store whose reads complete at once but answer only when let go: a request that
+/// read a live secret before a shred and comes back after it.
+#[derive(Debug)]
+struct HeldReads {
+    inner: SqliteStore,
+    read: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+    holding: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SubjectStore for HeldReads {
+    fn get(&self, jurisdiction: &Jurisdiction, subject: &SubjectId) -> StoreFuture<Option<Row>> {
+        let read = self.inner.get(jurisdiction, subject);
+        let (done, release, holding) = (
+            Arc::clone(&self.read),
+            Arc::clone(&self.release),
+            Arc::clone(&self.holding),
+        );
+        Box::pin(async move {
+            let row = read.await;
+            if holding.load(std::sync::atomic::Ordering::SeqCst) {
+                done.notify_one();
+                release.notified().await;
+            }
+            row
+        })
+    }
+
+    fn insert_if_absent(
+        &self,
+        jurisdiction: &Jurisdiction,
+        subject: &SubjectId,
+        sealed: Vec<u8>,
+        created_at: String,
+    ) -> StoreFuture<Row> {
+        self.inner
+            .insert_if_absent(jurisdiction, subject, sealed, created_at)
+    }
+
+    fn shred(
+        &self,
+        subject: &SubjectId,
+        jurisdictions: &[Jurisdiction],
+        at: String,
+    ) -> StoreFuture<Vec<ShredOutcome>> {
+        self.inner.shred(subject, jurisdictions, at)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_read_before_a_shred_is_not_cached_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = LocalMasterKey::generate().unwrap();
+    let keyring = Arc::new(keyring(dir.path(), &master));
+    let us = Jurisdiction::new("US").unwrap();
+    // Make the subject's secret, then serve it through a store that holds reads.
+    {
+        let subjects = Subjects::open(dir.path(), &keyring, 16).unwrap();
+        subjects
+            .for_encryption(&keyring, &us, &subject("hana"))
+            .await
+            .unwrap();
+    }
+    let path = dir.path().join(SUBJECTS_FILE);
+    let connection = sqlite::open_connection(&path).unwrap();
+    let held = HeldReads {
+        inner: SqliteStore::start(&path, connection).unwrap(),
+        read: Arc::new(tokio::sync::Notify::new()),
+        release: Arc::new(tokio::sync::Notify::new()),
+        holding: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    let (read, release, holding) = (
+        Arc::clone(&held.read),
+        Arc::clone(&held.release),
+        Arc::clone(&held.holding),
+    );
+    let subjects = Arc::new(Subjects::with_store(Box::new(held), 16));
+
+    // A request reads hana's live secret from the store...
+    let early = {
+        let (subjects, keyring, us) = (Arc::clone(&subjects), Arc::clone(&keyring), us.clone());
+        tokio::spawn(async move { subjects.lookup(&keyring, &us, &subject("hana")).await })
+    };
+    read.notified().await;
+    // ...the shred runs to its end while that request is still on its way back...
+    holding.store(false, std::sync::atomic::Ordering::SeqCst);
+    let outcome = subjects
+        .shred(&subject("hana"), std::slice::from_ref(&us))
+        .await
+        .unwrap();
+    assert_eq!(outcome[0].as_str(), "shredded");
+    release.notify_one();
+    // ...and gets the secret it read (it started before the shred returned)...
+    assert!(matches!(early.await.unwrap().unwrap(), Lookup::Live(_)));
+    // ...but must not have left it in the cache for requests that start after.
+    assert!(matches!(
+        subjects
+            .lookup(&keyring, &us, &subject("hana"))
+            .await
+            .unwrap(),
+        Lookup::Shredded(_)
+    ));
+}
