@@ -22,8 +22,10 @@ fi
 cargo build --release --locked --quiet --bin ringfence --example loadgen
 # RINGFENCE_BIN: another server binary to measure (e.g. an older build, to compare).
 bin=${RINGFENCE_BIN:-target/release/ringfence}
+case "$bin" in /*) ;; *) bin=$PWD/$bin ;; esac
 work=$(mktemp -d)
-trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
+server=
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 "$bin" keys init --danger-allow-development-master-key --data-dir "$work/data" >/dev/null
 RINGFENCE_LOG=warn,ringfence::server=info "$bin" serve --listen 127.0.0.1:0 \
   --danger-trust-identity-headers --danger-allow-development-master-key \
@@ -37,17 +39,33 @@ done
 [ -n "$addr" ] || { cat "$work/server.log"; exit 1; }
 target/release/examples/loadgen --addr "$addr" --records 1 --write-bodies "$work" >/dev/null
 
-cpu() { awk '{print $14 + $15}' "/proc/$server/stat"; }  # clock ticks (USER_HZ 100)
-run() { # PATH BODY CONNS STREAMS -> microseconds of server CPU per request
-  local before after
-  before=$(cpu)
-  h2load -n "$REQUESTS" -c "$3" -m "$4" -d "$2" \
+hz=$(getconf CLK_TCK)
+cpu() { awk '{print $14 + $15}' "/proc/$server/stat"; }  # clock ticks
+h2() { # N PATH BODY CONNS STREAMS: h2load's output in $work/h2load.out
+  h2load -n "$1" -c "$4" -m "$5" -d "$3" \
     -H 'content-type: application/grpc' -H 'te: trailers' \
     -H 'x-ringfence-service: us-support-tool' -H 'x-ringfence-employee: alice' \
-    "http://$addr$1" > "$work/h2load.out"
+    "http://$addr$2" > "$work/h2load.out"
   grep -q " 0 failed, 0 errored" "$work/h2load.out" || { cat "$work/h2load.out"; exit 1; }
+}
+data_bytes() { sed -n 's/^traffic:.*B (\([0-9]*\)) data.*/\1/p' "$work/h2load.out"; }
+# h2load sees HTTP statuses, not gRPC ones (a gRPC error is a 200 with trailers and no
+# body): one request's DATA bytes are measured first, and every run must carry that
+# many per request, so a failing call can never pass as a cheap one.
+declare -A per_request
+run() { # PATH BODY CONNS STREAMS -> microseconds of server CPU per request, x1000
+  local before after expected
+  if [ -z "${per_request[$1]:-}" ]; then
+    h2 1 "$1" "$2" 1 1
+    per_request[$1]=$(data_bytes)
+  fi
+  before=$(cpu)
+  h2 "$REQUESTS" "$1" "$2" "$3" "$4"
   after=$(cpu)
-  echo $(( (after - before) * 10000000 / REQUESTS ))  # ticks -> us, x1000 fixed point
+  expected=$(( per_request[$1] * REQUESTS ))
+  [ "$(data_bytes)" = "$expected" ] || {
+    echo "$1: $(data_bytes) bytes of answers, expected $expected: some calls failed" >&2; exit 1; }
+  echo $(( (after - before) * 1000000000 / hz / REQUESTS ))
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # LEVELS: which in-flight levels to run (default all three), e.g. LEVELS=64.
@@ -58,7 +76,7 @@ for level in "1 1 1" "8 8 1" "64 16 4"; do
   for r in $(seq "$RUNS"); do
     d=$(run /ringfence.v1.Ringfence/DecryptRecord "$work/decrypt.bin" "$2" "$3")
     f=$(run /ringfence.v1.Ringfence/GetStatus "$work/status.bin" "$2" "$3")
-    ratio=$(awk -v d="$d" -v f="$f" 'BEGIN {printf "%.2f", d / f}')
+    ratio=$(awk -v d="$d" -v f="$f" 'BEGIN {if (f > 0) printf "%.2f", d / f; else print "inf"}')
     echo "$ratio" >> "$work/ratios"
     printf 'in flight %-3s run %s: decrypt %6.1f us  floor %6.1f us  ratio %s\n' \
       "$1" "$r" "$(awk -v x="$d" 'BEGIN{print x/1000}')" "$(awk -v x="$f" 'BEGIN{print x/1000}')" "$ratio"

@@ -653,7 +653,7 @@ fn rotate_master(args: &KeyArgs, new_master_key_file: Option<&Path>) -> ExitCode
     );
     let code = report(result, "the keyring holds no keys: nothing to re-seal");
     if code != ExitCode::SUCCESS {
-        if store_resealed.get() {
+        if store_resealed.get() && Keyring::open(&path, &new).is_err() {
             eprintln!(
                 "error: the subject store is already sealed under the NEW master key, the keyring not yet: keep both keys and run `keys rotate-master` again with them to finish (serve refuses to start until then)"
             );

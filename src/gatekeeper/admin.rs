@@ -350,8 +350,8 @@ impl Gatekeeper {
 }
 
 impl Gatekeeper {
-    /// Shreds `subject` in `jurisdictions` (every jurisdiction the keyring holds and
-    /// the policies know, when `None`): decides `shred` on each jurisdiction's
+    /// Shreds `subject` in `jurisdictions` (every jurisdiction the keyring holds, when
+    /// `None`; at most 64; one the policies do not know is refused): decides `shred` on each jurisdiction's
     /// `DataSubjects` for the caller, all of which must be permitted, logs the decision
     /// durably, destroys the subject's secrets (durably, caches forgotten) and logs
     /// what was destroyed. Every request that starts after this returns finds the

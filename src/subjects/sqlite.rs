@@ -111,9 +111,16 @@ pub fn inspect(path: &Path) -> Result<BTreeMap<String, String>, Error> {
 }
 
 /// Whether `path` holds a store: an empty file (a first start interrupted before the
-/// store was made) counts as none.
+/// store was made) counts as none, unless a write-ahead log or journal lies beside it.
 pub fn exists(path: &Path) -> bool {
+    let beside = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        Path::new(&name).exists()
+    };
     std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0)
+        || beside("-wal")
+        || beside("-journal")
 }
 
 /// Opens (creating, readable by its owner only) the store read-write with WAL,
@@ -275,11 +282,13 @@ fn run(mut connection: Connection, path: &Path, receiver: &mpsc::Receiver<Op>) {
         let committed = (|| -> Result<(), Error> {
             let mut transaction = connection.transaction().map_err(sql(path))?;
             for op in &batch {
-                let savepoint = transaction.savepoint().map_err(sql(path))?;
+                let mut savepoint = transaction.savepoint().map_err(sql(path))?;
                 let answer = execute(&savepoint, path, op);
                 if answer.is_ok() {
                     savepoint.commit().map_err(sql(path))?;
                 } else {
+                    // Undone explicitly, so that a failure to undo fails the batch.
+                    savepoint.rollback().map_err(sql(path))?;
                     drop(savepoint);
                     if transaction.is_autocommit() {
                         return Err(Error::Store(format!(
@@ -292,6 +301,13 @@ fn run(mut connection: Connection, path: &Path, receiver: &mpsc::Receiver<Op>) {
             }
             transaction.commit().map_err(sql(path))
         })();
+        if let Err(error) = &committed {
+            tracing::error!(%error, operations = batch.len(), "subject store: a batch failed; every operation of it is refused");
+        }
+        // Operations the batch did not reach are answered with its error too.
+        while answers.len() < batch.len() {
+            answers.push(Answer::Row(Err(Error::Store("not run".to_owned()))));
+        }
         if shredded && committed.is_ok() {
             // Copy the zeroed pages into the database file and empty the WAL, so the
             // sealed secrets are gone from both (docs/crypto.md, "Shredding").
@@ -490,7 +506,7 @@ pub fn reseal_all(
         let rows: Vec<(String, String, Vec<u8>)> = {
             let mut statement = transaction
                 .prepare_cached(
-                    "SELECT jurisdiction, subject, sealed FROM subjects WHERE sealed IS NOT NULL AND (jurisdiction > ?1 OR (jurisdiction = ?1 AND subject > ?2)) ORDER BY jurisdiction, subject LIMIT ?3",
+                    "SELECT jurisdiction, subject, sealed FROM subjects WHERE sealed IS NOT NULL AND (jurisdiction, subject) > (?1, ?2) ORDER BY jurisdiction, subject LIMIT ?3",
                 )
                 .map_err(sql(path))?;
             statement

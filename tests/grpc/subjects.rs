@@ -620,6 +620,7 @@ async fn a_subject_missing_from_the_store_fails_as_unknown_and_rewrap_makes_no_n
     // A rewrap must not paper over the loss with a new secret: restoring the old one
     // would then be impossible.
     let response = callers.rewrap(record).await;
+    assert_eq!(response.fields.len(), 20);
     assert!(response.fields.iter().all(|f| matches!(
         &f.outcome,
         Some(pb::field_rewrap::Outcome::Error(error))
