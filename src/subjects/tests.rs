@@ -257,8 +257,14 @@ async fn a_store_sealed_under_another_master_key_or_damaged_is_refused_untouched
     assert!(matches!(refused, Error::WrongMasterKey(..)), "{refused}");
     assert!(snapshot(dir.path()) == before, "the refusal changed files");
 
-    // A damaged file.
+    // Readable by its owner only, like the keyring.
     let path = dir.path().join(SUBJECTS_FILE);
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    // A damaged file.
     let mut bytes = std::fs::read(&path).unwrap();
     for byte in bytes.iter_mut().skip(100).take(4000) {
         *byte ^= 0x5a;

@@ -641,3 +641,60 @@ async fn a_subject_missing_from_the_store_fails_as_unknown_and_rewrap_makes_no_n
         "{logged:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_scope_is_checked_and_a_claimed_subject_of_format_1_reads_is_not_logged() {
+    let server = start_dev().await;
+    let mut callers = Callers::of(&server).await;
+    // A jurisdiction the policies do not know is refused by name, never skipped;
+    // more than 64 are refused; nothing is shredded either way.
+    let record = callers.encrypt("u-q1", Some("quinn")).await;
+    let mut request = shred_request("quinn");
+    request.jurisdictions = vec!["US".to_owned(), "XX".to_owned()];
+    let status = callers
+        .admin
+        .shred_subject(with_token(request, &callers.kim))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "XX");
+    let mut request = shred_request("quinn");
+    request.jurisdictions = (0..65).map(|n| format!("J{n}")).collect();
+    let status = callers
+        .admin
+        .shred_subject(with_token(request, &callers.kim))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "64");
+    assert!(matches!(
+        outcome(&callers.alice_reads(record).await, "email"),
+        Outcome::Plaintext(_)
+    ));
+
+    // A format-1 record read with a subject the caller merely claims: the entry names
+    // no subject (nothing binds it), so `--subject` finds the read by record id.
+    let mut old = callers.encrypt("u-q2", None).await;
+    old.fields.retain(|f| f.name == "email");
+    old.fields[0].ciphertext = format_1_envelope(&server, "u-q2", "email", 1);
+    old.subject_id = "someone-else".to_owned();
+    let answer = callers.alice_reads(old).await;
+    assert_eq!(
+        plaintext(outcome(&answer, "email")),
+        secret_value("u-q2", "email").as_slice()
+    );
+    let entries = server.log_entries();
+    let read = entries
+        .iter()
+        .find(|e| e["request_id"] == answer.request_id.as_str() && e["kind"] == "decrypt")
+        .unwrap();
+    assert!(read["record"].get("subject").is_none(), "{read}");
+    let by_subject = ringfence::audit::Filter {
+        subject: Some("u-q2".to_owned()),
+        ..Default::default()
+    };
+    assert!(by_subject.matches(read));
+    let claimed = ringfence::audit::Filter {
+        subject: Some("someone-else".to_owned()),
+        ..Default::default()
+    };
+    assert!(!claimed.matches(read));
+}
