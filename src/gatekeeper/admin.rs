@@ -143,6 +143,35 @@ fn denied(action: Action, jurisdictions: &[&Jurisdiction], decisions: &[FieldDec
 }
 
 impl Gatekeeper {
+    /// Decides `action` on each of `candidates`' jurisdictional resources (their
+    /// `KeyRing` or `DataSubjects`) and makes the request's `key_admin` entry naming
+    /// every decision; the caller sets its outcome and logs it.
+    async fn decide_rings(
+        &self,
+        snapshot: &PolicySnapshot,
+        context: &Context<'_>,
+        action: Action,
+        candidates: &[Jurisdiction],
+        admin: impl Fn(Vec<KeyRingDecision>) -> KeyAdminEntry + Copy,
+    ) -> Result<(Vec<FieldDecision>, crate::audit::Entry), Error> {
+        let mut decisions = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            decisions.push(
+                self.decide_key(snapshot, context, action, candidate, admin)
+                    .await?,
+            );
+        }
+        let mut entry = context.entry(KEY_ADMIN_KIND, Some(action), None, Some(snapshot.hash()));
+        entry.key_admin = Some(admin(
+            candidates
+                .iter()
+                .zip(&decisions)
+                .map(|(j, decision)| ring_decision(j, decision))
+                .collect(),
+        ));
+        Ok((decisions, entry))
+    }
+
     /// Decides a key action on `jurisdiction`'s key ring. An unknown caller is logged
     /// as an authentication failure; a caller who is not an employee gets its own
     /// `key_admin` entry before the refusal.
@@ -301,26 +330,9 @@ impl Gatekeeper {
             key_rings,
             subject: None,
         };
-        let mut decisions = Vec::with_capacity(candidates.len());
-        for candidate in &candidates {
-            decisions.push(
-                self.decide_key(&snapshot, &context, Action::ViewKeys, candidate, admin)
-                    .await?,
-            );
-        }
-        let mut entry = context.entry(
-            KEY_ADMIN_KIND,
-            Some(Action::ViewKeys),
-            None,
-            Some(snapshot.hash()),
-        );
-        entry.key_admin = Some(admin(
-            candidates
-                .iter()
-                .zip(&decisions)
-                .map(|(j, decision)| ring_decision(j, decision))
-                .collect(),
-        ));
+        let (decisions, mut entry) = self
+            .decide_rings(&snapshot, &context, Action::ViewKeys, &candidates, admin)
+            .await?;
         let allowed: Vec<&Jurisdiction> = candidates
             .iter()
             .zip(&decisions)
@@ -384,26 +396,9 @@ impl Gatekeeper {
             key_rings,
             subject: Some(subject.as_str().to_owned()),
         };
-        let mut decisions = Vec::with_capacity(candidates.len());
-        for candidate in &candidates {
-            decisions.push(
-                self.decide_key(&snapshot, &context, Action::Shred, candidate, admin)
-                    .await?,
-            );
-        }
-        let mut entry = context.entry(
-            KEY_ADMIN_KIND,
-            Some(Action::Shred),
-            None,
-            Some(snapshot.hash()),
-        );
-        entry.key_admin = Some(admin(
-            candidates
-                .iter()
-                .zip(&decisions)
-                .map(|(j, decision)| ring_decision(j, decision))
-                .collect(),
-        ));
+        let (decisions, mut entry) = self
+            .decide_rings(&snapshot, &context, Action::Shred, &candidates, admin)
+            .await?;
         if decisions.iter().any(|decision| !decision.allowed) {
             entry.outcome = "denied".to_owned();
             self.log.append(entry).await?;

@@ -1,5 +1,5 @@
 //! Reading a record, for `decrypt` (plaintext to the caller) and `rewrap` (sealed again
-//! under the current key version and format inside the service), in the order
+//! under the current key version and format inside the service, [`super::rewrap`]), in the order
 //! guarantees 1 and 2 rest on (see the module documentation of [`super`]): select and
 //! validate -> parse envelope headers -> decide -> find the subject's secret -> plan
 //! and log, durably -> open only the permitted fields -> answer. Each step is one
@@ -10,10 +10,8 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use super::context::{Context, Subject, check_field_names, denial, field_entry};
-use super::encrypt::seal_fields;
 use super::types::{
-    DecryptRequest, Decrypted, Denial, FieldFailure, Outcome, Receipt, RecordRef, RewrapOutcome,
-    RewrapRequest, Rewrapped, SealedRecord,
+    DecryptRequest, Decrypted, Denial, FieldFailure, Outcome, Receipt, RecordRef, SealedRecord,
 };
 use super::{Error, Gatekeeper, InvalidRequest, follow_up_field};
 use crate::audit::RecordEntry;
@@ -61,7 +59,7 @@ impl FieldFailure {
 }
 
 /// A field after the log: its plaintext (zeroized on drop), kept as it was, or not read.
-enum Read {
+pub(super) enum Read {
     Plain(Zeroizing<Vec<u8>>),
     Kept,
     Denied(Denial),
@@ -69,22 +67,22 @@ enum Read {
 }
 
 /// The record's data subject and where its secret stands.
-struct SubjectState {
+pub(super) struct SubjectState {
     /// The subject, when the record names one (format-2 envelopes, or the caller).
-    id: Option<SubjectId>,
-    secret: Lookup,
+    pub(super) id: Option<SubjectId>,
+    pub(super) secret: Lookup,
 }
 
 /// A record read for `action`: its fields after the decisions were logged.
-struct ReadRecord {
-    context_request_id: String,
-    policy_set: String,
-    logged: RecordEntry,
-    keyring: Arc<Keyring>,
-    subject: SubjectState,
-    fields: Vec<(FieldName, Read)>,
+pub(super) struct ReadRecord {
+    pub(super) context_request_id: String,
+    pub(super) policy_set: String,
+    pub(super) logged: RecordEntry,
+    pub(super) keyring: Arc<Keyring>,
+    pub(super) subject: SubjectState,
+    pub(super) fields: Vec<(FieldName, Read)>,
     /// Per field read: format and key version of its envelope.
-    envelopes: Vec<(u8, KeyVersion)>,
+    pub(super) envelopes: Vec<(u8, KeyVersion)>,
 }
 
 /// Record keys of one record, derived when first needed (a record's fields may be
@@ -174,85 +172,9 @@ impl Gatekeeper {
         })
     }
 
-    /// Decides `rewrap` for every field of a record, logs, and re-encrypts the
-    /// permitted fields under the jurisdiction's current key version in envelope
-    /// format 2, inside the service: no plaintext leaves. Fields already current come
-    /// back unchanged, as do denied and failing ones (with their outcome).
-    pub async fn rewrap_record(
-        &self,
-        caller: &Caller,
-        request: RewrapRequest,
-    ) -> Result<Rewrapped, Error> {
-        let record = &request.record.record;
-        let read = self
-            .read(
-                caller,
-                &request.record,
-                &[],
-                &request.stated,
-                Action::Rewrap,
-            )
-            .await?;
-        let current = read.keyring.current_for_encryption(&record.jurisdiction)?;
-        let ReadRecord {
-            context_request_id,
-            policy_set,
-            logged,
-            keyring,
-            subject,
-            fields,
-            envelopes,
-        } = read;
-        let plain: Vec<(&FieldName, &[u8])> = fields
-            .iter()
-            .filter_map(|(name, read)| match read {
-                Read::Plain(plaintext) => Some((name, plaintext.as_slice())),
-                _ => None,
-            })
-            .collect();
-        let mut sealed = match (&subject.id, &subject.secret) {
-            (Some(id), Lookup::Live(secret)) if !plain.is_empty() => {
-                seal_fields(&keyring, record, current, id, secret, plain.into_iter())?
-            }
-            _ => Vec::new(),
-        }
-        .into_iter();
-        let mut out = request.record.clone();
-        out.subject = subject.id.clone();
-        let mut outcomes = Vec::with_capacity(fields.len());
-        for ((name, read), (format, version)) in fields.into_iter().zip(envelopes) {
-            let outcome = match read {
-                Read::Plain(_) => {
-                    let Some((_, envelope)) = sealed.next() else {
-                        return Err(crypto::Error::Malformed("rewrap lost a field").into());
-                    };
-                    if let Some(slot) = out.fields.iter_mut().find(|(field, _)| *field == name) {
-                        slot.1 = envelope;
-                    }
-                    RewrapOutcome::Rewrapped {
-                        from_version: version,
-                        to_version: current,
-                        from_format: format,
-                    }
-                }
-                Read::Kept => RewrapOutcome::Unchanged,
-                Read::Denied(denial) => RewrapOutcome::Denied(denial),
-                Read::Failed(failure) => RewrapOutcome::Failed(failure),
-            };
-            outcomes.push((name, outcome));
-        }
-        Ok(Rewrapped {
-            policy_set,
-            request_id: context_request_id,
-            record: out,
-            fields: outcomes,
-            logged,
-        })
-    }
-
     /// Reads the wanted fields of `sealed` for `action`: decides, logs durably, then
     /// opens the permitted ones.
-    async fn read(
+    pub(super) async fn read(
         &self,
         caller: &Caller,
         sealed: &SealedRecord,

@@ -12,6 +12,7 @@ mod authorize;
 mod context;
 mod decrypt;
 mod encrypt;
+mod rewrap;
 mod types;
 
 use std::sync::Arc;
