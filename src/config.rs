@@ -116,6 +116,8 @@ pub struct ServeConfig {
     /// Unsealed subject secrets kept in memory (0: none; every request reads the
     /// subject store).
     pub subject_cache_entries: usize,
+    /// Whether policy sets must prove their invariants to serve.
+    pub proof: crate::policy::ProofGuard,
 }
 
 /// A configuration that must not be served.
@@ -174,6 +176,10 @@ impl ServeConfig {
             log_segment_bytes: crate::audit::DEFAULT_SEGMENT_BYTES,
             log_segment_age: crate::audit::DEFAULT_SEGMENT_AGE,
             subject_cache_entries: crate::subjects::DEFAULT_CACHE_ENTRIES,
+            proof: crate::policy::ProofGuard {
+                mode: crate::policy::ProofMode::Enforce,
+                options: crate::policy::prove::ProveOptions::default(),
+            },
         }
     }
 

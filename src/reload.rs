@@ -151,7 +151,9 @@ pub fn spawn(
         match started {
             Ok(mut watcher) => {
                 if watch {
-                    match watcher.watch(policies.dir(), RecursiveMode::NonRecursive) {
+                    // Recursive: `invariants/` is part of the set (also when created
+                    // later); changes under `tests/` match no name that matters.
+                    match watcher.watch(policies.dir(), RecursiveMode::Recursive) {
                         Ok(()) => {
                             tracing::info!(dir = %policies.dir().display(), "watching the policy directory for changes")
                         }

@@ -62,23 +62,6 @@ pub enum Error {
 /// the decision log (refusing a keyring rolled back behind its newest checkpoint).
 pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
     config.check()?;
-    let policies = Arc::new(PolicyStore::load(&config.policies)?);
-    let snapshot = policies.current();
-    tracing::info!(
-        policies = snapshot.len(),
-        hash = snapshot.hash(),
-        dir = %config.policies.display(),
-        "policy set loaded"
-    );
-    for jurisdiction in &config.jurisdictions {
-        if !snapshot.jurisdictions().contains(jurisdiction) {
-            tracing::warn!(
-                %jurisdiction,
-                "configured jurisdiction has no `Jurisdiction` entity in the policy directory: its records will be refused"
-            );
-        }
-    }
-
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -89,6 +72,32 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
             config.data_dir.display()
         ))
     })?;
+    // Proved (under the guard), archived for replay and recorded as serving before it
+    // decides anything.
+    let archive = config.data_dir.join(POLICY_ARCHIVE_DIR);
+    let policies = Arc::new(PolicyStore::load_guarded(
+        &config.policies,
+        config.proof.clone(),
+        &archive,
+    )?);
+    let snapshot = policies.current();
+    tracing::info!(
+        policies = snapshot.len(),
+        hash = snapshot.hash(),
+        dir = %config.policies.display(),
+        proof = config.proof.mode.as_str(),
+        "policy set loaded"
+    );
+    tracing::debug!(archive = %archive.display(), "policy set archived for replay");
+    for jurisdiction in &config.jurisdictions {
+        if !snapshot.jurisdictions().contains(jurisdiction) {
+            tracing::warn!(
+                %jurisdiction,
+                "configured jurisdiction has no `Jurisdiction` entity in the policy directory: its records will be refused"
+            );
+        }
+    }
+
     if config.auth == Auth::Dev {
         let pki = DevPki::of(&config.data_dir);
         let created = pki
@@ -102,10 +111,6 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
             "--dev: mTLS and employee tokens from a development CA and identity provider whose keys sit in the data directory. NOT FOR PRODUCTION"
         );
     }
-    let archived = policies
-        .archive_to(&config.data_dir.join(POLICY_ARCHIVE_DIR))
-        .map_err(|problem| Error::Io(format!("cannot archive the policy set: {problem}")))?;
-    tracing::debug!(archive = %archived.display(), "policy set archived for replay");
     let paths = keyadmin::DataPaths {
         data_dir: config.data_dir.clone(),
         checkpoint_key: config.checkpoint_key.clone(),

@@ -28,6 +28,11 @@ pub const EXIT_INVALID_SUITE: u8 = 7;
 pub const EXIT_REPLAY_MISMATCH: u8 = 8;
 /// Exit code of a command-line usage error (clap's own).
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code: a policy invariant is violated (`policy prove`).
+pub const EXIT_VIOLATED: u8 = 9;
+/// Exit code: an invariant could not be proved: the solver is missing, failed, timed
+/// out or answered `unknown` (`policy prove`).
+pub const EXIT_UNPROVEN: u8 = 10;
 
 /// ringfence: field-level encryption with jurisdiction-scoped keys, Cedar-policy
 /// decryption and a tamper-evident decision log.

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ringfence::config::DEFAULT_POLICIES;
+use ringfence::policy::prove::{ProveOptions, Verdict, invariants, prove_blocking};
 use ringfence::policy::suite::{self, Suite};
 use ringfence::policy::{
     Action, FieldDecision, PolicySnapshot, Principal, RequestFacts, ResourceKind,
@@ -12,7 +13,7 @@ use ringfence::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};
 
 use super::{
     EXIT_COVERAGE_LOW, EXIT_FAILURE, EXIT_INVALID_POLICIES, EXIT_INVALID_SUITE, EXIT_TESTS_FAILED,
-    EXIT_USAGE, fail,
+    EXIT_UNPROVEN, EXIT_USAGE, EXIT_VIOLATED, fail,
 };
 
 /// Output format of `policy test`.
@@ -23,6 +24,17 @@ pub enum Format {
     /// One JSON document.
     Json,
     /// JUnit XML for CI systems.
+    Junit,
+}
+
+/// Output format of `policy prove`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProveFormat {
+    /// One line per invariant, counterexamples in full (as policy test cases).
+    Human,
+    /// One JSON document, with the facts assumed per request environment.
+    Json,
+    /// JUnit XML for CI systems: one test case per invariant.
     Junit,
 }
 
@@ -85,6 +97,26 @@ pub enum Command {
         /// Fail unless at least this percentage of policies determined a decision.
         #[arg(long, value_parser = parse_percent)]
         min_coverage: Option<f64>,
+    },
+    /// Prove the invariants of `<policies>/invariants/` with the cvc5 solver: for every
+    /// request the schema allows (under the facts ringfence guarantees), each invariant
+    /// is proved, or violated with a counterexample written as a policy test case.
+    ///
+    /// Exit codes: 0 all proved, 3 invalid policies, 9 an invariant is violated, 10 not
+    /// proved (the solver is missing, failed, timed out or answered `unknown`).
+    Prove {
+        /// Policy directory.
+        #[arg(long, default_value = DEFAULT_POLICIES)]
+        policies: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        format: ProveFormat,
+        /// The cvc5 binary (default: $CVC5, else `cvc5` on PATH).
+        #[arg(long)]
+        solver: Option<PathBuf>,
+        /// Longest time one solver query may take, in seconds.
+        #[arg(long, default_value_t = 30)]
+        query_timeout: u64,
     },
     /// Decide one request and say why: the decision per field and the policies that
     /// determined it. Evaluates each field on its own, without the decision cache.
@@ -181,8 +213,53 @@ fn test(policies: PathBuf, format: Format, filter: Option<String>, min: Option<f
     ExitCode::SUCCESS
 }
 
+fn prove(
+    policies: PathBuf,
+    format: ProveFormat,
+    solver: Option<PathBuf>,
+    timeout: u64,
+) -> ExitCode {
+    let snapshot = match PolicySnapshot::load(&policies) {
+        Ok(snapshot) => snapshot,
+        Err(error) => return fail(EXIT_INVALID_POLICIES, error),
+    };
+    let mut options = ProveOptions::default();
+    if let Some(solver) = solver {
+        options.solver = solver;
+    }
+    options.query_timeout = std::time::Duration::from_secs(timeout.max(1));
+    if snapshot.invariants().list.is_empty() {
+        eprintln!(
+            "warning: {} states no invariants ({}/{}): nothing to prove",
+            policies.display(),
+            invariants::INVARIANTS_DIR,
+            invariants::STATEMENTS_FILE
+        );
+    }
+    let report = prove_blocking(&snapshot, &options);
+    match format {
+        ProveFormat::Human => print!("{}", report.human()),
+        ProveFormat::Json => match serde_json::to_string_pretty(&report.json()) {
+            Ok(text) => println!("{text}"),
+            Err(error) => return fail(EXIT_FAILURE, error),
+        },
+        ProveFormat::Junit => print!("{}", report.junit()),
+    }
+    match report.verdict() {
+        Verdict::Proved => ExitCode::SUCCESS,
+        Verdict::Violated => ExitCode::from(EXIT_VIOLATED),
+        Verdict::Unproven => ExitCode::from(EXIT_UNPROVEN),
+    }
+}
+
 pub fn run(command: Command) -> ExitCode {
     match command {
+        Command::Prove {
+            policies,
+            format,
+            solver,
+            query_timeout,
+        } => prove(policies, format, solver, query_timeout),
         Command::Test {
             policies,
             format,

@@ -11,6 +11,8 @@ use ringfence::config::{
 use ringfence::identity::tls::TlsFiles;
 use ringfence::identity::token::TokenConfig;
 use ringfence::keys::{MASTER_KEY_ENV, MasterKeyText};
+use ringfence::policy::prove::ProveOptions;
+use ringfence::policy::{ProofGuard, ProofMode};
 use ringfence::record::Jurisdiction;
 use ringfence::server::{self, Error};
 
@@ -116,6 +118,30 @@ pub struct Args {
     /// the subject store on every request.
     #[arg(long, default_value_t = ringfence::subjects::DEFAULT_CACHE_ENTRIES as u64, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
     subject_cache: u64,
+    /// What to do with a policy set whose invariants (policies/invariants/) do not
+    /// prove: `enforce` refuses it at start and on reload (also when the solver is
+    /// missing, times out or answers unknown, and when an invariant is weakened or
+    /// deleted without an acknowledgement in CHANGES.yaml); `warn` serves it and logs
+    /// why; `off` does not prove. Default: enforce; warn with --dev.
+    #[arg(long, value_enum)]
+    prove: Option<ProveArg>,
+    /// The cvc5 binary for proofs (default: $CVC5, else `cvc5` on PATH).
+    #[arg(long)]
+    prove_solver: Option<PathBuf>,
+    /// Longest one solver query may take, in seconds; then it answers unknown.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    prove_query_timeout: u64,
+}
+
+/// `--prove`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProveArg {
+    /// Refuse a set that does not prove.
+    Enforce,
+    /// Serve it and log why.
+    Warn,
+    /// Do not prove.
+    Off,
 }
 
 fn auth(args: &Args) -> Auth {
@@ -171,6 +197,21 @@ pub fn run(args: Args) -> ExitCode {
         log_segment_bytes: args.log_segment_mib * 1024 * 1024,
         log_segment_age: std::time::Duration::from_secs(args.log_segment_hours * 3600),
         subject_cache_entries: usize::try_from(args.subject_cache).unwrap_or(usize::MAX),
+        proof: ProofGuard {
+            mode: match (args.prove, args.dev) {
+                (Some(ProveArg::Enforce), _) | (None, false) => ProofMode::Enforce,
+                // The quick start needs only the Rust toolchain.
+                (Some(ProveArg::Warn), _) | (None, true) => ProofMode::Warn,
+                (Some(ProveArg::Off), _) => ProofMode::Off,
+            },
+            options: ProveOptions {
+                solver: args
+                    .prove_solver
+                    .clone()
+                    .unwrap_or_else(|| ProveOptions::default().solver),
+                query_timeout: std::time::Duration::from_secs(args.prove_query_timeout),
+            },
+        },
         ..ServeConfig::defaults()
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

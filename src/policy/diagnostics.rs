@@ -11,8 +11,21 @@ pub struct LoadError {
     pub diagnostics: Vec<String>,
 }
 
+/// How the first diagnostic of a set refused by the proof guard begins.
+pub const PROOF_REFUSAL: &str = "refused by the proof guard";
+
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A set the proof guard refused is valid; its first line says what is wrong.
+        if let Some((first, rest)) = self.diagnostics.split_first()
+            && first.starts_with(PROOF_REFUSAL)
+        {
+            write!(f, "policy set {first}")?;
+            for diagnostic in rest {
+                write!(f, "\n{}", diagnostic.trim_end())?;
+            }
+            return Ok(());
+        }
         write!(
             f,
             "policy set is invalid ({} problem",

@@ -19,7 +19,7 @@ use super::diagnostics::{
 use super::names::{DATA_SUBJECTS_TYPE, KEY_RING_TYPE, Names, ResourceKind, field_entity_id};
 use super::{
     Action, CALLER_VISIBLE_ANNOTATION, CATALOG_FILE, DIRECTORY_FILE, FieldCatalog, ID_ANNOTATION,
-    Observed, PolicySnapshot, SCHEMA_FILE,
+    Observed, PolicySnapshot, SCHEMA_FILE, prove,
 };
 use crate::record::Jurisdiction;
 
@@ -104,6 +104,14 @@ impl PolicySnapshot {
             hidden_ids,
             ..
         } = policies;
+
+        let invariants = prove::Invariants::load(
+            dir,
+            schema.as_ref(),
+            &declared,
+            &mut hash_file,
+            &mut collected.diagnostics,
+        );
 
         let catalog_path = dir.join(CATALOG_FILE);
         let catalog = collected.read(&catalog_path).and_then(|text| {
@@ -197,6 +205,7 @@ impl PolicySnapshot {
             hidden_ids,
             policy_files,
             declared,
+            invariants: std::sync::Arc::new(invariants),
             authorizer: Authorizer::new(),
             cache: RwLock::new(HashMap::new()),
         })
@@ -219,6 +228,9 @@ impl PolicySnapshot {
         std::fs::create_dir(&temporary).map_err(|error| fail(&temporary, error))?;
         for (name, text) in &self.sources {
             let path = temporary.join(name);
+            if let Some(parent) = path.parent().filter(|parent| *parent != temporary) {
+                std::fs::create_dir_all(parent).map_err(|error| fail(parent, error))?;
+            }
             let mut file = std::fs::File::create(&path).map_err(|error| fail(&path, error))?;
             std::io::Write::write_all(&mut file, text.as_bytes())
                 .and_then(|()| file.sync_all())
@@ -306,6 +318,7 @@ impl PolicySnapshot {
             hidden_ids: self.hidden_ids.clone(),
             policy_files: self.policy_files.clone(),
             declared: self.declared.clone(),
+            invariants: std::sync::Arc::clone(&self.invariants),
             authorizer: Authorizer::new(),
             cache: RwLock::new(HashMap::new()),
         })

@@ -16,6 +16,7 @@ mod decide;
 mod diagnostics;
 mod load;
 mod names;
+pub mod prove;
 mod store;
 pub mod suite;
 
@@ -34,7 +35,10 @@ pub use diagnostics::LoadError;
 pub use names::{
     Action, DATA_SUBJECTS_TYPE, KEY_RING_TYPE, Principal, ResourceKind, field_entity_id,
 };
-pub use store::{LoadAttempt, PolicyStore, StoreStatus, Trigger, affects_policy_set};
+pub use store::{
+    LoadAttempt, PolicyStore, ProofGuard, ProofMode, ProofStatus, StoreStatus, Trigger,
+    affects_policy_set, weakened,
+};
 
 use crate::record::{FieldName, Jurisdiction, RecordType};
 use decide::DecisionKey;
@@ -68,6 +72,8 @@ pub struct PolicySnapshot {
     policy_files: BTreeMap<String, PathBuf>,
     /// The actions the schema declares (see `checks::declared_actions`).
     declared: BTreeSet<Action>,
+    /// The invariants of `invariants/` and the acknowledgements of `CHANGES.yaml`.
+    invariants: Arc<prove::Invariants>,
     authorizer: Authorizer,
     cache: RwLock<HashMap<DecisionKey, Arc<FieldDecision>>>,
 }
@@ -184,6 +190,11 @@ impl PolicySnapshot {
             .collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// The invariants proved of this set, and the acknowledged changes to them.
+    pub fn invariants(&self) -> &prove::Invariants {
+        &self.invariants
     }
 
     /// Number of policies.

@@ -362,6 +362,23 @@ impl pb::ringfence_server::Ringfence for RingfenceService {
             decision_log_healthy: self.gate.log().is_healthy(),
             decision_log_problem: self.gate.log().problem().unwrap_or_default(),
             decision_log_failed_commits: self.gate.log().failed_commits(),
+            last_proof: self
+                .gate
+                .policies()
+                .last_proof()
+                .map(|proof| pb::PolicyProof {
+                    mode: proof.mode.as_str().to_owned(),
+                    policy_set: proof.policy_set,
+                    verdict: proof.verdict.to_owned(),
+                    invariants: u32::try_from(proof.invariants).unwrap_or(u32::MAX),
+                    proved: u32::try_from(proof.proved).unwrap_or(u32::MAX),
+                    problems: proof.problems,
+                    took_ms: proof.took_ms,
+                    at: proof.at,
+                    cached: proof.cached,
+                    refused: proof.refused,
+                }),
+            reloads_refused_by_proof: status.reloads_refused_by_proof,
         }))
     }
 

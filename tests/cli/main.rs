@@ -110,6 +110,12 @@ fn spawn_serve(
             &["--danger-trust-identity-headers"][..]
         })
         .args(extra)
+        // Tests choose the proof mode: off unless the test names one.
+        .args(if extra.contains(&"--prove") {
+            &[][..]
+        } else {
+            &["--prove", "off"][..]
+        })
         .args(if dev || master_key.is_some() {
             &[][..]
         } else {
@@ -187,6 +193,9 @@ fn serve_refused(dir: &Path, key: Option<&str>, extra: &[&str]) -> Output {
     ]);
     if let Some(key) = key {
         command.env("RINGFENCE_MASTER_KEY", key);
+    }
+    if !extra.contains(&"--prove") {
+        command.args(["--prove", "off"]);
     }
     run(command.args(extra))
 }

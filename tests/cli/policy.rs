@@ -205,3 +205,137 @@ fn policy_test_reports_cases_and_coverage_with_distinct_exit_codes() {
         .arg(dir.path()));
     assert_eq!(invalid.code, 3, "{}{}", invalid.stdout, invalid.stderr);
 }
+
+#[test]
+fn policy_prove_proves_the_shipped_set_and_exits_by_verdict() {
+    let Some(cvc5) =
+        system_tools::system_tool("the cvc5 SMT solver", "CVC5", "cvc5", &["--version"])
+    else {
+        return;
+    };
+    let ok = run(ringfence()
+        .args(["policy", "prove", "--solver"])
+        .arg(&cvc5)
+        .arg("--policies")
+        .arg(shipped_policies()));
+    ok.succeeded();
+    ok.says("proved    parent-company-staff-never-read-us");
+    ok.says("proved: 8 invariants of policy set");
+
+    // A violation: exit 9, the counterexample as a suite case, in every format.
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(dir.path());
+    let us = dir.path().join("us-data.cedar");
+    let text = std::fs::read_to_string(&us).unwrap();
+    std::fs::write(
+        &us,
+        text.replace(
+            "when { context.service.operator == Organization::\"parentco\" };",
+            "when { context.service.operator == Organization::\"parentco\" && context.purpose == \"\" };",
+        ),
+    )
+    .unwrap();
+    let violated = run(ringfence()
+        .args(["policy", "prove", "--solver"])
+        .arg(&cvc5)
+        .arg("--policies")
+        .arg(dir.path()));
+    assert_eq!(violated.code, 9, "{}{}", violated.stdout, violated.stderr);
+    violated.says("VIOLATED  nothing-reads-us-through-parent-company-services");
+    violated.says("replayed through the authorizer");
+    violated.says("expect: deny");
+    let json = run(ringfence()
+        .args(["policy", "prove", "--format", "json", "--solver"])
+        .arg(&cvc5)
+        .arg("--policies")
+        .arg(dir.path()));
+    assert_eq!(json.code, 9);
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(report["verdict"], "violated");
+    let violation = report["invariants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["outcome"] == "violated")
+        .unwrap();
+    assert_eq!(
+        violation["id"],
+        "nothing-reads-us-through-parent-company-services"
+    );
+    assert_eq!(violation["counterexample"]["replayed"], true);
+    // Pasted under tests/, the counterexample makes `policy test` fail.
+    std::fs::write(
+        dir.path().join("tests/counterexample.yaml"),
+        violation["counterexample"]["suite"].as_str().unwrap(),
+    )
+    .unwrap();
+    let tested = run(ringfence()
+        .args(["policy", "test", "--policies"])
+        .arg(dir.path()));
+    assert_eq!(tested.code, 5, "{}", tested.stdout);
+    tested.says("expected deny, got allow");
+    let junit = run(ringfence()
+        .args(["policy", "prove", "--format", "junit", "--solver"])
+        .arg(&cvc5)
+        .arg("--policies")
+        .arg(dir.path()));
+    assert_eq!(junit.code, 9);
+    junit.says("failures=\"1\"");
+
+    // No solver: exit 10, and why.
+    let unproven = run(ringfence()
+        .args([
+            "policy",
+            "prove",
+            "--solver",
+            "/nonexistent/cvc5",
+            "--policies",
+        ])
+        .arg(shipped_policies()));
+    assert_eq!(unproven.code, 10, "{}", unproven.stdout);
+    unproven.says("UNPROVEN");
+    unproven.says("solver unavailable: cannot run `/nonexistent/cvc5`");
+}
+
+/// The solver runs without the server's environment: the master key in
+/// `RINGFENCE_MASTER_KEY` never reaches it.
+#[test]
+fn the_solver_does_not_inherit_the_environment() {
+    let Some(cvc5) =
+        system_tools::system_tool("the cvc5 SMT solver", "CVC5", "cvc5", &["--version"])
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("environment");
+    let wrapper = dir.path().join("cvc5");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nenv > '{}'\nexec '{}' \"$@\"\n",
+            seen.display(),
+            cvc5.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let secret = "a".repeat(64);
+    let proved = run(ringfence()
+        .env("RINGFENCE_MASTER_KEY", &secret)
+        .args(["policy", "prove", "--solver"])
+        .arg(&wrapper)
+        .arg("--policies")
+        .arg(shipped_policies()));
+    proved.succeeded();
+    let environment = std::fs::read_to_string(&seen).unwrap();
+    assert!(environment.contains("PATH="), "{environment}");
+    assert!(
+        !environment.contains("RINGFENCE_MASTER_KEY"),
+        "{environment}"
+    );
+    assert!(!environment.contains(&secret));
+}

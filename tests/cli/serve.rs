@@ -479,3 +479,70 @@ fn serve_never_creates_keys_outside_dev_and_refuses_the_development_key() {
     assert_eq!(refused.code, 1, "{}", refused.stderr);
     refused.complains("refusing the development master key");
 }
+
+/// `serve` proves the policy set before serving: by default (enforce) a set that
+/// breaks an invariant is refused before anything is bound; `--prove warn` (the
+/// default of `--dev`) serves it and says why in the log.
+#[test]
+fn serve_refuses_a_set_that_breaks_an_invariant_unless_told_to_warn() {
+    let Some(cvc5) =
+        system_tools::system_tool("the cvc5 SMT solver", "CVC5", "cvc5", &["--version"])
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    copy_policies(&policies);
+    let us = policies.join("us-data.cedar");
+    let text = std::fs::read_to_string(&us).unwrap();
+    std::fs::write(
+        &us,
+        text.replace(
+            "action == Action::\"encrypt\",\n  resource in Jurisdiction::\"US\"\n)\nwhen {\n  principal in Organization::\"parentco\" ||",
+            "action == Action::\"encrypt\",\n  resource in Jurisdiction::\"US\"\n)\nwhen {\n  principal in Team::\"parentco-eng\" ||",
+        ),
+    )
+    .unwrap();
+    let policies_arg = policies.to_str().unwrap();
+    let solver = cvc5.to_str().unwrap();
+    let refused = run(ringfence()
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--danger-trust-identity-headers",
+        ])
+        .args([
+            "--danger-allow-development-master-key",
+            "--policies",
+            policies_arg,
+        ])
+        .args(["--prove-solver", solver]));
+    assert_eq!(refused.code, 3, "{}", refused.stderr);
+    refused.complains(
+        "policy set refused by the proof guard (--prove enforce): 1 problem with the invariants",
+    );
+    refused.complains("invariant `parent-company-staff-never-write-us` is violated");
+    refused.complains("ringfence policy prove");
+    assert!(!refused.stderr.contains("address="), "{}", refused.stderr);
+
+    let (server, started, _logs) = spawn_serve(
+        dir.path(),
+        &[
+            "--prove",
+            "warn",
+            "--prove-solver",
+            solver,
+            "--policies",
+            policies_arg,
+        ],
+        None,
+    );
+    assert!(
+        started.contains("policy set served although (--prove warn)")
+            && started.contains("parent-company-staff-never-write-us"),
+        "{started}"
+    );
+    stop(server);
+}

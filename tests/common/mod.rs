@@ -92,6 +92,8 @@ pub fn test_config(dir: &Path) -> ServeConfig {
         auth: ringfence::config::Auth::DangerTrustIdentityHeaders,
         allow_development_master_key: true,
         create_missing_keys: true,
+        // Tests choose: the proof guard has tests of its own (grpc::proofs).
+        proof: ringfence::policy::ProofGuard::off(),
         ..ServeConfig::defaults()
     }
 }

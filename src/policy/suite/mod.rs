@@ -23,6 +23,7 @@ pub use report::{CaseReport, Coverage, Report, SuiteReport};
 
 use format::{Expected, Fields, Principals};
 use report::describe;
+pub(super) use report::xml;
 
 use super::{Action, FieldDecision, PolicySnapshot, Principal, RequestFacts, ResourceKind};
 use crate::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};

@@ -268,7 +268,7 @@ impl Report {
 }
 
 /// Escapes text for XML attributes and content; drops characters XML 1.0 forbids.
-pub(super) fn xml(text: &str) -> String {
+pub(in crate::policy) fn xml(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

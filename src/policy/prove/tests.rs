@@ -1,0 +1,370 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::policy::suite;
+
+#[path = "../../../tests/common/system_tools.rs"]
+mod system_tools;
+
+fn shipped() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, target).unwrap();
+        }
+    }
+}
+
+/// The shipped policy directory, invariants and suites included, in a temporary
+/// directory.
+fn copy_of_shipped() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&shipped(), dir.path());
+    dir
+}
+
+fn edit(dir: &Path, file: &str, old: &str, new: &str) {
+    let path = dir.join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(old), "{file} does not contain {old:?}");
+    std::fs::write(&path, text.replacen(old, new, 1)).unwrap();
+}
+
+/// cvc5, or `None` (with a SKIPPED line) when it is missing outside `scripts/test`.
+fn solver() -> Option<ProveOptions> {
+    let path =
+        system_tools::system_tool("the cvc5 SMT solver", SOLVER_ENV, "cvc5", &["--version"])?;
+    Some(ProveOptions {
+        solver: path,
+        query_timeout: Duration::from_secs(60),
+    })
+}
+
+fn outcome<'a>(report: &'a ProofReport, id: &str) -> &'a Outcome {
+    &report
+        .invariants
+        .iter()
+        .find(|proof| proof.id == id)
+        .unwrap_or_else(|| panic!("no invariant {id}"))
+        .outcome
+}
+
+#[test]
+fn the_shipped_invariants_prove() {
+    let Some(options) = solver() else { return };
+    let snapshot = PolicySnapshot::load(&shipped()).unwrap();
+    assert!(snapshot.invariants().list.len() >= 8);
+    let report = prove_blocking(&snapshot, &options);
+    assert_eq!(report.verdict(), Verdict::Proved, "{}", report.human());
+    for proof in &report.invariants {
+        assert!(matches!(proof.outcome, Outcome::Proved), "{}", proof.id);
+    }
+    // The facts assumed are stated, per environment, and include the ones the issue
+    // names: a field's jurisdiction is its parent, the catalog, a service alone is
+    // `context.service`, the authentication methods of the identity code.
+    let facts = report.json()["facts"].to_string();
+    for needle in [
+        "resource in resource.jurisdiction",
+        "resource.classification ==",
+        "principal == context.service",
+        "mtls+token",
+    ] {
+        assert!(facts.contains(needle), "{needle} not assumed: {facts}");
+    }
+}
+
+/// One mutation of the shipped policies per shipped invariant: the invariant is
+/// violated, and its counterexample, pasted as a suite case, really is allowed by the
+/// normal authorizer.
+#[test]
+fn each_shipped_invariant_has_a_mutation_that_violates_it_with_a_counterexample_that_replays() {
+    let Some(options) = solver() else { return };
+    let mutations: &[(&str, &str, &str, &str)] = &[
+        (
+            "parent-company-staff-never-read-us",
+            "us-data.cedar",
+            "principal in Organization::\"parentco\" ||\n  principal.employer == Organization::\"parentco\"\n};\n\n@id(\"parent-company-services-never-read-us\")",
+            "false\n};\n\n@id(\"parent-company-services-never-read-us\")",
+        ),
+        (
+            "nothing-reads-us-through-parent-company-services",
+            "us-data.cedar",
+            "when { context.service.operator == Organization::\"parentco\" };",
+            "when { context.service.operator == Organization::\"parentco\" && context.ticket == \"\" };",
+        ),
+        (
+            "parent-company-staff-never-write-us",
+            "us-data.cedar",
+            "action == Action::\"encrypt\",\n  resource in Jurisdiction::\"US\"\n)\nwhen {\n  principal in Organization::\"parentco\" ||",
+            "action == Action::\"encrypt\",\n  resource in Jurisdiction::\"US\"\n)\nwhen {\n  principal in Team::\"parentco-eng\" ||",
+        ),
+        (
+            "parent-company-never-touches-us-keys-or-subjects",
+            "key-admin.cedar",
+            "action in [Action::\"rotate_key\", Action::\"retire_key\", Action::\"unretire_key\", Action::\"destroy_key\", Action::\"view_keys\", Action::\"shred\"],\n  resource in Jurisdiction::\"US\"\n)\nwhen {\n  principal in Organization::\"parentco\" ||",
+            "action in [Action::\"rotate_key\", Action::\"retire_key\", Action::\"unretire_key\", Action::\"destroy_key\", Action::\"shred\"],\n  resource in Jurisdiction::\"US\"\n)\nwhen {\n  principal in Organization::\"parentco\" ||",
+        ),
+        (
+            "no-reading-without-a-purpose",
+            "other-jurisdictions.cedar",
+            "context.purpose != \"\"",
+            "true",
+        ),
+        (
+            "services-write-only-their-jurisdiction",
+            "company-wide.cedar",
+            "when { resource.jurisdiction == context.service.jurisdiction };",
+            "when { resource.jurisdiction == context.service.jurisdiction || context.ticket == \"MIGRATE\" };",
+        ),
+        (
+            "policies-never-error",
+            "company-wide.cedar",
+            "when { resource.classification == \"public\" };",
+            "when { resource.classification == \"public\" && context.request_time * context.request_time > 0 };",
+        ),
+    ];
+    for (invariant, file, old, new) in mutations {
+        let dir = copy_of_shipped();
+        edit(dir.path(), file, old, new);
+        let snapshot = PolicySnapshot::load(dir.path())
+            .unwrap_or_else(|error| panic!("{invariant}: mutation does not load: {error}"));
+        let report = prove_blocking(&snapshot, &options);
+        let Outcome::Violated(counterexample) = outcome(&report, invariant) else {
+            panic!(
+                "{invariant}: not violated by its mutation:\n{}",
+                report.human()
+            );
+        };
+        assert_eq!(report.verdict(), Verdict::Violated);
+        assert!(
+            counterexample.replay.is_ok(),
+            "{invariant}: the counterexample does not replay: {:?}\n{}",
+            counterexample.replay,
+            counterexample.suite
+        );
+        // Independently of `replay`: pasted under tests/, the case fails, and the
+        // normal authorizer allows the request (or errs, for `never_errors`).
+        let pasted = suite::Suite::parse(
+            "counterexample",
+            &dir.path().join("tests/counterexample.yaml"),
+            &counterexample.suite,
+        )
+        .unwrap_or_else(|error| panic!("{invariant}: {error}\n{}", counterexample.suite));
+        let run = suite::run(&snapshot, &[pasted], None);
+        assert_eq!(run.failed(), 1, "{invariant}: {}", run.human());
+        let failure = &run.suites[0].cases[0].failures[0];
+        let expected = if *invariant == "policies-never-error" {
+            "evaluation error"
+        } else {
+            "expected deny, got allow"
+        };
+        assert!(failure.contains(expected), "{invariant}: {failure}");
+        // The unmutated policies deny the same case: it is a regression test now.
+        let fixed = PolicySnapshot::load(&shipped()).unwrap();
+        let pasted = suite::Suite::parse(
+            "counterexample",
+            Path::new("counterexample.yaml"),
+            &counterexample.suite,
+        )
+        .unwrap();
+        if *invariant != "policies-never-error" {
+            let run = suite::run(&fixed, &[pasted], None);
+            assert_eq!(run.failed(), 0, "{invariant}: {}", run.human());
+        }
+    }
+}
+
+/// `always_denies` over service principals: the shipped schema admits no service on
+/// key actions, so the invariant starts to matter when a schema change admits them.
+#[test]
+fn a_schema_that_lets_services_administer_keys_violates_services_never_administer_keys() {
+    let Some(options) = solver() else { return };
+    let dir = copy_of_shipped();
+    edit(
+        dir.path(),
+        "schema.cedarschema",
+        "action rotate_key, retire_key, unretire_key, destroy_key, view_keys appliesTo {\n  principal: [Employee],",
+        "action rotate_key, retire_key, unretire_key, destroy_key, view_keys appliesTo {\n  principal: [Employee, Service],",
+    );
+    std::fs::write(
+        dir.path().join("automation.cedar"),
+        "@id(\"rotation-bot\")\npermit (principal == Service::\"us-key-console\", action == Action::\"rotate_key\", resource in Jurisdiction::\"US\");\n",
+    )
+    .unwrap();
+    let snapshot = PolicySnapshot::load(dir.path()).unwrap();
+    let report = prove_blocking(&snapshot, &options);
+    let Outcome::Violated(counterexample) = outcome(&report, "services-never-administer-keys")
+    else {
+        panic!("{}", report.human());
+    };
+    assert!(
+        counterexample.environment.starts_with("Service rotate_key"),
+        "{counterexample:?}"
+    );
+}
+
+#[test]
+fn without_the_solver_nothing_is_proved_and_the_report_says_why() {
+    let snapshot = PolicySnapshot::load(&shipped()).unwrap();
+    let options = ProveOptions {
+        solver: PathBuf::from("/nonexistent/cvc5"),
+        query_timeout: Duration::from_secs(5),
+    };
+    let report = prove_blocking(&snapshot, &options);
+    assert_eq!(report.verdict(), Verdict::Unproven);
+    let problems = report.problems().join("\n");
+    assert!(problems.contains("solver unavailable"), "{problems}");
+    assert!(problems.contains("/nonexistent/cvc5"), "{problems}");
+}
+
+#[test]
+fn facts_that_no_request_satisfies_prove_nothing() {
+    let Some(options) = solver() else { return };
+    let dir = copy_of_shipped();
+    // A directory without jurisdictions: no field exists, so "nobody reads US" would
+    // hold vacuously. The prover refuses to call that a proof.
+    let directory = std::fs::read_to_string(dir.path().join("directory.json")).unwrap();
+    let kept: Vec<&str> = directory
+        .lines()
+        .filter(|line| {
+            !line.contains(
+                "\"type\": \"Jurisdiction\", \"id\": \"US\"}, \"attrs\": {}, \"parents\": []",
+            )
+        })
+        .filter(|line| {
+            !line.contains(
+                "\"type\": \"Jurisdiction\", \"id\": \"SG\"}, \"attrs\": {}, \"parents\": []",
+            )
+        })
+        .filter(|line| {
+            !line.contains(
+                "\"type\": \"Jurisdiction\", \"id\": \"EU\"}, \"attrs\": {}, \"parents\": []",
+            )
+        })
+        .collect();
+    assert_eq!(kept.len() + 3, directory.lines().count());
+    std::fs::write(dir.path().join("directory.json"), kept.join("\n")).unwrap();
+    let snapshot = PolicySnapshot::load(dir.path()).unwrap();
+    assert!(snapshot.jurisdictions().is_empty());
+    let report = prove_blocking(&snapshot, &options);
+    let Outcome::Unproven(why) = outcome(&report, "parent-company-staff-never-read-us") else {
+        panic!("{}", report.human());
+    };
+    assert!(why.contains("no request satisfies the facts"), "{why}");
+    // `never_errors` too: no policy errs on a request that cannot exist.
+    let Outcome::Unproven(why) = outcome(&report, "policies-never-error") else {
+        panic!("{}", report.human());
+    };
+    assert!(why.contains("no request satisfies the facts"), "{why}");
+}
+
+#[test]
+fn invariant_files_are_checked_strictly() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "invariants/invariants.yaml",
+            "never_allows: parent-company-staff-reading-us\n",
+            "never_allows: parent-company-staff-readin-us\n",
+            "names guard `parent-company-staff-readin-us`, which no `.cedar` file",
+        ),
+        (
+            "invariants/invariants.yaml",
+            "    implies: reads-with-a-stated-purpose\n",
+            "    implies: reads-with-a-stated-purpose\n    always_denies: true\n",
+            "state exactly one of",
+        ),
+        (
+            "invariants/invariants.yaml",
+            "    actions: decrypt\n    never_allows: parent-company-staff-reading-us",
+            "    actions: read\n    never_allows: parent-company-staff-reading-us",
+            "unknown action `read`",
+        ),
+        (
+            "invariants/invariants.yaml",
+            "  - id: policies-never-error\n",
+            "  - id: policies-never-error\n    severity: high\n",
+            "unknown field `severity`",
+        ),
+        (
+            "invariants/ring-fence.cedar",
+            "@id(\"reads-with-a-stated-purpose\")\n@description(\"Reading a public field, or any field with a stated purpose\")\npermit",
+            "@id(\"reads-with-a-stated-purpose\")\n@description(\"Reading a public field, or any field with a stated purpose\")\nforbid",
+            "must be a `permit`",
+        ),
+        (
+            "invariants/ring-fence.cedar",
+            "when { resource.classification == \"public\" || context.purpose != \"\" };",
+            "when { resource.clasification == \"public\" || context.purpose != \"\" };",
+            "guard",
+        ),
+    ];
+    for (file, old, new, expected) in cases {
+        let dir = copy_of_shipped();
+        edit(dir.path(), file, old, new);
+        let error = PolicySnapshot::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains(expected),
+            "{file}: {expected:?} not in {error}"
+        );
+    }
+    // A guard no invariant names is a typo waiting to happen.
+    let dir = copy_of_shipped();
+    let path = dir.path().join("invariants/extra.cedar");
+    std::fs::write(
+        &path,
+        "@id(\"orphan\")\npermit (principal, action == Action::\"decrypt\", resource);\n",
+    )
+    .unwrap();
+    let error = PolicySnapshot::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        error.contains("guard `orphan` is named by no invariant"),
+        "{error}"
+    );
+}
+
+#[test]
+fn invariants_are_part_of_the_set_hash_and_their_own_hash_is_their_meaning() {
+    let shipped_set = PolicySnapshot::load(&shipped()).unwrap();
+    let dir = copy_of_shipped();
+    edit(
+        dir.path(),
+        "invariants/invariants.yaml",
+        "description: Nobody decrypts US data through a service the parent company operates",
+        "description: Nobody reads US data through a parent-company service",
+    );
+    let reworded = PolicySnapshot::load(dir.path()).unwrap();
+    assert_ne!(reworded.hash(), shipped_set.hash());
+    let id = "nothing-reads-us-through-parent-company-services";
+    assert_eq!(
+        reworded.invariants().get(id).unwrap().hash,
+        shipped_set.invariants().get(id).unwrap().hash,
+        "a wording change keeps the invariant's hash"
+    );
+    edit(
+        dir.path(),
+        "invariants/ring-fence.cedar",
+        "when { context.service.operator == Organization::\"parentco\" };",
+        "when { context.service.operator == Organization::\"parentco\" && context.ticket == \"\" };",
+    );
+    let weakened = PolicySnapshot::load(dir.path()).unwrap();
+    assert_ne!(
+        weakened.invariants().get(id).unwrap().hash,
+        shipped_set.invariants().get(id).unwrap().hash
+    );
+    // The archive keeps the invariants: an archived set loads back with them.
+    let archive = tempfile::tempdir().unwrap();
+    weakened.archive(archive.path()).unwrap();
+    let back = PolicySnapshot::load_archived(archive.path(), weakened.hash()).unwrap();
+    assert_eq!(
+        back.invariants().get(id).unwrap().hash,
+        weakened.invariants().get(id).unwrap().hash
+    );
+}
