@@ -115,7 +115,7 @@ pub enum Command {
         #[arg(long)]
         solver: Option<PathBuf>,
         /// Longest time one solver query may take, in seconds.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         query_timeout: u64,
     },
     /// Decide one request and say why: the decision per field and the policies that

@@ -210,6 +210,7 @@ pub fn run(args: Args) -> ExitCode {
                     .clone()
                     .unwrap_or_else(|| ProveOptions::default().solver),
                 query_timeout: std::time::Duration::from_secs(args.prove_query_timeout),
+                total_timeout: std::time::Duration::from_secs(600),
             },
         },
         ..ServeConfig::defaults()

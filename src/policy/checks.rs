@@ -128,3 +128,69 @@ pub(super) fn probe_schema(schema: &Schema, declared: &BTreeSet<Action>) -> Resu
     }
     Ok(())
 }
+
+/// What the schema's JSON form says that the prover must know, after refusing names
+/// with control characters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct SchemaShape {
+    /// Whether `Jurisdiction` entities may have parents (then "a field is in
+    /// jurisdiction J only if J is its `jurisdiction`" is not a fact).
+    pub jurisdictions_nest: bool,
+}
+
+/// Refuses control characters in any name of the schema (attribute names may be
+/// quoted strings; Cedar's symbolic compiler writes them into SMT comments, where a
+/// carriage return would end the comment and smuggle solver commands in), and reads
+/// the [`SchemaShape`].
+pub(super) fn schema_shape(text: &str) -> Result<SchemaShape, String> {
+    let (fragment, _) = cedar_policy::SchemaFragment::from_cedarschema_str(text)
+        .map_err(|error| error.to_string())?;
+    let json = fragment
+        .to_json_value()
+        .map_err(|error| error.to_string())?;
+    fn walk(value: &serde_json::Value, path: &str) -> Result<(), String> {
+        let bad = |text: &str| text.chars().any(char::is_control);
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, inner) in map {
+                    if bad(key) {
+                        return Err(format!(
+                            "the name `{}` (in {path}) contains a control character",
+                            crate::record::shown(key)
+                        ));
+                    }
+                    // Annotations are documentation, never compiled.
+                    if key != "annotations" {
+                        walk(inner, &format!("{path}/{key}"))?;
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    walk(item, path)?;
+                }
+            }
+            serde_json::Value::String(text) if bad(text) => {
+                return Err(format!(
+                    "`{}` (in {path}) contains a control character",
+                    crate::record::shown(text)
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    walk(&json, "schema")?;
+    let jurisdictions_nest = json
+        .as_object()
+        .into_iter()
+        .flat_map(|namespaces| namespaces.values())
+        .filter_map(|namespace| namespace.get("entityTypes")?.get("Jurisdiction"))
+        .any(|jurisdiction| {
+            jurisdiction
+                .get("memberOfTypes")
+                .and_then(serde_json::Value::as_array)
+                .is_some_and(|parents| !parents.is_empty())
+        });
+    Ok(SchemaShape { jurisdictions_nest })
+}

@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::analysis;
-use super::checks::{declared_actions, grants_key_actions_unnamed, probe_schema};
+use super::checks::{
+    SchemaShape, declared_actions, grants_key_actions_unnamed, probe_schema, schema_shape,
+};
 use super::diagnostics::{
     Collected, LoadError, name_snippets, policy_locations, render, render_in_file,
 };
@@ -32,17 +34,31 @@ impl PolicySnapshot {
         };
         let mut hasher = Sha256::new();
         let mut sources: Vec<(String, String)> = Vec::new();
-        let mut hash_file = |name: &str, text: &str| {
+        // Every file read is archived; all but `CHANGES.yaml` are hashed (its
+        // acknowledgements name set hashes, so it cannot be part of one).
+        let mut hash_file = |name: &str, text: &str, hashed: bool| {
             sources.push((name.to_owned(), text.to_owned()));
-            hasher.update((name.len() as u64).to_be_bytes());
-            hasher.update(name.as_bytes());
-            hasher.update((text.len() as u64).to_be_bytes());
-            hasher.update(text.as_bytes());
+            if hashed {
+                hasher.update((name.len() as u64).to_be_bytes());
+                hasher.update(name.as_bytes());
+                hasher.update((text.len() as u64).to_be_bytes());
+                hasher.update(text.as_bytes());
+            }
         };
 
         let schema_path = dir.join(SCHEMA_FILE);
+        let mut shape = SchemaShape::default();
         let schema = collected.read(&schema_path).and_then(|text| {
-            hash_file(SCHEMA_FILE, &text);
+            hash_file(SCHEMA_FILE, &text, true);
+            match schema_shape(&text) {
+                Ok(found) => shape = found,
+                Err(problem) => {
+                    collected
+                        .diagnostics
+                        .push(format!("{}: {problem}", schema_path.display()));
+                    return None;
+                }
+            }
             match Schema::from_cedarschema_str(&text) {
                 Ok((schema, _warnings)) => Some(schema),
                 Err(error) => {
@@ -93,7 +109,7 @@ impl PolicySnapshot {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            hash_file(&name, &text);
+            hash_file(&name, &text, true);
             policies.add_file(path, &text, &mut collected.diagnostics);
         }
         let Policies {
@@ -115,7 +131,7 @@ impl PolicySnapshot {
 
         let catalog_path = dir.join(CATALOG_FILE);
         let catalog = collected.read(&catalog_path).and_then(|text| {
-            hash_file(CATALOG_FILE, &text);
+            hash_file(CATALOG_FILE, &text, true);
             match FieldCatalog::parse(&text) {
                 Ok(catalog) => Some(catalog),
                 Err(error) => {
@@ -130,7 +146,7 @@ impl PolicySnapshot {
         let directory_path = dir.join(DIRECTORY_FILE);
         let directory_text = collected.read(&directory_path);
         if let Some(text) = &directory_text {
-            hash_file(DIRECTORY_FILE, text);
+            hash_file(DIRECTORY_FILE, text, true);
         }
 
         let Some(schema) = schema else {
@@ -206,6 +222,7 @@ impl PolicySnapshot {
             policy_files,
             declared,
             invariants: std::sync::Arc::new(invariants),
+            shape,
             authorizer: Authorizer::new(),
             cache: RwLock::new(HashMap::new()),
         })
@@ -319,6 +336,7 @@ impl PolicySnapshot {
             policy_files: self.policy_files.clone(),
             declared: self.declared.clone(),
             invariants: std::sync::Arc::clone(&self.invariants),
+            shape: self.shape,
             authorizer: Authorizer::new(),
             cache: RwLock::new(HashMap::new()),
         })
@@ -458,7 +476,7 @@ fn by_action(
 }
 
 /// The actions a policy's action scope admits; `None` when it may admit any.
-fn actions_in_scope(est: &Value) -> Option<BTreeSet<Action>> {
+pub(super) fn actions_in_scope(est: &Value) -> Option<BTreeSet<Action>> {
     let scope = est.get("action")?;
     let named = |entity: &Value| -> Option<Action> {
         let entity = entity.get("__entity").unwrap_or(entity);

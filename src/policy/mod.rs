@@ -74,6 +74,8 @@ pub struct PolicySnapshot {
     declared: BTreeSet<Action>,
     /// The invariants of `invariants/` and the acknowledgements of `CHANGES.yaml`.
     invariants: Arc<prove::Invariants>,
+    /// What the prover must know of the schema.
+    shape: checks::SchemaShape,
     authorizer: Authorizer,
     cache: RwLock<HashMap<DecisionKey, Arc<FieldDecision>>>,
 }

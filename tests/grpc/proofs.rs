@@ -22,6 +22,7 @@ fn guarded(dir: &Path, policies: &Path, mode: ProofMode, solver: &Path) -> Serve
             options: ProveOptions {
                 solver: solver.to_owned(),
                 query_timeout: std::time::Duration::from_secs(60),
+                total_timeout: std::time::Duration::from_secs(600),
             },
         },
         ..test_config(dir)
@@ -197,6 +198,7 @@ async fn without_the_solver_enforce_refuses_to_start_and_to_reload_and_says_why(
             options: ProveOptions {
                 solver: missing.to_owned(),
                 query_timeout: std::time::Duration::from_secs(5),
+                total_timeout: std::time::Duration::from_secs(600),
             },
         },
         ..config.clone()

@@ -63,6 +63,28 @@ fn generated(kind: &str) -> bool {
         || kind == JURISDICTION_TYPE
 }
 
+/// How a rendered case is named and introduced.
+pub(super) struct CaseText {
+    /// The case's name.
+    pub name: String,
+    /// The suite's description.
+    pub description: String,
+    /// Comment lines at the top (each starting with `# `).
+    pub header: String,
+    /// `allow` or `deny`.
+    pub expect: &'static str,
+}
+
+/// A solver's request as a suite file.
+pub(super) struct Rendered {
+    /// The request environment.
+    pub environment: String,
+    /// The request in one line.
+    pub summary: String,
+    /// The suite file.
+    pub suite: String,
+}
+
 impl Counterexample {
     pub(super) fn render(
         snapshot: &PolicySnapshot,
@@ -71,6 +93,54 @@ impl Counterexample {
         found: &Env,
         erring_policy: Option<String>,
     ) -> Self {
+        let what = match &invariant.claim {
+            Claim::NeverAllows(_) => {
+                "the policies allow this request, which the invariant says they never allow"
+            }
+            Claim::Implies(_) => {
+                "the policies allow this request, which the invariant's guard does not"
+            }
+            Claim::AlwaysDenies => {
+                "the policies allow this request; the invariant says they deny every one"
+            }
+            Claim::NeverErrors => {
+                "a policy errs on this request (an erring forbid does not forbid)"
+            }
+        };
+        let text = CaseText {
+            name: format!("counterexample to invariant {}", invariant.id),
+            description: format!(
+                "Counterexample to invariant `{}` ({}): {what}",
+                invariant.id, invariant.description
+            ),
+            header: format!(
+                "# Found by `ringfence policy prove` in policy set {}.\n# Paste under policies/tests/: the case fails until the policies are fixed.\n",
+                snapshot.hash()
+            ),
+            expect: "deny",
+        };
+        let rendered = render_case(snapshot, env, found, erring_policy.as_deref(), &text);
+        let replay = replay(snapshot, &rendered.suite, erring_policy.is_some());
+        Self {
+            environment: rendered.environment,
+            summary: rendered.summary,
+            suite: rendered.suite,
+            replay,
+            erring_policy,
+        }
+    }
+}
+
+/// Renders the solver's request `found` as a suite file of one case, with the people
+/// and services it needs as fixtures (resolved against `snapshot`'s directory).
+pub(super) fn render_case(
+    snapshot: &PolicySnapshot,
+    env: &RequestEnv,
+    found: &Env,
+    erring_policy: Option<&str>,
+    wording: &CaseText,
+) -> Rendered {
+    {
         let environment = format!(
             "{} {} {}",
             env.principal(),
@@ -113,6 +183,18 @@ impl Counterexample {
                     .ok()?;
             snapshot.entities.get(&api)?.to_json_value().ok()
         };
+        // Every ancestor the directory gives an entity (transitively).
+        let directory_ancestors = |uid: &Uid| -> BTreeSet<Uid> {
+            EntityUid::from_str(&format!("{}::{}", uid.0, super::facts::cedar_str(&uid.1)))
+                .ok()
+                .and_then(|api| {
+                    snapshot
+                        .entities
+                        .ancestors(&api)
+                        .map(|found| found.map(api_uid).collect())
+                })
+                .unwrap_or_default()
+        };
         let attrs_of = |uid: &Uid| -> Value {
             by_uid
                 .get(uid)
@@ -152,7 +234,7 @@ impl Counterexample {
                 service_id = if uid.1.is_empty() || directory.is_some() {
                     if directory.is_some() {
                         notes.push(format!(
-                            "the solver's service `{}` differs from the directory's, so it is renamed `{SERVICE_ID}`",
+                            "the solver's service {:?} differs from the directory's, so it is renamed `{SERVICE_ID}`",
                             uid.1
                         ));
                     }
@@ -175,14 +257,28 @@ impl Counterexample {
         let principal = found.request.principal().map(api_uid);
         let mut employee_id = None;
         if let Some(uid) = principal.as_ref().filter(|uid| uid.0 == "Employee") {
-            let taken = in_directory(uid).is_some();
-            let id = if uid.1.is_empty() || taken {
-                if taken {
-                    notes.push(format!(
-                        "the solver's employee `{}` is renamed `{EMPLOYEE_ID}`: the directory has one of that id",
-                        uid.1
-                    ));
-                }
+            let attrs = attrs_of(uid);
+            let all = ancestors(uid);
+            // The directory's own employee, as the directory lists them: no fixture.
+            let listed = in_directory(uid);
+            let same = listed.as_ref().is_some_and(|entity| {
+                entity.get("attrs") == Some(&attrs) && directory_ancestors(uid) == all
+            });
+            if same {
+                employee_id = Some(uid.1.clone());
+            }
+            if listed.is_some() && !same {
+                notes.push(format!(
+                    "the solver's employee {:?} is renamed `{EMPLOYEE_ID}`: the directory has one of that id",
+                    uid.1
+                ));
+            }
+        }
+        if let Some(uid) = principal
+            .as_ref()
+            .filter(|uid| uid.0 == "Employee" && employee_id.is_none())
+        {
+            let id = if uid.1.is_empty() || in_directory(uid).is_some() {
                 EMPLOYEE_ID.to_owned()
             } else {
                 uid.1.clone()
@@ -237,10 +333,7 @@ impl Counterexample {
         let mut put = |key: &str, value: &str| {
             case.insert(key.into(), value.into());
         };
-        put(
-            "name",
-            &format!("counterexample to invariant {}", invariant.id),
-        );
+        put("name", &wording.name);
         if let Some(id) = &employee_id {
             put("employee", id);
         }
@@ -260,22 +353,8 @@ impl Counterexample {
         put("ticket", &ticket);
         put("authentication", &authentication);
         put("at", &at);
-        put("expect", "deny");
+        put("expect", wording.expect);
 
-        let what = match &invariant.claim {
-            Claim::NeverAllows(_) => {
-                "the policies allow this request, which the invariant says they never allow"
-            }
-            Claim::Implies(_) => {
-                "the policies allow this request, which the invariant's guard does not"
-            }
-            Claim::AlwaysDenies => {
-                "the policies allow this request; the invariant says they deny every one"
-            }
-            Claim::NeverErrors => {
-                "a policy errs on this request (an erring forbid does not forbid)"
-            }
-        };
         let classification = resource_attrs
             .get("classification")
             .and_then(Value::as_str)
@@ -308,18 +387,11 @@ impl Counterexample {
         let mut summary = format!(
             "{who} via Service {service_id:?} (attributes {service_attrs}) may {action} {target} with purpose {purpose:?}, ticket {ticket:?}, authentication {authentication:?}"
         );
-        if let Some(policy) = &erring_policy {
+        if let Some(policy) = erring_policy {
             summary = format!("policy `{policy}` errs when {summary}");
         }
         let mut file = serde_norway::Mapping::new();
-        file.insert(
-            "description".into(),
-            format!(
-                "Counterexample to invariant `{}` ({}): {what}",
-                invariant.id, invariant.description
-            )
-            .into(),
-        );
+        file.insert("description".into(), wording.description.clone().into());
         if !fixtures.is_empty() {
             file.insert(
                 "fixtures".into(),
@@ -330,21 +402,15 @@ impl Counterexample {
             "cases".into(),
             serde_norway::Value::Sequence(vec![serde_norway::Value::Mapping(case)]),
         );
-        let mut suite = format!(
-            "# Found by `ringfence policy prove` in policy set {}.\n# Paste under policies/tests/: the case fails until the policies are fixed.\n",
-            snapshot.hash()
-        );
+        let mut suite = wording.header.clone();
         for note in &notes {
             suite.push_str(&format!("# Note: {note}.\n"));
         }
         suite.push_str(&serde_norway::to_string(&file).unwrap_or_default());
-        let replay = replay(snapshot, &suite, erring_policy.is_some());
-        Self {
+        Rendered {
             environment,
             summary,
             suite,
-            replay,
-            erring_policy,
         }
     }
 }

@@ -86,7 +86,12 @@ fn candidates(snapshot: &PolicySnapshot, env: &RequestEnv) -> Vec<Fact> {
         says: format!("the {resource}'s parent is its `jurisdiction`"),
         cedar: "resource in resource.jurisdiction".to_owned(),
     });
-    for jurisdiction in &jurisdictions {
+    // Only when the schema lets no jurisdiction have a parent: otherwise a field of
+    // US could be `in` another jurisdiction that US is in.
+    for jurisdiction in jurisdictions
+        .iter()
+        .filter(|_| !snapshot.shape.jurisdictions_nest)
+    {
         facts.push(Fact {
             says: format!("the {resource} is in {jurisdiction} only if that is its `jurisdiction`"),
             cedar: format!(
@@ -95,15 +100,24 @@ fn candidates(snapshot: &PolicySnapshot, env: &RequestEnv) -> Vec<Fact> {
         });
     }
     if resource == "Field" {
-        let fields: Vec<String> = snapshot
-            .catalog()
-            .entries()
-            .map(|(record_type, field, classification)| {
+        // Grouped by classification and record type, each group's fields one set
+        // literal: flat, whatever the size of the catalog.
+        let mut groups: std::collections::BTreeMap<(&str, &str), Vec<String>> =
+            std::collections::BTreeMap::new();
+        for (record_type, field, classification) in snapshot.catalog().entries() {
+            groups
+                .entry((classification, record_type.as_str()))
+                .or_default()
+                .push(cedar_str(field.as_str()));
+        }
+        let fields: Vec<String> = groups
+            .into_iter()
+            .map(|((classification, record_type), fields)| {
                 format!(
-                    "(resource.record_type == {} && resource.field == {} && resource.classification == {})",
-                    cedar_str(record_type.as_str()),
-                    cedar_str(field.as_str()),
-                    cedar_str(classification)
+                    "(resource.classification == {} && resource.record_type == {} && [{}].contains(resource.field))",
+                    cedar_str(classification),
+                    cedar_str(record_type),
+                    fields.join(", ")
                 )
             })
             .collect();

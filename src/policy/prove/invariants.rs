@@ -74,6 +74,22 @@ pub struct Acknowledgement {
     pub reason: String,
 }
 
+/// An acknowledgement that a change widens who may do what, on purpose (`policy diff
+/// --fail-on-widening`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WideningAck {
+    /// The action widened.
+    pub action: Action,
+    /// The principal type widened (`Employee` or `Service`).
+    pub principal: PrincipalKind,
+    /// Hash of the set before the change.
+    pub old_set: String,
+    /// Hash of the set after it (`CHANGES.yaml` is not part of a set's hash).
+    pub new_set: String,
+    /// Why, as the author wrote it.
+    pub reason: String,
+}
+
 /// A policy directory's invariants, guards and acknowledgements.
 #[derive(Debug, Clone, Default)]
 pub struct Invariants {
@@ -81,8 +97,10 @@ pub struct Invariants {
     pub list: Vec<Invariant>,
     /// Guard policies by id.
     pub guards: BTreeMap<String, Policy>,
-    /// Acknowledgements from `CHANGES.yaml`.
+    /// Acknowledgements of changed invariants from `CHANGES.yaml`.
     pub acknowledgements: Vec<Acknowledgement>,
+    /// Acknowledgements of widenings from `CHANGES.yaml`.
+    pub widenings: Vec<WideningAck>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +140,18 @@ struct Statement {
 struct ChangesFile {
     #[serde(default)]
     invariants: Vec<AckSpec>,
+    #[serde(default)]
+    widenings: Vec<WideningSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WideningSpec {
+    action: String,
+    principal: PrincipalKind,
+    old_set: String,
+    new_set: String,
+    reason: String,
 }
 
 #[derive(Deserialize)]
@@ -146,15 +176,18 @@ impl Invariants {
         dir: &Path,
         schema: Option<&Schema>,
         declared: &BTreeSet<Action>,
-        hash_file: &mut dyn FnMut(&str, &str),
+        hash_file: &mut dyn FnMut(&str, &str, bool),
         diagnostics: &mut Vec<String>,
     ) -> Invariants {
         let mut invariants = Invariants::default();
         let changes_path = dir.join(CHANGES_FILE);
         if let Some(text) = read_optional(&changes_path, diagnostics) {
-            hash_file(CHANGES_FILE, &text);
+            hash_file(CHANGES_FILE, &text, false);
             match parse_changes(&text) {
-                Ok(acks) => invariants.acknowledgements = acks,
+                Ok((acks, widenings)) => {
+                    invariants.acknowledgements = acks;
+                    invariants.widenings = widenings;
+                }
                 Err(problem) => diagnostics.push(format!("{}: {problem}", changes_path.display())),
             }
         }
@@ -187,7 +220,7 @@ impl Invariants {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default()
             );
-            hash_file(&name, &text);
+            hash_file(&name, &text, true);
             add_guards(path, &text, &mut guard_set, &mut guard_files, diagnostics);
         }
         if let Some(schema) = schema {
@@ -217,7 +250,7 @@ impl Invariants {
             }
             return invariants;
         };
-        hash_file(&format!("{INVARIANTS_DIR}/{STATEMENTS_FILE}"), &text);
+        hash_file(&format!("{INVARIANTS_DIR}/{STATEMENTS_FILE}"), &text, true);
         let at = statements_path.display();
         let file: StatementsFile = match serde_norway::from_str(&text) {
             Ok(file) => file,
@@ -263,6 +296,12 @@ impl Invariants {
             || statement.id.chars().any(char::is_control)
         {
             return Err("the id must be 1 to 128 printable characters".to_owned());
+        }
+        if statement.description.chars().any(char::is_control) || statement.description.len() > 1024
+        {
+            return Err(
+                "the description must be at most 1024 printable characters on one line".to_owned(),
+            );
         }
         let claims = [
             statement.never_allows.clone().map(Claim::NeverAllows),
@@ -318,6 +357,20 @@ impl Invariants {
                         "guard `{guard}` must be a `permit`: it describes the requests the invariant is about"
                     ));
                 }
+                // A guard that never applies to one of the actions would make the
+                // invariant hold for that action whatever the policies say.
+                if let Ok(est) = policy.to_json()
+                    && let Some(scope) = super::super::load::actions_in_scope(&est)
+                {
+                    for action in &actions_named(&statement) {
+                        if !scope.contains(action) {
+                            return Err(format!(
+                                "guard `{guard}` does not apply to action `{}`: name only actions its scope admits",
+                                action.as_str()
+                            ));
+                        }
+                    }
+                }
                 Some(meaning(policy))
             }
             Claim::AlwaysDenies | Claim::NeverErrors => None,
@@ -366,6 +419,15 @@ impl Invariants {
     /// The invariant of that id.
     pub fn get(&self, id: &str) -> Option<&Invariant> {
         self.list.iter().find(|invariant| invariant.id == id)
+    }
+}
+
+/// The actions a statement names that are known (unknown ones are reported apart).
+fn actions_named(statement: &Statement) -> Vec<Action> {
+    match &statement.actions {
+        None => Vec::new(),
+        Some(ActionList::One(one)) => Action::from_id(one).into_iter().collect(),
+        Some(ActionList::Many(many)) => many.iter().filter_map(|a| Action::from_id(a)).collect(),
     }
 }
 
@@ -450,19 +512,46 @@ fn add_guards(
     }
 }
 
-fn parse_changes(text: &str) -> Result<Vec<Acknowledgement>, String> {
+type Changes = (Vec<Acknowledgement>, Vec<WideningAck>);
+
+fn parse_changes(text: &str) -> Result<Changes, String> {
     let file: ChangesFile = serde_norway::from_str(text).map_err(|error| error.to_string())?;
     let hash = |what: &str, value: &str| -> Result<String, String> {
         if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
             Ok(value.to_ascii_lowercase())
         } else {
             Err(format!(
-                "`{what}: {}` is not an invariant hash (64 hex digits)",
+                "`{what}: {}` is not a hash (64 hex digits)",
                 crate::record::shown(value)
             ))
         }
     };
-    file.invariants
+    let widenings = file
+        .widenings
+        .into_iter()
+        .map(|ack| {
+            if ack.reason.trim().is_empty() {
+                return Err(format!(
+                    "the acknowledgement of the `{}` widening needs a `reason`",
+                    ack.action
+                ));
+            }
+            Ok(WideningAck {
+                action: Action::from_id(&ack.action).ok_or_else(|| {
+                    format!(
+                        "widening: unknown action `{}`",
+                        crate::record::shown(&ack.action)
+                    )
+                })?,
+                principal: ack.principal,
+                old_set: hash("old_set", &ack.old_set)?,
+                new_set: hash("new_set", &ack.new_set)?,
+                reason: ack.reason,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let acknowledgements = file
+        .invariants
         .into_iter()
         .map(|ack| {
             if ack.reason.trim().is_empty() {
@@ -482,5 +571,6 @@ fn parse_changes(text: &str) -> Result<Vec<Acknowledgement>, String> {
                 reason: ack.reason,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok((acknowledgements, widenings))
 }

@@ -7,6 +7,7 @@
 //! files (the snapshot holds the invariants) or swap policy sets (see `store`).
 
 mod counterexample;
+pub mod diff;
 mod facts;
 pub mod invariants;
 mod report;
@@ -37,6 +38,8 @@ pub struct ProveOptions {
     pub solver: PathBuf,
     /// Longest time one query may take; the solver then answers `unknown`.
     pub query_timeout: Duration,
+    /// Longest time a whole proof (or diff) may take; then it is unproven.
+    pub total_timeout: Duration,
 }
 
 impl Default for ProveOptions {
@@ -46,6 +49,7 @@ impl Default for ProveOptions {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("cvc5")),
             query_timeout: Duration::from_secs(30),
+            total_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -157,19 +161,46 @@ impl ProofReport {
 /// Proves `snapshot`'s invariants, blocking the calling thread (which may be inside
 /// or outside an async runtime): the solver runs on a thread of its own.
 pub fn prove_blocking(snapshot: &PolicySnapshot, options: &ProveOptions) -> ProofReport {
-    std::thread::scope(|scope| {
-        let proving = scope.spawn(|| {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime.block_on(prove(snapshot, options)),
-                Err(error) => unproven_all(snapshot, &format!("cannot start the prover: {error}")),
+    let total = options.total_timeout;
+    on_prover_thread(
+        async {
+            match tokio::time::timeout(total, prove(snapshot, options)).await {
+                Ok(report) => report,
+                Err(_) => unproven_all(
+                    snapshot,
+                    &format!("the proof took longer than {} s", total.as_secs()),
+                ),
             }
-        });
-        match proving.join() {
-            Ok(report) => report,
-            Err(_) => unproven_all(snapshot, "the prover failed unexpectedly"),
+        },
+        |why| unproven_all(snapshot, why),
+    )
+}
+
+/// Stack of the prover's thread: symbolic compilation recurses over terms.
+const PROVER_STACK: usize = 256 * 1024 * 1024;
+
+/// Runs `work` on a thread of its own with a large stack and a runtime of its own;
+/// `failed` answers when that cannot be done or the thread fails.
+pub(crate) fn on_prover_thread<T: Send>(
+    work: impl std::future::Future<Output = T> + Send,
+    failed: impl FnOnce(&str) -> T,
+) -> T {
+    std::thread::scope(|scope| {
+        let started = std::thread::Builder::new()
+            .name("ringfence-prover".to_owned())
+            .stack_size(PROVER_STACK)
+            .spawn_scoped(scope, || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|runtime| runtime.block_on(work))
+                    .map_err(|error| error.to_string())
+            });
+        match started.map(|thread| thread.join()) {
+            Ok(Ok(Ok(value))) => value,
+            Ok(Ok(Err(error))) => failed(&format!("cannot start the prover: {error}")),
+            Ok(Err(_)) => failed("the prover failed unexpectedly"),
+            Err(error) => failed(&format!("cannot start the prover: {error}")),
         }
     })
 }
@@ -313,6 +344,8 @@ pub async fn prove(snapshot: &PolicySnapshot, options: &ProveOptions) -> ProofRe
         let began = Instant::now();
         let mut checked = 0;
         let mut outcome = Outcome::Proved;
+        // For `never_allows`: environments where the guard matches some request.
+        let mut guard_matches = 0;
         let relevant = envs.iter().filter(|env| {
             let (principal, action, _) = env_key(env);
             Action::from_id(&action).is_some_and(|a| invariant.actions.contains(&a))
@@ -339,9 +372,21 @@ pub async fn prove(snapshot: &PolicySnapshot, options: &ProveOptions) -> ProofRe
                     }
                     match prepared.get(&key).map(|p| &p.checked) {
                         Some(Ok(policies)) => {
-                            check_claim(snapshot, claim, policies, env, &mut session)
+                            let found = check_claim(snapshot, claim, policies, env, &mut session)
                                 .await
-                                .map(|found| found.map(|env| (env, None)))
+                                .map(|found| found.map(|env| (env, None)));
+                            if let (Claim::NeverAllows(guard), Ok(None)) = (claim, &found) {
+                                match guard_matches_some(snapshot, guard, env, &mut session).await {
+                                    Ok(true) => guard_matches += 1,
+                                    Ok(false) => {}
+                                    Err(why) => {
+                                        outcome =
+                                            Outcome::Unproven(format!("{}: {why}", env_name(env)));
+                                        break;
+                                    }
+                                }
+                            }
+                            found
                         }
                         Some(Err(why)) => Err(why.clone()),
                         None => Err("internal: environment not prepared".to_owned()),
@@ -370,6 +415,15 @@ pub async fn prove(snapshot: &PolicySnapshot, options: &ProveOptions) -> ProofRe
                 }
             }
         }
+        if matches!(invariant.claim, Claim::NeverAllows(_))
+            && matches!(outcome, Outcome::Proved)
+            && checked > 0
+            && guard_matches == 0
+        {
+            outcome = Outcome::Unproven(
+                "its guard matches no request ringfence builds, so the invariant holds vacuously: check the guard's scope and conditions against the facts".to_owned(),
+            );
+        }
         proofs.push(InvariantProof {
             id: invariant.id.clone(),
             description: invariant.description.clone(),
@@ -386,6 +440,34 @@ pub async fn prove(snapshot: &PolicySnapshot, options: &ProveOptions) -> ProofRe
         facts: facts_shown,
         took: started.elapsed(),
     }
+}
+
+/// Whether guard `id` matches some request of `env` that satisfies the facts.
+async fn guard_matches_some(
+    snapshot: &PolicySnapshot,
+    id: &str,
+    env: &RequestEnv,
+    session: &mut Session<'_>,
+) -> Result<bool, String> {
+    let policy = snapshot
+        .invariants
+        .guards
+        .get(id)
+        .ok_or_else(|| format!("guard `{id}` is missing"))?;
+    let mut set = PolicySet::new();
+    set.add(policy.clone())
+        .map_err(|error| format!("guard `{id}`: {error}"))?;
+    set.add(facts::facts_policy(
+        &facts::facts_for(snapshot, env),
+        false,
+    )?)
+    .map_err(|error| format!("cannot add the facts: {error}"))?;
+    let compiled = CompiledPolicySet::compile(&set, env, &snapshot.schema)
+        .map_err(|error| format!("cannot compile guard `{id}`: {error}"))?;
+    let never = session
+        .run(async |c| c.check_always_denies_opt(&compiled).await)
+        .await?;
+    Ok(!never)
 }
 
 /// Looks for a counterexample that today's directory replays as it is (the first one

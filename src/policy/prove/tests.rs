@@ -45,6 +45,7 @@ fn solver() -> Option<ProveOptions> {
     Some(ProveOptions {
         solver: path,
         query_timeout: Duration::from_secs(60),
+        total_timeout: Duration::from_secs(600),
     })
 }
 
@@ -217,6 +218,7 @@ fn without_the_solver_nothing_is_proved_and_the_report_says_why() {
     let options = ProveOptions {
         solver: PathBuf::from("/nonexistent/cvc5"),
         query_timeout: Duration::from_secs(5),
+        total_timeout: Duration::from_secs(600),
     };
     let report = prove_blocking(&snapshot, &options);
     assert_eq!(report.verdict(), Verdict::Unproven);
@@ -366,5 +368,145 @@ fn invariants_are_part_of_the_set_hash_and_their_own_hash_is_their_meaning() {
     assert_eq!(
         back.invariants().get(id).unwrap().hash,
         weakened.invariants().get(id).unwrap().hash
+    );
+}
+
+/// Schema names reach the solver inside SMT comments; a carriage return would end the
+/// comment and let the schema assert anything (`(assert false)` proves every
+/// invariant). Refused at load.
+#[test]
+fn control_characters_in_schema_names_are_refused() {
+    let dir = copy_of_shipped();
+    edit(
+        dir.path(),
+        "schema.cedarschema",
+        "  roles: Set<String>,\n};",
+        "  roles: Set<String>,\n  \"zz\\r(assert false)\\r;\"?: String,\n};",
+    );
+    let error = PolicySnapshot::load(dir.path()).unwrap_err().to_string();
+    assert!(error.contains("control character"), "{error}");
+}
+
+/// "A field is in jurisdiction J only if J is its `jurisdiction`" is a fact only while
+/// jurisdictions cannot nest; a schema that lets them must not hide a violation.
+#[test]
+fn nested_jurisdictions_are_not_assumed_away() {
+    let Some(options) = solver() else { return };
+    let dir = copy_of_shipped();
+    edit(
+        dir.path(),
+        "schema.cedarschema",
+        "entity Jurisdiction;",
+        "entity Jurisdiction in [Jurisdiction];",
+    );
+    edit(
+        dir.path(),
+        "directory.json",
+        "{\"uid\": {\"type\": \"Jurisdiction\", \"id\": \"US\"}, \"attrs\": {}, \"parents\": []}",
+        "{\"uid\": {\"type\": \"Jurisdiction\", \"id\": \"US\"}, \"attrs\": {}, \"parents\": [{\"type\": \"Jurisdiction\", \"id\": \"SG\"}]}",
+    );
+    edit(
+        dir.path(),
+        "us-data.cedar",
+        "principal in Organization::\"parentco\" ||\n  principal.employer == Organization::\"parentco\"\n};\n\n@id(\"parent-company-services-never-read-us\")",
+        "principal in Organization::\"parentco\" ||\n  principal.employer == Organization::\"parentco\"\n}\nunless { resource in Jurisdiction::\"SG\" };\n\n@id(\"parent-company-services-never-read-us\")",
+    );
+    let snapshot = PolicySnapshot::load(dir.path()).unwrap();
+    let report = prove_blocking(&snapshot, &options);
+    assert!(
+        matches!(
+            outcome(&report, "parent-company-staff-never-read-us"),
+            Outcome::Violated(_)
+        ),
+        "{}",
+        report.human()
+    );
+}
+
+/// The catalog fact stays flat: a catalog of 1,500 fields proves (it overflowed the
+/// prover's stack as one `||` chain of 630).
+#[test]
+fn a_large_field_catalog_proves() {
+    let Some(options) = solver() else { return };
+    let dir = copy_of_shipped();
+    let mut extra = String::from("\n[record_types.bulk_profile]\n");
+    for i in 0..1500 {
+        let class = ["public", "pii", "sensitive", "restricted"][i % 4];
+        extra.push_str(&format!("field_{i} = \"{class}\"\n"));
+    }
+    let catalog = dir.path().join("fields.toml");
+    let mut text = std::fs::read_to_string(&catalog).unwrap();
+    text.push_str(&extra);
+    std::fs::write(&catalog, text).unwrap();
+    let snapshot = PolicySnapshot::load(dir.path()).unwrap();
+    let report = prove_blocking(&snapshot, &options);
+    assert_eq!(report.verdict(), Verdict::Proved, "{}", report.human());
+}
+
+#[test]
+fn a_guard_must_apply_to_every_action_of_its_invariant_and_match_some_request() {
+    // Named for `encrypt` too, a decrypt-only guard would prove "never encrypts" for
+    // free.
+    let dir = copy_of_shipped();
+    edit(
+        dir.path(),
+        "invariants/invariants.yaml",
+        "    actions: decrypt\n    never_allows: parent-company-staff-reading-us",
+        "    actions: [decrypt, encrypt]\n    never_allows: parent-company-staff-reading-us",
+    );
+    let error = PolicySnapshot::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        error
+            .contains("guard `parent-company-staff-reading-us` does not apply to action `encrypt`"),
+        "{error}"
+    );
+
+    // A guard no request satisfies proves nothing.
+    let Some(options) = solver() else { return };
+    let dir = copy_of_shipped();
+    edit(
+        dir.path(),
+        "invariants/ring-fence.cedar",
+        "when { context.service.operator == Organization::\"parentco\" };",
+        "when { context.service.operator == Organization::\"parentco\" && context.request_time < 0 };",
+    );
+    let snapshot = PolicySnapshot::load(dir.path()).unwrap();
+    let report = prove_blocking(&snapshot, &options);
+    let Outcome::Unproven(why) =
+        outcome(&report, "nothing-reads-us-through-parent-company-services")
+    else {
+        panic!("{}", report.human());
+    };
+    assert!(why.contains("holds vacuously"), "{why}");
+}
+
+/// A counterexample about an employee of the directory, as the directory lists them,
+/// names that employee (no renamed fixture that could never replay).
+#[test]
+fn a_counterexample_about_a_listed_employee_names_them() {
+    let Some(options) = solver() else { return };
+    let dir = copy_of_shipped();
+    edit(
+        dir.path(),
+        "us-data.cedar",
+        "principal in Organization::\"parentco\" ||\n  principal.employer == Organization::\"parentco\"\n};\n\n@id(\"parent-company-services-never-read-us\")",
+        "principal in Organization::\"parentco\" ||\n  principal.employer == Organization::\"parentco\"\n}\nunless { principal == Employee::\"bob\" };\n\n@id(\"parent-company-services-never-read-us\")",
+    );
+    let snapshot = PolicySnapshot::load(dir.path()).unwrap();
+    let report = prove_blocking(&snapshot, &options);
+    let Outcome::Violated(counterexample) = outcome(&report, "parent-company-staff-never-read-us")
+    else {
+        panic!("{}", report.human());
+    };
+    assert!(
+        counterexample.replay.is_ok(),
+        "{:?}\n{}",
+        counterexample.replay,
+        counterexample.suite
+    );
+    assert!(
+        counterexample.suite.contains("employee: bob"),
+        "{}",
+        counterexample.suite
     );
 }

@@ -1,0 +1,826 @@
+//! `policy diff`: what a change to a policy directory widens and narrows. Two views:
+//! symbolic (SymCC, per request environment, under the facts of either set: does the
+//! new set allow a request the old one denies, or the reverse, for any directory) and
+//! concrete (both sets decided by the normal authorizer over the people and services
+//! of both directories, every jurisdiction and catalog field, and the literal classes
+//! of each context attribute), which sees what the symbolic view cannot: changes to
+//! the field catalog, the directory and the schema. May not load files or swap sets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use cedar_policy::{PolicySet, RequestEnv};
+use cedar_policy_symcc::CompiledPolicySet;
+use serde_json::{Value, json};
+
+use super::counterexample::{CaseText, render_case};
+use super::facts::{self, Fact};
+use super::invariants::PrincipalKind;
+use super::{ProveOptions, Session, env_key, env_name};
+use crate::policy::analysis::ContextUse;
+use crate::policy::suite::{self, Suite};
+use crate::policy::{Action, PolicySnapshot, Principal, RequestFacts, ResourceKind};
+use crate::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};
+
+/// A request that one set allows and the other denies, as a policy test case that
+/// passes on the new set.
+#[derive(Debug, Clone)]
+pub struct Example {
+    /// The request in one line.
+    pub summary: String,
+    /// A suite file of one case (`expect: allow` for a widening, `deny` for a
+    /// narrowing), to paste under the new set's `tests/`.
+    pub suite: String,
+    /// `Ok` when the normal authorizer confirms it: the case passes on the new set
+    /// and fails on the old one.
+    pub replay: Result<(), String>,
+}
+
+/// What changed in one request environment, symbolically.
+#[derive(Debug, Clone)]
+pub struct EnvChange {
+    /// `Employee decrypt Field`.
+    pub environment: String,
+    /// The action.
+    pub action: String,
+    /// The principal type.
+    pub principal: String,
+    /// A request the new set allows and the old denies; `Err` when not answered.
+    pub widening: Result<Option<Example>, String>,
+    /// A request the old set allows and the new denies; `Err` when not answered.
+    pub narrowing: Result<Option<Example>, String>,
+}
+
+/// A group of concrete cells whose decision changed the same way.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CellChange {
+    /// The action.
+    pub action: String,
+    /// `Employee::"alice"` or `Service::"us-signup"`.
+    pub principal: String,
+    /// The calling service.
+    pub service: String,
+    /// The jurisdiction.
+    pub jurisdiction: String,
+    /// The record type, or the resource type for administration actions.
+    pub resource: String,
+    /// Stated purpose, ticket and authentication.
+    pub context: (String, String, String),
+    /// The old decision: `allow`, `deny` or why it could not be made.
+    pub old: String,
+    /// The new decision.
+    pub new: String,
+    /// The fields (empty for administration actions).
+    pub fields: Vec<String>,
+}
+
+impl CellChange {
+    /// Allowed now, not before.
+    pub fn widens(&self) -> bool {
+        self.new == "allow" && self.old != "allow"
+    }
+
+    /// Allowed before, not now.
+    pub fn narrows(&self) -> bool {
+        self.old == "allow" && self.new != "allow"
+    }
+}
+
+/// How a change moves one (action, principal type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Movement {
+    /// Nothing allowed changed.
+    Neither,
+    /// Only more is allowed.
+    Widens,
+    /// Only less is allowed.
+    Narrows,
+    /// Some more, some less.
+    Both,
+}
+
+impl Movement {
+    /// The name in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Movement::Neither => "neither",
+            Movement::Widens => "widens",
+            Movement::Narrows => "narrows",
+            Movement::Both => "widens and narrows",
+        }
+    }
+}
+
+/// The difference between two policy sets.
+#[derive(Debug, Clone)]
+pub struct PolicyDiff {
+    /// Hash of the old set.
+    pub old_set: String,
+    /// Hash of the new set.
+    pub new_set: String,
+    /// Files added, removed or changed (`+ name`, `- name`, `~ name`).
+    pub files: Vec<String>,
+    /// Per request environment.
+    pub symbolic: Vec<EnvChange>,
+    /// Concrete cells decided per set.
+    pub cells_checked: usize,
+    /// The cells whose decision changed.
+    pub cells: Vec<CellChange>,
+    /// Wall time.
+    pub took: Duration,
+}
+
+/// An (action, principal type) pair and how it moved, with whether the symbolic view
+/// answered.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The action.
+    pub action: String,
+    /// The principal type.
+    pub principal: String,
+    /// How it moved (symbolic and concrete together).
+    pub movement: Movement,
+    /// Why the symbolic view did not answer, if it did not.
+    pub unproven: Option<String>,
+}
+
+impl PolicyDiff {
+    /// Per (action, principal type): widens, narrows, both or neither.
+    pub fn summary(&self) -> Vec<Summary> {
+        let mut keys: BTreeSet<(String, String)> = BTreeSet::new();
+        for env in &self.symbolic {
+            keys.insert((env.action.clone(), env.principal.clone()));
+        }
+        for cell in &self.cells {
+            keys.insert((cell.action.clone(), principal_type(&cell.principal)));
+        }
+        keys.into_iter()
+            .map(|(action, principal)| {
+                let envs: Vec<&EnvChange> = self
+                    .symbolic
+                    .iter()
+                    .filter(|e| e.action == action && e.principal == principal)
+                    .collect();
+                let cells: Vec<&CellChange> = self
+                    .cells
+                    .iter()
+                    .filter(|c| c.action == action && principal_type(&c.principal) == principal)
+                    .collect();
+                let wider = envs.iter().any(|e| matches!(e.widening, Ok(Some(_))))
+                    || cells.iter().any(|c| c.widens());
+                let narrower = envs.iter().any(|e| matches!(e.narrowing, Ok(Some(_))))
+                    || cells.iter().any(|c| c.narrows());
+                let unproven = envs
+                    .iter()
+                    .find_map(|e| e.widening.as_ref().err().or(e.narrowing.as_ref().err()))
+                    .cloned();
+                let movement = match (wider, narrower) {
+                    (false, false) => Movement::Neither,
+                    (true, false) => Movement::Widens,
+                    (false, true) => Movement::Narrows,
+                    (true, true) => Movement::Both,
+                };
+                Summary {
+                    action,
+                    principal,
+                    movement,
+                    unproven,
+                }
+            })
+            .collect()
+    }
+
+    /// The widenings that the new set's `CHANGES.yaml` does not acknowledge for these
+    /// two set hashes, as (action, principal type).
+    pub fn unacknowledged_widenings(&self, new: &PolicySnapshot) -> Vec<(String, String)> {
+        self.summary()
+            .into_iter()
+            .filter(|s| matches!(s.movement, Movement::Widens | Movement::Both))
+            .filter(|s| {
+                !new.invariants().widenings.iter().any(|ack| {
+                    ack.action.as_str() == s.action
+                        && principal_name(ack.principal) == s.principal
+                        && ack.old_set == self.old_set
+                        && ack.new_set == self.new_set
+                })
+            })
+            .map(|s| (s.action, s.principal))
+            .collect()
+    }
+
+    /// Whether the symbolic view failed to answer somewhere.
+    pub fn unproven(&self) -> bool {
+        self.symbolic
+            .iter()
+            .any(|e| e.widening.is_err() || e.narrowing.is_err())
+    }
+
+    /// For a terminal.
+    pub fn human(&self) -> String {
+        let mut out = format!(
+            "policy diff {} -> {}\n",
+            short(&self.old_set),
+            short(&self.new_set)
+        );
+        if self.files.is_empty() {
+            out.push_str("files: none changed\n");
+        } else {
+            out.push_str(&format!("files: {}\n", self.files.join(", ")));
+        }
+        for summary in self.summary() {
+            out.push_str(&format!(
+                "{:<14} {:<9} {}{}\n",
+                summary.action,
+                summary.principal,
+                summary.movement.as_str(),
+                summary
+                    .unproven
+                    .as_ref()
+                    .map(|why| format!(" (symbolic view unanswered: {why})"))
+                    .unwrap_or_default()
+            ));
+        }
+        for env in &self.symbolic {
+            for (what, example) in [("widening", &env.widening), ("narrowing", &env.narrowing)] {
+                if let Ok(Some(example)) = example {
+                    out.push_str(&format!(
+                        "\n{what} in {}: {}\n",
+                        env.environment, example.summary
+                    ));
+                    match &example.replay {
+                        Ok(()) => out.push_str("  confirmed by the authorizer: the case passes on the new set, fails on the old\n"),
+                        Err(why) => out.push_str(&format!("  not confirmed by the authorizer: {why}\n")),
+                    }
+                    for line in example.suite.lines() {
+                        out.push_str(&format!("    {line}\n"));
+                    }
+                }
+            }
+        }
+        out.push_str(&format!(
+            "\nconcrete: {} of {} cells changed (directory people and services x jurisdictions x catalog fields x context classes)\n",
+            self.cells.iter().map(|c| c.fields.len().max(1)).sum::<usize>(),
+            self.cells_checked
+        ));
+        const SHOWN: usize = 60;
+        for cell in self.cells.iter().take(SHOWN) {
+            out.push_str(&format!("  {}\n", describe(cell)));
+        }
+        if self.cells.len() > SHOWN {
+            out.push_str(&format!(
+                "  ... and {} more groups (--format json lists all)\n",
+                self.cells.len() - SHOWN
+            ));
+        }
+        out.push_str(&format!("took {} ms\n", self.took.as_millis()));
+        out
+    }
+
+    /// One JSON document.
+    pub fn json(&self) -> Value {
+        let example = |e: &Result<Option<Example>, String>| match e {
+            Ok(None) => json!(null),
+            Ok(Some(example)) => json!({
+                "summary": example.summary,
+                "suite": example.suite,
+                "confirmed": example.replay.is_ok(),
+                "replay_problem": example.replay.as_ref().err(),
+            }),
+            Err(why) => json!({"unanswered": why}),
+        };
+        json!({
+            "old_set": self.old_set,
+            "new_set": self.new_set,
+            "files": self.files,
+            "summary": self.summary().iter().map(|s| json!({
+                "action": s.action,
+                "principal": s.principal,
+                "movement": s.movement.as_str(),
+                "symbolic_unanswered": s.unproven,
+            })).collect::<Vec<_>>(),
+            "symbolic": self.symbolic.iter().map(|e| json!({
+                "environment": e.environment,
+                "widening": example(&e.widening),
+                "narrowing": example(&e.narrowing),
+            })).collect::<Vec<_>>(),
+            "cells_checked": self.cells_checked,
+            "cells": self.cells.iter().map(|c| json!({
+                "action": c.action,
+                "principal": c.principal,
+                "service": c.service,
+                "jurisdiction": c.jurisdiction,
+                "resource": c.resource,
+                "fields": c.fields,
+                "purpose": c.context.0,
+                "ticket": c.context.1,
+                "authentication": c.context.2,
+                "old": c.old,
+                "new": c.new,
+            })).collect::<Vec<_>>(),
+            "took_ms": self.took.as_millis() as u64,
+        })
+    }
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+fn describe(cell: &CellChange) -> String {
+    let fields = if cell.fields.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", cell.fields.join(", "))
+    };
+    format!(
+        "{} {} via {} on {}/{}{} purpose {:?} ticket {:?} ({}): {} -> {}",
+        cell.action,
+        cell.principal,
+        cell.service,
+        cell.jurisdiction,
+        cell.resource,
+        fields,
+        cell.context.0,
+        cell.context.1,
+        cell.context.2,
+        cell.old,
+        cell.new
+    )
+}
+
+fn principal_type(principal: &str) -> String {
+    principal.split("::").next().unwrap_or(principal).to_owned()
+}
+
+fn principal_name(kind: PrincipalKind) -> &'static str {
+    match kind {
+        PrincipalKind::Employee => "Employee",
+        PrincipalKind::Service => "Service",
+    }
+}
+
+/// Compares `old` with `new`.
+pub async fn diff(
+    old: &PolicySnapshot,
+    new: &PolicySnapshot,
+    options: &ProveOptions,
+) -> PolicyDiff {
+    let started = Instant::now();
+    let mut session = Session {
+        options,
+        compiler: None,
+    };
+    let mut symbolic = Vec::new();
+    for env in new.schema.request_envs() {
+        symbolic.push(compare_env(old, new, &env, &mut session).await);
+    }
+    let (cells_checked, cells) = cells(old, new);
+    PolicyDiff {
+        old_set: old.hash().to_owned(),
+        new_set: new.hash().to_owned(),
+        files: changed_files(old, new),
+        symbolic,
+        cells_checked,
+        cells,
+        took: started.elapsed(),
+    }
+}
+
+/// [`diff`] from a thread of its own (see [`super::prove_blocking`]).
+pub fn diff_blocking(
+    old: &PolicySnapshot,
+    new: &PolicySnapshot,
+    options: &ProveOptions,
+) -> PolicyDiff {
+    let total = options.total_timeout;
+    super::on_prover_thread(
+        async {
+            match tokio::time::timeout(total, diff(old, new, options)).await {
+                Ok(diff) => diff,
+                Err(_) => failed(
+                    old,
+                    new,
+                    &format!("the comparison took longer than {} s", total.as_secs()),
+                ),
+            }
+        },
+        |why| failed(old, new, why),
+    )
+}
+
+fn failed(old: &PolicySnapshot, new: &PolicySnapshot, why: &str) -> PolicyDiff {
+    let (cells_checked, cells) = cells(old, new);
+    PolicyDiff {
+        old_set: old.hash().to_owned(),
+        new_set: new.hash().to_owned(),
+        files: changed_files(old, new),
+        symbolic: new
+            .schema
+            .request_envs()
+            .map(|env| {
+                let (principal, action, _) = env_key(&env);
+                EnvChange {
+                    environment: env_name(&env),
+                    action,
+                    principal,
+                    widening: Err(why.to_owned()),
+                    narrowing: Err(why.to_owned()),
+                }
+            })
+            .collect(),
+        cells_checked,
+        cells,
+        took: Duration::ZERO,
+    }
+}
+
+fn changed_files(old: &PolicySnapshot, new: &PolicySnapshot) -> Vec<String> {
+    let old_files: BTreeMap<&str, &str> = old
+        .sources
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let new_files: BTreeMap<&str, &str> = new
+        .sources
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let mut files = Vec::new();
+    for (name, text) in &new_files {
+        match old_files.get(name) {
+            None => files.push(format!("+ {name}")),
+            Some(before) if before != text => files.push(format!("~ {name}")),
+            Some(_) => {}
+        }
+    }
+    for name in old_files
+        .keys()
+        .filter(|name| !new_files.contains_key(*name))
+    {
+        files.push(format!("- {name}"));
+    }
+    files
+}
+
+/// The facts of either set: a request ringfence could build under the old set or the
+/// new one.
+fn either_facts(old: &PolicySnapshot, new: &PolicySnapshot, env: &RequestEnv) -> Vec<Fact> {
+    let both = |facts: Vec<Fact>| {
+        if facts.is_empty() {
+            "true".to_owned()
+        } else {
+            facts
+                .iter()
+                .map(|f| format!("({})", f.cedar))
+                .collect::<Vec<_>>()
+                .join(" && ")
+        }
+    };
+    vec![Fact {
+        says: "the request is one ringfence builds under the old set or the new one".to_owned(),
+        cedar: format!(
+            "({}) || ({})",
+            both(facts::facts_for(old, env)),
+            both(facts::facts_for(new, env))
+        ),
+    }]
+}
+
+async fn compare_env(
+    old: &PolicySnapshot,
+    new: &PolicySnapshot,
+    env: &RequestEnv,
+    session: &mut Session<'_>,
+) -> EnvChange {
+    let (principal, action, _) = env_key(env);
+    let mut change = EnvChange {
+        environment: env_name(env),
+        action: action.clone(),
+        principal,
+        widening: Ok(None),
+        narrowing: Ok(None),
+    };
+    let facts = either_facts(old, new, env);
+    let compiled = |snapshot: &PolicySnapshot, which: &str| -> Result<CompiledPolicySet, String> {
+        let mut set = Action::from_id(&action)
+            .and_then(|a| snapshot.by_action.get(&a).cloned())
+            .unwrap_or_else(|| snapshot.all_policies.clone());
+        if !snapshot.declared.iter().any(|a| a.as_str() == action) {
+            // The action is new: nothing was allowed before.
+            set = PolicySet::new();
+        }
+        set.add(facts::facts_policy(&facts, false)?)
+            .map_err(|error| format!("cannot add the facts: {error}"))?;
+        CompiledPolicySet::compile(&set, env, &new.schema).map_err(|error| {
+            format!(
+                "the {which} policies do not compile against the new schema for {}: {error}",
+                env_name(env)
+            )
+        })
+    };
+    let (old_set, new_set) = match (compiled(old, "old"), compiled(new, "new")) {
+        (Ok(o), Ok(n)) => (o, n),
+        (Err(why), _) | (_, Err(why)) => {
+            change.widening = Err(why.clone());
+            change.narrowing = Err(why);
+            return change;
+        }
+    };
+    let widening = session
+        .run(async |c| {
+            c.check_implies_with_counterexample_opt(&new_set, &old_set)
+                .await
+        })
+        .await;
+    change.widening = widening.map(|found| found.map(|found| example(old, new, env, &found, true)));
+    let narrowing = session
+        .run(async |c| {
+            c.check_implies_with_counterexample_opt(&old_set, &new_set)
+                .await
+        })
+        .await;
+    change.narrowing =
+        narrowing.map(|found| found.map(|found| example(old, new, env, &found, false)));
+    change
+}
+
+fn example(
+    old: &PolicySnapshot,
+    new: &PolicySnapshot,
+    env: &RequestEnv,
+    found: &cedar_policy_symcc::Env,
+    widening: bool,
+) -> Example {
+    let (what, expect) = if widening {
+        (
+            "the new set allows this request; the old one denied it",
+            "allow",
+        )
+    } else {
+        (
+            "the new set denies this request; the old one allowed it",
+            "deny",
+        )
+    };
+    let (_, action, _) = env_key(env);
+    let wording = CaseText {
+        name: format!(
+            "{} of {action} ({})",
+            if widening { "widening" } else { "narrowing" },
+            env_name(env)
+        ),
+        description: format!("Found by `ringfence policy diff`: {what}"),
+        header: format!(
+            "# Found by `ringfence policy diff` between policy sets {} and {}.\n# Paste under the new set's tests/: the case passes on the new set and fails on the old.\n",
+            old.hash(),
+            new.hash()
+        ),
+        expect,
+    };
+    let rendered = render_case(new, env, found, None, &wording);
+    let replay = replay(old, new, &rendered.suite);
+    Example {
+        summary: rendered.summary,
+        suite: rendered.suite,
+        replay,
+    }
+}
+
+fn replay(old: &PolicySnapshot, new: &PolicySnapshot, text: &str) -> Result<(), String> {
+    let parse = || {
+        Suite::parse("diff", std::path::Path::new("diff.yaml"), text)
+            .map_err(|problem| format!("the rendered suite does not parse: {problem}"))
+    };
+    let on_new = suite::run(new, &[parse()?], None);
+    if on_new.failed() > 0 {
+        return Err(format!(
+            "on the new set the case fails: {}",
+            on_new.human().trim()
+        ));
+    }
+    let on_old = suite::run(old, &[parse()?], None);
+    if on_old.failed() == 0 {
+        return Err("on the old set the case passes too: the difference needs a directory unlike the old one".to_owned());
+    }
+    Ok(())
+}
+
+/// Values of a context attribute that the policies of either set can tell apart:
+/// each literal it is compared with, the empty string and one value equal to none.
+fn classes(old: &PolicySnapshot, new: &PolicySnapshot, name: &str) -> Vec<String> {
+    let mut values: BTreeSet<String> = BTreeSet::new();
+    values.insert(String::new());
+    for snapshot in [old, new] {
+        match snapshot.observed.context_use(name) {
+            ContextUse::Unused => {}
+            ContextUse::Literals(literals) => values.extend(literals.iter().cloned()),
+            // Used as is: the literals any policy compares it with still mark the
+            // boundaries; the rest of the value space is sampled by "other".
+            ContextUse::Raw => {
+                if let Some(literals) = snapshot.observed.context_literals.get(name) {
+                    values.extend(literals.iter().cloned());
+                }
+            }
+        }
+    }
+    let mut other = "other".to_owned();
+    while values.contains(&other) {
+        other.push('-');
+    }
+    values.insert(other);
+    values
+        .into_iter()
+        .filter(|v| StatedPurpose::new(v, "").is_ok())
+        .collect()
+}
+
+fn ids_of(snapshot: &PolicySnapshot, kind: &str) -> BTreeSet<String> {
+    snapshot
+        .entities
+        .iter()
+        .map(cedar_policy::Entity::uid)
+        .filter(|uid| uid.type_name().to_string() == kind)
+        .map(|uid| uid.id().unescaped().to_owned())
+        .collect()
+}
+
+/// Decides both sets over the concrete cells; returns the number of cells and the
+/// changed ones, grouped by everything but the field.
+fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>) {
+    let employees: BTreeSet<String> = ids_of(old, "Employee")
+        .union(&ids_of(new, "Employee"))
+        .cloned()
+        .collect();
+    let services: BTreeSet<String> = ids_of(old, "Service")
+        .union(&ids_of(new, "Service"))
+        .cloned()
+        .collect();
+    let jurisdictions: BTreeSet<Jurisdiction> = old
+        .jurisdictions()
+        .union(new.jurisdictions())
+        .cloned()
+        .collect();
+    let mut record_types: BTreeMap<RecordType, BTreeSet<FieldName>> = BTreeMap::new();
+    for snapshot in [old, new] {
+        for (record_type, field, _) in snapshot.catalog().entries() {
+            record_types
+                .entry(record_type.clone())
+                .or_default()
+                .insert(field.clone());
+        }
+    }
+    let actions: BTreeSet<Action> = old.declared.union(&new.declared).copied().collect();
+    let purposes = classes(old, new, "purpose");
+    let tickets = classes(old, new, "ticket");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+
+    let mut checked = 0;
+    let mut changed: BTreeMap<CellChange, ()> = BTreeMap::new();
+    let mut principals: Vec<(Principal, String)> = Vec::new();
+    for employee in &employees {
+        for service in &services {
+            principals.push((Principal::Employee(employee.clone()), service.clone()));
+        }
+    }
+    for service in &services {
+        principals.push((Principal::Service(service.clone()), service.clone()));
+    }
+    let verdict = |decided: &Result<bool, String>| match decided {
+        Ok(true) => "allow".to_owned(),
+        Ok(false) => "deny".to_owned(),
+        Err(why) => format!("deny ({why})"),
+    };
+    for action in &actions {
+        for (principal, service) in &principals {
+            let methods: &[&str] = match principal {
+                Principal::Employee(_) => &[
+                    crate::identity::METHOD_MTLS_TOKEN,
+                    crate::identity::METHOD_MTLS_UNBOUND_TOKEN,
+                    crate::identity::METHOD_DANGER,
+                ],
+                Principal::Service(_) => {
+                    if action.resource_kind().is_jurisdictional() {
+                        // A service alone never administers: refused before Cedar.
+                        continue;
+                    }
+                    &[crate::identity::METHOD_MTLS, crate::identity::METHOD_DANGER]
+                }
+            };
+            for purpose in &purposes {
+                for ticket in &tickets {
+                    let Ok(stated) = StatedPurpose::new(purpose, ticket) else {
+                        continue;
+                    };
+                    for authentication in methods {
+                        let facts = RequestFacts {
+                            principal,
+                            service,
+                            authentication,
+                            stated: &stated,
+                            request_time: now,
+                        };
+                        for jurisdiction in &jurisdictions {
+                            let mut note =
+                                |resource: String,
+                                 field: Option<&FieldName>,
+                                 before: String,
+                                 after: String| {
+                                    let key = CellChange {
+                                        action: action.as_str().to_owned(),
+                                        principal: principal.to_string(),
+                                        service: service.clone(),
+                                        jurisdiction: jurisdiction.to_string(),
+                                        resource,
+                                        context: (
+                                            purpose.clone(),
+                                            ticket.clone(),
+                                            (*authentication).to_owned(),
+                                        ),
+                                        old: before,
+                                        new: after,
+                                        fields: Vec::new(),
+                                    };
+                                    let mut entry =
+                                        changed.remove_entry(&key).map(|(k, _)| k).unwrap_or(key);
+                                    if let Some(field) = field {
+                                        entry.fields.push(field.to_string());
+                                    }
+                                    changed.insert(entry, ());
+                                };
+                            if action.resource_kind() == ResourceKind::Field {
+                                for (record_type, fields) in &record_types {
+                                    let fields: Vec<FieldName> = fields.iter().cloned().collect();
+                                    let before = decide_fields(
+                                        old,
+                                        *action,
+                                        &facts,
+                                        jurisdiction,
+                                        record_type,
+                                        &fields,
+                                    );
+                                    let after = decide_fields(
+                                        new,
+                                        *action,
+                                        &facts,
+                                        jurisdiction,
+                                        record_type,
+                                        &fields,
+                                    );
+                                    for ((field, b), a) in fields.iter().zip(&before).zip(&after) {
+                                        checked += 1;
+                                        let (b, a) = (verdict(b), verdict(a));
+                                        if (b == "allow") != (a == "allow") {
+                                            note(record_type.to_string(), Some(field), b, a);
+                                        }
+                                    }
+                                }
+                            } else {
+                                checked += 1;
+                                let decide = |s: &PolicySnapshot| {
+                                    s.decide_key(*action, &facts, jurisdiction)
+                                        .map(|d| d.allowed)
+                                        .map_err(|e| e.to_string())
+                                };
+                                let (b, a) = (verdict(&decide(old)), verdict(&decide(new)));
+                                if (b == "allow") != (a == "allow") {
+                                    note(action.resource_kind().type_name().to_owned(), None, b, a);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (checked, changed.into_keys().collect())
+}
+
+/// Each field's decision by `snapshot`, or why none could be made (a field, record
+/// type, person or service it does not know).
+fn decide_fields(
+    snapshot: &PolicySnapshot,
+    action: Action,
+    facts: &RequestFacts<'_>,
+    jurisdiction: &Jurisdiction,
+    record_type: &RecordType,
+    fields: &[FieldName],
+) -> Vec<Result<bool, String>> {
+    match snapshot.decide(action, facts, jurisdiction, record_type, fields) {
+        Ok(verdicts) => verdicts.iter().map(|v| Ok(v.allowed)).collect(),
+        // Some field is unknown to this set: decide the ones it knows one by one.
+        Err(_) if fields.len() > 1 => fields
+            .iter()
+            .flat_map(|field| {
+                decide_fields(
+                    snapshot,
+                    action,
+                    facts,
+                    jurisdiction,
+                    record_type,
+                    std::slice::from_ref(field),
+                )
+            })
+            .collect(),
+        Err(error) => vec![Err(error.to_string())],
+    }
+}
