@@ -33,6 +33,9 @@ pub const EXIT_VIOLATED: u8 = 9;
 /// Exit code: an invariant could not be proved: the solver is missing, failed, timed
 /// out or answered `unknown` (`policy prove`).
 pub const EXIT_UNPROVEN: u8 = 10;
+/// Exit code: a policy change widens access without an acknowledgement (`policy diff
+/// --fail-on-widening`).
+pub const EXIT_WIDENING: u8 = 11;
 
 /// ringfence: field-level encryption with jurisdiction-scoped keys, Cedar-policy
 /// decryption and a tamper-evident decision log.

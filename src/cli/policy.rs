@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ringfence::config::DEFAULT_POLICIES;
+use ringfence::policy::prove::diff::diff_blocking;
 use ringfence::policy::prove::{ProveOptions, Verdict, invariants, prove_blocking};
 use ringfence::policy::suite::{self, Suite};
 use ringfence::policy::{
@@ -13,7 +14,7 @@ use ringfence::record::{FieldName, Jurisdiction, RecordType, StatedPurpose};
 
 use super::{
     EXIT_COVERAGE_LOW, EXIT_FAILURE, EXIT_INVALID_POLICIES, EXIT_INVALID_SUITE, EXIT_TESTS_FAILED,
-    EXIT_UNPROVEN, EXIT_USAGE, EXIT_VIOLATED, fail,
+    EXIT_UNPROVEN, EXIT_USAGE, EXIT_VIOLATED, EXIT_WIDENING, fail,
 };
 
 /// Output format of `policy test`.
@@ -25,6 +26,16 @@ pub enum Format {
     Json,
     /// JUnit XML for CI systems.
     Junit,
+}
+
+/// Output format of `policy diff`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DiffFormat {
+    /// A summary per action and principal type, each widening and narrowing as a
+    /// test case, and the concrete cells that changed.
+    Human,
+    /// One JSON document with every changed cell.
+    Json,
 }
 
 /// Output format of `policy prove`.
@@ -111,6 +122,36 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "human")]
         format: ProveFormat,
+        /// The cvc5 binary (default: $CVC5, else `cvc5` on PATH).
+        #[arg(long)]
+        solver: Option<PathBuf>,
+        /// Longest time one solver query may take, in seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        query_timeout: u64,
+    },
+    /// Compare two policy directories: per action and principal type, whether the
+    /// change widens or narrows who may do what (symbolically, with the cvc5 solver,
+    /// for every request and directory; and concretely, deciding both sets over the
+    /// people and services of both directories, every jurisdiction and catalog field
+    /// and the literal classes of the context), with each widening and narrowing as a
+    /// policy test case.
+    ///
+    /// Exit codes: 0 compared (and, with --fail-on-widening, no unacknowledged
+    /// widening), 3 invalid policies, 10 the solver did not answer (with
+    /// --fail-on-widening), 11 an unacknowledged widening (with --fail-on-widening).
+    Diff {
+        /// The policy directory before the change.
+        old: PathBuf,
+        /// The policy directory after it.
+        new: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        format: DiffFormat,
+        /// Fail on any widening that NEW/CHANGES.yaml does not acknowledge for these
+        /// two set hashes (`widenings:` entries naming action, principal, old_set and
+        /// new_set), and when the solver does not answer.
+        #[arg(long)]
+        fail_on_widening: bool,
         /// The cvc5 binary (default: $CVC5, else `cvc5` on PATH).
         #[arg(long)]
         solver: Option<PathBuf>,
@@ -252,8 +293,81 @@ fn prove(
     }
 }
 
+fn diff(
+    old: PathBuf,
+    new: PathBuf,
+    format: DiffFormat,
+    fail_on_widening: bool,
+    solver: Option<PathBuf>,
+    timeout: u64,
+) -> ExitCode {
+    let load = |dir: &PathBuf| {
+        PolicySnapshot::load(dir).map_err(|error| format!("{}: {error}", dir.display()))
+    };
+    let (old_set, new_set) = match (load(&old), load(&new)) {
+        (Ok(o), Ok(n)) => (o, n),
+        (Err(error), _) | (_, Err(error)) => return fail(EXIT_INVALID_POLICIES, error),
+    };
+    let mut options = ProveOptions::default();
+    if let Some(solver) = solver {
+        options.solver = solver;
+    }
+    options.query_timeout = std::time::Duration::from_secs(timeout);
+    let compared = diff_blocking(&old_set, &new_set, &options);
+    match format {
+        DiffFormat::Human => print!("{}", compared.human()),
+        DiffFormat::Json => match serde_json::to_string_pretty(&compared.json()) {
+            Ok(text) => println!("{text}"),
+            Err(error) => return fail(EXIT_FAILURE, error),
+        },
+    }
+    if !fail_on_widening {
+        return ExitCode::SUCCESS;
+    }
+    let widenings = compared.unacknowledged_widenings(&new_set);
+    if !widenings.is_empty() {
+        let list: Vec<String> = widenings
+            .iter()
+            .map(|(action, principal)| format!("{action} by {principal}"))
+            .collect();
+        let entries: Vec<String> = widenings
+            .iter()
+            .map(|(action, principal)| {
+                format!(
+                    "    - action: {action}\n      principal: {principal}\n      old_set: {}\n      new_set: {}\n      reason: <why, and who approved it>",
+                    compared.old_set, compared.new_set
+                )
+            })
+            .collect();
+        return fail(
+            EXIT_WIDENING,
+            format!(
+                "unacknowledged widening: {}. If intended, add to {}:\n  widenings:\n{}",
+                list.join(", "),
+                new.join(invariants::CHANGES_FILE).display(),
+                entries.join("\n")
+            ),
+        );
+    }
+    if compared.unproven() {
+        return fail(
+            EXIT_UNPROVEN,
+            "the solver did not answer for every request environment (see above): widenings cannot be ruled out",
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 pub fn run(command: Command) -> ExitCode {
     match command {
+        Command::Diff {
+            old,
+            new,
+            format,
+            fail_on_widening,
+            solver,
+            query_timeout,
+        } => diff(old, new, format, fail_on_widening, solver, query_timeout),
         Command::Prove {
             policies,
             format,

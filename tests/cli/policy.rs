@@ -339,3 +339,61 @@ fn the_solver_does_not_inherit_the_environment() {
     );
     assert!(!environment.contains(&secret));
 }
+
+/// `policy diff` in CI: a widening fails `--fail-on-widening` until CHANGES.yaml
+/// acknowledges exactly it, between exactly these two sets.
+#[test]
+fn policy_diff_fails_on_an_unacknowledged_widening() {
+    let Some(cvc5) =
+        system_tools::system_tool("the cvc5 SMT solver", "CVC5", "cvc5", &["--version"])
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(dir.path());
+    let catalog = dir.path().join("fields.toml");
+    let text = std::fs::read_to_string(&catalog).unwrap();
+    std::fs::write(
+        &catalog,
+        text.replacen("email = \"pii\"", "email = \"public\"", 1),
+    )
+    .unwrap();
+    let diff = |extra: &[&str]| {
+        run(ringfence()
+            .args(["policy", "diff", "--solver"])
+            .arg(&cvc5)
+            .args(extra)
+            .arg(shipped_policies())
+            .arg(dir.path()))
+    };
+    let report = diff(&[]);
+    report.succeeded();
+    report.says("decrypt        Employee  widens");
+    report.says("~ fields.toml");
+    let failed = diff(&["--fail-on-widening"]);
+    assert_eq!(failed.code, 11, "{}{}", failed.stdout, failed.stderr);
+    failed.complains("unacknowledged widening: decrypt by Employee");
+    // The message carries the acknowledgement to add; adding it passes.
+    let at = failed.stderr.find("  widenings:").unwrap();
+    let ack = failed.stderr[at..].replace(
+        "<why, and who approved it>",
+        "email is public on profiles now (PRIV-12)",
+    );
+    std::fs::write(
+        dir.path().join("CHANGES.yaml"),
+        ack.trim_end().to_owned() + "\n",
+    )
+    .unwrap();
+    diff(&["--fail-on-widening"]).succeeded();
+    let json = diff(&["--format", "json"]);
+    let parsed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert!(
+        parsed["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["old"] == "deny" && c["new"] == "allow"),
+        "{}",
+        json.stdout
+    );
+}

@@ -64,8 +64,9 @@ pub struct CellChange {
     pub jurisdiction: String,
     /// The record type, or the resource type for administration actions.
     pub resource: String,
-    /// Stated purpose, ticket and authentication.
-    pub context: (String, String, String),
+    /// The (stated purpose, ticket, authentication) combinations in which exactly
+    /// these fields changed this way.
+    pub contexts: Vec<(String, String, String)>,
     /// The old decision: `allow`, `deny` or why it could not be made.
     pub old: String,
     /// The new decision.
@@ -259,7 +260,10 @@ impl PolicyDiff {
         }
         out.push_str(&format!(
             "\nconcrete: {} of {} cells changed (directory people and services x jurisdictions x catalog fields x context classes)\n",
-            self.cells.iter().map(|c| c.fields.len().max(1)).sum::<usize>(),
+            self.cells
+                .iter()
+                .map(|c| c.fields.len().max(1) * c.contexts.len())
+                .sum::<usize>(),
             self.cells_checked
         ));
         const SHOWN: usize = 60;
@@ -311,9 +315,11 @@ impl PolicyDiff {
                 "jurisdiction": c.jurisdiction,
                 "resource": c.resource,
                 "fields": c.fields,
-                "purpose": c.context.0,
-                "ticket": c.context.1,
-                "authentication": c.context.2,
+                "contexts": c.contexts.iter().map(|(purpose, ticket, authentication)| json!({
+                    "purpose": purpose,
+                    "ticket": ticket,
+                    "authentication": authentication,
+                })).collect::<Vec<_>>(),
                 "old": c.old,
                 "new": c.new,
             })).collect::<Vec<_>>(),
@@ -332,17 +338,24 @@ fn describe(cell: &CellChange) -> String {
     } else {
         format!(" [{}]", cell.fields.join(", "))
     };
+    let contexts = match cell.contexts.as_slice() {
+        [(purpose, ticket, authentication)] => {
+            format!("purpose {purpose:?}, ticket {ticket:?}, {authentication}")
+        }
+        [(purpose, ticket, authentication), ..] => format!(
+            "{} contexts, e.g. purpose {purpose:?}, ticket {ticket:?}, {authentication}",
+            cell.contexts.len()
+        ),
+        [] => String::new(),
+    };
     format!(
-        "{} {} via {} on {}/{}{} purpose {:?} ticket {:?} ({}): {} -> {}",
+        "{} {} via {} on {}/{}{} ({contexts}): {} -> {}",
         cell.action,
         cell.principal,
         cell.service,
         cell.jurisdiction,
         cell.resource,
         fields,
-        cell.context.0,
-        cell.context.1,
-        cell.context.2,
         cell.old,
         cell.new
     )
@@ -501,7 +514,13 @@ async fn compare_env(
         narrowing: Ok(None),
     };
     let facts = either_facts(old, new, env);
-    let compiled = |snapshot: &PolicySnapshot, which: &str| -> Result<CompiledPolicySet, String> {
+    // Today's directory, for an example both sets can replay as they are.
+    let mut in_directory = facts.clone();
+    in_directory.extend(facts::directory_facts_for(new, env));
+    let compiled = |snapshot: &PolicySnapshot,
+                    which: &str,
+                    facts: &[Fact]|
+     -> Result<CompiledPolicySet, String> {
         let mut set = Action::from_id(&action)
             .and_then(|a| snapshot.by_action.get(&a).cloned())
             .unwrap_or_else(|| snapshot.all_policies.clone());
@@ -509,7 +528,7 @@ async fn compare_env(
             // The action is new: nothing was allowed before.
             set = PolicySet::new();
         }
-        set.add(facts::facts_policy(&facts, false)?)
+        set.add(facts::facts_policy(facts, false)?)
             .map_err(|error| format!("cannot add the facts: {error}"))?;
         CompiledPolicySet::compile(&set, env, &new.schema).map_err(|error| {
             format!(
@@ -518,7 +537,7 @@ async fn compare_env(
             )
         })
     };
-    let (old_set, new_set) = match (compiled(old, "old"), compiled(new, "new")) {
+    let (old_set, new_set) = match (compiled(old, "old", &facts), compiled(new, "new", &facts)) {
         (Ok(o), Ok(n)) => (o, n),
         (Err(why), _) | (_, Err(why)) => {
             change.widening = Err(why.clone());
@@ -526,21 +545,43 @@ async fn compare_env(
             return change;
         }
     };
-    let widening = session
-        .run(async |c| {
-            c.check_implies_with_counterexample_opt(&new_set, &old_set)
+    for widening in [true, false] {
+        let (more, less) = if widening {
+            (&new_set, &old_set)
+        } else {
+            (&old_set, &new_set)
+        };
+        let found = session
+            .run(async |c| c.check_implies_with_counterexample_opt(more, less).await)
+            .await;
+        let mut found =
+            found.map(|found| found.map(|found| example(old, new, env, &found, widening)));
+        // An example that needs another directory: look for one in today's.
+        if let Ok(Some(first)) = &found
+            && first.replay.is_err()
+            && let (Ok(old_here), Ok(new_here)) = (
+                compiled(old, "old", &in_directory),
+                compiled(new, "new", &in_directory),
+            )
+        {
+            let (more, less) = if widening {
+                (&new_here, &old_here)
+            } else {
+                (&old_here, &new_here)
+            };
+            if let Ok(Some(again)) = session
+                .run(async |c| c.check_implies_with_counterexample_opt(more, less).await)
                 .await
-        })
-        .await;
-    change.widening = widening.map(|found| found.map(|found| example(old, new, env, &found, true)));
-    let narrowing = session
-        .run(async |c| {
-            c.check_implies_with_counterexample_opt(&old_set, &new_set)
-                .await
-        })
-        .await;
-    change.narrowing =
-        narrowing.map(|found| found.map(|found| example(old, new, env, &found, false)));
+            {
+                found = Ok(Some(example(old, new, env, &again, widening)));
+            }
+        }
+        if widening {
+            change.widening = found;
+        } else {
+            change.narrowing = found;
+        }
+    }
     change
 }
 
@@ -675,7 +716,8 @@ fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>)
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
 
     let mut checked = 0;
-    let mut changed: BTreeMap<CellChange, ()> = BTreeMap::new();
+    // By everything but the field: the fields that changed that way.
+    let mut changed: BTreeMap<CellChange, Vec<String>> = BTreeMap::new();
     let mut principals: Vec<(Principal, String)> = Vec::new();
     for employee in &employees {
         for service in &services {
@@ -731,21 +773,19 @@ fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>)
                                         service: service.clone(),
                                         jurisdiction: jurisdiction.to_string(),
                                         resource,
-                                        context: (
+                                        contexts: vec![(
                                             purpose.clone(),
                                             ticket.clone(),
                                             (*authentication).to_owned(),
-                                        ),
+                                        )],
                                         old: before,
                                         new: after,
                                         fields: Vec::new(),
                                     };
-                                    let mut entry =
-                                        changed.remove_entry(&key).map(|(k, _)| k).unwrap_or(key);
+                                    let fields = changed.entry(key).or_default();
                                     if let Some(field) = field {
-                                        entry.fields.push(field.to_string());
+                                        fields.push(field.to_string());
                                     }
-                                    changed.insert(entry, ());
                                 };
                             if action.resource_kind() == ResourceKind::Field {
                                 for (record_type, fields) in &record_types {
@@ -792,7 +832,21 @@ fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>)
             }
         }
     }
-    (checked, changed.into_keys().collect())
+    // Then the contexts in which the same fields changed the same way, together.
+    let mut merged: BTreeMap<CellChange, Vec<(String, String, String)>> = BTreeMap::new();
+    for (mut cell, fields) in changed {
+        let contexts = std::mem::take(&mut cell.contexts);
+        cell.fields = fields;
+        merged.entry(cell).or_default().extend(contexts);
+    }
+    let cells = merged
+        .into_iter()
+        .map(|(mut cell, contexts)| {
+            cell.contexts = contexts;
+            cell
+        })
+        .collect();
+    (checked, cells)
 }
 
 /// Each field's decision by `snapshot`, or why none could be made (a field, record

@@ -510,3 +510,277 @@ fn a_counterexample_about_a_listed_employee_names_them() {
         counterexample.suite
     );
 }
+
+mod diffs {
+    use super::*;
+    use crate::policy::prove::diff::{Movement, PolicyDiff, diff_blocking};
+
+    fn compare(change: impl Fn(&Path)) -> (PolicyDiff, PolicySnapshot) {
+        let options = solver().unwrap_or_else(|| ProveOptions {
+            solver: PathBuf::from("/nonexistent/cvc5"),
+            query_timeout: Duration::from_secs(5),
+            total_timeout: Duration::from_secs(600),
+        });
+        let old = PolicySnapshot::load(&shipped()).unwrap();
+        let dir = copy_of_shipped();
+        change(dir.path());
+        let new = PolicySnapshot::load(dir.path()).unwrap();
+        (diff_blocking(&old, &new, &options), new)
+    }
+
+    fn movement(diff: &PolicyDiff, action: &str, principal: &str) -> Movement {
+        diff.summary()
+            .into_iter()
+            .find(|s| s.action == action && s.principal == principal)
+            .map(|s| s.movement)
+            .unwrap_or(Movement::Neither)
+    }
+
+    fn only(diff: &PolicyDiff, action: &str, principal: &str, expected: Movement) {
+        for summary in diff.summary() {
+            let want = if summary.action == action && summary.principal == principal {
+                expected
+            } else {
+                Movement::Neither
+            };
+            assert_eq!(
+                summary.movement,
+                want,
+                "{} {}:\n{}",
+                summary.action,
+                summary.principal,
+                diff.human()
+            );
+        }
+        assert_eq!(
+            movement(diff, action, principal),
+            expected,
+            "{}",
+            diff.human()
+        );
+    }
+
+    fn symbolic_example(
+        diff: &PolicyDiff,
+        widening: bool,
+    ) -> Option<&crate::policy::prove::diff::Example> {
+        diff.symbolic.iter().find_map(|env| {
+            let found = if widening {
+                &env.widening
+            } else {
+                &env.narrowing
+            };
+            found.as_ref().ok().and_then(Option::as_ref)
+        })
+    }
+
+    #[test]
+    fn a_narrowing_is_reported_with_a_confirmed_example_and_the_cells() {
+        let has_solver = solver().is_some();
+        let (diff, _) = compare(|dir| {
+            let path = dir.join("us-data.cedar");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let start = text.find("@id(\"us-legal-reads-restricted\")").unwrap();
+            let end = text.find("@id(\"parent-company-never-reads-us\")").unwrap();
+            std::fs::write(&path, format!("{}{}", &text[..start], &text[end..])).unwrap();
+        });
+        only(&diff, "decrypt", "Employee", Movement::Narrows);
+        assert!(
+            diff.cells
+                .iter()
+                .all(|c| c.narrows() && c.principal == "Employee::\"lena\""),
+            "{}",
+            diff.human()
+        );
+        assert!(!diff.cells.is_empty());
+        if has_solver {
+            let example = symbolic_example(&diff, false).unwrap();
+            assert!(
+                example.replay.is_ok(),
+                "{:?}\n{}",
+                example.replay,
+                example.suite
+            );
+            assert!(example.suite.contains("expect: deny"));
+        }
+    }
+
+    #[test]
+    fn a_widening_is_reported_with_a_confirmed_example() {
+        let Some(_) = solver() else { return };
+        let (diff, _) = compare(|dir| {
+            std::fs::write(
+                dir.join("legal-sg.cedar"),
+                "@id(\"us-legal-reads-sg\")\npermit (principal in Team::\"usds-legal\", action == Action::\"decrypt\", resource in Jurisdiction::\"SG\")\nwhen { context.purpose == \"legal-request\" && context.ticket != \"\" };\n",
+            )
+            .unwrap();
+        });
+        only(&diff, "decrypt", "Employee", Movement::Widens);
+        let example = symbolic_example(&diff, true).unwrap();
+        assert!(
+            example.replay.is_ok(),
+            "{:?}\n{}",
+            example.replay,
+            example.suite
+        );
+        assert!(example.suite.contains("expect: allow"));
+        assert!(diff.cells.iter().all(|c| c.widens()) && !diff.cells.is_empty());
+    }
+
+    #[test]
+    fn an_equivalent_refactoring_changes_nothing() {
+        let Some(_) = solver() else { return };
+        let (diff, _) = compare(|dir| {
+            let path = dir.join("us-data.cedar");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text
+                .replacen(
+                    "[\"pii\", \"sensitive\"].contains(resource.classification) &&\n  [\"support\"",
+                    "(resource.classification == \"sensitive\" || resource.classification == \"pii\") &&\n  [\"support\"",
+                    1,
+                )
+                .replace("us-gatekeeper-engineers-read-us", "us-gatekeepers-read-us-for-a-purpose");
+            std::fs::write(&path, text).unwrap();
+        });
+        assert!(diff.files.iter().any(|f| f == "~ us-data.cedar"));
+        for summary in diff.summary() {
+            assert_eq!(summary.movement, Movement::Neither, "{}", diff.human());
+            assert!(summary.unproven.is_none(), "{}", diff.human());
+        }
+        assert!(diff.cells.is_empty(), "{}", diff.human());
+    }
+
+    /// SymCC sees the Cedar text only: a reclassified field changes no policy, and
+    /// the concrete cells show what it widens.
+    #[test]
+    fn a_catalog_reclassification_is_found_by_the_cells() {
+        let (diff, _) = compare(|dir| {
+            let path = dir.join("fields.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains("email = \"pii\""));
+            std::fs::write(
+                &path,
+                text.replacen("email = \"pii\"", "email = \"public\"", 1),
+            )
+            .unwrap();
+        });
+        assert_eq!(
+            movement(&diff, "decrypt", "Employee"),
+            Movement::Widens,
+            "{}",
+            diff.human()
+        );
+        assert!(
+            diff.cells
+                .iter()
+                .any(|c| c.widens() && c.fields.contains(&"email".to_owned())),
+            "{}",
+            diff.human()
+        );
+        // The parent company still reads nothing in the US.
+        assert!(
+            !diff.cells.iter().any(|c| c.jurisdiction == "US"
+                && ["bob", "carol", "mei", "emil"]
+                    .iter()
+                    .any(|p| c.principal.contains(p))),
+            "{}",
+            diff.human()
+        );
+    }
+
+    #[test]
+    fn a_directory_move_is_reported_when_it_changes_a_decision_and_not_otherwise() {
+        // Alice leaves the gatekeeper team: she can no longer read US pii.
+        let (diff, _) = compare(|dir| {
+            let path = dir.join("directory.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let alice = "\"location\": \"US\", \"roles\": [\"engineer\", \"gatekeeper\"]},\n   \"parents\": [{\"type\": \"Team\", \"id\": \"usds-gatekeeper-eng\"}]},\n  {\"uid\": {\"type\": \"Employee\", \"id\": \"kim\"}";
+            assert!(text.contains(alice));
+            std::fs::write(
+                &path,
+                text.replacen(
+                    alice,
+                    &alice.replace(
+                        "[{\"type\": \"Team\", \"id\": \"usds-gatekeeper-eng\"}]",
+                        "[]",
+                    ),
+                    1,
+                ),
+            )
+            .unwrap();
+        });
+        assert_eq!(
+            movement(&diff, "decrypt", "Employee"),
+            Movement::Narrows,
+            "{}",
+            diff.human()
+        );
+        assert!(
+            diff.cells
+                .iter()
+                .all(|c| c.principal == "Employee::\"alice\""),
+            "{}",
+            diff.human()
+        );
+        assert!(!diff.cells.is_empty());
+
+        // Bob moves between parent-company teams that no policy names: nothing changes.
+        let (diff, _) = compare(|dir| {
+            let path = dir.join("directory.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let bob = "\"location\": \"CN\", \"roles\": [\"engineer\"]},\n   \"parents\": [{\"type\": \"Team\", \"id\": \"parentco-eng\"}]},";
+            assert!(text.contains(bob));
+            let text = text.replacen(bob, &bob.replace("parentco-eng", "parentco-analytics"), 1);
+            let text = text.replacen(
+                "  {\"uid\": {\"type\": \"Team\", \"id\": \"parentco-eng\"}",
+                "  {\"uid\": {\"type\": \"Team\", \"id\": \"parentco-analytics\"}, \"attrs\": {},\n   \"parents\": [{\"type\": \"Organization\", \"id\": \"parentco\"}]},\n  {\"uid\": {\"type\": \"Team\", \"id\": \"parentco-eng\"}",
+                1,
+            );
+            std::fs::write(&path, text).unwrap();
+        });
+        assert!(diff.files.iter().any(|f| f == "~ directory.json"));
+        assert!(diff.cells.is_empty(), "{}", diff.human());
+        for summary in diff.summary() {
+            assert_eq!(summary.movement, Movement::Neither, "{}", diff.human());
+        }
+    }
+
+    /// An acknowledgement counts only for the widening and the two set hashes it names.
+    #[test]
+    fn a_widening_acknowledgement_counts_only_for_its_hashes() {
+        let widen = |dir: &Path| {
+            let path = dir.join("fields.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(
+                &path,
+                text.replacen("email = \"pii\"", "email = \"public\"", 1),
+            )
+            .unwrap();
+        };
+        let (diff, new) = compare(widen);
+        assert_eq!(
+            diff.unacknowledged_widenings(&new),
+            [("decrypt".to_owned(), "Employee".to_owned())]
+        );
+        let ack = |old: &str, new: &str| {
+            format!(
+                "widenings:\n  - action: decrypt\n    principal: Employee\n    old_set: {old}\n    new_set: {new}\n    reason: email is shown on public profiles now (PRIV-12)\n"
+            )
+        };
+        let (old_hash, new_hash) = (diff.old_set.clone(), diff.new_set.clone());
+        let (diff, new) = compare(|dir| {
+            widen(dir);
+            std::fs::write(dir.join("CHANGES.yaml"), ack(&old_hash, &new_hash)).unwrap();
+        });
+        assert_eq!(
+            diff.new_set, new_hash,
+            "CHANGES.yaml is not part of the set's hash"
+        );
+        assert!(diff.unacknowledged_widenings(&new).is_empty());
+        let (diff, new) = compare(|dir| {
+            widen(dir);
+            std::fs::write(dir.join("CHANGES.yaml"), ack(&new_hash, &old_hash)).unwrap();
+        });
+        assert_eq!(diff.unacknowledged_widenings(&new).len(), 1);
+    }
+}
