@@ -98,6 +98,8 @@ pub enum Movement {
     Narrows,
     /// Some more, some less.
     Both,
+    /// Nothing found, but the symbolic view did not answer: not known.
+    Unknown,
 }
 
 impl Movement {
@@ -108,6 +110,7 @@ impl Movement {
             Movement::Widens => "widens",
             Movement::Narrows => "narrows",
             Movement::Both => "widens and narrows",
+            Movement::Unknown => "unknown",
         }
     }
 }
@@ -127,6 +130,9 @@ pub struct PolicyDiff {
     pub cells_checked: usize,
     /// The cells whose decision changed.
     pub cells: Vec<CellChange>,
+    /// Why the concrete view may have missed a change (sampled context values or
+    /// times, the deadline, too many changes to list), if it may have.
+    pub incomplete: Vec<String>,
     /// Wall time.
     pub took: Duration,
 }
@@ -176,6 +182,7 @@ impl PolicyDiff {
                     .find_map(|e| e.widening.as_ref().err().or(e.narrowing.as_ref().err()))
                     .cloned();
                 let movement = match (wider, narrower) {
+                    (false, false) if unproven.is_some() => Movement::Unknown,
                     (false, false) => Movement::Neither,
                     (true, false) => Movement::Widens,
                     (false, true) => Movement::Narrows,
@@ -276,6 +283,9 @@ impl PolicyDiff {
                 self.cells.len() - SHOWN
             ));
         }
+        for why in &self.incomplete {
+            out.push_str(&format!("concrete view incomplete: {why}\n"));
+        }
         out.push_str(&format!("took {} ms\n", self.took.as_millis()));
         out
     }
@@ -308,6 +318,7 @@ impl PolicyDiff {
                 "narrowing": example(&e.narrowing),
             })).collect::<Vec<_>>(),
             "cells_checked": self.cells_checked,
+            "concrete_incomplete": self.incomplete,
             "cells": self.cells.iter().map(|c| json!({
                 "action": c.action,
                 "principal": c.principal,
@@ -384,17 +395,18 @@ pub async fn diff(
         compiler: None,
     };
     let mut symbolic = Vec::new();
-    for env in new.schema.request_envs() {
+    for env in new.schema.request_envs().filter(built_by_ringfence) {
         symbolic.push(compare_env(old, new, &env, &mut session).await);
     }
-    let (cells_checked, cells) = cells(old, new);
+    let concrete = cells(old, new, started + options.total_timeout);
     PolicyDiff {
         old_set: old.hash().to_owned(),
         new_set: new.hash().to_owned(),
         files: changed_files(old, new),
         symbolic,
-        cells_checked,
-        cells,
+        cells_checked: concrete.checked,
+        cells: concrete.cells,
+        incomplete: concrete.incomplete,
         took: started.elapsed(),
     }
 }
@@ -421,8 +433,23 @@ pub fn diff_blocking(
     )
 }
 
+/// Request environments ringfence asks Cedar about: employees on every action, a
+/// service alone on field actions (administration by a service alone is refused
+/// before Cedar).
+fn built_by_ringfence(env: &RequestEnv) -> bool {
+    let (principal, action, _) = env_key(env);
+    match principal.as_str() {
+        "Employee" => true,
+        "Service" => {
+            Action::from_id(&action).is_none_or(|a| !a.resource_kind().is_jurisdictional())
+        }
+        _ => false,
+    }
+}
+
 fn failed(old: &PolicySnapshot, new: &PolicySnapshot, why: &str) -> PolicyDiff {
-    let (cells_checked, cells) = cells(old, new);
+    // Bounded like a full comparison.
+    let concrete = cells(old, new, Instant::now() + Duration::from_secs(600));
     PolicyDiff {
         old_set: old.hash().to_owned(),
         new_set: new.hash().to_owned(),
@@ -430,6 +457,7 @@ fn failed(old: &PolicySnapshot, new: &PolicySnapshot, why: &str) -> PolicyDiff {
         symbolic: new
             .schema
             .request_envs()
+            .filter(built_by_ringfence)
             .map(|env| {
                 let (principal, action, _) = env_key(&env);
                 EnvChange {
@@ -441,8 +469,9 @@ fn failed(old: &PolicySnapshot, new: &PolicySnapshot, why: &str) -> PolicyDiff {
                 }
             })
             .collect(),
-        cells_checked,
-        cells,
+        cells_checked: concrete.checked,
+        cells: concrete.cells,
+        incomplete: concrete.incomplete,
         took: Duration::ZERO,
     }
 }
@@ -648,21 +677,38 @@ fn replay(old: &PolicySnapshot, new: &PolicySnapshot, text: &str) -> Result<(), 
 
 /// Values of a context attribute that the policies of either set can tell apart:
 /// each literal it is compared with, the empty string and one value equal to none.
-fn classes(old: &PolicySnapshot, new: &PolicySnapshot, name: &str) -> Vec<String> {
+fn classes(
+    old: &PolicySnapshot,
+    new: &PolicySnapshot,
+    name: &str,
+    incomplete: &mut Vec<String>,
+) -> Vec<String> {
     let mut values: BTreeSet<String> = BTreeSet::new();
     values.insert(String::new());
+    let mut raw = false;
     for snapshot in [old, new] {
         match snapshot.observed.context_use(name) {
             ContextUse::Unused => {}
             ContextUse::Literals(literals) => values.extend(literals.iter().cloned()),
-            // Used as is: the literals any policy compares it with still mark the
-            // boundaries; the rest of the value space is sampled by "other".
+            // Used as is: the literals any policy compares it with, and a value
+            // matching each `like` pattern, mark the boundaries we know of.
             ContextUse::Raw => {
+                raw = true;
                 if let Some(literals) = snapshot.observed.context_literals.get(name) {
                     values.extend(literals.iter().cloned());
                 }
+                for policy in snapshot.all_policies.policies() {
+                    if let Ok(est) = policy.to_json() {
+                        like_samples(&est, name, &mut values);
+                    }
+                }
             }
         }
+    }
+    if raw {
+        incomplete.push(format!(
+            "a policy uses `context.{name}` other than by comparing it with literals: the concrete view samples the literals, a match of each `like` pattern, \"\" and one other value"
+        ));
     }
     let mut other = "other".to_owned();
     while values.contains(&other) {
@@ -673,6 +719,38 @@ fn classes(old: &PolicySnapshot, new: &PolicySnapshot, name: &str) -> Vec<String
         .into_iter()
         .filter(|v| StatedPurpose::new(v, "").is_ok())
         .collect()
+}
+
+/// A value matching each `like` pattern applied to `context.<name>` in `est`.
+fn like_samples(est: &Value, name: &str, into: &mut BTreeSet<String>) {
+    match est {
+        Value::Object(map) => {
+            if let Some(like) = map.get("like")
+                && like
+                    .get("left")
+                    .and_then(|left| left.get("."))
+                    .is_some_and(|dot| {
+                        dot.get("left") == Some(&json!({"Var": "context"}))
+                            && dot.get("attr").and_then(Value::as_str) == Some(name)
+                    })
+                && let Some(Value::Array(pattern)) = like.get("pattern")
+            {
+                let sample: String = pattern
+                    .iter()
+                    .map(|part| match part.get("Literal").and_then(Value::as_str) {
+                        Some(literal) => literal.to_owned(),
+                        None => "x".to_owned(),
+                    })
+                    .collect();
+                into.insert(sample);
+            }
+            for inner in map.values() {
+                like_samples(inner, name, into);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| like_samples(item, name, into)),
+        _ => {}
+    }
 }
 
 fn ids_of(snapshot: &PolicySnapshot, kind: &str) -> BTreeSet<String> {
@@ -687,7 +765,18 @@ fn ids_of(snapshot: &PolicySnapshot, kind: &str) -> BTreeSet<String> {
 
 /// Decides both sets over the concrete cells; returns the number of cells and the
 /// changed ones, grouped by everything but the field.
-fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>) {
+/// The concrete view's outcome.
+struct Concrete {
+    checked: usize,
+    cells: Vec<CellChange>,
+    incomplete: Vec<String>,
+}
+
+/// Changed groups kept for the report; more are counted in `incomplete`.
+const MAX_GROUPS: usize = 100_000;
+
+fn cells(old: &PolicySnapshot, new: &PolicySnapshot, deadline: Instant) -> Concrete {
+    let mut incomplete = Vec::new();
     let employees: BTreeSet<String> = ids_of(old, "Employee")
         .union(&ids_of(new, "Employee"))
         .cloned()
@@ -711,9 +800,21 @@ fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>)
         }
     }
     let actions: BTreeSet<Action> = old.declared.union(&new.declared).copied().collect();
-    let purposes = classes(old, new, "purpose");
-    let tickets = classes(old, new, "ticket");
+    let purposes = classes(old, new, "purpose", &mut incomplete);
+    let tickets = classes(old, new, "ticket", &mut incomplete);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    // A policy that reads the time may open or close access later: sample the epoch,
+    // now and the year 2100 (not every boundary: said in `incomplete`).
+    let times: Vec<i64> = if [old, new]
+        .iter()
+        .any(|s| s.observed.context_use("request_time") != ContextUse::Unused)
+    {
+        incomplete.push("a policy reads `context.request_time`: the concrete view samples only 1970, now and 2100".to_owned());
+        vec![0, now, 4_102_444_800]
+    } else {
+        vec![now]
+    };
+    let mut groups_dropped = 0usize;
 
     let mut checked = 0;
     // By everything but the field: the fields that changed that way.
@@ -732,8 +833,14 @@ fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>)
         Ok(false) => "deny".to_owned(),
         Err(why) => format!("deny ({why})"),
     };
-    for action in &actions {
+    'grid: for action in &actions {
         for (principal, service) in &principals {
+            if Instant::now() > deadline {
+                incomplete.push(format!(
+                    "stopped at the deadline after {checked} cells: the concrete view covers only part of the directory"
+                ));
+                break 'grid;
+            }
             let methods: &[&str] = match principal {
                 Principal::Employee(_) => &[
                     crate::identity::METHOD_MTLS_TOKEN,
@@ -753,13 +860,16 @@ fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>)
                     let Ok(stated) = StatedPurpose::new(purpose, ticket) else {
                         continue;
                     };
-                    for authentication in methods {
+                    for (authentication, request_time) in methods
+                        .iter()
+                        .flat_map(|m| times.iter().map(move |t| (m, *t)))
+                    {
                         let facts = RequestFacts {
                             principal,
                             service,
                             authentication,
                             stated: &stated,
-                            request_time: now,
+                            request_time,
                         };
                         for jurisdiction in &jurisdictions {
                             let mut note =
@@ -782,6 +892,10 @@ fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>)
                                         new: after,
                                         fields: Vec::new(),
                                     };
+                                    if changed.len() >= MAX_GROUPS && !changed.contains_key(&key) {
+                                        groups_dropped += 1;
+                                        return;
+                                    }
                                     let fields = changed.entry(key).or_default();
                                     if let Some(field) = field {
                                         fields.push(field.to_string());
@@ -846,7 +960,16 @@ fn cells(old: &PolicySnapshot, new: &PolicySnapshot) -> (usize, Vec<CellChange>)
             cell
         })
         .collect();
-    (checked, cells)
+    if groups_dropped > 0 {
+        incomplete.push(format!(
+            "more than {MAX_GROUPS} groups of cells changed: {groups_dropped} more are counted, not listed"
+        ));
+    }
+    Concrete {
+        checked,
+        cells,
+        incomplete,
+    }
 }
 
 /// Each field's decision by `snapshot`, or why none could be made (a field, record

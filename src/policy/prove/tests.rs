@@ -740,8 +740,69 @@ mod diffs {
         });
         assert!(diff.files.iter().any(|f| f == "~ directory.json"));
         assert!(diff.cells.is_empty(), "{}", diff.human());
+        // Without a solver nothing is known symbolically: `unknown`, never `neither`.
+        let expected = if solver().is_some() {
+            Movement::Neither
+        } else {
+            Movement::Unknown
+        };
         for summary in diff.summary() {
-            assert_eq!(summary.movement, Movement::Neither, "{}", diff.human());
+            assert_eq!(summary.movement, expected, "{}", diff.human());
+        }
+    }
+
+    /// Context used other than with literals: a value matching each `like` pattern and
+    /// the year 2100 are in the grid, so a directory move that opens such a policy, or
+    /// one that opens later, is found; the report says the grid samples them.
+    #[test]
+    fn like_patterns_and_time_gates_are_sampled_and_said_to_be() {
+        let auditors = |gate: &'static str| {
+            move |dir: &Path| {
+                std::fs::write(
+                    dir.join("audit.cedar"),
+                    format!("@id(\"us-auditors\")\npermit (principal in Team::\"usds-legal\", action == Action::\"decrypt\", resource in Jurisdiction::\"SG\")\nwhen {{ resource.classification == \"pii\" && {gate} }};\n"),
+                )
+                .unwrap();
+            }
+        };
+        for gate in [
+            "context.purpose like \"audit-*\"",
+            "context.request_time >= 1924992000",
+        ] {
+            // Both sets carry the policy; only the directory changes (kim joins legal).
+            let old_dir = copy_of_shipped();
+            auditors(gate)(old_dir.path());
+            let old = PolicySnapshot::load(old_dir.path()).unwrap();
+            let new_dir = copy_of_shipped();
+            auditors(gate)(new_dir.path());
+            let path = new_dir.path().join("directory.json");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let kim = "\"roles\": [\"engineer\", \"key-admin\"]},\n   \"parents\": [{\"type\": \"Team\", \"id\": \"usds-gatekeeper-eng\"}]}";
+            assert!(text.contains(kim));
+            std::fs::write(
+                &path,
+                text.replacen(
+                    kim,
+                    &kim.replace("}]}", "}, {\"type\": \"Team\", \"id\": \"usds-legal\"}]}"),
+                    1,
+                ),
+            )
+            .unwrap();
+            let new = PolicySnapshot::load(new_dir.path()).unwrap();
+            let options = ProveOptions {
+                solver: PathBuf::from("/nonexistent/cvc5"),
+                query_timeout: Duration::from_secs(5),
+                total_timeout: Duration::from_secs(600),
+            };
+            let diff = crate::policy::prove::diff::diff_blocking(&old, &new, &options);
+            assert!(
+                diff.cells.iter().any(|c| c.widens()
+                    && c.principal == "Employee::\"kim\""
+                    && c.jurisdiction == "SG"),
+                "{gate}: {}",
+                diff.human()
+            );
+            assert!(!diff.incomplete.is_empty(), "{gate}: {}", diff.human());
         }
     }
 
