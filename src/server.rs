@@ -462,10 +462,17 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
             .await;
     }
     health.set_service_status("", ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl and Python's grpcio-reflection ask v1alpha.
+    let reflecting = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflecting()
         .build_v1()
+        .map_err(|error| Error::Transport(error.to_string()))?;
+    let reflection_v1alpha = reflecting()
+        .build_v1alpha()
         .map_err(|error| Error::Transport(error.to_string()))?;
 
     let ringfence = RingfenceService::new(Arc::clone(&gate), config.max_message_bytes)
@@ -535,6 +542,7 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
             .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(ringfence)
             .add_service(key_admin)
             .serve_with_incoming_shutdown(incoming, async {

@@ -269,4 +269,41 @@ async fn health_and_reflection_are_served() {
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"ringfence.v1.Ringfence"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+    // v1alpha, which grpcurl and Python's grpcio-reflection ask: the services, and
+    // the file that declares one, as those tools resolve a method.
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as AlphaClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+    let mut alpha = AlphaClient::new(server.channel().await);
+    let requests = [
+        AlphaRequest::ListServices(String::new()),
+        AlphaRequest::FileContainingSymbol("ringfence.v1.Ringfence".to_owned()),
+    ]
+    .map(
+        |message| tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message),
+        },
+    );
+    let mut responses = alpha
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = responses.message().await.unwrap().unwrap();
+    let Some(AlphaResponse::ListServicesResponse(list)) = listed.message_response else {
+        panic!("unexpected v1alpha answer: {listed:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "ringfence.v1.Ringfence"),
+        "{list:?}"
+    );
+    let file = responses.message().await.unwrap().unwrap();
+    let Some(AlphaResponse::FileDescriptorResponse(files)) = file.message_response else {
+        panic!("unexpected v1alpha answer: {file:?}");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
 }
