@@ -362,36 +362,7 @@ impl Policies {
     /// Parses one file and adds its policies under their `@id`s; every problem goes to
     /// `diagnostics`, named by file, line and column.
     fn add_file(&mut self, path: &Path, text: &str, diagnostics: &mut Vec<String>) {
-        let parsed = match PolicySet::from_str(text) {
-            Ok(parsed) => parsed,
-            Err(error) => {
-                diagnostics.push(render_in_file(error, path, text));
-                return;
-            }
-        };
-        if parsed.templates().next().is_some() {
-            diagnostics.push(format!(
-                "{}: policy templates (with `?principal` or `?resource` slots) are not supported",
-                path.display()
-            ));
-            return;
-        }
-        let mut policies: Vec<_> = parsed.policies().collect();
-        // `from_str` numbers policies `policy0`, `policy1`... in file order.
-        policies.sort_by_key(|policy| {
-            policy
-                .id()
-                .to_string()
-                .strip_prefix("policy")
-                .and_then(|n| n.parse::<usize>().ok())
-                .unwrap_or(usize::MAX)
-        });
-        let locations = policy_locations(text);
-        for (ordinal, policy) in policies.into_iter().enumerate() {
-            let location = match locations.get(ordinal).copied().flatten() {
-                Some((line, column)) => format!("{}:{line}:{column}", path.display()),
-                None => format!("{} (policy {})", path.display(), ordinal + 1),
-            };
+        for (location, policy) in policies_in_file(path, text, "policy", diagnostics) {
             let Some(id) = policy.annotation(ID_ANNOTATION) else {
                 diagnostics.push(format!(
                     "{location}: policy has no `@id(\"...\")` annotation; every policy needs a unique id"
@@ -450,6 +421,53 @@ impl Policies {
             }
         }
     }
+}
+
+/// The policies of one file in file order, each with its `file:line:column`; a parse
+/// error or a template goes to `diagnostics` (and yields none). `what` names them in
+/// messages ("policy", "guard").
+pub(super) fn policies_in_file(
+    path: &Path,
+    text: &str,
+    what: &str,
+    diagnostics: &mut Vec<String>,
+) -> Vec<(String, cedar_policy::Policy)> {
+    let parsed = match PolicySet::from_str(text) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            diagnostics.push(render_in_file(error, path, text));
+            return Vec::new();
+        }
+    };
+    if parsed.templates().next().is_some() {
+        diagnostics.push(format!(
+            "{}: {what} templates (with `?principal` or `?resource` slots) are not supported",
+            path.display()
+        ));
+        return Vec::new();
+    }
+    let mut policies: Vec<_> = parsed.policies().cloned().collect();
+    // `from_str` numbers policies `policy0`, `policy1`... in file order.
+    policies.sort_by_key(|policy| {
+        policy
+            .id()
+            .to_string()
+            .strip_prefix("policy")
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(usize::MAX)
+    });
+    let locations = policy_locations(text);
+    policies
+        .into_iter()
+        .enumerate()
+        .map(|(ordinal, policy)| {
+            let location = match locations.get(ordinal).copied().flatten() {
+                Some((line, column)) => format!("{}:{line}:{column}", path.display()),
+                None => format!("{} ({what} {})", path.display(), ordinal + 1),
+            };
+            (location, policy)
+        })
+        .collect()
 }
 
 /// One policy set per action, without the policies whose scope excludes it: they can

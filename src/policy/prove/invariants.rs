@@ -5,13 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::str::FromStr;
 
 use cedar_policy::{Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::super::diagnostics::{policy_locations, render, render_in_file};
+use super::super::diagnostics::render;
 use super::super::{Action, ID_ANNOTATION};
 
 /// Directory of the invariants inside the policy directory.
@@ -463,35 +462,8 @@ fn add_guards(
     files: &mut BTreeMap<String, std::path::PathBuf>,
     diagnostics: &mut Vec<String>,
 ) {
-    let parsed = match PolicySet::from_str(text) {
-        Ok(parsed) => parsed,
-        Err(error) => {
-            diagnostics.push(render_in_file(error, path, text));
-            return;
-        }
-    };
-    if parsed.templates().next().is_some() {
-        diagnostics.push(format!(
-            "{}: guard templates (with slots) are not supported",
-            path.display()
-        ));
-        return;
-    }
-    let mut policies: Vec<_> = parsed.policies().collect();
-    policies.sort_by_key(|policy| {
-        policy
-            .id()
-            .to_string()
-            .strip_prefix("policy")
-            .and_then(|n| n.parse::<usize>().ok())
-            .unwrap_or(usize::MAX)
-    });
-    let locations = policy_locations(text);
-    for (ordinal, policy) in policies.into_iter().enumerate() {
-        let location = match locations.get(ordinal).copied().flatten() {
-            Some((line, column)) => format!("{}:{line}:{column}", path.display()),
-            None => format!("{} (guard {})", path.display(), ordinal + 1),
-        };
+    for (location, policy) in super::super::load::policies_in_file(path, text, "guard", diagnostics)
+    {
         let Some(id) = policy.annotation(ID_ANNOTATION) else {
             diagnostics.push(format!(
                 "{location}: guard has no `@id(\"...\")` annotation; invariants name guards by id"
