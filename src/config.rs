@@ -150,6 +150,16 @@ pub enum Error {
     /// A limit of zero.
     #[error("{0} must be greater than zero")]
     ZeroLimit(&'static str),
+    /// A field limit no request could reach: a field travels inside one message.
+    #[error(
+        "--max-field-bytes ({field}) is larger than --max-message-bytes ({message}): no request could carry such a field; lower --max-field-bytes to at most {message}"
+    )]
+    FieldOverMessage {
+        /// `--max-field-bytes`.
+        field: usize,
+        /// `--max-message-bytes`.
+        message: usize,
+    },
 }
 
 impl ServeConfig {
@@ -222,6 +232,12 @@ impl ServeConfig {
         if self.max_message_bytes == 0 {
             return Err(Error::ZeroLimit("max message bytes"));
         }
+        if self.limits.max_field_bytes > self.max_message_bytes {
+            return Err(Error::FieldOverMessage {
+                field: self.limits.max_field_bytes,
+                message: self.max_message_bytes,
+            });
+        }
         if self.streams.max_per_caller == 0 {
             return Err(Error::ZeroLimit("max streams per caller"));
         }
@@ -251,6 +267,24 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("abab"), "{printed}");
         assert!(printed.contains("redacted"));
+    }
+
+    #[test]
+    fn limits_must_be_reachable() {
+        let mut config = ServeConfig::defaults();
+        config.limits.max_fields = 0;
+        assert_eq!(config.check(), Err(Error::ZeroLimit("max fields")));
+        config.limits.max_fields = 1;
+        config.limits.max_field_bytes = config.max_message_bytes + 1;
+        let refused = config.check().unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("larger than --max-message-bytes"),
+            "{refused}"
+        );
+        config.limits.max_field_bytes = config.max_message_bytes;
+        config.check().unwrap();
     }
 
     #[test]

@@ -8,6 +8,7 @@ use ringfence::config::{
     Auth, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_STREAMS_PER_CALLER,
     DEFAULT_POLICIES, DEFAULT_STREAM_SEND_TIMEOUT, ServeConfig, StreamLimits,
 };
+use ringfence::gatekeeper::Limits;
 use ringfence::identity::tls::TlsFiles;
 use ringfence::identity::token::TokenConfig;
 use ringfence::keys::{MASTER_KEY_ENV, MasterKeyText};
@@ -87,9 +88,19 @@ pub struct Args {
     /// Allowed clock skew for token expiry and not-before, in seconds (at most 300).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=300))]
     token_leeway_secs: u64,
-    /// Largest gRPC message accepted, in bytes.
+    /// Largest gRPC message accepted or sent, in bytes; a larger request is
+    /// OUT_OF_RANGE, and so is a larger answer, which is not sent (its decisions are
+    /// logged as undelivered).
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Most fields in one record (and in one request's field list); more are
+    /// INVALID_ARGUMENT.
+    #[arg(long, default_value_t = Limits::default().max_fields as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_fields_per_record: u64,
+    /// Largest plaintext of one field that EncryptRecord accepts, in bytes; larger is
+    /// INVALID_ARGUMENT. At most --max-message-bytes.
+    #[arg(long, default_value_t = Limits::default().max_field_bytes as u64, value_parser = clap::value_parser!(u64).range(1..=(1 << 32)))]
+    max_field_bytes: u64,
     /// `DecryptRecords` streams one caller (service and employee) may have open at
     /// once; more are refused with RESOURCE_EXHAUSTED. At most 128: each open stream
     /// may hold a record of its caller's pool of 256.
@@ -188,6 +199,10 @@ pub fn run(args: Args) -> ExitCode {
         create_missing_keys: args.dev,
         auth,
         max_message_bytes: args.max_message_bytes,
+        limits: Limits {
+            max_fields: usize::try_from(args.max_fields_per_record).unwrap_or(usize::MAX),
+            max_field_bytes: usize::try_from(args.max_field_bytes).unwrap_or(usize::MAX),
+        },
         streams: StreamLimits {
             max_per_caller: usize::try_from(args.max_streams_per_caller).unwrap_or(usize::MAX),
             send_timeout: std::time::Duration::from_secs(args.stream_send_timeout_secs),
@@ -213,7 +228,6 @@ pub fn run(args: Args) -> ExitCode {
                 total_timeout: std::time::Duration::from_secs(600),
             },
         },
-        ..ServeConfig::defaults()
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

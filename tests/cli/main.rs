@@ -256,5 +256,6 @@ mod audit;
 mod dev;
 mod keys;
 mod policy;
+mod python;
 mod serve;
 mod subjects;

@@ -546,3 +546,79 @@ fn serve_refuses_a_set_that_breaks_an_invariant_unless_told_to_warn() {
     );
     stop(server);
 }
+
+#[test]
+fn request_limits_come_from_flags_and_are_checked_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    // A field no message could carry is a configuration error, not a silent cap.
+    let refused = serve_refused(
+        dir.path(),
+        None,
+        &[
+            "--danger-allow-development-master-key",
+            "--max-message-bytes",
+            "1000",
+            "--max-field-bytes",
+            "1001",
+        ],
+    );
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    refused.complains("--max-field-bytes (1001) is larger than --max-message-bytes (1000)");
+
+    let (child, started, logs) = spawn_serve(
+        dir.path(),
+        &["--max-fields-per-record", "2", "--max-field-bytes", "16"],
+        None,
+    );
+    let address = address_of(&started);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client =
+            ringfence::pb::ringfence_client::RingfenceClient::connect(format!("http://{address}"))
+                .await
+                .unwrap();
+        let record = |fields: &[(&str, usize)]| {
+            let mut request = profile("u-limits", "US");
+            request.fields = fields
+                .iter()
+                .map(|(name, len)| ringfence::pb::PlainField {
+                    name: (*name).to_owned(),
+                    value: vec![b'x'; *len],
+                })
+                .collect();
+            as_caller(request, "us-signup", None)
+        };
+        // At the limits: accepted.
+        client
+            .encrypt_record(record(&[("email", 16), ("display_name", 1)]))
+            .await
+            .unwrap();
+        // One byte over, one field over: INVALID_ARGUMENT naming the limit.
+        let status = client
+            .encrypt_record(record(&[("email", 17)]))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("`email` is 17 bytes; the limit is 16 bytes"),
+            "{status:?}"
+        );
+        let status = client
+            .encrypt_record(record(&[
+                ("email", 1),
+                ("display_name", 1),
+                ("last_login_ip", 1),
+            ]))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("more than 2 fields"),
+            "{status:?}"
+        );
+    });
+    stop_logged(child, &logs);
+}

@@ -1,5 +1,5 @@
-//! System tools some tests need (a Python with `cryptography`; later solvers, HSMs,
-//! databases). `scripts/test` installs them. A test asks for its tool here: when it is
+//! System tools some tests need (a Python with `cryptography` or grpcio, OpenSSL; later
+//! HSMs, databases). `scripts/test` installs them. A test asks for its tool here: when it is
 //! missing the test prints a loud SKIPPED line and returns, unless
 //! `RINGFENCE_REQUIRE_SYSTEM_TOOLS=1` (set by `scripts/test` and CI), where it fails.
 //!
@@ -53,6 +53,17 @@ pub fn python_with_cryptography() -> Option<PathBuf> {
         "RINGFENCE_PYTHON",
         "python3",
         &["-c", "import cryptography"],
+    )
+}
+
+/// A Python 3 with grpcio and grpcio-tools (examples/python/requirements.txt):
+/// `$RINGFENCE_PYTHON`, else `python3`.
+pub fn python_with_grpc() -> Option<PathBuf> {
+    system_tool(
+        "python3 with grpcio and grpcio-tools (examples/python/requirements.txt)",
+        "RINGFENCE_PYTHON",
+        "python3",
+        &["-c", "import grpc, grpc_tools.protoc"],
     )
 }
 

@@ -358,10 +358,12 @@ async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
     .await;
     let TestServer { running, dir, .. } = writer;
     running.stop().await.unwrap();
-    let config = ringfence::ServeConfig {
+    let mut config = ringfence::ServeConfig {
         max_message_bytes: request_len + 2,
         ..test_config(dir.path())
     };
+    // A field limit over the message limit is refused at start.
+    config.limits.max_field_bytes = config.max_message_bytes;
     let running = ringfence::server::start(config.clone()).await.unwrap();
     let server = TestServer {
         running,
