@@ -29,7 +29,7 @@ trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 "$bin" keys init --danger-allow-development-master-key --data-dir "$work/data" >/dev/null
 RINGFENCE_LOG=warn,ringfence::server=info "$bin" serve --listen 127.0.0.1:0 \
   --danger-trust-identity-headers --danger-allow-development-master-key \
-  --policies policies --data-dir "$work/data" "$@" 2>"$work/server.log" &
+  --metrics-listen 127.0.0.1:0 --shutdown-drain-secs 0 --policies policies --data-dir "$work/data" "$@" 2>"$work/server.log" &
 server=$!
 for _ in $(seq 100); do
   addr=$(sed -n 's/.*address=\([0-9.:]*\).*/\1/p' "$work/server.log" | head -1)

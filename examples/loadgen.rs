@@ -151,7 +151,15 @@ fn spawn_server(data_dir: &Path, mtls: bool) -> (Child, String) {
         assert!(status.success(), "keys init failed");
     }
     let mut child = Command::new(server_binary())
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--shutdown-drain-secs",
+            "0",
+        ])
         .args(if mtls {
             &["--dev"][..]
         } else {

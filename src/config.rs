@@ -116,6 +116,11 @@ pub struct ServeConfig {
     /// Unsealed subject secrets kept in memory (0: none; every request reads the
     /// subject store).
     pub subject_cache_entries: usize,
+    /// Where to serve Prometheus metrics (`GET /metrics`); none: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long `serve` keeps answering after SIGTERM with health `NOT_SERVING`
+    /// before it stops accepting (zero: stop at once).
+    pub shutdown_drain: std::time::Duration,
     /// Whether policy sets must prove their invariants to serve.
     pub proof: crate::policy::ProofGuard,
 }
@@ -152,7 +157,7 @@ pub enum Error {
     ZeroLimit(&'static str),
     /// A field limit no request could reach: a field travels inside one message.
     #[error(
-        "--max-field-bytes ({field}) is larger than --max-message-bytes ({message}): no request could carry such a field; lower --max-field-bytes to at most {message}"
+        "--max-field-bytes ({field}) is larger than --max-message-bytes ({message}): no request could carry such a field; lower --max-field-bytes below it"
     )]
     FieldOverMessage {
         /// `--max-field-bytes`.
@@ -186,6 +191,8 @@ impl ServeConfig {
             log_segment_bytes: crate::audit::DEFAULT_SEGMENT_BYTES,
             log_segment_age: crate::audit::DEFAULT_SEGMENT_AGE,
             subject_cache_entries: crate::subjects::DEFAULT_CACHE_ENTRIES,
+            metrics_listen: None,
+            shutdown_drain: std::time::Duration::ZERO,
             proof: crate::policy::ProofGuard {
                 mode: crate::policy::ProofMode::Enforce,
                 options: crate::policy::prove::ProveOptions::default(),

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod keyadmin;
 pub mod keyfile;
 pub mod keys;
+pub mod metrics;
 pub mod policy;
 pub mod record;
 pub mod reload;

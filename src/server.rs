@@ -158,6 +158,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
             signer: Some(signer),
             key_generations: Some(before.clone()),
             holder: holder.clone(),
+            metrics: Arc::new(crate::metrics::Metrics::new(&config.jurisdictions)),
             ..audit::LogOptions::default()
         },
     )?;
@@ -239,15 +240,47 @@ const FOLLOW_UP_PATIENCE: Duration = Duration::from_secs(10);
 pub struct Running {
     /// The bound address (useful with port 0).
     pub local_addr: SocketAddr,
+    /// Where metrics are served, when they are (`--metrics-listen`).
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), Error>>,
     background: Vec<JoinHandle<()>>,
+    /// Keeps health in step with the decision log until a drain takes over.
+    health_follower: Option<JoinHandle<()>>,
+    health: tonic_health::server::HealthReporter,
     _policy_watcher: reload::Watcher,
     log: DecisionLog,
     follow_ups: service::FollowUps,
 }
 
 impl Running {
+    /// Drains before a stop: health answers `NOT_SERVING` for every service while the
+    /// server keeps accepting and answering, for `window` or until `cut_short`
+    /// resolves, so that load balancers and clients move to other replicas before the
+    /// listener closes. Call [`Running::stop`] after it.
+    pub async fn drain(
+        &mut self,
+        window: Duration,
+        cut_short: impl std::future::Future<Output = ()>,
+    ) {
+        if let Some(follower) = self.health_follower.take() {
+            follower.abort();
+        }
+        for name in [SERVICE_NAME, KEY_ADMIN_SERVICE_NAME, ""] {
+            self.health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        tracing::info!(
+            drain_secs = window.as_secs_f64(),
+            "draining: health says NOT_SERVING, requests are still served"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(window) => {}
+            () = cut_short => tracing::info!("drain cut short by a second signal"),
+        }
+    }
+
     /// Stops accepting requests, lets running ones finish, and waits.
     pub async fn stop(mut self) -> Result<(), Error> {
         if let Some(shutdown) = self.shutdown.take() {
@@ -255,7 +288,7 @@ impl Running {
         }
         // Bulk streams stop reading, so that their calls can finish.
         self.follow_ups.close();
-        for task in &self.background {
+        for task in self.background.iter().chain(&self.health_follower) {
             task.abort();
         }
         // Open streams (an idle client, a stalled one) would hold a graceful stop
@@ -402,6 +435,7 @@ fn reloadable_files(
 fn handshake_failures(gate: Arc<Gatekeeper>) -> tls::FailureHook {
     Arc::new(move |remote, reason| {
         let source = failures::Source::Address(remote.ip());
+        gate.metrics().authentication_failed("tls_handshake");
         // A flood is counted, not written (nor printed) one by one.
         let Some(held_back) = gate.admit_authentication_failure(&source) else {
             return;
@@ -477,6 +511,36 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
 
     let ringfence = RingfenceService::new(Arc::clone(&gate), config.max_message_bytes)
         .with_stream_limits(config.streams);
+    let lobby = tls::Lobby::default();
+    let mut background = Vec::new();
+    let metrics_addr = match config.metrics_listen {
+        None => None,
+        Some(address) => {
+            let (usage, lobby) = (ringfence.clone(), lobby.clone());
+            let registry = gate.metrics().registry(crate::metrics::State {
+                gate: Arc::clone(&gate),
+                slots: Box::new(move || crate::metrics::Slots {
+                    handshakes: lobby.waiting(),
+                    ..usage.usage()
+                }),
+            });
+            let endpoint = crate::metrics::serve(address, registry)
+                .await
+                .map_err(|error| {
+                    Error::Io(format!(
+                        "cannot serve metrics on `{address}` (--metrics-listen): {error}"
+                    ))
+                })?;
+            // Not `address=`: scripts read the gRPC address from that field.
+            let url = format!("http://{}/metrics", endpoint.local_addr);
+            if !endpoint.local_addr.ip().is_loopback() {
+                tracing::warn!(%url, "metrics are served without TLS or authentication off loopback: keep the port to your monitoring network");
+            }
+            tracing::info!(%url, "metrics served");
+            background.push(endpoint.task);
+            Some(endpoint.local_addr)
+        }
+    };
     let follow_ups = ringfence.follow_ups();
     let key_admin = ringfence.key_admin();
     let ringfence = pb::ringfence_server::RingfenceServer::new(ringfence)
@@ -488,10 +552,11 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
         pb::key_admin_server::KeyAdminServer::new(key_admin).max_decoding_message_size(64 * 1024);
     let key_admin = service::Admitted::new(key_admin, admission);
 
-    let mut background = Vec::new();
     // Health follows the decision log: without it nothing can be served.
     let log = gate.log().clone();
-    background.push(tokio::spawn(async move {
+    let follower_health = health.clone();
+    let health_follower = tokio::spawn(async move {
+        let health = follower_health;
         let mut serving = true;
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -509,7 +574,7 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
                 health.set_service_status("", status).await;
             }
         }
-    }));
+    });
     // Entries written just before a quiet spell get their checkpoint within a second,
     // not with the next request.
     let checkpoints = gate.log().clone();
@@ -528,7 +593,7 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
     );
     background.extend(reload_tasks);
 
-    let incoming = tls::incoming(listener, tls, handshake_failures(Arc::clone(&gate)));
+    let incoming = tls::incoming(listener, tls, handshake_failures(Arc::clone(&gate)), lobby);
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -554,9 +619,12 @@ pub async fn start_with(gate: Arc<Gatekeeper>, config: &ServeConfig) -> Result<R
     tracing::info!(address = %local_addr, "ringfence listening");
     Ok(Running {
         local_addr,
+        metrics_addr,
         shutdown: Some(shutdown),
         task,
         background,
+        health_follower: Some(health_follower),
+        health,
         _policy_watcher: policy_watcher,
         log: gate.log().clone(),
         follow_ups,

@@ -23,8 +23,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import grpc
-from grpc_tools import protoc
+try:
+    import grpc
+    from grpc_tools import protoc
+except ImportError as missing:
+    sys.exit(
+        f"error: {missing.name} is not installed: "
+        "pip install -r examples/python/requirements.txt (in a venv)"
+    )
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -97,11 +103,12 @@ def generate_stubs(proto_dir: Path, out_dir: Path):
 class Dev:
     """The development PKI that `serve --dev` creates in the data directory."""
 
-    def __init__(self, data_dir: Path, ringfence: list, policies):
+    def __init__(self, data_dir: Path, ringfence: list, policies, server_name: str):
         self.pki = data_dir / "dev-pki"
         self.data_dir = data_dir
         self.ringfence = ringfence
         self.policies = policies
+        self.server_name = server_name
 
     def read(self, relative: str) -> bytes:
         path = self.pki / relative
@@ -120,9 +127,9 @@ class Dev:
                 private_key=self.read(f"clients/{service}-key.pem"),
                 certificate_chain=self.read(f"clients/{service}.pem"),
             )
-        # The development server certificate names localhost.
+        # The development server certificate names localhost, whatever the address.
         return grpc.secure_channel(
-            address, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+            address, credentials, options=[("grpc.ssl_target_name_override", self.server_name)]
         )
 
     def token(self, employee: str, service: str) -> str:
@@ -133,7 +140,10 @@ class Dev:
         ]
         if self.policies is not None:
             command += ["--policies", str(self.policies)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True)
+        except OSError as error:
+            sys.exit(f"error: cannot run `{command[0]}` for `dev token` ({error.strerror}): name ringfence with --ringfence")
         if done.returncode != 0:
             sys.exit(f"error: `{shlex.join(command)}` failed: {done.stderr.strip()}")
         return done.stdout.strip()
@@ -154,9 +164,11 @@ def shown(field) -> tuple:
     return "no outcome", ("none",)
 
 
-def explain(error: grpc.RpcError, what: str) -> str:
+def explain(error: grpc.RpcError, what: str, address: str) -> str:
     text = f"{what}: {error.code().name}: {error.details()}"
-    if error.code() == grpc.StatusCode.UNAVAILABLE:
+    if error.code() == grpc.StatusCode.UNAVAILABLE and "Connection refused" in (error.details() or ""):
+        text += f"\n  Nothing listens on {address}: start the server (`cargo run --release -- serve --dev`) or pass --address."
+    elif error.code() == grpc.StatusCode.UNAVAILABLE:
         # A refused TLS handshake reaches grpcio only as UNAVAILABLE (often
         # "TSI_DATA_CORRUPTED" or "Socket closed"); the server knows why.
         text += (
@@ -169,6 +181,7 @@ def explain(error: grpc.RpcError, what: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default="127.0.0.1:50051")
+    parser.add_argument("--server-name", default="localhost", help="the name the server certificate carries")
     parser.add_argument("--data-dir", type=Path, default=Path("ringfence-data"))
     parser.add_argument("--policies", type=Path, help="policy directory for `dev token` (default: its own)")
     parser.add_argument("--proto", type=Path, default=REPO / "proto", help="directory holding ringfence/v1/ringfence.proto")
@@ -182,8 +195,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="ringfence-stubs-") as stubs:
         pb, rpc = generate_stubs(args.proto, Path(stubs))
-        dev = Dev(args.data_dir, shlex.split(args.ringfence), args.policies)
+        dev = Dev(args.data_dir, shlex.split(args.ringfence), args.policies, args.server_name)
         wrong = []
+        # Tokens first: a missing tool fails before anything is encrypted.
+        tokens = {(who, service): dev.token(who, service) for who, service, *_ in ASKS}
 
         with dev.channel(args.address, "us-signup") as channel:
             client = rpc.RingfenceStub(channel)
@@ -196,7 +211,7 @@ def main() -> int:
             try:
                 encrypted = client.EncryptRecord(request, timeout=10)
             except grpc.RpcError as error:
-                print(explain(error, "EncryptRecord as us-signup"), file=sys.stderr)
+                print(explain(error, "EncryptRecord as us-signup", args.address), file=sys.stderr)
                 return 1
         record = encrypted.record
         print(f"encrypted user-1001 (request {encrypted.request_id}):")
@@ -204,7 +219,7 @@ def main() -> int:
             print(f"  {field.name:<14} {len(field.ciphertext)} bytes, starts {field.ciphertext[:12].hex()}")
 
         for who, service, purpose, ticket, expected in ASKS:
-            token = dev.token(who, service)
+            token = tokens[(who, service)]
             with dev.channel(args.address, service) as channel:
                 client = rpc.RingfenceStub(channel)
                 request = pb.DecryptRecordRequest(record=record, purpose=purpose, ticket=ticket)
@@ -213,7 +228,7 @@ def main() -> int:
                         request, timeout=10, metadata=[("authorization", f"Bearer {token}")]
                     )
                 except grpc.RpcError as error:
-                    print(explain(error, f"DecryptRecord as {who} via {service}"), file=sys.stderr)
+                    print(explain(error, f"DecryptRecord as {who} via {service}", args.address), file=sys.stderr)
                     return 1
             print(f"\n{who} via {service}, purpose {purpose!r}, ticket {ticket!r} (request {answer.request_id}):")
             got = {}
@@ -237,7 +252,7 @@ def main() -> int:
                 wrong.append("a caller without a client certificate was answered")
                 print("  answered (it should not be)")
             except grpc.RpcError as error:
-                print("  " + explain(error, "GetStatus").replace("\n", "\n  "))
+                print("  " + explain(error, "GetStatus", args.address).replace("\n", "\n  "))
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     wrong.append(f"no certificate: {error.code().name}, expected UNAVAILABLE")
 

@@ -29,6 +29,8 @@ pub struct LogOptions {
     pub key_generations: Option<BTreeMap<String, u64>>,
     /// Who is writing, recorded in the writer lock (e.g. `ringfence serve (pid 7)`).
     pub holder: String,
+    /// Where the log counts commits and the decisions of durable entries.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Default for LogOptions {
@@ -40,6 +42,7 @@ impl Default for LogOptions {
             signer: None,
             key_generations: None,
             holder: crate::fsutil::describe_process("a ringfence decision log writer"),
+            metrics: Arc::default(),
         }
     }
 }
@@ -60,6 +63,7 @@ pub struct DecisionLog {
     key_generations: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     dir: PathBuf,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Where the chain stands when the log opens.
@@ -143,6 +147,7 @@ impl DecisionLog {
         let healthy = Arc::new(AtomicBool::new(true));
         let problem = Arc::new(Problem::default());
         let checkpointed_generations = vouched;
+        let metrics = Arc::clone(&options.metrics);
         let mut writer = Writer {
             dir: dir.to_owned(),
             file,
@@ -192,6 +197,7 @@ impl DecisionLog {
                 key_generations,
                 writer: Arc::new(std::sync::Mutex::new(Some(thread))),
                 dir: dir.to_owned(),
+                metrics,
             },
             OpenState {
                 last_seq: seq,
@@ -204,14 +210,17 @@ impl DecisionLog {
 
     /// Appends `entry` and returns once it is durable on disk (or failed).
     pub async fn append(&self, entry: Entry) -> Result<Appended, Error> {
+        let tally = self.metrics.tally(&entry);
         let (reply, receipt) = oneshot::channel();
         self.sender
             .send(Request::Append(Job { entry, reply }))
             .await
             .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))?;
-        receipt
+        let appended = receipt
             .await
-            .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))?
+            .map_err(|_| Error::Unavailable("log writer stopped".to_owned()))??;
+        self.metrics.logged(tally);
+        Ok(appended)
     }
 
     /// Writes a checkpoint over the current head now, unless the last entry already is
@@ -271,6 +280,11 @@ impl DecisionLog {
     /// The log directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The metrics the log counts into (those of the server that opened it).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 }
 

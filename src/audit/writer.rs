@@ -265,16 +265,26 @@ impl Writer {
         if pending.buffer.is_empty() {
             return Vec::new();
         }
+        let started = Instant::now();
         match self.write(pending) {
-            Ok(()) => receipts.into_iter().map(Ok).collect(),
+            Ok(()) => {
+                self.options
+                    .metrics
+                    .log()
+                    .committed(receipts.len(), started.elapsed());
+                receipts.into_iter().map(Ok).collect()
+            }
             // After a failed write or fsync the kernel may have dropped dirty pages;
             // retrying on the same file could "succeed" without the data (fsyncgate),
             // so that segment is sealed and never written again.
-            Err(error) => self.fail(
-                format!("write to segment {} failed: {error}", self.segment),
-                Some(self.segment),
-                batch.len(),
-            ),
+            Err(error) => {
+                self.options.metrics.log().write_failed();
+                self.fail(
+                    format!("write to segment {} failed: {error}", self.segment),
+                    Some(self.segment),
+                    batch.len(),
+                )
+            }
         }
     }
 
@@ -391,6 +401,7 @@ impl Writer {
             if let Some(failure) = &mut self.failure {
                 failure.seal = None;
             }
+            self.options.metrics.log().segment_sealed();
         }
         self.rotate().map_err(|error| {
             Error::Unavailable(format!(

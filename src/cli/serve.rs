@@ -35,11 +35,11 @@ pub struct Args {
     jurisdictions: Vec<Jurisdiction>,
     /// File holding the master key (64 hex digits or base64 of 32 bytes).
     /// Without it, the RINGFENCE_MASTER_KEY environment variable is used.
-    #[arg(long)]
+    #[arg(long, env = "RINGFENCE_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
     /// DEVELOPMENT ONLY: accept the development master key stored in the data
     /// directory (implied by --dev, which also creates it and the keys).
-    #[arg(long)]
+    #[arg(long, env = "RINGFENCE_DANGER_ALLOW_DEVELOPMENT_MASTER_KEY")]
     danger_allow_development_master_key: bool,
     /// Development: mutual TLS and employee tokens from a local CA and identity provider
     /// in <data-dir>/dev-pki (created on first start, see `ringfence dev init`), and a
@@ -98,9 +98,10 @@ pub struct Args {
     #[arg(long, default_value_t = Limits::default().max_fields as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_fields_per_record: u64,
     /// Largest plaintext of one field that EncryptRecord accepts, in bytes; larger is
-    /// INVALID_ARGUMENT. At most --max-message-bytes.
-    #[arg(long, default_value_t = Limits::default().max_field_bytes as u64, value_parser = clap::value_parser!(u64).range(1..=(1 << 32)))]
-    max_field_bytes: u64,
+    /// INVALID_ARGUMENT. At most --max-message-bytes. Default: 1 MiB, or
+    /// --max-message-bytes when that is smaller.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 32)))]
+    max_field_bytes: Option<u64>,
     /// `DecryptRecords` streams one caller (service and employee) may have open at
     /// once; more are refused with RESOURCE_EXHAUSTED. At most 128: each open stream
     /// may hold a record of its caller's pool of 256.
@@ -111,13 +112,24 @@ pub struct Args {
     /// undelivered.
     #[arg(long, default_value_t = DEFAULT_STREAM_SEND_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
     stream_send_timeout_secs: u64,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`, OpenMetrics text),
+    /// or `off`. No TLS and no authentication: keep it on loopback or a monitoring
+    /// network.
+    #[arg(long, env = "RINGFENCE_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN, value_parser = parse_metrics_listen)]
+    metrics_listen: MetricsListen,
+    /// Seconds the server keeps serving after SIGTERM while its health service says
+    /// NOT_SERVING, so that load balancers move away before it stops accepting; then
+    /// running calls finish (streams end with UNAVAILABLE), the decision log is
+    /// signed and the process exits 0. A second signal, or SIGINT, skips the drain.
+    #[arg(long, env = "RINGFENCE_SHUTDOWN_DRAIN_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    shutdown_drain_secs: u64,
     /// Do not reload policies when files in the policy directory change (SIGHUP still
     /// reloads; the JWKS and revocation lists are still watched).
-    #[arg(long)]
+    #[arg(long, env = "RINGFENCE_NO_WATCH_POLICIES")]
     no_watch_policies: bool,
     /// Decision log checkpoint signing key (PKCS#8 PEM Ed25519), created if missing.
     /// Default: audit-signing-key.pem in the data directory.
-    #[arg(long)]
+    #[arg(long, env = "RINGFENCE_CHECKPOINT_KEY")]
     checkpoint_key: Option<PathBuf>,
     /// Start a new decision log segment after this many MiB.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
@@ -137,11 +149,29 @@ pub struct Args {
     #[arg(long, value_enum)]
     prove: Option<ProveArg>,
     /// The cvc5 binary for proofs (default: $CVC5, else `cvc5` on PATH).
-    #[arg(long)]
+    #[arg(long, env = "RINGFENCE_PROVE_SOLVER")]
     prove_solver: Option<PathBuf>,
     /// Longest one solver query may take, in seconds; then it answers unknown.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     prove_query_timeout: u64,
+}
+
+/// Default of `--metrics-listen`: loopback, the port OpenTelemetry's Prometheus
+/// exporters use.
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// `--metrics-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MetricsListen(Option<SocketAddr>);
+
+fn parse_metrics_listen(value: &str) -> Result<MetricsListen, String> {
+    if value == "off" {
+        return Ok(MetricsListen(None));
+    }
+    value
+        .parse()
+        .map(|address| MetricsListen(Some(address)))
+        .map_err(|_| format!("`{value}` is not an address such as 127.0.0.1:9464, nor `off`"))
 }
 
 /// `--prove`.
@@ -201,7 +231,12 @@ pub fn run(args: Args) -> ExitCode {
         max_message_bytes: args.max_message_bytes,
         limits: Limits {
             max_fields: usize::try_from(args.max_fields_per_record).unwrap_or(usize::MAX),
-            max_field_bytes: usize::try_from(args.max_field_bytes).unwrap_or(usize::MAX),
+            max_field_bytes: match args.max_field_bytes {
+                Some(bytes) => usize::try_from(bytes).unwrap_or(usize::MAX),
+                None => Limits::default()
+                    .max_field_bytes
+                    .min(args.max_message_bytes),
+            },
         },
         streams: StreamLimits {
             max_per_caller: usize::try_from(args.max_streams_per_caller).unwrap_or(usize::MAX),
@@ -212,6 +247,8 @@ pub fn run(args: Args) -> ExitCode {
         log_segment_bytes: args.log_segment_mib * 1024 * 1024,
         log_segment_age: std::time::Duration::from_secs(args.log_segment_hours * 3600),
         subject_cache_entries: usize::try_from(args.subject_cache).unwrap_or(usize::MAX),
+        metrics_listen: args.metrics_listen.0,
+        shutdown_drain: std::time::Duration::from_secs(args.shutdown_drain_secs),
         proof: ProofGuard {
             mode: match (args.prove, args.dev) {
                 (Some(ProveArg::Enforce), _) | (None, false) => ProofMode::Enforce,
@@ -236,8 +273,9 @@ pub fn run(args: Args) -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return fail(EXIT_FAILURE, format!("cannot start runtime: {error}")),
     };
+    let drain = config.shutdown_drain;
     runtime.block_on(async move {
-        let shutdown = shutdown_signal();
+        let mut signals = Signals::install();
         let mut running = match server::start(config).await {
             Ok(running) => running,
             Err(error @ Error::Policies(_)) => return fail(EXIT_INVALID_POLICIES, error),
@@ -250,7 +288,11 @@ pub fn run(args: Args) -> ExitCode {
                     Err(error) => fail(EXIT_FAILURE, error),
                 };
             }
-            () = shutdown => {}
+            signal = signals.next() => {
+                if signal == Signal::Terminate && !drain.is_zero() {
+                    running.drain(drain, async { signals.next().await; }).await;
+                }
+            }
         }
         tracing::info!("shutting down");
         match running.stop().await {
@@ -260,34 +302,62 @@ pub fn run(args: Args) -> ExitCode {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
-/// when it is first polled: a signal that arrives while the server starts is not lost
-/// (and does not kill the process with the default action).
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// A signal that stops the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGINT (Ctrl-C): stop without a drain.
+    Interrupt,
+    /// SIGTERM (systemd, Kubernetes): drain, then stop.
+    Terminate,
+}
+
+/// The stopping signals. The handlers are installed by [`Signals::install`], not when
+/// first polled: a signal that arrives while the server starts is not lost (and does
+/// not kill the process with the default action).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let interrupt = signal(SignalKind::interrupt()).ok();
-        let terminate = signal(SignalKind::terminate()).ok();
-        async move {
-            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self {
+                interrupt: signal(SignalKind::interrupt()).ok(),
+                terminate: signal(SignalKind::terminate()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
+    }
+
+    /// The next stopping signal.
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            async fn wait(signal: Option<&mut tokio::signal::unix::Signal>) {
                 match signal {
-                    Some(mut signal) => {
+                    Some(signal) => {
                         signal.recv().await;
                     }
                     None => std::future::pending::<()>().await,
                 }
-            };
+            }
             tokio::select! {
-                () = wait(interrupt) => {}
-                () = wait(terminate) => {}
+                () = wait(self.interrupt.as_mut()) => Signal::Interrupt,
+                () = wait(self.terminate.as_mut()) => Signal::Terminate,
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        async {
+        #[cfg(not(unix))]
+        {
             let _ = tokio::signal::ctrl_c().await;
+            Signal::Interrupt
         }
     }
 }

@@ -147,6 +147,16 @@ impl Gatekeeper {
         &self.log
     }
 
+    /// The keyring being served (for status and metrics).
+    pub fn keyring(&self) -> &LiveKeyring {
+        &self.keyring
+    }
+
+    /// The metrics of this server (the decision log's).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        self.log.metrics()
+    }
+
     /// Whether an authentication failure of `source` is written to the decision log
     /// now (see [`crate::failures`]); if so, how many were held back since, to be
     /// passed to [`Gatekeeper::log_authentication_failure`]. Synchronous, so that a
@@ -234,6 +244,7 @@ impl Gatekeeper {
             service: context.caller.service.clone(),
             employee: context.caller.employee.clone(),
         };
+        self.metrics().authentication_failed("unknown_principal");
         let Some(held_back) = self.failures.admit(&source) else {
             return Ok(());
         };

@@ -195,6 +195,21 @@ pub enum Error {
     TokenForOther(String),
 }
 
+impl Error {
+    /// The failure's class, a fixed set (the `reason` label of the
+    /// `ringfence_authentication_failures_total` metric).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NotConfigured => "not_configured",
+            Error::Missing(_) | Error::Repeated(_) | Error::Invalid(_) => "identity_headers",
+            Error::NoClientCertificate | Error::Certificate(_) => "certificate",
+            Error::IdentityHeader(_) => "identity_headers_refused",
+            Error::NotBearer | Error::TokensNotConfigured | Error::Token(_) => "token",
+            Error::TokenNotBound | Error::TokenForOther(_) => "token_binding",
+        }
+    }
+}
+
 /// Values of one metadata header, as the transport saw them; `None` for a value that
 /// is not visible ASCII.
 pub type HeaderValues<'a> = Vec<Option<&'a str>>;

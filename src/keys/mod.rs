@@ -198,6 +198,14 @@ pub enum VersionState {
 }
 
 impl VersionState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [VersionState; 4] = [
+        VersionState::Active,
+        VersionState::DecryptOnly,
+        VersionState::Retired,
+        VersionState::Destroyed,
+    ];
+
     /// The name `keys list` and the admin service use.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -49,7 +49,7 @@ impl Admission {
                 .map(|value| value.to_str().ok())
                 .collect()
         });
-        let (reason, source) = match outcome {
+        let (reason, kind, source) = match outcome {
             Ok(caller) => {
                 let known = self
                     .gate
@@ -60,6 +60,7 @@ impl Admission {
                     Ok(()) => return Ok(caller),
                     Err(error) => (
                         error.to_string(),
+                        "unknown_principal",
                         Source::Caller {
                             service: caller.service,
                             employee: caller.employee,
@@ -76,9 +77,10 @@ impl Admission {
                     (None, Some(remote)) => Source::Address(remote.ip()),
                     (None, None) => Source::Unknown,
                 };
-                (error.to_string(), source)
+                (error.to_string(), error.kind(), source)
             }
         };
+        self.gate.metrics().authentication_failed(kind);
         let held_back = self.gate.admit_authentication_failure(&source);
         Err(Box::new(Refusal {
             reason,
@@ -166,16 +168,110 @@ where
     }
 
     fn call(&mut self, mut request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let timer = Timer {
+            metrics: Arc::clone(self.admission.gate.metrics()),
+            method: crate::metrics::Metrics::method(request.uri().path()),
+            started: std::time::Instant::now(),
+        };
         match self
             .admission
             .admit(request.extensions(), request.headers())
         {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
-                Box::pin(self.inner.call(request))
+                let answer = self.inner.call(request);
+                Box::pin(async move { Ok(timer.response(answer.await?)) })
             }
-            Err(refusal) => Box::pin(async move { Ok(refusal.answer().await.into_http()) }),
+            Err(refusal) => {
+                Box::pin(async move { Ok(timer.response(refusal.answer().await.into_http())) })
+            }
         }
+    }
+}
+
+/// Times one call for the `ringfence_rpc_duration_seconds` metric: until its answer's
+/// status is known (in the headers of an error, in the trailers after a body).
+struct Timer {
+    metrics: Arc<crate::metrics::Metrics>,
+    method: &'static str,
+    started: std::time::Instant,
+}
+
+impl Timer {
+    fn response(
+        self,
+        response: tonic::codegen::http::Response<tonic::body::Body>,
+    ) -> tonic::codegen::http::Response<tonic::body::Body> {
+        if let Some(code) = grpc_status(response.headers()) {
+            self.finish(code);
+            return response;
+        }
+        response.map(|body| {
+            tonic::body::Body::new(Timed {
+                body,
+                timer: Some(self),
+            })
+        })
+    }
+
+    fn finish(self, code: tonic::Code) {
+        self.metrics
+            .rpc_finished(self.method, code, self.started.elapsed());
+    }
+}
+
+/// The gRPC status of a header or trailer map, if it has one.
+fn grpc_status(headers: &tonic::codegen::http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .map(|value| tonic::Code::from_bytes(value.as_bytes()))
+}
+
+/// An answer's body that reports its status to the timer when its trailers pass (or
+/// `CANCELLED` when the body is dropped before: the client went away).
+struct Timed {
+    body: tonic::body::Body,
+    timer: Option<Timer>,
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.finish(tonic::Code::Cancelled);
+        }
+    }
+}
+
+impl http_body::Body for Timed {
+    type Data = tonic::codegen::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(context);
+        let code = match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => frame
+                .trailers_ref()
+                .map(|trailers| grpc_status(trailers).unwrap_or(tonic::Code::Unknown)),
+            std::task::Poll::Ready(Some(Err(status))) => Some(status.code()),
+            _ => None,
+        };
+        if let Some(code) = code
+            && let Some(timer) = self.timer.take()
+        {
+            timer.finish(code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -127,6 +127,8 @@ pub struct RingfenceService {
     follow_ups: FollowUps,
     streams: Arc<stream::Slots>,
     stream_limits: crate::config::StreamLimits,
+    /// `KeyAdmin` calls in progress (that service's own limit).
+    key_admin_calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl RingfenceService {
@@ -140,6 +142,21 @@ impl RingfenceService {
             follow_ups: FollowUps::default(),
             streams: Arc::new(stream::Slots::new()),
             stream_limits: crate::config::StreamLimits::default(),
+            key_admin_calls: Arc::new(tokio::sync::Semaphore::new(KEY_ADMIN_IN_PROGRESS)),
+        }
+    }
+
+    /// What this service's bounded resources hold now (for metrics; `handshakes` is
+    /// the listener's and left at 0).
+    pub fn usage(&self) -> crate::metrics::Slots {
+        let (streams, stream_records) = self.streams.usage();
+        crate::metrics::Slots {
+            unary_calls: UNARY_IN_PROGRESS.saturating_sub(self.unary.available_permits()),
+            key_admin_calls: KEY_ADMIN_IN_PROGRESS
+                .saturating_sub(self.key_admin_calls.available_permits()),
+            streams,
+            stream_records,
+            handshakes: 0,
         }
     }
 
@@ -156,7 +173,7 @@ impl RingfenceService {
     pub fn key_admin(&self) -> KeyAdminService {
         KeyAdminService::new(
             Arc::clone(&self.gate),
-            Arc::new(tokio::sync::Semaphore::new(KEY_ADMIN_IN_PROGRESS)),
+            Arc::clone(&self.key_admin_calls),
             self.follow_ups.clone(),
         )
     }

@@ -153,6 +153,22 @@ impl Slots {
         }
     }
 
+    /// Streams open, and records being decided and decrypted, now.
+    pub(super) fn usage(&self) -> (usize, usize) {
+        let open = match self.callers.lock() {
+            Ok(callers) => callers.values().map(|streams| streams.open).sum(),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .values()
+                .map(|streams| streams.open)
+                .sum(),
+        };
+        (
+            open,
+            RECORDS_IN_PROGRESS.saturating_sub(self.in_progress.available_permits()),
+        )
+    }
+
     /// One more stream for `caller`, or `RESOURCE_EXHAUSTED` at the limit.
     fn open(self: &Arc<Self>, caller: &Caller, limit: usize) -> Result<Slot, Status> {
         let key = (caller.service.clone(), caller.employee.clone());

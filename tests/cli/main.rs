@@ -20,7 +20,11 @@ fn ringfence() -> Command {
     let mut command = Command::cargo_bin("ringfence").unwrap();
     command
         .env_remove("RINGFENCE_MASTER_KEY")
-        .env("RINGFENCE_LOG", "info");
+        .env("RINGFENCE_LOG", "info")
+        // Servers of parallel tests must not share the default metrics port.
+        .env("RINGFENCE_METRICS_LISTEN", "127.0.0.1:0")
+        // Tests that stop a server choose their drain.
+        .env("RINGFENCE_SHUTDOWN_DRAIN_SECS", "0");
     command
 }
 

@@ -565,6 +565,10 @@ fn request_limits_come_from_flags_and_are_checked_at_start() {
     );
     assert_eq!(refused.code, 1, "{}", refused.stderr);
     refused.complains("--max-field-bytes (1001) is larger than --max-message-bytes (1000)");
+    // Without --max-field-bytes, a message limit under 1 MiB lowers the field limit
+    // with it: the server starts.
+    let (child, _, logs) = spawn_serve(dir.path(), &["--max-message-bytes", "65536"], None);
+    stop_logged(child, &logs);
 
     let (child, started, logs) = spawn_serve(
         dir.path(),
@@ -621,4 +625,183 @@ fn request_limits_come_from_flags_and_are_checked_at_start() {
         );
     });
     stop_logged(child, &logs);
+}
+
+#[test]
+fn sigterm_drains_then_stops_and_every_answered_request_is_logged() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let (mut server, started, logs) =
+        spawn_serve(dir.path(), &["--shutdown-drain-secs", "2"], None);
+    let address = address_of(&started);
+    let pid = server.0.as_ref().unwrap().id();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (answered, refused, answered_while_draining) = runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = ringfence::pb::ringfence_client::RingfenceClient::new(channel.clone());
+        let first = client
+            .encrypt_record(as_caller(profile("u-1", "US"), "us-signup", None))
+            .await
+            .unwrap()
+            .into_inner();
+        let record = first.record.unwrap();
+        let draining_since = std::sync::Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let mut tasks = Vec::new();
+        for n in 0..8 {
+            let mut client = client.clone();
+            let record = record.clone();
+            let draining_since = std::sync::Arc::clone(&draining_since);
+            tasks.push(tokio::spawn(async move {
+                let (mut answered, mut refused, mut while_draining) = (Vec::new(), Vec::new(), 0);
+                // Until the server is gone (bounded: 20 s).
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while std::time::Instant::now() < deadline {
+                    let sent = std::time::Instant::now();
+                    let result = if n % 2 == 0 {
+                        let request =
+                            decrypt_request(record.clone(), &["email"], "support", "INC-1");
+                        client
+                            .decrypt_record(as_caller(request, "us-support-tool", Some("alice")))
+                            .await
+                            .map(|response| response.into_inner().request_id)
+                    } else {
+                        client
+                            .encrypt_record(as_caller(
+                                profile(&format!("d-{n}"), "US"),
+                                "us-signup",
+                                None,
+                            ))
+                            .await
+                            .map(|response| response.into_inner().request_id)
+                    };
+                    match result {
+                        Ok(request_id) => {
+                            if draining_since
+                                .lock()
+                                .unwrap()
+                                .is_some_and(|since| sent > since)
+                            {
+                                while_draining += 1;
+                            }
+                            answered.push(request_id);
+                        }
+                        Err(status) => {
+                            refused.push(status);
+                            // The listener is closed: nothing more will be answered.
+                            if refused.len() > 3 {
+                                break;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                (answered, refused, while_draining)
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let signalled = std::time::Instant::now();
+        Command::new("kill").arg(pid.to_string()).status().unwrap();
+        // Health turns NOT_SERVING while requests are still answered.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        loop {
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "ringfence.v1.Ringfence".to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status();
+            if status == ServingStatus::NotServing {
+                *draining_since.lock().unwrap() = Some(std::time::Instant::now());
+                break;
+            }
+            assert!(
+                signalled.elapsed() < std::time::Duration::from_secs(2),
+                "health never said NOT_SERVING"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let (mut answered, mut refused, mut while_draining) =
+            (vec![first.request_id], Vec::new(), 0);
+        for task in tasks {
+            let (a, r, w) = task.await.unwrap();
+            answered.extend(a);
+            refused.extend(r);
+            while_draining += w;
+        }
+        (answered, refused, while_draining)
+    });
+    let status = server.0.take().unwrap().wait().unwrap();
+    let log: Vec<String> = logs.try_iter().collect();
+    assert!(status.success(), "exit {status}:\n{}", log.join("\n"));
+    assert!(
+        log.iter().any(|line| line.contains("draining")),
+        "{}",
+        log.join("\n")
+    );
+    assert!(answered.len() > 10, "load did not run: {}", answered.len());
+    assert!(
+        answered_while_draining > 0,
+        "nothing was answered during the drain"
+    );
+    // After the drain, calls are refused: UNAVAILABLE, or, for a call the client
+    // queued on the closing connection and never sent, hyper's "connection closed".
+    assert!(!refused.is_empty());
+    for status in &refused {
+        assert!(
+            status.code() == tonic::Code::Unavailable
+                || (status.code() == tonic::Code::Cancelled
+                    && status.message() == "operation was canceled"),
+            "{status:?}"
+        );
+    }
+
+    // Every answered request is in the log, which ends with a checkpoint and verifies.
+    let logged = run(ringfence().current_dir(dir.path()).args(["audit", "query"]));
+    logged.succeeded();
+    let lines: Vec<serde_json::Value> = logged
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let ids: std::collections::HashSet<&str> = lines
+        .iter()
+        .filter_map(|entry| entry["request_id"].as_str())
+        .collect();
+    for request_id in &answered {
+        assert!(
+            ids.contains(request_id.as_str()),
+            "{request_id} answered but not logged"
+        );
+    }
+    // And nothing was decided that was not answered: no call was cut after its
+    // decision (that would also show as an `undelivered` entry).
+    let answered: std::collections::HashSet<&str> = answered.iter().map(String::as_str).collect();
+    for entry in &lines {
+        let kind = entry["kind"].as_str().unwrap();
+        assert_ne!(kind, "undelivered", "{entry}");
+        if kind == "encrypt" || kind == "decrypt" {
+            let id = entry["request_id"].as_str().unwrap();
+            assert!(
+                answered.contains(id),
+                "{id} decided but never answered: {entry}"
+            );
+        }
+    }
+    assert_eq!(lines.last().unwrap()["kind"], "checkpoint");
+    let verify = run(ringfence().current_dir(dir.path()).args([
+        "audit",
+        "verify",
+        "--public-key",
+        "ringfence-data/audit-signing-key.pub.pem",
+    ]));
+    assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+    verify.says("every signature valid");
 }

@@ -44,6 +44,31 @@ impl TestServer {
             .unwrap()
     }
 
+    /// The metrics endpoint's answer to `GET path`: status line and body.
+    pub async fn http_get(&self, method: &str, path: &str) -> (String, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let address = self.running.metrics_addr.expect("metrics are served");
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(
+                format!("{method} {path} HTTP/1.1\r\nHost: ringfence\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        (head.to_owned(), body.to_owned())
+    }
+
+    /// The metrics exposition (OpenMetrics text).
+    pub async fn scrape(&self) -> String {
+        let (head, body) = self.http_get("GET", "/metrics").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body
+    }
+
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.running.local_addr))
             .unwrap()
@@ -94,8 +119,19 @@ pub fn test_config(dir: &Path) -> ServeConfig {
         create_missing_keys: true,
         // Tests choose: the proof guard has tests of its own (grpc::proofs).
         proof: ringfence::policy::ProofGuard::off(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..ServeConfig::defaults()
     }
+}
+
+/// The value of one series of an exposition, e.g.
+/// `ringfence_log_write_failures_total` or `ringfence_key_current_version{jurisdiction="US"}`
+/// (labels in the order the server writes them).
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
 }
 
 pub async fn start() -> TestServer {

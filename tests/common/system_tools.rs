@@ -67,6 +67,17 @@ pub fn python_with_grpc() -> Option<PathBuf> {
     )
 }
 
+/// A Python 3 with the Prometheus client library, whose OpenMetrics parser checks the
+/// metrics exposition: `$RINGFENCE_PYTHON`, else `python3`.
+pub fn python_with_prometheus_client() -> Option<PathBuf> {
+    system_tool(
+        "python3 with prometheus_client (tests/requirements.txt)",
+        "RINGFENCE_PYTHON",
+        "python3",
+        &["-c", "import prometheus_client.openmetrics.parser"],
+    )
+}
+
 /// The OpenSSL command line tool: `$RINGFENCE_OPENSSL`, else `openssl`.
 pub fn openssl() -> Option<PathBuf> {
     system_tool(

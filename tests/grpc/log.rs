@@ -258,6 +258,18 @@ async fn an_unwritable_log_fails_closed_with_unavailable() {
     .await;
     assert_eq!(status.code(), Code::Unavailable);
 
+    // Both failed writes are counted, and the segment sealed after the first.
+    let exposition = server.scrape().await;
+    assert_eq!(
+        metric_value(&exposition, "ringfence_log_write_failures_total"),
+        Some(2.0),
+        "{exposition}"
+    );
+    assert!(
+        metric_value(&exposition, "ringfence_log_sealed_segments_total") >= Some(1.0),
+        "{exposition}"
+    );
+
     // Health follows the log.
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
@@ -362,7 +374,8 @@ async fn an_answer_over_the_size_limit_is_refused_and_logged_as_undelivered() {
         max_message_bytes: request_len + 2,
         ..test_config(dir.path())
     };
-    // A field limit over the message limit is refused at start.
+    // A field limit over the message limit is refused at start (`serve` lowers its
+    // default to the message limit).
     config.limits.max_field_bytes = config.max_message_bytes;
     let running = ringfence::server::start(config.clone()).await.unwrap();
     let server = TestServer {

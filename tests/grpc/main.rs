@@ -148,6 +148,7 @@ fn without_legal_policy(text: &str) -> String {
 mod decisions;
 mod keys;
 mod log;
+mod metrics;
 mod proofs;
 mod reload;
 mod requests;

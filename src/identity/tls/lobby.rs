@@ -118,10 +118,15 @@ impl Lobby {
         }
     }
 
+    /// Connections waiting for their handshake now.
+    pub fn waiting(&self) -> usize {
+        self.state().members.len()
+    }
+
     /// Lets a connection from `remote` in, closing the silent ones it displaces, and
     /// starts its handshake with `start` (given its ticket). `Err` when every place
     /// is taken by a connection that has sent its ClientHello.
-    pub fn enter(
+    pub(crate) fn enter(
         &self,
         remote: SocketAddr,
         probe: Option<std::net::TcpStream>,

@@ -28,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::record::is_directory_id;
 
 mod lobby;
+pub use lobby::Lobby;
 mod revocation;
 
 pub use lobby::{MAX_HANDSHAKES, MAX_SILENT_PER_SOURCE};
@@ -316,6 +317,7 @@ pub fn incoming(
     listener: TcpListener,
     tls: Option<Listener>,
     on_failure: FailureHook,
+    lobby: lobby::Lobby,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (sender, receiver) = mpsc::channel::<io::Result<Conn>>(64);
     let acceptor = tls.map(|tls| {
@@ -324,7 +326,6 @@ pub fn incoming(
             Arc::new(tls),
         )
     });
-    let lobby = lobby::Lobby::default();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
