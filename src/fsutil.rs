@@ -11,6 +11,16 @@ use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Creates `dir` and its missing parents, each new one readable by its owner only
+/// (0700). Existing directories keep their mode.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 use rand::TryRng as _;
 
 /// Writes a file readable by its owner only, atomically: a fresh temporary file with a

@@ -25,6 +25,7 @@ pub mod keyfile;
 pub mod keys;
 pub mod metrics;
 pub mod policy;
+pub mod preflight;
 pub mod record;
 pub mod reload;
 pub mod server;

@@ -13,10 +13,24 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    // `serve --config FILE`: the file's keys become flags before the command line's.
+    let expanded = match cli::config_file::expand(std::env::args_os().collect()) {
+        Ok(expanded) => expanded,
+        Err(error) => return cli::fail(cli::EXIT_USAGE, error),
+    };
+    let args = match cli::Cli::try_parse_from(&expanded.argv) {
+        Ok(args) => args,
+        // --help, --version, and mistakes of the command line itself, as clap says them.
+        Err(error) if !error.use_stderr() || !expanded.set_by_file(&error) => error.exit(),
+        Err(error) => return cli::fail(cli::EXIT_USAGE, expanded.explain(&error)),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr (a log pipe or journald gone) must not kill the server:
+        // tracing-subscriber would report the failed write with `eprintln!`, which
+        // panics when stderr is closed.
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

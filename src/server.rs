@@ -57,16 +57,29 @@ pub enum Error {
     Transport(String),
 }
 
+/// The master key `config` names (a file, `RINGFENCE_MASTER_KEY`, or the development
+/// key when allowed); `create` lets a development key be created.
+pub(crate) fn master_key(
+    config: &ServeConfig,
+    create: bool,
+) -> Result<keys::LocalMasterKey, keys::Error> {
+    keys::load_master_key(
+        config.master_key_env.as_ref(),
+        config.master_key_file.as_deref(),
+        &config.data_dir,
+        keys::MasterKeyPolicy {
+            allow_development: config.allow_development_master_key,
+            create_development: create,
+        },
+    )
+}
+
 /// Opens everything the gatekeeper needs: policies, master key, keyring (created, with
 /// a development master key, only when `create_missing_keys` is set, as by `--dev`),
 /// the decision log (refusing a keyring rolled back behind its newest checkpoint).
 pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
     config.check()?;
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(&config.data_dir).map_err(|error| {
+    crate::fsutil::create_private_dir(&config.data_dir).map_err(|error| {
         Error::Io(format!(
             "cannot create data directory `{}`: {error}",
             config.data_dir.display()
@@ -115,15 +128,7 @@ pub async fn prepare(config: &ServeConfig) -> Result<Arc<Gatekeeper>, Error> {
         data_dir: config.data_dir.clone(),
         checkpoint_key: config.checkpoint_key.clone(),
     };
-    let master = keys::load_master_key(
-        config.master_key_env.as_ref(),
-        config.master_key_file.as_deref(),
-        &config.data_dir,
-        keys::MasterKeyPolicy {
-            allow_development: config.allow_development_master_key,
-            create_development: config.create_missing_keys,
-        },
-    )?;
+    let master = master_key(config, config.create_missing_keys)?;
     if let keys::MasterKeyOrigin::Development { path, created } = master.origin() {
         tracing::warn!(
             path = %path.display(),
@@ -338,7 +343,7 @@ type Identity = (
 );
 
 /// The identity mode, TLS configuration and token verifier of a configuration.
-fn identity_mode(config: &ServeConfig) -> Result<Identity, Error> {
+pub(crate) fn identity_mode(config: &ServeConfig) -> Result<Identity, Error> {
     let (tls_files, trust_domain, token_config) = match &config.auth {
         Auth::None => {
             tracing::warn!(

@@ -3,7 +3,6 @@
 //! the writer thread. May not write lines itself.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -294,13 +293,7 @@ fn lock_dir(dir: &Path, holder: &str) -> Result<crate::fsutil::LockFile, Error> 
         path: path.to_owned(),
         reason,
     };
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder
-        .create(dir)
-        .map_err(|error| open_error(dir, error.to_string()))?;
+    crate::fsutil::create_private_dir(dir).map_err(|error| open_error(dir, error.to_string()))?;
     crate::fsutil::LockFile::try_acquire(&dir.join(WRITER_LOCK_FILE), holder, LOCK_PATIENCE)
         .map_err(|error| match error {
             crate::fsutil::LockError::Held { holder, .. } => Error::Locked {

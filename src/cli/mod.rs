@@ -2,11 +2,14 @@
 
 mod admin_client;
 mod audit;
+mod config;
+pub mod config_file;
 mod dev;
 mod keys;
 mod policy;
 mod serve;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -49,6 +52,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gRPC service.
+    // A flag given twice (in the configuration file, then on the command line): the
+    // last one wins.
+    #[command(args_override_self = true)]
     Serve(serve::Args),
     /// Work with the policy directory.
     #[command(subcommand)]
@@ -62,6 +68,9 @@ enum Command {
     /// Development helpers: a local CA, client certificates and employee tokens.
     #[command(subcommand)]
     Dev(dev::Command),
+    /// Check a `serve` configuration file without serving.
+    #[command(subcommand)]
+    Config(config::Command),
 }
 
 /// Runs a parsed command line.
@@ -72,12 +81,14 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Keys(command) => keys::run(command),
         Command::Audit(command) => audit::run(command),
         Command::Dev(command) => dev::run(command),
+        Command::Config(command) => config::run(command),
     }
 }
 
 /// Prints an error the way every subcommand does and returns its exit code.
 pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {message}");
+    // Not `eprintln!`, which panics when stderr is closed: the exit code must stand.
+    let _ = writeln!(std::io::stderr(), "error: {message}");
     ExitCode::from(code)
 }
 
@@ -85,6 +96,6 @@ pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 #[derive(Debug, clap::Args)]
 pub struct DataDir {
     /// Data directory holding the keyring and the decision log.
-    #[arg(long, default_value = ringfence::config::DEFAULT_DATA_DIR)]
+    #[arg(long, env = "RINGFENCE_DATA_DIR", default_value = ringfence::config::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 }

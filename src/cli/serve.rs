@@ -21,17 +21,28 @@ use super::{DataDir, EXIT_FAILURE, EXIT_INVALID_POLICIES, fail};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// A TOML file whose keys are these flags without the dashes (`listen =
+    /// "0.0.0.0:50051"`, `jurisdictions = ["US"]`, `dev = true`); flags and
+    /// `RINGFENCE_*` environment variables win over it. Check one with `ringfence
+    /// config check FILE`.
+    #[arg(long, env = "RINGFENCE_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to listen on (non-loopback addresses need mutual TLS).
-    #[arg(long, default_value = DEFAULT_LISTEN)]
+    #[arg(long, env = "RINGFENCE_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
     #[command(flatten)]
     data: DataDir,
     /// Policy directory: schema, policies, directory, field catalog.
-    #[arg(long, default_value = DEFAULT_POLICIES)]
+    #[arg(long, env = "RINGFENCE_POLICIES", default_value = DEFAULT_POLICIES)]
     policies: PathBuf,
     /// Jurisdictions that accept new encryptions, comma-separated; each must hold keys
     /// (`ringfence keys init`), except with --dev, which creates them.
-    #[arg(long, value_delimiter = ',', default_value = "US,SG,EU")]
+    #[arg(
+        long,
+        env = "RINGFENCE_JURISDICTIONS",
+        value_delimiter = ',',
+        default_value = "US,SG,EU"
+    )]
     jurisdictions: Vec<Jurisdiction>,
     /// File holding the master key (64 hex digits or base64 of 32 bytes).
     /// Without it, the RINGFENCE_MASTER_KEY environment variable is used.
@@ -44,73 +55,86 @@ pub struct Args {
     /// Development: mutual TLS and employee tokens from a local CA and identity provider
     /// in <data-dir>/dev-pki (created on first start, see `ringfence dev init`), and a
     /// development master key and keyring created on first start. Refused off loopback.
-    #[arg(long, conflicts_with_all = ["danger_trust_identity_headers", "tls_cert"])]
+    #[arg(long, env = "RINGFENCE_DEV", conflicts_with_all = ["danger_trust_identity_headers", "tls_cert"])]
     dev: bool,
     /// DEVELOPMENT ONLY: believe the x-ringfence-service and x-ringfence-employee
     /// metadata headers as the caller's identity, over plain TCP. Refused off loopback.
-    #[arg(long, conflicts_with = "tls_cert")]
+    #[arg(
+        long,
+        env = "RINGFENCE_DANGER_TRUST_IDENTITY_HEADERS",
+        conflicts_with = "tls_cert"
+    )]
     danger_trust_identity_headers: bool,
     /// Server certificate chain (PEM) for mutual TLS.
-    #[arg(long, requires_all = ["tls_key", "client_ca"])]
+    #[arg(long, env = "RINGFENCE_TLS_CERT", requires_all = ["tls_key", "client_ca"])]
     tls_cert: Option<PathBuf>,
     /// Server private key (PEM).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "RINGFENCE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// CA certificate(s) (PEM) that client certificates must chain to.
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "RINGFENCE_CLIENT_CA", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
     /// Certificate revocation lists (PEM, or one DER list) of the client CAs, reloaded
     /// on change and on SIGHUP; open connections are checked again at their next
     /// request or streamed record. Every CA of a client chain needs its list here: a
     /// certificate whose issuer has none is refused. A reload that would take a
     /// revocation back (a list missing or older than the one in use) is rejected.
-    #[arg(long, requires = "client_ca")]
+    #[arg(long, env = "RINGFENCE_CLIENT_CRL", requires = "client_ca")]
     client_crl: Option<PathBuf>,
     /// Trust domain of client certificates: a service is named by the URI SAN
     /// spiffe://<trust-domain>/svc/<service> or the DNS SAN <service>.svc.<trust-domain>.
-    #[arg(long, default_value = "ringfence.local", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "RINGFENCE_TRUST_DOMAIN",
+        default_value = "ringfence.local",
+        requires = "tls_cert"
+    )]
     trust_domain: String,
     /// JWKS file of the identity provider that signs employee tokens (reloaded on
     /// change and on SIGHUP). Without it, calls carrying a token are refused.
-    #[arg(long, requires_all = ["tls_cert", "token_issuer", "token_audience"])]
+    #[arg(long, env = "RINGFENCE_JWKS", requires_all = ["tls_cert", "token_issuer", "token_audience"])]
     jwks: Option<PathBuf>,
     /// Required `iss` of employee tokens.
-    #[arg(long, requires = "jwks")]
+    #[arg(long, env = "RINGFENCE_TOKEN_ISSUER", requires = "jwks")]
     token_issuer: Option<String>,
     /// Required `aud` of employee tokens.
-    #[arg(long, requires = "jwks")]
+    #[arg(long, env = "RINGFENCE_TOKEN_AUDIENCE", requires = "jwks")]
     token_audience: Option<String>,
     /// Accept employee tokens bound to no service (neither `cnf.x5t#S256` nor `azp`):
     /// any service holding one could then act for its employee. Each such call is
     /// logged with authentication `mtls+unbound-token`.
-    #[arg(long, requires = "jwks")]
+    #[arg(
+        long,
+        env = "RINGFENCE_DANGER_ACCEPT_UNBOUND_TOKENS",
+        requires = "jwks"
+    )]
     danger_accept_unbound_tokens: bool,
     /// Allowed clock skew for token expiry and not-before, in seconds (at most 300).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=300))]
+    #[arg(long, env = "RINGFENCE_TOKEN_LEEWAY_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=300))]
     token_leeway_secs: u64,
     /// Largest gRPC message accepted or sent, in bytes; a larger request is
     /// OUT_OF_RANGE, and so is a larger answer, which is not sent (its decisions are
     /// logged as undelivered).
-    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    #[arg(long, env = "RINGFENCE_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
     /// Most fields in one record (and in one request's field list); more are
     /// INVALID_ARGUMENT.
-    #[arg(long, default_value_t = Limits::default().max_fields as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, env = "RINGFENCE_MAX_FIELDS_PER_RECORD", default_value_t = Limits::default().max_fields as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_fields_per_record: u64,
     /// Largest plaintext of one field that EncryptRecord accepts, in bytes; larger is
     /// INVALID_ARGUMENT. At most --max-message-bytes. Default: 1 MiB, or
     /// --max-message-bytes when that is smaller.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 32)))]
+    #[arg(long, env = "RINGFENCE_MAX_FIELD_BYTES", value_parser = clap::value_parser!(u64).range(1..=(1 << 32)))]
     max_field_bytes: Option<u64>,
     /// `DecryptRecords` streams one caller (service and employee) may have open at
     /// once; more are refused with RESOURCE_EXHAUSTED. At most 128: each open stream
     /// may hold a record of its caller's pool of 256.
-    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS_PER_CALLER as u64, value_parser = clap::value_parser!(u64).range(1..=128))]
+    #[arg(long, env = "RINGFENCE_MAX_STREAMS_PER_CALLER", default_value_t = DEFAULT_MAX_STREAMS_PER_CALLER as u64, value_parser = clap::value_parser!(u64).range(1..=128))]
     max_streams_per_caller: u64,
     /// Seconds the server waits for a client to take a streamed answer; a stream that
     /// stalls longer ends with DEADLINE_EXCEEDED and its answers are logged as
     /// undelivered.
-    #[arg(long, default_value_t = DEFAULT_STREAM_SEND_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, env = "RINGFENCE_STREAM_SEND_TIMEOUT_SECS", default_value_t = DEFAULT_STREAM_SEND_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
     stream_send_timeout_secs: u64,
     /// Where to serve Prometheus metrics over HTTP (`GET /metrics`, OpenMetrics text),
     /// or `off`. No TLS and no authentication: keep it on loopback or a monitoring
@@ -132,27 +156,27 @@ pub struct Args {
     #[arg(long, env = "RINGFENCE_CHECKPOINT_KEY")]
     checkpoint_key: Option<PathBuf>,
     /// Start a new decision log segment after this many MiB.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, env = "RINGFENCE_LOG_SEGMENT_MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     log_segment_mib: u64,
     /// Start a new decision log segment after this many hours.
-    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
+    #[arg(long, env = "RINGFENCE_LOG_SEGMENT_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
     log_segment_hours: u64,
     /// Unsealed data-subject secrets kept in memory (about 200 bytes each); 0 reads
     /// the subject store on every request.
-    #[arg(long, default_value_t = ringfence::subjects::DEFAULT_CACHE_ENTRIES as u64, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    #[arg(long, env = "RINGFENCE_SUBJECT_CACHE", default_value_t = ringfence::subjects::DEFAULT_CACHE_ENTRIES as u64, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
     subject_cache: u64,
     /// What to do with a policy set whose invariants (policies/invariants/) do not
     /// prove: `enforce` refuses it at start and on reload (also when the solver is
     /// missing, times out or answers unknown, and when an invariant is weakened or
     /// deleted without an acknowledgement in CHANGES.yaml); `warn` serves it and logs
     /// why; `off` does not prove. Default: enforce; warn with --dev.
-    #[arg(long, value_enum)]
+    #[arg(long, env = "RINGFENCE_PROVE", value_enum)]
     prove: Option<ProveArg>,
     /// The cvc5 binary for proofs (default: $CVC5, else `cvc5` on PATH).
     #[arg(long, env = "RINGFENCE_PROVE_SOLVER")]
     prove_solver: Option<PathBuf>,
     /// Longest one solver query may take, in seconds; then it answers unknown.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, env = "RINGFENCE_PROVE_QUERY_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     prove_query_timeout: u64,
 }
 
@@ -216,9 +240,10 @@ fn auth(args: &Args) -> Auth {
     }
 }
 
-pub fn run(args: Args) -> ExitCode {
+/// The configuration `args` describe (flags, environment, configuration file).
+pub fn config(args: Args) -> ServeConfig {
     let auth = auth(&args);
-    let config = ServeConfig {
+    ServeConfig {
         listen: args.listen,
         data_dir: args.data.data_dir,
         policies: args.policies,
@@ -265,7 +290,11 @@ pub fn run(args: Args) -> ExitCode {
                 total_timeout: std::time::Duration::from_secs(600),
             },
         },
-    };
+    }
+}
+
+pub fn run(args: Args) -> ExitCode {
+    let config = config(args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -243,12 +243,7 @@ impl DevPki {
             path: path.to_owned(),
             reason: error,
         };
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(self.dir.join("clients"))
+        crate::fsutil::create_private_dir(&self.dir.join("clients"))
             .map_err(|error| file_error(&self.dir, error.to_string()))?;
         let write_public = |path: &Path, text: &str| {
             std::fs::write(path, text).map_err(|error| file_error(path, error.to_string()))

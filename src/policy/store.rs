@@ -180,6 +180,18 @@ impl PolicyStore {
         Ok(store)
     }
 
+    /// As [`PolicyStore::load_guarded`], but writes nothing: the set is loaded and
+    /// proved under `guard` against the baseline `archive/SERVING` names, and neither
+    /// archived nor recorded as serving (`ringfence config check`).
+    pub fn check_guarded(dir: &Path, guard: ProofGuard, archive: &Path) -> Result<Self, LoadError> {
+        let store = Self::load_unguarded(dir, guard)?;
+        let _ = store.archive.set(archive.to_owned());
+        let snapshot = store.current();
+        let baseline = store.serving_baseline(&snapshot);
+        store.admit(&snapshot, baseline)?;
+        Ok(store)
+    }
+
     fn load_unguarded(dir: &Path, guard: ProofGuard) -> Result<Self, LoadError> {
         let snapshot = PolicySnapshot::load(dir)?;
         let at = crate::record::rfc3339_now();

@@ -34,6 +34,16 @@ fn concurrent_offline_rotations_all_land_once_each_and_are_logged() {
     let key = "3c".repeat(32);
     let init = keys_with(dir.path(), &key, &["init", "--jurisdictions", "US,SG"]);
     init.succeeded();
+    // The data directory `keys init` created is its owner's alone.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("ringfence-data"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    }
     // 20 pairs: a US and an SG rotation started together, all 40 at once.
     let children: Vec<_> = (0..20)
         .flat_map(|_| ["US", "SG"])

@@ -257,6 +257,7 @@ fn verify_with_public_key(dir: &Path) -> Output {
 }
 
 mod audit;
+mod config;
 mod dev;
 mod keys;
 mod policy;

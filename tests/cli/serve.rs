@@ -805,3 +805,57 @@ fn sigterm_drains_then_stops_and_every_answered_request_is_logged() {
     assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
     verify.says("every signature valid");
 }
+
+#[test]
+fn the_server_outlives_its_stderr() {
+    // journald restarted, a log pipe closed: the server keeps serving and stops cleanly.
+    let dir = tempfile::tempdir().unwrap();
+    copy_policies(&dir.path().join("policies"));
+    let mut init = ringfence();
+    init.current_dir(dir.path())
+        .args(["keys", "init", "--danger-allow-development-master-key"]);
+    run(&mut init).succeeded();
+    let mut command = ringfence();
+    command
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--danger-trust-identity-headers",
+        ])
+        .args(["--danger-allow-development-master-key", "--prove", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut server = Server(Some(command.spawn().unwrap()));
+    let mut stderr = BufReader::new(server.0.as_mut().unwrap().stderr.take().unwrap());
+    let mut address = String::new();
+    while address.is_empty() {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the server did not start"
+        );
+        if let Some(at) = line.find("address=") {
+            address = line[at + "address=".len()..].trim().to_owned();
+        }
+    }
+    // The reading end closes: every later log line the server writes fails.
+    drop(stderr);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client =
+            ringfence::pb::ringfence_client::RingfenceClient::connect(format!("http://{address}"))
+                .await
+                .unwrap();
+        for n in 0..3 {
+            encrypt_profile(&mut client, &format!("u-{n}"), "US").await;
+        }
+    });
+    assert!(
+        server.0.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the server died when its stderr closed"
+    );
+    // Stopping logs several lines, all into the closed pipe.
+    stop(server);
+}

@@ -244,7 +244,7 @@ fn run_change_inner<'a>(
     change: impl FnOnce(&Path, &keys::LocalMasterKey) -> Result<Changed, keys::Error>,
     before_save: Box<keyadmin::BeforeSave<'a>>,
 ) -> Result<Vec<KeyEvent>, keyadmin::Error> {
-    if let Err(error) = std::fs::create_dir_all(&args.data.data_dir) {
+    if let Err(error) = ringfence::fsutil::create_private_dir(&args.data.data_dir) {
         return Err(keyadmin::Error::Other(format!(
             "cannot create data directory `{}`: {error}",
             args.data.data_dir.display()
