@@ -24,17 +24,6 @@ fn main() -> ExitCode {
         Err(error) if !error.use_stderr() || !expanded.set_by_file(&error) => error.exit(),
         Err(error) => return cli::fail(cli::EXIT_USAGE, expanded.explain(&error)),
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // A closed stderr (a log pipe or journald gone) must not kill the server:
-        // tracing-subscriber would report the failed write with `eprintln!`, which
-        // panics when stderr is closed.
-        .log_internal_errors(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGFENCE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    cli::run(args)
+    let telemetry = cli::telemetry::init();
+    cli::run(args, &telemetry)
 }

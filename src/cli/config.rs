@@ -38,12 +38,29 @@ pub fn run(command: Command) -> ExitCode {
         Ok(_) => return fail(EXIT_FAILURE, "internal: not a serve command line"),
         Err(error) => return fail(EXIT_USAGE, expanded.explain(&error)),
     };
+    let otlp = args.otlp_endpoint().map(str::to_owned);
+    if let Some(endpoint) = &otlp
+        && !cfg!(feature = "otlp")
+    {
+        return fail(
+            EXIT_FAILURE,
+            format!(
+                "--otlp-endpoint {endpoint}: this ringfence was built without the `otlp` feature"
+            ),
+        );
+    }
     let config = super::serve::config(args);
     match ringfence::preflight::check(&config) {
         Ok(findings) => {
             for finding in &findings {
                 let mark = if finding.warning { "warning" } else { "ok" };
                 println!("{mark:<8}{:<11}{}", finding.what, finding.detail);
+            }
+            if let Some(endpoint) = otlp {
+                println!(
+                    "{:<8}{:<11}request spans exported over OTLP/gRPC to {endpoint}",
+                    "ok", "tracing"
+                );
             }
             println!(
                 "{}: `ringfence serve --config {}` would serve",

@@ -93,6 +93,17 @@ pub fn expand(argv: Vec<OsString>) -> Result<Expanded, Error> {
     let mut expanded: Vec<OsString> = argv.iter().take(2).cloned().collect();
     let mut origins = Vec::new();
     for (arg, flag, at) in file_args(&path)? {
+        // A flag the command line gives too is the command line's alone (list flags
+        // would otherwise add up).
+        let given = argv.iter().skip(2).any(|given| {
+            given == flag.as_str()
+                || given
+                    .as_encoded_bytes()
+                    .starts_with(format!("{flag}=").as_bytes())
+        });
+        if given {
+            continue;
+        }
         let value = arg
             .to_str()
             .and_then(|arg| arg.split_once('='))
@@ -108,22 +119,34 @@ pub fn expand(argv: Vec<OsString>) -> Result<Expanded, Error> {
 }
 
 /// The file `--config FILE` / `--config=FILE` names, else `$RINGFENCE_CONFIG`.
+/// Given more than once, the last one (as clap takes it); any path, UTF-8 or not.
 fn config_path(args: &[OsString]) -> Option<PathBuf> {
+    let mut found = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         if arg == "--" {
             break;
         }
         if arg == "--config" {
-            return args.next().map(PathBuf::from);
-        }
-        if let Some(path) = arg.to_str().and_then(|arg| arg.strip_prefix("--config=")) {
-            return Some(PathBuf::from(path));
+            found = args.next().map(PathBuf::from);
+        } else if let Some(path) = arg.as_encoded_bytes().strip_prefix(b"--config=") {
+            #[cfg(unix)]
+            {
+                found = Some(PathBuf::from(
+                    <OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path),
+                ));
+            }
+            #[cfg(not(unix))]
+            {
+                found = std::str::from_utf8(path).ok().map(PathBuf::from);
+            }
         }
     }
-    std::env::var_os(CONFIG_ENV)
-        .filter(|path| !path.is_empty())
-        .map(PathBuf::from)
+    found.or_else(|| {
+        std::env::var_os(CONFIG_ENV)
+            .filter(|path| !path.is_empty())
+            .map(PathBuf::from)
+    })
 }
 
 /// One flag of `serve`, as the file may set it.
@@ -275,19 +298,26 @@ mod tests {
             .iter()
             .map(|arg| arg.to_string_lossy().into_owned())
             .collect();
-        let mut from_file = shown[2..6].to_vec();
+        let mut from_file = shown[2..5].to_vec();
         from_file.sort();
         assert_eq!(&shown[..2], ["ringfence", "serve"]);
+        // The command line's --listen replaces the file's; `false` adds nothing.
         assert_eq!(
             from_file,
             [
                 "--dev",
                 "--jurisdictions=US,SG",
-                "--listen=127.0.0.1:7000",
                 "--max-message-bytes=65536",
             ]
         );
-        assert_eq!(shown.last().unwrap(), "--listen=127.0.0.1:7001");
+        assert_eq!(
+            &shown[5..],
+            [
+                "--config",
+                &path.display().to_string(),
+                "--listen=127.0.0.1:7001"
+            ]
+        );
         // Other commands are left alone.
         let argv = vec![
             OsString::from("ringfence"),
@@ -325,5 +355,37 @@ mod tests {
             assert!(error.contains(expected), "{text:?}: {error}");
             assert!(error.contains("ringfence.toml"), "{error}");
         }
+    }
+
+    #[test]
+    fn the_command_line_replaces_a_list_and_the_last_config_counts() {
+        let (_dir, first) = write("jurisdictions = [\"US\", \"SG\"]\n");
+        let (_other, second) = write("listen = \"127.0.0.1:7002\"\n");
+        let argv: Vec<OsString> = ["ringfence", "serve", "--config"]
+            .iter()
+            .map(OsString::from)
+            .chain([
+                first.into_os_string(),
+                "--jurisdictions".into(),
+                "EU".into(),
+            ])
+            .collect();
+        let expanded = expand(argv).unwrap().argv;
+        assert!(
+            !expanded
+                .iter()
+                .any(|arg| arg.to_string_lossy().contains("US")),
+            "{expanded:?}"
+        );
+        let argv: Vec<OsString> = ["ringfence", "serve", "--config", "missing.toml"]
+            .iter()
+            .map(OsString::from)
+            .chain([OsString::from(format!("--config={}", second.display()))])
+            .collect();
+        let expanded = expand(argv).unwrap().argv;
+        assert!(
+            expanded.iter().any(|arg| arg == "--listen=127.0.0.1:7002"),
+            "{expanded:?}"
+        );
     }
 }

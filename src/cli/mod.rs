@@ -8,6 +8,7 @@ mod dev;
 mod keys;
 mod policy;
 mod serve;
+pub mod telemetry;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of `serve`'s arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the gRPC service.
     // A flag given twice (in the configuration file, then on the command line): the
@@ -74,9 +77,9 @@ enum Command {
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> ExitCode {
+pub fn run(cli: Cli, telemetry: &telemetry::Telemetry) -> ExitCode {
     match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(args, telemetry),
         Command::Policy(command) => policy::run(command),
         Command::Keys(command) => keys::run(command),
         Command::Audit(command) => audit::run(command),

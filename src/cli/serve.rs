@@ -147,6 +147,11 @@ pub struct Args {
     /// signed and the process exits 0. A second signal, or SIGINT, skips the drain.
     #[arg(long, env = "RINGFENCE_SHUTDOWN_DRAIN_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
     shutdown_drain_secs: u64,
+    /// Export request spans (each carrying its decision log request id) over OTLP/gRPC
+    /// to this collector, e.g. http://127.0.0.1:4317. Needs a build with the `otlp`
+    /// feature.
+    #[arg(long, env = "RINGFENCE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Do not reload policies when files in the policy directory change (SIGHUP still
     /// reloads; the JWKS and revocation lists are still watched).
     #[arg(long, env = "RINGFENCE_NO_WATCH_POLICIES")]
@@ -240,6 +245,13 @@ fn auth(args: &Args) -> Auth {
     }
 }
 
+impl Args {
+    /// `--otlp-endpoint`, when given.
+    pub fn otlp_endpoint(&self) -> Option<&str> {
+        self.otlp_endpoint.as_deref()
+    }
+}
+
 /// The configuration `args` describe (flags, environment, configuration file).
 pub fn config(args: Args) -> ServeConfig {
     let auth = auth(&args);
@@ -293,7 +305,8 @@ pub fn config(args: Args) -> ServeConfig {
     }
 }
 
-pub fn run(args: Args) -> ExitCode {
+pub fn run(args: Args, telemetry: &super::telemetry::Telemetry) -> ExitCode {
+    let otlp_endpoint = args.otlp_endpoint.clone();
     let config = config(args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -305,30 +318,56 @@ pub fn run(args: Args) -> ExitCode {
     let drain = config.shutdown_drain;
     runtime.block_on(async move {
         let mut signals = Signals::install();
-        let mut running = match server::start(config).await {
-            Ok(running) => running,
-            Err(error @ Error::Policies(_)) => return fail(EXIT_INVALID_POLICIES, error),
-            Err(error) => return fail(EXIT_FAILURE, error),
+        let exporting = match otlp_endpoint
+            .as_deref()
+            .map(|endpoint| telemetry.export_to(endpoint))
+        {
+            None => None,
+            Some(Ok(exporting)) => Some(exporting),
+            Some(Err(error)) => return fail(EXIT_FAILURE, error),
         };
-        tokio::select! {
-            result = running.wait() => {
-                return match result {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(error) => fail(EXIT_FAILURE, error),
-                };
-            }
-            signal = signals.next() => {
-                if signal == Signal::Terminate && !drain.is_zero() {
-                    running.drain(drain, async { signals.next().await; }).await;
-                }
-            }
+        let code = serve(config, drain, &mut signals).await;
+        if let Some(exporting) = exporting {
+            // Blocking: the exporter flushes on this thread.
+            tokio::task::block_in_place(|| exporting.shutdown());
         }
-        tracing::info!("shutting down");
-        match running.stop().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => fail(EXIT_FAILURE, error),
-        }
+        code
     })
+}
+
+/// Serves `config` until a signal, with the drain on SIGTERM.
+async fn serve(config: ServeConfig, drain: std::time::Duration, signals: &mut Signals) -> ExitCode {
+    // A signal while the server starts (a proof can take minutes) stops it there.
+    let started = tokio::select! {
+        started = server::start(config) => started,
+        signal = signals.next() => {
+            tracing::info!(?signal, "stopped before serving");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let mut running = match started {
+        Ok(running) => running,
+        Err(error @ Error::Policies(_)) => return fail(EXIT_INVALID_POLICIES, error),
+        Err(error) => return fail(EXIT_FAILURE, error),
+    };
+    tokio::select! {
+        result = running.wait() => {
+            return match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(EXIT_FAILURE, error),
+            };
+        }
+        signal = signals.next() => {
+            if signal == Signal::Terminate && !drain.is_zero() {
+                running.drain(drain, async { signals.next().await; }).await;
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    match running.stop().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(EXIT_FAILURE, error),
+    }
 }
 
 /// A signal that stops the server.

@@ -169,5 +169,8 @@ pub(super) fn new_request_id() -> Result<String, crypto::Error> {
     rand::rngs::SysRng
         .try_fill_bytes(&mut id)
         .map_err(|_| crypto::Error::Random)?;
-    Ok(hex::encode(id))
+    let id = hex::encode(id);
+    // The request's span (when tracing records one) carries the decision log's id.
+    tracing::Span::current().record("request_id", id.as_str());
+    Ok(id)
 }

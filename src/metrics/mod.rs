@@ -201,6 +201,29 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Calls to `method` that ended with `code` so far, as a scrape would show them.
+    #[cfg(test)]
+    pub(crate) fn calls(&self, method: &'static str, code: tonic::Code) -> u64 {
+        let mut registry = Registry::default();
+        registry.register_with_unit(
+            "ringfence_rpc_duration",
+            "",
+            Unit::Seconds,
+            self.rpc.clone(),
+        );
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+            return 0;
+        }
+        let series = format!(
+            "ringfence_rpc_duration_seconds_count{{method=\"{method}\",code=\"{}\"}} ",
+            code_name(code)
+        );
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// A caller or connection was refused: `reason` is one of a fixed set
     /// (`identity::Error::kind`, `tls_handshake`, `unknown_principal`).
     pub fn authentication_failed(&self, reason: &'static str) {
@@ -236,6 +259,13 @@ impl Metrics {
             return tally;
         }
         if !DECIDING_KINDS.contains(&entry.kind.as_str()) {
+            return tally;
+        }
+        // A key change or shred logs its decision, then what came of it (`failed: `,
+        // `shredded: `) with the same decisions: those are counted once.
+        if entry.kind == crate::audit::KEY_ADMIN_KIND
+            && (entry.outcome.starts_with("failed: ") || entry.outcome.starts_with("shredded: "))
+        {
             return tally;
         }
         let Some(action) = entry.action.as_deref().and_then(|name| {

@@ -168,3 +168,37 @@ fn methods_are_the_services_of_the_proto_and_anything_else_is_other() {
     assert_eq!(Metrics::method("/ringfence.v1.Ringfence/Nope"), "other");
     assert_eq!(Metrics::method("/grpc.health.v1.Health/Check"), "other");
 }
+
+#[test]
+fn a_key_change_or_shred_is_counted_once_though_logged_twice() {
+    let metrics = Metrics::new(&jurisdictions());
+    let mut decided = entry(crate::audit::KEY_ADMIN_KIND, "US", vec![]);
+    decided.record = None;
+    decided.action = Some("shred".to_owned());
+    decided.key_admin = Some(crate::audit::KeyAdminEntry {
+        operation: "shred".to_owned(),
+        below: None,
+        from: None,
+        key_rings: vec![crate::audit::KeyRingDecision {
+            jurisdiction: "US".to_owned(),
+            decision: "allow".to_owned(),
+            policies: vec![],
+            errors: vec![],
+        }],
+        subject: Some("u-1".to_owned()),
+    });
+    decided.outcome = "allowed".to_owned();
+    metrics.logged(metrics.tally(&decided));
+    for outcome in ["shredded: US shredded", "failed: disk full"] {
+        let mut follow_up = decided.clone();
+        follow_up.outcome = outcome.to_owned();
+        metrics.logged(metrics.tally(&follow_up));
+    }
+    let text = exposition(&metrics);
+    assert!(
+        text.contains(
+            "ringfence_decisions_total{action=\"shred\",decision=\"allow\",jurisdiction=\"US\"} 1\n"
+        ),
+        "{text}"
+    );
+}

@@ -1,6 +1,7 @@
 //! Admission: every request is authenticated and its caller checked against the
 //! directory in one layer, before any handler runs; refusals are logged through the
-//! failure limiter. Handlers only read the admitted [`Caller`].
+//! failure limiter. Handlers only read the admitted [`Caller`]. The same layer opens
+//! each call's tracing span and times it for the metrics.
 
 use std::sync::Arc;
 
@@ -115,14 +116,14 @@ impl Refusal {
         } = self;
         if let Some(held_back) = held_back {
             let reason = reason.clone();
-            let written = tokio::spawn(async move {
+            let written = tokio::spawn(tracing::Instrument::in_current_span(async move {
                 if let Err(error) = gate
                     .log_authentication_failure(&reason, remote, &source, held_back)
                     .await
                 {
                     tracing::error!(%error, "authentication failure not logged");
                 }
-            });
+            }));
             let _ = written.await;
         }
         Status::unauthenticated(reason)
@@ -169,21 +170,37 @@ where
 
     fn call(&mut self, mut request: tonic::codegen::http::Request<B>) -> Self::Future {
         let timer = Timer {
-            metrics: Arc::clone(self.admission.gate.metrics()),
+            metrics: Some(Arc::clone(self.admission.gate.metrics())),
             method: crate::metrics::Metrics::method(request.uri().path()),
             started: std::time::Instant::now(),
         };
-        match self
+        // One span per call; the gatekeeper records the decision log's request id in
+        // it (a stream's records get spans of their own).
+        let span = tracing::info_span!(
+            "request",
+            method = timer.method,
+            request_id = tracing::field::Empty
+        );
+        let entered = span.enter();
+        let admitted = self
             .admission
-            .admit(request.extensions(), request.headers())
-        {
+            .admit(request.extensions(), request.headers());
+        match admitted {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
                 let answer = self.inner.call(request);
-                Box::pin(async move { Ok(timer.response(answer.await?)) })
+                drop(entered);
+                Box::pin(tracing::Instrument::instrument(
+                    async move { Ok(timer.response(answer.await?)) },
+                    span,
+                ))
             }
             Err(refusal) => {
-                Box::pin(async move { Ok(timer.response(refusal.answer().await.into_http())) })
+                drop(entered);
+                Box::pin(tracing::Instrument::instrument(
+                    async move { Ok(timer.response(refusal.answer().await.into_http())) },
+                    span,
+                ))
             }
         }
     }
@@ -192,9 +209,20 @@ where
 /// Times one call for the `ringfence_rpc_duration_seconds` metric: until its answer's
 /// status is known (in the headers of an error, in the trailers after a body).
 struct Timer {
-    metrics: Arc<crate::metrics::Metrics>,
+    /// Taken when the call's status is recorded.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     method: &'static str,
     started: std::time::Instant,
+}
+
+impl Drop for Timer {
+    /// A call dropped before its status was known (the client cancelled it, or its
+    /// deadline passed) counts as `CANCELLED`.
+    fn drop(&mut self) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.rpc_finished(self.method, tonic::Code::Cancelled, self.started.elapsed());
+        }
+    }
 }
 
 impl Timer {
@@ -214,9 +242,10 @@ impl Timer {
         })
     }
 
-    fn finish(self, code: tonic::Code) {
-        self.metrics
-            .rpc_finished(self.method, code, self.started.elapsed());
+    fn finish(mut self, code: tonic::Code) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.rpc_finished(self.method, code, self.started.elapsed());
+        }
     }
 }
 
@@ -285,4 +314,26 @@ pub(super) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
             tracing::error!("a request reached a handler without admission");
             Status::unauthenticated("request is not authenticated")
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_dropped_before_its_status_counts_as_cancelled_once() {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let method = crate::metrics::Metrics::method("/ringfence.v1.Ringfence/EncryptRecord");
+        let timer = |metrics: &Arc<crate::metrics::Metrics>| Timer {
+            metrics: Some(Arc::clone(metrics)),
+            method,
+            started: std::time::Instant::now(),
+        };
+        // The client cancelled: the handler's future is dropped.
+        drop(timer(&metrics));
+        // A status recorded, then dropped: counted once, with its own code.
+        timer(&metrics).finish(tonic::Code::Ok);
+        assert_eq!(metrics.calls(method, tonic::Code::Cancelled), 1);
+        assert_eq!(metrics.calls(method, tonic::Code::Ok), 1);
+    }
 }

@@ -50,6 +50,8 @@ impl FollowUps {
             .running
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let tracked = Tracked(Arc::clone(&self.0));
+        // The work stays in the request's span (its request id, for tracing).
+        let work = tracing::Instrument::in_current_span(work);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => Some(runtime.spawn(async move {
                 let _tracked = tracked;

@@ -476,26 +476,40 @@ impl<B: Bulk> Driver<B> {
         let caller = Arc::clone(&self.caller);
         let in_progress = Arc::clone(&self.context.slots.in_progress);
         let max_message_bytes = self.context.max_message_bytes;
-        let task = self.context.follow_ups.spawn(async move {
-            let answer = match in_progress.acquire_owned().await {
-                Ok(_working) => match B::answer(Arc::clone(&gate), Arc::clone(&caller), message)
-                    .await
-                {
-                    Ok((mut response, receipt)) => {
-                        // The index is part of what the transport encodes.
-                        B::set_index(&mut response, index);
-                        within_limit(&gate, &caller, (response, receipt), max_message_bytes).await
+        // Each record of a stream is a request of its own, with its own request id.
+        let span = tracing::info_span!("record", index, request_id = tracing::field::Empty);
+        let task = self
+            .context
+            .follow_ups
+            .spawn(tracing::Instrument::instrument(
+                async move {
+                    let answer = match in_progress.acquire_owned().await {
+                        Ok(_working) => {
+                            match B::answer(Arc::clone(&gate), Arc::clone(&caller), message).await {
+                                Ok((mut response, receipt)) => {
+                                    // The index is part of what the transport encodes.
+                                    B::set_index(&mut response, index);
+                                    within_limit(
+                                        &gate,
+                                        &caller,
+                                        (response, receipt),
+                                        max_message_bytes,
+                                    )
+                                    .await
+                                }
+                                Err(status) => Err(status),
+                            }
+                        }
+                        Err(_) => Err(Status::unavailable("server is shutting down")),
+                    };
+                    // A record that cannot be answered gets its own status; the stream goes on.
+                    match answer {
+                        Ok((response, receipt)) => (response, Some(receipt)),
+                        Err(status) => (record_status::<B>(index, &status), None),
                     }
-                    Err(status) => Err(status),
                 },
-                Err(_) => Err(Status::unavailable("server is shutting down")),
-            };
-            // A record that cannot be answered gets its own status; the stream goes on.
-            match answer {
-                Ok((response, receipt)) => (response, Some(receipt)),
-                Err(status) => (record_status::<B>(index, &status), None),
-            }
-        });
+                span,
+            ));
         Box::pin(async move {
             let (response, receipt) = match task {
                 Some(task) => task.await.unwrap_or_else(|error| {

@@ -9,6 +9,10 @@ fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// A data directory no server can create: a test that expects a refusal sets it, so
+/// that a server that wrongly accepted its configuration stops instead of serving.
+const UNUSABLE_DATA_DIR: &str = "/proc/ringfence-cannot-create";
+
 /// `ringfence` without the test defaults for settings the file must be able to set.
 fn ringfence_bare() -> Command {
     let mut command = ringfence();
@@ -91,7 +95,9 @@ fn a_config_file_sets_flags_and_flags_and_environment_win() {
     let out = run(ringfence_bare()
         .current_dir(dir.path())
         .env("RINGFENCE_CONFIG", &config)
-        .args(["serve", "--listen", "127.0.0.1:0"]));
+        // Were the mistake missed, the server would stop here instead of serving.
+        .env("RINGFENCE_DATA_DIR", UNUSABLE_DATA_DIR)
+        .args(["serve"]));
     assert_eq!(out.code, 2, "{}", out.stderr);
     out.complains("ringfence.toml:3: invalid value '256.0.0.1:1' for '--listen");
 }
@@ -119,6 +125,7 @@ fn config_file_mistakes_are_named_by_line() {
         for args in [&["serve", "--config"][..], &["config", "check"][..]] {
             let out = run(ringfence_bare()
                 .current_dir(dir.path())
+                .env("RINGFENCE_DATA_DIR", UNUSABLE_DATA_DIR)
                 .args(args)
                 .arg(&config));
             assert_eq!(out.code, 2, "{args:?} {text:?}: {}", out.stderr);

@@ -260,6 +260,7 @@ mod audit;
 mod config;
 mod dev;
 mod keys;
+mod otlp;
 mod policy;
 mod python;
 mod serve;

@@ -211,3 +211,28 @@ async fn callers_cannot_add_label_values() {
         "{exposition}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_from_one_address_cannot_starve_a_scrape() {
+    let server = start().await;
+    let address = server.running.metrics_addr.unwrap();
+    // 40 connections that send nothing, all from 127.0.0.2.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(stream) = socket.connect(address).await {
+            idle.push(stream);
+        }
+    }
+    // A scraper elsewhere (127.0.0.1) is answered at once.
+    let started = std::time::Instant::now();
+    let exposition = server.scrape().await;
+    assert!(exposition.ends_with("# EOF\n"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "the scrape waited {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
