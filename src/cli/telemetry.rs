@@ -84,10 +84,14 @@ impl Telemetry {
             .build();
         let layer = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("ringfence"))
-            .with_filter(
-                tracing_subscriber::filter::Targets::new()
-                    .with_target("ringfence", tracing::Level::INFO),
-            )
+            // ringfence's spans only, never events: a log line (an error naming a
+            // principal, say) stays in the server log and does not travel as a span
+            // event to the collector.
+            .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+                metadata.is_span()
+                    && metadata.target().starts_with("ringfence")
+                    && *metadata.level() <= tracing::Level::INFO
+            }))
             .boxed();
         self.slot
             .reload(Some(layer))

@@ -144,7 +144,9 @@ fn request_spans_carry_the_request_id_to_an_otlp_collector() {
             "no record span for {id}: {spans:?}"
         );
     }
-    // Spans carry ids and names, never plaintext.
+    // Spans carry ids and method names, never plaintext, people or records.
     let everything = format!("{spans:?}");
-    assert!(!everything.contains("SECRET-"), "{everything}");
+    for absent in ["SECRET-", "alice", "us-support-tool", "u-1"] {
+        assert!(!everything.contains(absent), "{absent}: {everything}");
+    }
 }
