@@ -144,6 +144,23 @@ impl Fixture {
             .await
     }
 
+    /// As [`Fixture::service`], the connection error returned instead of a panic.
+    async fn try_service(
+        &self,
+        service: &str,
+    ) -> Result<
+        pb::ringfence_client::RingfenceClient<tonic::transport::Channel>,
+        tonic::transport::Error,
+    > {
+        let cert = service_cert(&self.ca, &spiffe(service), &[]);
+        mtls_client(
+            self.server.running.local_addr,
+            self.ca.cert_pem(),
+            Some((cert.cert_pem.as_str(), cert.key_pem.as_str())),
+        )
+        .await
+    }
+
     /// Claims of a token for `subject`, bound (`azp`) to us-support-tool.
     fn claims(&self, subject: &str) -> TokenClaims {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
