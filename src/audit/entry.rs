@@ -139,8 +139,19 @@ pub struct Entry {
     /// SHA-256 of the policy set that decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_set: Option<String>,
-    /// Per-field decisions and outcomes.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Per-field decisions and outcomes. Written as `field_groups` (format 3: fields
+    /// grouped by outcome and determining policies, see [`expand_fields`]); read from
+    /// `field_groups` or from the per-field `fields` list of formats 1 and 2.
+    ///
+    /// [`expand_fields`]: super::expand_fields
+    #[serde(
+        rename = "field_groups",
+        alias = "fields",
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "super::groups::serialize",
+        deserialize_with = "super::groups::deserialize"
+    )]
     pub fields: Vec<FieldEntry>,
     /// Request-level outcome: `decided`, `encrypted`, `denied`, `integrity_failure`, or the
     /// error text of a `rejected` or `unauthenticated` entry.
@@ -262,4 +273,43 @@ pub struct ChainFields {
     /// The signature of a checkpoint entry.
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
+    /// Present when the entry lists its fields one by one (formats 1 and 2).
+    #[serde(default)]
+    pub fields: Option<serde::de::IgnoredAny>,
+    /// Present when the entry groups its fields (format 3).
+    #[serde(default)]
+    pub field_groups: Option<serde::de::IgnoredAny>,
+}
+
+impl ChainFields {
+    /// Why this entry's members do not fit its format, if they do not (see
+    /// [`format_problem`]).
+    pub fn format_problem(&self) -> Option<String> {
+        format_problem(
+            self.format,
+            self.fields.is_some(),
+            self.field_groups.is_some(),
+        )
+    }
+}
+
+/// Why an entry's members do not fit its `format`, if they do not: formats 1 (no
+/// `format` member) and 2 list fields one by one (`fields`), format 3 groups them
+/// (`field_groups`); a format this version does not know is named, not guessed at.
+pub fn format_problem(format: Option<u32>, fields: bool, field_groups: bool) -> Option<String> {
+    let number = format.unwrap_or(1);
+    if format == Some(1) || !(1..=ENTRY_FORMAT).contains(&number) {
+        return Some(format!(
+            "entry format {number} is unknown to this version (it reads formats 1 to {ENTRY_FORMAT})"
+        ));
+    }
+    match (number >= 3, fields, field_groups) {
+        (true, true, _) => Some(format!(
+            "a format-{number} entry lists `fields` one by one, which format 3 groups as `field_groups`"
+        )),
+        (false, _, true) => Some(format!(
+            "a format-{number} entry has `field_groups`, which only format 3 writes"
+        )),
+        _ => None,
+    }
 }

@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 mod entry;
+mod groups;
 mod log;
 mod query;
 pub mod replay;
@@ -27,6 +28,7 @@ pub use entry::{
     ChainFields, Entry, FieldEntry, KeyAdminEntry, KeyEventEntry, KeyRingDecision, RecordEntry,
     UnsignedTailEntry, chain_line, split_line,
 };
+pub use groups::expand_fields;
 pub use log::{Appended, DecisionLog, LogOptions, OpenState};
 pub use query::{Filter, QueryStats, for_each_entry, parse_time, query};
 pub use segments::{
@@ -47,8 +49,9 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_SEGMENT_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest time between signed checkpoints while entries are written.
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-/// Format version every entry carries as `format` (entries without one are format 1).
-pub const ENTRY_FORMAT: u32 = 2;
+/// Format version every entry carries as `format` (entries without one are format 1;
+/// format 2 added `format` and key events, format 3 groups the fields).
+pub const ENTRY_FORMAT: u32 = 3;
 /// `kind` of entries that record a change to the keyring.
 pub const KEY_EVENT_KIND: &str = "key_event";
 /// `kind` of entries that record a key administration request and its decisions.

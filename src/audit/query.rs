@@ -217,18 +217,26 @@ pub fn for_each_entry(
                 {
                     stats.unacknowledged += 1;
                 }
-                Ok(entry) => {
+                Ok(mut entry) => {
                     // Entries before format 2 carry no `format`; a newer one is not
                     // guessed at (as `verify` refuses it).
-                    if let Some(format) = entry.get("format")
-                        && format.as_u64() != Some(u64::from(super::ENTRY_FORMAT))
-                    {
+                    let format = entry.get("format").map(|format| {
+                        format
+                            .as_u64()
+                            .and_then(|format| u32::try_from(format).ok())
+                            .unwrap_or(0)
+                    });
+                    if let Some(problem) = super::entry::format_problem(
+                        format,
+                        entry.get("fields").is_some(),
+                        entry.get("field_groups").is_some(),
+                    ) {
                         return Err(std::io::Error::other(format!(
-                            "entry seq {} has format {format}, unknown to this version (it reads formats 1 and {})",
-                            entry.get("seq").unwrap_or(&Value::Null),
-                            super::ENTRY_FORMAT
+                            "entry seq {}: {problem}",
+                            entry.get("seq").unwrap_or(&Value::Null)
                         )));
                     }
+                    super::expand_fields(&mut entry);
                     stats.entries += 1;
                     if filter.matches(&entry) {
                         stats.matched += 1;
@@ -295,11 +303,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             segment_path(dir.path(), 1),
-            "{\"seq\":1,\"format\":3,\"kind\":\"decrypt\"}\n",
+            "{\"seq\":1,\"format\":4,\"kind\":\"decrypt\"}\n",
         )
         .unwrap();
         let error = for_each_entry(dir.path(), &Filter::default(), |_, _| Ok(())).unwrap_err();
-        assert!(error.to_string().contains("format 3, unknown"), "{error}");
+        assert!(
+            error.to_string().contains("entry format 4 is unknown"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -312,16 +312,8 @@ fn verify_line(
     }
     let fields = fields.map_err(|error| fail(None, error.to_string()))?;
     // Entries before format 2 carry no `format`; a newer one needs a newer verifier.
-    if let Some(format) = fields.format
-        && format != super::ENTRY_FORMAT
-    {
-        return Err(fail(
-            Some(fields.seq),
-            format!(
-                "entry format {format} is unknown to this verifier (it reads formats 1 and {})",
-                super::ENTRY_FORMAT
-            ),
-        ));
+    if let Some(problem) = fields.format_problem() {
+        return Err(fail(Some(fields.seq), problem));
     }
     if fields.seq != expected_seq {
         return Err(fail(

@@ -97,6 +97,12 @@ pub enum Command {
         log: Option<PathBuf>,
         #[command(flatten)]
         filter: FilterArgs,
+        /// Print each entry with its fields one by one (`fields`: one object per field
+        /// with its classification, decision, policies, key version and outcome) instead
+        /// of the line as stored, whose `field_groups` group them. The lines as stored
+        /// are what `audit verify` checks.
+        #[arg(long)]
+        expand_fields: bool,
     },
     /// Re-decide logged requests with the policy set that decided them (archived by
     /// hash in the data directory) and report every recorded decision that differs.
@@ -152,7 +158,12 @@ fn check_log_dir(log: &std::path::Path) -> Result<(), String> {
 
 pub fn run(command: Command) -> ExitCode {
     match command {
-        Command::Query { data, log, filter } => {
+        Command::Query {
+            data,
+            log,
+            filter,
+            expand_fields,
+        } => {
             let log = log_dir(&data, log);
             if let Err(problem) = check_log_dir(&log) {
                 return fail(EXIT_FAILURE, problem);
@@ -160,9 +171,14 @@ pub fn run(command: Command) -> ExitCode {
             let filter = Filter::from(filter);
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let result = ringfence::audit::query(&log, &filter, |line| {
+            let result = ringfence::audit::for_each_entry(&log, &filter, |line, entry| {
                 use std::io::Write as _;
-                writeln!(out, "{line}")
+                if expand_fields {
+                    serde_json::to_writer(&mut out, entry)?;
+                    writeln!(out)
+                } else {
+                    writeln!(out, "{line}")
+                }
             });
             match result {
                 Ok(stats) => {
@@ -185,6 +201,8 @@ pub fn run(command: Command) -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
+                // The reader went away (`audit query | head`): nothing more to print.
+                Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
                 Err(error) => fail(
                     EXIT_FAILURE,
                     format!("cannot read `{}`: {error}", log.display()),

@@ -26,8 +26,8 @@ fn test_gate(dir: &std::path::Path) -> Arc<Gatekeeper> {
 
 fn log_entries(dir: &std::path::Path) -> Vec<serde_json::Value> {
     let mut entries = Vec::new();
-    crate::audit::for_each_entry(&dir.join("log"), &Default::default(), |line, _| {
-        entries.push(serde_json::from_str(line).unwrap());
+    crate::audit::for_each_entry(&dir.join("log"), &Default::default(), |_, entry| {
+        entries.push(entry.clone());
         Ok(())
     })
     .unwrap();

@@ -227,7 +227,8 @@ fn key_events(dir: &Path) -> Vec<(String, String, u64)> {
         for line in std::fs::read_to_string(segment).unwrap().lines() {
             let entry: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(
-                entry["format"], 2,
+                entry["format"],
+                ringfence::audit::ENTRY_FORMAT,
                 "every new entry carries its format: {line}"
             );
             if entry["kind"] == "key_event" {

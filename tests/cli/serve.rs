@@ -258,12 +258,34 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         .args(["audit", "replay"]));
     assert_eq!(replay.code, 0, "{}{}", replay.stdout, replay.stderr);
     replay.says("2 entries replayed (21 field decisions) with 1 policy set(s): 0 differ");
+    // As stored, fields are grouped; `--expand-fields` lists them one by one.
+    let query = |expand: bool| {
+        let mut command = ringfence();
+        command
+            .current_dir(dir.path())
+            .args(["audit", "query", "--kind", "decrypt"]);
+        if expand {
+            command.arg("--expand-fields");
+        }
+        let output = run(&mut command);
+        output.succeeded();
+        output.stdout
+    };
+    let stored = query(false);
+    assert!(stored.contains(r#""field_groups":[{"outcome":"decrypt","policies":["us-gatekeeper-engineers-read-us"],"key_version":1,"fields":{"pii":["email"]}}]"#), "{stored}");
+    let expanded = query(true);
+    assert!(expanded.contains(r#""fields":[{"field":"email","classification":"pii","decision":"allow","policies":["us-gatekeeper-engineers-read-us"],"key_version":1,"outcome":"decrypt"}]"#), "{expanded}");
+    assert!(!expanded.contains("field_groups"));
 
     // A decision altered in the log (the chain breaks too, but replay reads entries as
     // they are): replay names the entry and field.
     let segment = dir.path().join("ringfence-data/log/decisions-000001.jsonl");
     let text = std::fs::read_to_string(&segment).unwrap();
-    let altered = text.replacen("\"field\":\"email\",\"classification\":\"pii\",\"decision\":\"allow\",\"policies\":[\"us-gatekeeper-engineers-read-us\"]", "\"field\":\"email\",\"classification\":\"pii\",\"decision\":\"deny\"", 1);
+    let altered = text.replacen(
+        "{\"outcome\":\"decrypt\",\"policies\":[\"us-gatekeeper-engineers-read-us\"],",
+        "{\"outcome\":\"decrypt\",\"decision\":\"deny\",",
+        1,
+    );
     assert_ne!(altered, text);
     std::fs::write(&segment, altered).unwrap();
     let differs = run(ringfence()

@@ -77,8 +77,9 @@ impl TestServer {
             .unwrap()
     }
 
-    /// Every decision log entry, parsed. A line the writer is still writing (no
-    /// newline yet) is left for the next look.
+    /// Every decision log entry, parsed, its fields one by one (`fields`, as
+    /// `audit query --expand-fields` prints them). A line the writer is still writing
+    /// (no newline yet) is left for the next look.
     pub fn log_entries(&self) -> Vec<serde_json::Value> {
         let mut segments: Vec<_> = std::fs::read_dir(self.log_dir())
             .unwrap()
@@ -93,7 +94,11 @@ impl TestServer {
                     .unwrap()
                     .split_inclusive('\n')
                     .filter(|line| line.ends_with('\n'))
-                    .map(|line| serde_json::from_str(line.trim_end()).unwrap())
+                    .map(|line| {
+                        let mut entry = serde_json::from_str(line.trim_end()).unwrap();
+                        ringfence::audit::expand_fields(&mut entry);
+                        entry
+                    })
                     .collect::<Vec<_>>()
             })
             .collect()

@@ -118,6 +118,35 @@ async fn every_request_has_one_chained_entry_and_no_plaintext() {
     let report = ringfence::audit::verify(&server.log_dir()).unwrap();
     assert_eq!(report.entries, all.len() as u64);
     let bytes = server.log_bytes();
+    // As stored, alice's entry groups its 20 fields (format 3): by outcome and
+    // determining policies, named under their classification, each field once.
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|line| line.contains(alice["request_id"].as_str().unwrap()))
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(stored["format"], 3);
+    assert!(stored.get("fields").is_none());
+    let groups = stored["field_groups"].as_array().unwrap();
+    let named: Vec<&str> = groups
+        .iter()
+        .flat_map(|group| group["fields"].as_object().unwrap().values())
+        .flat_map(|names| names.as_array().unwrap())
+        .map(|name| name.as_str().unwrap())
+        .collect();
+    assert_eq!(named.len(), 20);
+    assert_eq!(
+        named.iter().collect::<std::collections::HashSet<_>>().len(),
+        20
+    );
+    // Public fields, pii and sensitive ones, the restricted ones denied: three groups.
+    assert_eq!(groups.len(), 3, "{line}");
+    assert!(
+        line.len() < 1_400,
+        "{} bytes, where format 2 wrote 3,567: {line}",
+        line.len()
+    );
     for field in PROFILE_FIELDS {
         let secret = secret_value("u-5", field);
         assert!(

@@ -251,46 +251,101 @@ fn a_second_writer_is_refused_naming_the_first() {
     write_entries(dir.path(), 1, DEFAULT_SEGMENT_BYTES);
 }
 
+/// Rewrites `lines` (as `write_entries` writes them) with `edit` applied to each hashed
+/// body, and the chain linked and hashed again.
+fn rechain(lines: &[String], edit: impl Fn(&str) -> String) -> Vec<String> {
+    let mut prev = GENESIS_HASH.to_owned();
+    let mut out = Vec::new();
+    for line in lines {
+        let (body, _) = split_line(line).unwrap();
+        let body = edit(&body).replacen(
+            &format!("\"prev_hash\":\"{}\"", split_prev(line)),
+            &format!("\"prev_hash\":\"{prev}\""),
+            1,
+        );
+        let hash = hex::encode(Sha256::digest(body.as_bytes()));
+        out.push(format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]));
+        prev = hash;
+    }
+    out
+}
+
 #[test]
 fn entries_of_unknown_format_are_refused_and_old_entries_verify() {
     let dir = tempfile::tempdir().unwrap();
     write_entries(dir.path(), 2, DEFAULT_SEGMENT_BYTES);
     let segment = segment_path(dir.path(), 1);
     let lines = lines_of(&segment);
-    assert!(
-        lines
-            .iter()
-            .all(|line| line.starts_with("{\"seq\":") && line.contains(",\"format\":2,"))
-    );
-    // Format-1 entries (no `format` member, as written before) still verify.
-    let mut prev = GENESIS_HASH.to_owned();
-    let mut old = Vec::new();
-    for (index, line) in lines.iter().enumerate() {
-        let (body, _) = split_line(line).unwrap();
-        let body = body.replace(",\"format\":2", "");
-        let body = body.replacen(
-            &format!("\"prev_hash\":\"{}\"", split_prev(line)),
-            &format!("\"prev_hash\":\"{prev}\""),
-            1,
-        );
-        let hash = hex::encode(Sha256::digest(body.as_bytes()));
-        old.push(format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]));
-        prev = hash;
-        assert_eq!(index + 1, old.len());
-    }
-    write_lines(&segment, &old);
-    assert_eq!(verify(dir.path()).unwrap().entries, 2);
-    // A format this verifier does not know is named, not guessed at.
-    let newer: Vec<String> = {
-        let (body, _) = split_line(&lines[0]).unwrap();
-        let body = body.replace(",\"format\":2,", ",\"format\":3,");
-        let hash = hex::encode(Sha256::digest(body.as_bytes()));
-        vec![format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1])]
+    assert!(lines.iter().all(|line| line.starts_with("{\"seq\":")
+        && line.contains(",\"format\":3,")
+        && line.contains(",\"field_groups\":[{")
+        && !line.contains("\"fields\":[")));
+    // Entries as formats 1 and 2 wrote them (format 1 has no `format` member; both
+    // list fields one by one) still verify, also followed by format-3 entries.
+    let expanded = |body: &str| {
+        let mut entry: serde_json::Value = serde_json::from_str(body).unwrap();
+        crate::audit::expand_fields(&mut entry);
+        serde_json::to_string(&entry).unwrap()
     };
-    write_lines(&segment, &newer);
+    for old_format in ["", ",\"format\":2"] {
+        let old = rechain(&lines, |body| {
+            expanded(body).replace(",\"format\":3", old_format)
+        });
+        assert!(
+            old.iter()
+                .all(|line| line.contains("\"fields\":[{\"field\":"))
+        );
+        write_lines(&segment, &old);
+        assert_eq!(verify(dir.path()).unwrap().entries, 2);
+        let mut mixed = old.clone();
+        mixed.pop();
+        mixed.push(lines[1].clone());
+        let mixed = rechain(&mixed, str::to_owned);
+        write_lines(&segment, &mixed);
+        assert_eq!(verify(dir.path()).unwrap().entries, 2);
+        // `query` reads both layouts as the same facts.
+        let mut seen = Vec::new();
+        crate::audit::for_each_entry(dir.path(), &Default::default(), |_, entry| {
+            seen.push(entry["fields"].clone());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen[0], seen[1]);
+        assert!(!seen[0].as_array().unwrap().is_empty());
+    }
+    // A layout that does not fit the format is refused, naming the entry.
+    for (from, to, problem) in [
+        (
+            ",\"format\":3",
+            ",\"format\":2",
+            "has `field_groups`, which only format 3",
+        ),
+        (
+            ",\"format\":3",
+            "",
+            "has `field_groups`, which only format 3",
+        ),
+    ] {
+        write_lines(&segment, &rechain(&lines, |body| body.replace(from, to)));
+        let failure = verify(dir.path()).unwrap_err();
+        assert!(failure.problem.contains(problem), "{failure}");
+    }
+    write_lines(&segment, &rechain(&lines, expanded));
     let failure = verify(dir.path()).unwrap_err();
     assert!(
-        failure.problem.contains("entry format 3 is unknown"),
+        failure.problem.contains("lists `fields` one by one"),
         "{failure}"
     );
+    // A format this verifier does not know is named, not guessed at.
+    for (format, shown) in [(",\"format\":4,", 4), (",\"format\":1,", 1)] {
+        let newer = rechain(&lines[..1], |body| body.replace(",\"format\":3,", format));
+        write_lines(&segment, &newer);
+        let failure = verify(dir.path()).unwrap_err();
+        assert!(
+            failure
+                .problem
+                .contains(&format!("entry format {shown} is unknown")),
+            "{failure}"
+        );
+    }
 }

@@ -1,0 +1,330 @@
+//! The compact layout of an entry's field decisions (`field_groups`, entry format 3):
+//! fields grouped by outcome, determining policies, errors and key version, each named
+//! under its classification. Reads the per-field list of formats 1 and 2 as well.
+//! Pure data; may not touch files.
+
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::FieldEntry;
+
+/// The decision a field outcome implies: `deny` exactly when the outcome is `denied`.
+/// A group states its `decision` only when it is not the implied one.
+fn implied_decision(outcome: &str) -> &'static str {
+    if outcome == "denied" { "deny" } else { "allow" }
+}
+
+fn same_group(a: &FieldEntry, b: &FieldEntry) -> bool {
+    a.outcome == b.outcome
+        && a.decision == b.decision
+        && a.policies == b.policies
+        && a.errors == b.errors
+        && a.key_version == b.key_version
+}
+
+/// `fields` in groups, in order of each group's first field.
+fn grouped(fields: &[FieldEntry]) -> Vec<Vec<&FieldEntry>> {
+    let mut groups: Vec<Vec<&FieldEntry>> = Vec::new();
+    for field in fields {
+        match groups
+            .iter_mut()
+            .find(|group| group.first().is_some_and(|first| same_group(first, field)))
+        {
+            Some(group) => group.push(field),
+            None => groups.push(vec![field]),
+        }
+    }
+    groups
+}
+
+struct Group<'a>(Vec<&'a FieldEntry>);
+
+impl Serialize for Group<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let Some(first) = self.0.first() else {
+            return Err(serde::ser::Error::custom("empty field group"));
+        };
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("outcome", &first.outcome)?;
+        if first.decision != implied_decision(&first.outcome) {
+            map.serialize_entry("decision", &first.decision)?;
+        }
+        if !first.policies.is_empty() {
+            map.serialize_entry("policies", &first.policies)?;
+        }
+        if !first.errors.is_empty() {
+            map.serialize_entry("errors", &first.errors)?;
+        }
+        if let Some(version) = first.key_version {
+            map.serialize_entry("key_version", &version)?;
+        }
+        let mut classes: Vec<(&str, Vec<&str>)> = Vec::new();
+        for field in &self.0 {
+            match classes
+                .iter_mut()
+                .find(|(class, _)| *class == field.classification)
+            {
+                Some((_, names)) => names.push(&field.field),
+                None => classes.push((&field.classification, vec![&field.field])),
+            }
+        }
+        map.serialize_entry("fields", &Classes(classes))?;
+        map.end()
+    }
+}
+
+struct Classes<'a>(Vec<(&'a str, Vec<&'a str>)>);
+
+impl Serialize for Classes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (class, names) in &self.0 {
+            map.serialize_entry(class, names)?;
+        }
+        map.end()
+    }
+}
+
+/// Writes `fields` as `field_groups` (see `docs/decision-log.md`, "Field groups").
+pub(super) fn serialize<S: Serializer>(
+    fields: &[FieldEntry],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let groups = grouped(fields);
+    let mut seq = serializer.serialize_seq(Some(groups.len()))?;
+    for group in groups {
+        seq.serialize_element(&Group(group))?;
+    }
+    seq.end()
+}
+
+/// One group as stored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredGroup {
+    outcome: String,
+    #[serde(default)]
+    decision: Option<String>,
+    #[serde(default)]
+    policies: Vec<String>,
+    #[serde(default)]
+    errors: Vec<String>,
+    #[serde(default)]
+    key_version: Option<u32>,
+    fields: StoredClasses,
+}
+
+/// Classification -> field names, in stored order.
+struct StoredClasses(Vec<(String, Vec<String>)>);
+
+impl<'de> Deserialize<'de> for StoredClasses {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Ordered;
+        impl<'de> Visitor<'de> for Ordered {
+            type Value = StoredClasses;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of classifications to field names")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StoredClasses, A::Error> {
+                let mut classes = Vec::new();
+                while let Some((class, names)) = map.next_entry::<String, Vec<String>>()? {
+                    if names.is_empty() {
+                        return Err(A::Error::custom(format!(
+                            "classification `{class}` names no field"
+                        )));
+                    }
+                    classes.push((class, names));
+                }
+                Ok(StoredClasses(classes))
+            }
+        }
+        deserializer.deserialize_map(Ordered)
+    }
+}
+
+/// An element of `field_groups` (format 3) or of `fields` (formats 1 and 2).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Group(StoredGroup),
+    Field(FieldEntry),
+}
+
+/// Reads `field_groups` (format 3) or `fields` (formats 1 and 2) into one list of
+/// field decisions: a group's fields in stored order, groups one after the other.
+pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<FieldEntry>, D::Error> {
+    let mut fields = Vec::new();
+    for stored in Vec::<Stored>::deserialize(deserializer)? {
+        match stored {
+            Stored::Field(field) => fields.push(field),
+            Stored::Group(group) => {
+                if group.fields.0.is_empty() {
+                    return Err(D::Error::custom("a field group names no field"));
+                }
+                let decision = group
+                    .decision
+                    .unwrap_or_else(|| implied_decision(&group.outcome).to_owned());
+                for (class, names) in group.fields.0 {
+                    for name in names {
+                        fields.push(FieldEntry {
+                            field: name,
+                            classification: class.clone(),
+                            decision: decision.clone(),
+                            policies: group.policies.clone(),
+                            errors: group.errors.clone(),
+                            key_version: group.key_version,
+                            outcome: group.outcome.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(fields)
+}
+
+#[derive(Deserialize)]
+struct Fields(#[serde(deserialize_with = "deserialize")] Vec<FieldEntry>);
+
+/// Rewrites a parsed entry's `field_groups` into the per-field `fields` list formats 1
+/// and 2 wrote (one object per field: `field`, `classification`, `decision`,
+/// `policies`, `errors`, `key_version`, `outcome`), the same facts field by field.
+/// Leaves an entry without groups, or with groups it cannot read, as it is.
+pub fn expand_fields(entry: &mut Value) {
+    let Some(object) = entry.as_object_mut() else {
+        return;
+    };
+    let Some(groups) = object.get("field_groups") else {
+        return;
+    };
+    let Ok(Fields(fields)) = Fields::deserialize(groups) else {
+        return;
+    };
+    let Ok(fields) = serde_json::to_value(fields) else {
+        return;
+    };
+    // In place, so that the members keep their order.
+    let mut fields = Some(fields);
+    *object = std::mem::take(object)
+        .into_iter()
+        .map(|(key, value)| match key.as_str() {
+            "field_groups" => ("fields".to_owned(), fields.take().unwrap_or(value)),
+            _ => (key, value),
+        })
+        .collect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(name: &str, class: &str, decision: &str, policy: &str, outcome: &str) -> FieldEntry {
+        FieldEntry {
+            field: name.to_owned(),
+            classification: class.to_owned(),
+            decision: decision.to_owned(),
+            policies: if policy.is_empty() {
+                vec![]
+            } else {
+                vec![policy.to_owned()]
+            },
+            errors: vec![],
+            key_version: Some(1),
+            outcome: outcome.to_owned(),
+        }
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct Holder {
+        #[serde(
+            rename = "field_groups",
+            alias = "fields",
+            serialize_with = "serialize",
+            deserialize_with = "deserialize"
+        )]
+        fields: Vec<FieldEntry>,
+    }
+
+    fn sorted(mut fields: Vec<FieldEntry>) -> Vec<FieldEntry> {
+        fields.sort_by(|a, b| a.field.cmp(&b.field));
+        fields
+    }
+
+    #[test]
+    fn groups_keep_every_fact_of_every_field() {
+        let mut fields = vec![
+            field("email", "pii", "allow", "reads-pii", "decrypt"),
+            field("ssn", "restricted", "deny", "", "denied"),
+            field("nickname", "public", "allow", "reads-public", "decrypt"),
+            field("phone", "pii", "allow", "reads-pii", "decrypt"),
+            field("city", "sensitive", "allow", "reads-pii", "decrypt"),
+            // Not the decision its outcome implies: stated in its group.
+            field("pin", "restricted", "deny", "", "shredded"),
+            field("tax_id", "restricted", "allow", "", "integrity_failure"),
+        ];
+        fields[6].key_version = None;
+        fields[6].errors = vec!["while evaluating policy `p`: error".to_owned()];
+        let line = serde_json::to_string(&Holder {
+            fields: fields.clone(),
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            concat!(
+                r#"{"field_groups":["#,
+                r#"{"outcome":"decrypt","policies":["reads-pii"],"key_version":1,"fields":{"pii":["email","phone"],"sensitive":["city"]}},"#,
+                r#"{"outcome":"denied","key_version":1,"fields":{"restricted":["ssn"]}},"#,
+                r#"{"outcome":"decrypt","policies":["reads-public"],"key_version":1,"fields":{"public":["nickname"]}},"#,
+                r#"{"outcome":"shredded","decision":"deny","key_version":1,"fields":{"restricted":["pin"]}},"#,
+                r#"{"outcome":"integrity_failure","errors":["while evaluating policy `p`: error"],"fields":{"restricted":["tax_id"]}}"#,
+                "]}"
+            )
+        );
+        let read: Holder = serde_json::from_str(&line).unwrap();
+        assert_eq!(sorted(read.fields), sorted(fields.clone()));
+        // The per-field list of formats 1 and 2 reads as the same facts.
+        let old = serde_json::json!({ "fields": fields });
+        let read: Holder = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(read.fields, fields);
+        // And `expand_fields` turns the groups back into that list, in place.
+        let mut entry: Value = serde_json::from_str(&format!(
+            r#"{{"seq":1,{},"outcome":"decided"}}"#,
+            &line[1..line.len() - 1]
+        ))
+        .unwrap();
+        expand_fields(&mut entry);
+        let keys: Vec<&str> = entry
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["seq", "fields", "outcome"]);
+        let expanded: Vec<FieldEntry> = serde_json::from_value(entry["fields"].clone()).unwrap();
+        assert_eq!(sorted(expanded), sorted(fields));
+    }
+
+    #[test]
+    fn malformed_groups_are_refused() {
+        for bad in [
+            r#"{"field_groups":[{"outcome":"decrypt","fields":{}}]}"#,
+            r#"{"field_groups":[{"outcome":"decrypt","fields":{"pii":[]}}]}"#,
+            r#"{"field_groups":[{"outcome":"decrypt","fields":{"pii":["a"]},"extra":1}]}"#,
+            r#"{"field_groups":[{"fields":{"pii":["a"]}}]}"#,
+            r#"{"field_groups":[{"outcome":"decrypt","fields":["a"]}]}"#,
+        ] {
+            assert!(serde_json::from_str::<Holder>(bad).is_err(), "{bad}");
+        }
+        // `expand_fields` leaves what it cannot read as it is.
+        let mut entry: Value =
+            serde_json::from_str(r#"{"field_groups":[{"outcome":"decrypt","fields":{}}]}"#)
+                .unwrap();
+        let before = entry.clone();
+        expand_fields(&mut entry);
+        assert_eq!(entry, before);
+    }
+}
