@@ -23,6 +23,7 @@ pub struct RecordEntry {
 
 /// The decision and outcome for one field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FieldEntry {
     /// Field name.
     pub field: String,
@@ -259,8 +260,8 @@ pub fn split_line(line: &str) -> Option<(String, &str)> {
 pub struct ChainFields {
     /// Sequence number, from 1.
     pub seq: u64,
-    /// Entry format version (absent: 1).
-    #[serde(default)]
+    /// Entry format version (absent: 1; present, it must be a number).
+    #[serde(default, deserialize_with = "format_number")]
     pub format: Option<u32>,
     /// Hash of the previous entry.
     pub prev_hash: String,
@@ -273,12 +274,47 @@ pub struct ChainFields {
     /// The signature of a checkpoint entry.
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
-    /// Present when the entry lists its fields one by one (formats 1 and 2).
-    #[serde(default)]
-    pub fields: Option<serde::de::IgnoredAny>,
-    /// Present when the entry groups its fields (format 3).
-    #[serde(default)]
-    pub field_groups: Option<serde::de::IgnoredAny>,
+    /// The fields listed one by one (formats 1 and 2), read strictly: each object has
+    /// exactly the members those formats wrote.
+    #[serde(default, deserialize_with = "super::groups::strict_fields")]
+    pub fields: Option<usize>,
+    /// The field groups (format 3), read strictly (see `docs/decision-log.md`).
+    #[serde(default, deserialize_with = "super::groups::strict_groups")]
+    pub field_groups: Option<usize>,
+}
+
+/// `format`, when present, is a number: `null` or text is refused, not read as absent.
+fn format_number<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
+    u32::deserialize(deserializer).map(Some)
+}
+
+/// How an entry lays out its members, as `query` checks it on a parsed entry.
+#[derive(Debug, Deserialize)]
+pub struct Layout {
+    #[serde(default, deserialize_with = "format_number")]
+    format: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
+    fields: Option<()>,
+    #[serde(default, deserialize_with = "present")]
+    field_groups: Option<()>,
+}
+
+/// A member that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<()>, D::Error> {
+    serde::de::IgnoredAny::deserialize(deserializer).map(|_| Some(()))
+}
+
+impl Layout {
+    /// Why this entry's members do not fit its format, if they do not.
+    pub fn problem(&self) -> Option<String> {
+        format_problem(
+            self.format,
+            self.fields.is_some(),
+            self.field_groups.is_some(),
+        )
+    }
 }
 
 impl ChainFields {
@@ -298,7 +334,13 @@ impl ChainFields {
 /// (`field_groups`); a format this version does not know is named, not guessed at.
 pub fn format_problem(format: Option<u32>, fields: bool, field_groups: bool) -> Option<String> {
     let number = format.unwrap_or(1);
-    if format == Some(1) || !(1..=ENTRY_FORMAT).contains(&number) {
+    if format == Some(1) {
+        return Some(
+            "a format-1 entry carries no `format` member: `\"format\":1` is not written by any version"
+                .to_owned(),
+        );
+    }
+    if !(1..=ENTRY_FORMAT).contains(&number) {
         return Some(format!(
             "entry format {number} is unknown to this version (it reads formats 1 to {ENTRY_FORMAT})"
         ));

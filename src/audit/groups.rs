@@ -128,11 +128,16 @@ impl<'de> Deserialize<'de> for StoredClasses {
                 f.write_str("an object of classifications to field names")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StoredClasses, A::Error> {
-                let mut classes = Vec::new();
+                let mut classes: Vec<(String, Vec<String>)> = Vec::new();
                 while let Some((class, names)) = map.next_entry::<String, Vec<String>>()? {
                     if names.is_empty() {
                         return Err(A::Error::custom(format!(
                             "classification `{class}` names no field"
+                        )));
+                    }
+                    if classes.iter().any(|(seen, _)| *seen == class) {
+                        return Err(A::Error::custom(format!(
+                            "classification `{class}` appears twice in one group"
                         )));
                     }
                     classes.push((class, names));
@@ -152,39 +157,107 @@ enum Stored {
     Field(FieldEntry),
 }
 
-/// Reads `field_groups` (format 3) or `fields` (formats 1 and 2) into one list of
-/// field decisions: a group's fields in stored order, groups one after the other.
-pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Vec<FieldEntry>, D::Error> {
-    let mut fields = Vec::new();
-    for stored in Vec::<Stored>::deserialize(deserializer)? {
-        match stored {
-            Stored::Field(field) => fields.push(field),
-            Stored::Group(group) => {
-                if group.fields.0.is_empty() {
-                    return Err(D::Error::custom("a field group names no field"));
+/// Most bytes of field decisions one entry's groups may expand to: a group repeats its
+/// policies and errors for every field it names, so a crafted line could otherwise
+/// expand a thousandfold in `query` or `replay`.
+const MAX_EXPANDED_BYTES: usize = 16 * 1024 * 1024;
+
+/// The fields of `groups`, each field once, in stored order.
+fn expand(groups: Vec<StoredGroup>) -> Result<Vec<FieldEntry>, String> {
+    let mut fields: Vec<FieldEntry> = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    let mut expanded = 0usize;
+    for group in groups {
+        if group.fields.0.is_empty() {
+            return Err("a field group names no field".to_owned());
+        }
+        let decision = group
+            .decision
+            .unwrap_or_else(|| implied_decision(&group.outcome).to_owned());
+        let shared: usize = group
+            .policies
+            .iter()
+            .chain(&group.errors)
+            .map(String::len)
+            .sum::<usize>()
+            + group.outcome.len()
+            + decision.len();
+        for (class, members) in group.fields.0 {
+            for name in members {
+                expanded = expanded.saturating_add(shared + class.len() + name.len());
+                if expanded > MAX_EXPANDED_BYTES {
+                    return Err(format!(
+                        "field groups that expand to more than {} MiB",
+                        MAX_EXPANDED_BYTES >> 20
+                    ));
                 }
-                let decision = group
-                    .decision
-                    .unwrap_or_else(|| implied_decision(&group.outcome).to_owned());
-                for (class, names) in group.fields.0 {
-                    for name in names {
-                        fields.push(FieldEntry {
-                            field: name,
-                            classification: class.clone(),
-                            decision: decision.clone(),
-                            policies: group.policies.clone(),
-                            errors: group.errors.clone(),
-                            key_version: group.key_version,
-                            outcome: group.outcome.clone(),
-                        });
-                    }
+                if !names.insert(name.clone()) {
+                    return Err(format!("field `{name}` appears twice"));
                 }
+                fields.push(FieldEntry {
+                    field: name,
+                    classification: class.clone(),
+                    decision: decision.clone(),
+                    policies: group.policies.clone(),
+                    errors: group.errors.clone(),
+                    key_version: group.key_version,
+                    outcome: group.outcome.clone(),
+                });
             }
         }
     }
     Ok(fields)
+}
+
+/// Reads `field_groups` (format 3) or `fields` (formats 1 and 2) into one list of
+/// field decisions: a group's fields in stored order, groups one after the other. A
+/// list is all groups or all fields; which of the two fits the entry's format is
+/// checked by `audit verify` (with [`strict_groups`] and [`strict_fields`]) and by
+/// `audit query`.
+pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<FieldEntry>, D::Error> {
+    let stored = Vec::<Stored>::deserialize(deserializer)?;
+    if stored.iter().all(|item| matches!(item, Stored::Field(_))) {
+        return Ok(stored
+            .into_iter()
+            .filter_map(|item| match item {
+                Stored::Field(field) => Some(field),
+                Stored::Group(_) => None,
+            })
+            .collect());
+    }
+    let mut groups = Vec::with_capacity(stored.len());
+    for item in stored {
+        match item {
+            Stored::Group(group) => groups.push(group),
+            Stored::Field(_) => {
+                return Err(D::Error::custom(
+                    "fields listed one by one among field groups",
+                ));
+            }
+        }
+    }
+    expand(groups).map_err(D::Error::custom)
+}
+
+/// `audit verify`'s reading of `field_groups`: groups only, every member known, every
+/// field once; returns how many fields they name.
+pub(super) fn strict_groups<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<usize>, D::Error> {
+    let groups = Vec::<StoredGroup>::deserialize(deserializer)?;
+    expand(groups)
+        .map(|fields| Some(fields.len()))
+        .map_err(D::Error::custom)
+}
+
+/// `audit verify`'s reading of `fields` (formats 1 and 2): one object per field with
+/// the members those formats wrote, nothing else.
+pub(super) fn strict_fields<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<usize>, D::Error> {
+    Vec::<FieldEntry>::deserialize(deserializer).map(|fields| Some(fields.len()))
 }
 
 #[derive(Deserialize)]

@@ -220,17 +220,12 @@ pub fn for_each_entry(
                 Ok(mut entry) => {
                     // Entries before format 2 carry no `format`; a newer one is not
                     // guessed at (as `verify` refuses it).
-                    let format = entry.get("format").map(|format| {
-                        format
-                            .as_u64()
-                            .and_then(|format| u32::try_from(format).ok())
-                            .unwrap_or(0)
-                    });
-                    if let Some(problem) = super::entry::format_problem(
-                        format,
-                        entry.get("fields").is_some(),
-                        entry.get("field_groups").is_some(),
-                    ) {
+                    let problem =
+                        match <super::entry::Layout as serde::Deserialize>::deserialize(&entry) {
+                            Ok(layout) => layout.problem(),
+                            Err(error) => Some(format!("unreadable `format`: {error}")),
+                        };
+                    if let Some(problem) = problem {
                         return Err(std::io::Error::other(format!(
                             "entry seq {}: {problem}",
                             entry.get("seq").unwrap_or(&Value::Null)

@@ -74,9 +74,27 @@ fn replay_entry(
     report: &mut ReplayReport,
 ) {
     let seq = value.get("seq").and_then(Value::as_u64).unwrap_or_default();
-    let Ok(entry) = serde_json::from_value::<Entry>(value.clone()) else {
-        report.skipped += 1;
-        return;
+    let entry = match serde_json::from_value::<Entry>(value.clone()) {
+        Ok(entry) => entry,
+        // Field decisions that cannot be read cannot be re-decided: a difference.
+        Err(error) if value.get("field_groups").is_some() || value.get("fields").is_some() => {
+            report.mismatches.push(Mismatch {
+                seq,
+                request_id: value
+                    .get("request_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                field: "*".to_owned(),
+                recorded: "field decisions that cannot be read".to_owned(),
+                replayed: error.to_string(),
+            });
+            return;
+        }
+        Err(_) => {
+            report.skipped += 1;
+            return;
+        }
     };
     let action = match entry.kind.as_str() {
         "encrypt" => Some(Action::Encrypt),

@@ -180,6 +180,11 @@ pub fn run(command: Command) -> ExitCode {
                     writeln!(out, "{line}")
                 }
             });
+            // Every line written, or the error that stopped it (a full disk).
+            let result = result.and_then(|stats| {
+                use std::io::Write as _;
+                out.flush().map(|()| stats)
+            });
             match result {
                 Ok(stats) => {
                     let mut notes = String::new();
@@ -205,7 +210,7 @@ pub fn run(command: Command) -> ExitCode {
                 Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
                 Err(error) => fail(
                     EXIT_FAILURE,
-                    format!("cannot read `{}`: {error}", log.display()),
+                    format!("cannot query `{}`: {error}", log.display()),
                 ),
             }
         }

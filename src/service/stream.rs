@@ -485,13 +485,7 @@ impl<B: Bulk> Driver<B> {
                 async move {
                     let answer = match in_progress.acquire_owned().await {
                         Ok(_working) => {
-                            // On the heap: the decision's future is large (see `unary`).
-                            let answer = Box::pin(B::answer(
-                                Arc::clone(&gate),
-                                Arc::clone(&caller),
-                                message,
-                            ));
-                            match answer.await {
+                            match B::answer(Arc::clone(&gate), Arc::clone(&caller), message).await {
                                 Ok((mut response, receipt)) => {
                                     // The index is part of what the transport encodes.
                                     B::set_index(&mut response, index);

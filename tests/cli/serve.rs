@@ -299,6 +299,22 @@ fn quick_start_runs_on_embedded_defaults_and_round_trips_a_record() {
         "{}",
         differs.stdout
     );
+    // Field decisions that cannot be read are a difference too, never skipped.
+    let unreadable = std::fs::read_to_string(&segment).unwrap().replacen(
+        "\"fields\":{\"pii\":[\"email\"]}",
+        "\"fields\":{\"pii\":[\"email\",\"email\"]}",
+        1,
+    );
+    std::fs::write(&segment, unreadable).unwrap();
+    let unread = run(ringfence()
+        .current_dir(dir.path())
+        .args(["audit", "replay", "--kind", "decrypt"]));
+    assert_eq!(unread.code, 8, "{}{}", unread.stdout, unread.stderr);
+    assert!(
+        unread.stdout.contains("field `email` appears twice"),
+        "{}",
+        unread.stdout
+    );
     let none =
         run(ringfence()
             .current_dir(dir.path())

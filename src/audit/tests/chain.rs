@@ -336,16 +336,57 @@ fn entries_of_unknown_format_are_refused_and_old_entries_verify() {
         failure.problem.contains("lists `fields` one by one"),
         "{failure}"
     );
+    // Members that are there count, `null` included, and the field decisions are read
+    // strictly: what `verify` passes is what `query` and `replay` read.
+    let groups = r#""field_groups":[{"outcome":"decrypt","policies":["p"],"key_version":1,"fields":{"pii":["email"]}}]"#;
+    assert!(lines[0].contains(groups), "{}", lines[0]);
+    let as_fields = groups.replace("field_groups", "fields");
+    let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (vec![(groups, format!(r#"{groups},"fields":null"#))], "invalid type: null"),
+        (vec![(groups, format!(r#"{groups},"fields":[]"#))], "lists `fields` one by one"),
+        (vec![(",\"format\":3", ",\"format\":null".to_owned())], "invalid type: null"),
+        (vec![(groups, r#""field_groups":null"#.to_owned())], "invalid type: null"),
+        // Groups where format 2 lists fields one by one.
+        (
+            vec![(",\"format\":3", ",\"format\":2".to_owned()), (groups, as_fields.clone())],
+            "unknown field `fields`",
+        ),
+        // An object that is half a field, half a group.
+        (
+            vec![(groups, r#""field_groups":[{"field":"nickname","classification":"public","decision":"allow","outcome":"decrypt","fields":{"restricted":["ssn"]}}]"#.to_owned())],
+            "unknown field `field`",
+        ),
+        (
+            vec![(r#""fields":{"pii":["email"]}"#, r#""fields":{"pii":["email"],"pii":["ssn"]}"#.to_owned())],
+            "classification `pii` appears twice",
+        ),
+        (
+            vec![(r#""fields":{"pii":["email"]}"#, r#""fields":{"pii":["email"],"public":["email"]}"#.to_owned())],
+            "field `email` appears twice",
+        ),
+    ];
+    for (edits, problem) in cases {
+        let edited = rechain(&lines, |body| {
+            edits
+                .iter()
+                .fold(body.to_owned(), |body, (from, to)| body.replace(from, to))
+        });
+        assert_ne!(edited, lines);
+        write_lines(&segment, &edited);
+        let failure = verify(dir.path()).unwrap_err();
+        assert!(failure.problem.contains(problem), "{edits:?}: {failure}");
+    }
     // A format this verifier does not know is named, not guessed at.
-    for (format, shown) in [(",\"format\":4,", 4), (",\"format\":1,", 1)] {
+    for (format, problem) in [
+        (",\"format\":4,", "entry format 4 is unknown"),
+        (
+            ",\"format\":1,",
+            "a format-1 entry carries no `format` member",
+        ),
+    ] {
         let newer = rechain(&lines[..1], |body| body.replace(",\"format\":3,", format));
         write_lines(&segment, &newer);
         let failure = verify(dir.path()).unwrap_err();
-        assert!(
-            failure
-                .problem
-                .contains(&format!("entry format {shown} is unknown")),
-            "{failure}"
-        );
+        assert!(failure.problem.contains(problem), "{failure}");
     }
 }
