@@ -11,12 +11,18 @@
 //! `--fresh-tickets` (a new ticket per request, so no decision is served from the
 //! cache), `--stream` (use DecryptRecords, one stream per client), `--data-dir DIR`
 //! (where the spawned server keeps its log; put it on tmpfs to take fsync out),
+//! `--call encrypt` (EncryptRecord as us-signup, the record built anew per request)
+//! or `--call status` (GetStatus: the gRPC floor) instead of DecryptRecord,
+//! `--cold` (a new data subject and ticket per request: with `--call decrypt`, every
+//! request opens another subject's record, each encrypted at setup, and names a new
+//! ticket, its secret read from the subject store: the spawned server's subject cache
+//! is off; with `--call encrypt`, every request is a new subject's record),
 //! `--addr HOST:PORT` (drive an already running server; no CPU figure then),
 //! `--in-process` (no gRPC: N tasks call the gatekeeper directly; the CPU figure is
 //! then decide + log + decrypt alone), `--mtls` (serve with `--dev`: mutual TLS with
 //! client certificates and employee tokens, as deployed, instead of plain TCP with
 //! identity headers), `--write-bodies DIR` (with `--addr`: encrypt one record and write
-//! gRPC-framed request bodies for h2load, see `benches/h2load.sh`).
+//! gRPC-framed request bodies for h2load, see `benches/load.sh`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -53,6 +59,15 @@ struct Options {
     in_process: bool,
     mtls: bool,
     write_bodies: Option<PathBuf>,
+    call: Call,
+    cold: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Call {
+    Decrypt,
+    Encrypt,
+    Status,
 }
 
 /// With `--mtls`: the development PKI of the spawned server and alice's token.
@@ -98,6 +113,8 @@ fn options() -> Options {
         in_process: false,
         mtls: false,
         write_bodies: None,
+        call: Call::Decrypt,
+        cold: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -113,10 +130,23 @@ fn options() -> Options {
             "--in-process" => options.in_process = true,
             "--mtls" => options.mtls = true,
             "--write-bodies" => options.write_bodies = Some(PathBuf::from(value())),
+            "--call" => {
+                options.call = match value().as_str() {
+                    "decrypt" => Call::Decrypt,
+                    "encrypt" => Call::Encrypt,
+                    "status" => Call::Status,
+                    other => panic!("--call {other}: decrypt, encrypt or status"),
+                }
+            }
+            "--cold" => options.cold = true,
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
     }
+    assert!(
+        !(options.stream || options.in_process) || (options.call == Call::Decrypt && !options.cold),
+        "--call and --cold apply to unary calls over gRPC, not to --stream or --in-process"
+    );
     options
 }
 
@@ -133,7 +163,7 @@ fn server_binary() -> PathBuf {
     binary
 }
 
-fn spawn_server(data_dir: &Path, mtls: bool) -> (Child, String) {
+fn spawn_server(data_dir: &Path, mtls: bool, cold: bool) -> (Child, String) {
     let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     if !mtls {
         // Outside --dev the server creates no keys: make them (a no-op when present).
@@ -173,6 +203,9 @@ fn spawn_server(data_dir: &Path, mtls: bool) -> (Child, String) {
         .arg("--data-dir")
         .arg(data_dir)
         .env("RINGFENCE_LOG", "warn,ringfence::server=info")
+        // Cold: every subject's secret is read from the subject store, none from the
+        // server's cache (which setup's encryptions would fill).
+        .envs(cold.then_some(("RINGFENCE_SUBJECT_CACHE", "0")))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -219,35 +252,45 @@ fn caller<T>(message: T, service: &str, employee: Option<&str>) -> tonic::Reques
     request
 }
 
-async fn setup(channel: Channel, count: usize) -> Vec<pb::EncryptedRecord> {
-    let mut client = RingfenceClient::new(channel);
-    let mut records = Vec::with_capacity(count);
-    for n in 0..count {
-        let request = pb::EncryptRecordRequest {
-            subject_id: String::new(),
-            record_type: "user_profile".to_owned(),
-            record_id: format!("user-{n:08}"),
-            jurisdiction: "US".to_owned(),
-            fields: profile_fields()
-                .iter()
-                .map(|field| pb::PlainField {
-                    name: (*field).to_owned(),
-                    value: format!("{field} of user {n}: some realistic length value").into_bytes(),
-                })
-                .collect(),
-        };
-        let request = caller(request, "us-signup", None);
-        records.push(
-            client
-                .encrypt_record(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .record
-                .unwrap(),
-        );
+/// The 20-field profile of record `user-{n}`, its own data subject.
+fn encrypt_request(n: usize) -> pb::EncryptRecordRequest {
+    pb::EncryptRecordRequest {
+        subject_id: String::new(),
+        record_type: "user_profile".to_owned(),
+        record_id: format!("user-{n:08}"),
+        jurisdiction: "US".to_owned(),
+        fields: profile_fields()
+            .iter()
+            .map(|field| pb::PlainField {
+                name: (*field).to_owned(),
+                value: format!("{field} of user {n}: some realistic length value").into_bytes(),
+            })
+            .collect(),
     }
-    records
+}
+
+/// Encrypts records `user-0` .. `user-{count - 1}` (8 at a time).
+async fn setup(channel: Channel, count: usize) -> Vec<pb::EncryptedRecord> {
+    let workers = 8;
+    let mut tasks = Vec::new();
+    for worker in 0..workers {
+        let mut client = RingfenceClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut records = Vec::new();
+            for n in (worker..count).step_by(workers) {
+                let request = caller(encrypt_request(n), "us-signup", None);
+                let record = client.encrypt_record(request).await.unwrap().into_inner();
+                records.push((n, record.record.unwrap()));
+            }
+            records
+        }));
+    }
+    let mut records = Vec::with_capacity(count);
+    for task in tasks {
+        records.extend(task.await.unwrap());
+    }
+    records.sort_by_key(|(n, _)| *n);
+    records.into_iter().map(|(_, record)| record).collect()
 }
 
 fn decrypt_request(record: &pb::EncryptedRecord, ticket: String) -> pb::DecryptRecordRequest {
@@ -365,9 +408,14 @@ async fn in_process(options: &Options, data_dir: &Path) {
     );
 }
 
+/// Records in one `stream.bin` body.
+const STREAM_BODY_RECORDS: usize = 256;
+
 /// Writes gRPC-framed request bodies for an outside load generator (h2load, see
-/// `benches/h2load.sh`): `decrypt.bin` (alice's DecryptRecord of the first record,
-/// purpose support, ticket INC-1) and `status.bin` (GetStatus, the floor).
+/// `benches/load.sh`): `decrypt.bin` (alice's DecryptRecord of the first record,
+/// purpose support, ticket INC-1), `stream.bin` (a DecryptRecords stream of that
+/// request, [`STREAM_BODY_RECORDS`] times), `encrypt.bin` (us-signup's EncryptRecord
+/// of the first record's profile) and `status.bin` (GetStatus, the floor).
 fn write_bodies(dir: &Path, record: &pb::EncryptedRecord) {
     fn framed(message: &impl prost::Message) -> Vec<u8> {
         let body = message.encode_to_vec();
@@ -377,8 +425,10 @@ fn write_bodies(dir: &Path, record: &pb::EncryptedRecord) {
         out
     }
     std::fs::create_dir_all(dir).unwrap();
-    let decrypt = decrypt_request(record, "INC-1".to_owned());
-    std::fs::write(dir.join("decrypt.bin"), framed(&decrypt)).unwrap();
+    let decrypt = framed(&decrypt_request(record, "INC-1".to_owned()));
+    std::fs::write(dir.join("decrypt.bin"), &decrypt).unwrap();
+    std::fs::write(dir.join("stream.bin"), decrypt.repeat(STREAM_BODY_RECORDS)).unwrap();
+    std::fs::write(dir.join("encrypt.bin"), framed(&encrypt_request(0))).unwrap();
     std::fs::write(dir.join("status.bin"), framed(&pb::GetStatusRequest {})).unwrap();
 }
 
@@ -397,7 +447,7 @@ async fn main() {
     let (child, addr) = match &options.addr {
         Some(addr) => (None, addr.clone()),
         None => {
-            let (child, addr) = spawn_server(&data_dir, options.mtls);
+            let (child, addr) = spawn_server(&data_dir, options.mtls, options.cold);
             if options.mtls {
                 let pki = ringfence::dev::DevPki::of(&data_dir);
                 let token = pki
@@ -420,6 +470,8 @@ async fn main() {
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
     let done = Arc::new(AtomicU64::new(0));
     let tickets = Arc::new(AtomicU64::new(0));
+    // With `--cold`: the next subject (a record encrypted at setup, or a new one).
+    let subjects = Arc::new(AtomicU64::new(0));
     let cpu_before = child.as_ref().map(|c| cpu_seconds(c.id()));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -428,8 +480,10 @@ async fn main() {
         let records = Arc::clone(&records);
         let done = Arc::clone(&done);
         let tickets = Arc::clone(&tickets);
-        let fresh = options.fresh_tickets;
+        let subjects = Arc::clone(&subjects);
+        let fresh = options.fresh_tickets || options.cold;
         let stream = options.stream;
+        let (call, cold) = (options.call, options.cold);
         tasks.push(tokio::spawn(async move {
             let mut client = RingfenceClient::new(channel);
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
@@ -481,19 +535,47 @@ async fn main() {
                 }
             } else {
                 while Instant::now() < deadline {
-                    let record = &records[next % records.len()];
-                    next += 1;
-                    let request = caller(
-                        decrypt_request(record, ticket(&tickets)),
-                        "us-support-tool",
-                        Some("alice"),
-                    );
                     let begin = Instant::now();
-                    let response = client.decrypt_record(request).await.unwrap().into_inner();
+                    match call {
+                        Call::Decrypt => {
+                            let index = if cold {
+                                let n = subjects.fetch_add(1, Ordering::Relaxed) as usize;
+                                if n >= records.len() {
+                                    break; // every subject opened once
+                                }
+                                n
+                            } else {
+                                next += 1;
+                                (next - 1) % records.len()
+                            };
+                            let request = caller(
+                                decrypt_request(&records[index], ticket(&tickets)),
+                                "us-support-tool",
+                                Some("alice"),
+                            );
+                            check(&client.decrypt_record(request).await.unwrap().into_inner());
+                        }
+                        Call::Encrypt => {
+                            // Cold: a record of its own subject, never seen before.
+                            let n = if cold {
+                                1_000_000_000 + subjects.fetch_add(1, Ordering::Relaxed) as usize
+                            } else {
+                                0
+                            };
+                            let request = caller(encrypt_request(n), "us-signup", None);
+                            let answer = client.encrypt_record(request).await.unwrap();
+                            let record = answer.into_inner().record.unwrap();
+                            assert_eq!(record.fields.len(), profile_fields().len());
+                        }
+                        Call::Status => {
+                            let request =
+                                caller(pb::GetStatusRequest {}, "us-support-tool", Some("alice"));
+                            client.get_status(request).await.unwrap();
+                        }
+                    }
                     histogram
                         .record(begin.elapsed().as_micros().max(1) as u64)
                         .unwrap();
-                    check(&response);
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -507,22 +589,30 @@ async fn main() {
     let elapsed = started.elapsed().as_secs_f64();
     let records_done = done.load(Ordering::Relaxed);
     println!(
-        "mode={} clients={} seconds={:.1} fresh_tickets={} fields_per_record=20",
-        if options.stream {
-            "DecryptRecords stream"
-        } else {
-            "DecryptRecord unary"
+        "mode={} clients={} seconds={:.1} fresh_tickets={} cold={} fields_per_record=20",
+        match (options.stream, options.call) {
+            (true, _) => "DecryptRecords stream",
+            (false, Call::Decrypt) => "DecryptRecord unary",
+            (false, Call::Encrypt) => "EncryptRecord unary",
+            (false, Call::Status) => "GetStatus unary (the floor)",
         },
         options.clients,
         elapsed,
-        options.fresh_tickets
+        options.fresh_tickets || options.cold,
+        options.cold
     );
+    if options.cold && options.call == Call::Decrypt && records_done as usize >= records.len() {
+        println!(
+            "every one of the {} records was opened before the time was up: pass more --records",
+            records.len()
+        );
+    }
     println!(
-        "records decided+logged+decrypted: {records_done} ({:.0} records/s)",
+        "requests answered: {records_done} ({:.0} records/s)",
         records_done as f64 / elapsed
     );
     println!(
-        "latency per record: p50 {} us, p90 {} us, p99 {} us, max {} us",
+        "latency per request: p50 {} us, p90 {} us, p99 {} us, max {} us",
         histogram.value_at_quantile(0.50),
         histogram.value_at_quantile(0.90),
         histogram.value_at_quantile(0.99),
@@ -531,7 +621,7 @@ async fn main() {
     if let (Some(child), Some(before)) = (&child, cpu_before) {
         let cpu = cpu_seconds(child.id()) - before;
         println!(
-            "server CPU: {:.2} s total, {:.1} us per record (includes gRPC/HTTP2, decisions, log, decryption)",
+            "server CPU: {:.2} s total, {:.1} us per request (includes gRPC/HTTP2, decisions, log, decryption)",
             cpu,
             cpu * 1e6 / records_done.max(1) as f64
         );
