@@ -789,14 +789,19 @@ fn sigterm_drains_then_stops_and_every_answered_request_is_logged() {
         answered_while_draining > 0,
         "nothing was answered during the drain"
     );
-    // After the drain, calls are refused: UNAVAILABLE, or, for a call the client
-    // queued on the closing connection and never sent, hyper's "connection closed".
+    // After the drain, calls are refused: UNAVAILABLE; or, for a call the client
+    // queued on the closing connection and never sent, hyper's "connection closed";
+    // or, for a stream the client opened as the server's GOAWAY (NO_ERROR) arrived,
+    // above the last stream the server took, hyper's "http2 error" (seen once in CI).
+    // None of them was taken: the log checks below fail if one was decided.
     assert!(!refused.is_empty());
     for status in &refused {
         assert!(
             status.code() == tonic::Code::Unavailable
                 || (status.code() == tonic::Code::Cancelled
-                    && status.message() == "operation was canceled"),
+                    && status.message() == "operation was canceled")
+                || (status.code() == tonic::Code::Internal
+                    && format!("{status:?}").contains("GoAway(b\"\", NO_ERROR, Remote)")),
             "{status:?}"
         );
     }
