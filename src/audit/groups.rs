@@ -159,21 +159,20 @@ enum Stored {
 
 /// Most bytes of field decisions one entry's groups may expand to: a group repeats its
 /// policies and errors for every field it names, so a crafted line could otherwise
-/// expand a thousandfold in `query` or `replay`.
-const MAX_EXPANDED_BYTES: usize = 16 * 1024 * 1024;
+/// expand a thousandfold in `query` or `replay`. An entry of 1,000,000 fields (the
+/// most `--max-fields-per-record` allows) expands to about 70 MB.
+const MAX_EXPANDED_BYTES: usize = 256 * 1024 * 1024;
 
-/// The fields of `groups`, each field once, in stored order.
-fn expand(groups: Vec<StoredGroup>) -> Result<Vec<FieldEntry>, String> {
-    let mut fields: Vec<FieldEntry> = Vec::new();
+/// Checks `groups` without expanding them: every group names a field, every field
+/// appears once, and the expansion stays under [`MAX_EXPANDED_BYTES`]. Returns how
+/// many fields they name.
+fn check(groups: &[StoredGroup]) -> Result<usize, String> {
     let mut names = std::collections::HashSet::new();
     let mut expanded = 0usize;
     for group in groups {
         if group.fields.0.is_empty() {
             return Err("a field group names no field".to_owned());
         }
-        let decision = group
-            .decision
-            .unwrap_or_else(|| implied_decision(&group.outcome).to_owned());
         let shared: usize = group
             .policies
             .iter()
@@ -181,8 +180,8 @@ fn expand(groups: Vec<StoredGroup>) -> Result<Vec<FieldEntry>, String> {
             .map(String::len)
             .sum::<usize>()
             + group.outcome.len()
-            + decision.len();
-        for (class, members) in group.fields.0 {
+            + group.decision.as_ref().map_or(5, String::len);
+        for (class, members) in &group.fields.0 {
             for name in members {
                 expanded = expanded.saturating_add(shared + class.len() + name.len());
                 if expanded > MAX_EXPANDED_BYTES {
@@ -191,9 +190,24 @@ fn expand(groups: Vec<StoredGroup>) -> Result<Vec<FieldEntry>, String> {
                         MAX_EXPANDED_BYTES >> 20
                     ));
                 }
-                if !names.insert(name.clone()) {
+                if !names.insert(name.as_str()) {
                     return Err(format!("field `{name}` appears twice"));
                 }
+            }
+        }
+    }
+    Ok(names.len())
+}
+
+/// The fields of `groups`, each field once, in stored order.
+fn expand(groups: Vec<StoredGroup>) -> Result<Vec<FieldEntry>, String> {
+    let mut fields: Vec<FieldEntry> = Vec::with_capacity(check(&groups)?);
+    for group in groups {
+        let decision = group
+            .decision
+            .unwrap_or_else(|| implied_decision(&group.outcome).to_owned());
+        for (class, members) in group.fields.0 {
+            for name in members {
                 fields.push(FieldEntry {
                     field: name,
                     classification: class.clone(),
@@ -247,9 +261,7 @@ pub(super) fn strict_groups<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<usize>, D::Error> {
     let groups = Vec::<StoredGroup>::deserialize(deserializer)?;
-    expand(groups)
-        .map(|fields| Some(fields.len()))
-        .map_err(D::Error::custom)
+    check(&groups).map(Some).map_err(D::Error::custom)
 }
 
 /// `audit verify`'s reading of `fields` (formats 1 and 2): one object per field with
@@ -392,6 +404,18 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Holder>(bad).is_err(), "{bad}");
         }
+        // A small line cannot expand without bound: 100,000 names sharing a 3 KB error
+        // would be 300 MB one by one; refused before anything is expanded.
+        let names: Vec<String> = (0..100_000).map(|n| format!("f{n}")).collect();
+        let huge = serde_json::json!({"field_groups": [{
+            "outcome": "denied", "errors": ["e".repeat(3000)], "fields": {"pii": names}}]})
+        .to_string();
+        assert!(huge.len() < 1_000_000);
+        let error = serde_json::from_str::<Holder>(&huge).err().unwrap();
+        assert!(
+            error.to_string().contains("expand to more than 256 MiB"),
+            "{error}"
+        );
         // `expand_fields` leaves what it cannot read as it is.
         let mut entry: Value =
             serde_json::from_str(r#"{"field_groups":[{"outcome":"decrypt","fields":{}}]}"#)
