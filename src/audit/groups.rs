@@ -149,46 +149,81 @@ impl<'de> Deserialize<'de> for StoredClasses {
     }
 }
 
+/// A JSON object read as `T`: serde would also read a struct from an array of its
+/// members in order, which `audit query`, matching members by name, would not see.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Members<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer
+            .deserialize_map(Members(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
 /// An element of `field_groups` (format 3) or of `fields` (formats 1 and 2).
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Stored {
-    Group(StoredGroup),
-    Field(FieldEntry),
+    Group(Object<StoredGroup>),
+    Field(Object<FieldEntry>),
 }
 
-/// Most bytes of field decisions one entry's groups may expand to: a group repeats its
-/// policies and errors for every field it names, so a crafted line could otherwise
-/// expand a thousandfold in `query` or `replay`. An entry of 1,000,000 fields (the
-/// most `--max-fields-per-record` allows) expands to about 70 MB.
+/// Most bytes of memory one entry's field decisions may take once expanded, in
+/// `query` and `replay`: a group repeats its policies and errors for every field it
+/// names, so a crafted line could otherwise take without bound. `audit verify` and
+/// the server's startup do not apply it (they never expand): an entry the server
+/// wrote always verifies, and one over it is refused by `query`'s filters and
+/// reported by `replay`.
 const MAX_EXPANDED_BYTES: usize = 256 * 1024 * 1024;
 
+/// What one field takes once expanded: the entry, its strings and its lists.
+fn expanded_size(group: &StoredGroup, class: &str, name: &str) -> usize {
+    let list = |items: &[String]| {
+        items
+            .iter()
+            .map(|item| std::mem::size_of::<String>() + item.len())
+            .sum::<usize>()
+    };
+    std::mem::size_of::<FieldEntry>()
+        + name.len()
+        + class.len()
+        + group.outcome.len()
+        + group.decision.as_ref().map_or(5, String::len)
+        + list(&group.policies)
+        + list(&group.errors)
+}
+
 /// Checks `groups` without expanding them: every group names a field, every field
-/// appears once, and the expansion stays under [`MAX_EXPANDED_BYTES`]. Returns how
-/// many fields they name.
-fn check(groups: &[StoredGroup]) -> Result<usize, String> {
+/// appears once, and, with a `limit`, the expansion stays under it. Returns how many
+/// fields they name.
+fn check(groups: &[StoredGroup], limit: Option<usize>) -> Result<usize, String> {
     let mut names = std::collections::HashSet::new();
     let mut expanded = 0usize;
     for group in groups {
         if group.fields.0.is_empty() {
             return Err("a field group names no field".to_owned());
         }
-        let shared: usize = group
-            .policies
-            .iter()
-            .chain(&group.errors)
-            .map(String::len)
-            .sum::<usize>()
-            + group.outcome.len()
-            + group.decision.as_ref().map_or(5, String::len);
         for (class, members) in &group.fields.0 {
             for name in members {
-                expanded = expanded.saturating_add(shared + class.len() + name.len());
-                if expanded > MAX_EXPANDED_BYTES {
-                    return Err(format!(
-                        "field groups that expand to more than {} MiB",
-                        MAX_EXPANDED_BYTES >> 20
-                    ));
+                if let Some(limit) = limit {
+                    expanded = expanded.saturating_add(expanded_size(group, class, name));
+                    if expanded > limit {
+                        return Err(format!(
+                            "field groups that take more than {} MiB expanded",
+                            limit >> 20
+                        ));
+                    }
                 }
                 if !names.insert(name.as_str()) {
                     return Err(format!("field `{name}` appears twice"));
@@ -201,7 +236,7 @@ fn check(groups: &[StoredGroup]) -> Result<usize, String> {
 
 /// The fields of `groups`, each field once, in stored order.
 fn expand(groups: Vec<StoredGroup>) -> Result<Vec<FieldEntry>, String> {
-    let mut fields: Vec<FieldEntry> = Vec::with_capacity(check(&groups)?);
+    let mut fields: Vec<FieldEntry> = Vec::with_capacity(check(&groups, Some(MAX_EXPANDED_BYTES))?);
     for group in groups {
         let decision = group
             .decision
@@ -236,7 +271,7 @@ pub(super) fn deserialize<'de, D: Deserializer<'de>>(
         return Ok(stored
             .into_iter()
             .filter_map(|item| match item {
-                Stored::Field(field) => Some(field),
+                Stored::Field(Object(field)) => Some(field),
                 Stored::Group(_) => None,
             })
             .collect());
@@ -244,7 +279,7 @@ pub(super) fn deserialize<'de, D: Deserializer<'de>>(
     let mut groups = Vec::with_capacity(stored.len());
     for item in stored {
         match item {
-            Stored::Group(group) => groups.push(group),
+            Stored::Group(Object(group)) => groups.push(group),
             Stored::Field(_) => {
                 return Err(D::Error::custom(
                     "fields listed one by one among field groups",
@@ -255,13 +290,16 @@ pub(super) fn deserialize<'de, D: Deserializer<'de>>(
     expand(groups).map_err(D::Error::custom)
 }
 
-/// `audit verify`'s reading of `field_groups`: groups only, every member known, every
-/// field once; returns how many fields they name.
+/// `audit verify`'s reading of `field_groups`: group objects only, every member
+/// known, every field once; returns how many fields they name.
 pub(super) fn strict_groups<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<usize>, D::Error> {
-    let groups = Vec::<StoredGroup>::deserialize(deserializer)?;
-    check(&groups).map(Some).map_err(D::Error::custom)
+    let groups: Vec<StoredGroup> = Vec::<Object<StoredGroup>>::deserialize(deserializer)?
+        .into_iter()
+        .map(|Object(group)| group)
+        .collect();
+    check(&groups, None).map(Some).map_err(D::Error::custom)
 }
 
 /// `audit verify`'s reading of `fields` (formats 1 and 2): one object per field with
@@ -269,7 +307,7 @@ pub(super) fn strict_groups<'de, D: Deserializer<'de>>(
 pub(super) fn strict_fields<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<usize>, D::Error> {
-    Vec::<FieldEntry>::deserialize(deserializer).map(|fields| Some(fields.len()))
+    Vec::<Object<FieldEntry>>::deserialize(deserializer).map(|fields| Some(fields.len()))
 }
 
 #[derive(Deserialize)]
@@ -413,9 +451,27 @@ mod tests {
         assert!(huge.len() < 1_000_000);
         let error = serde_json::from_str::<Holder>(&huge).err().unwrap();
         assert!(
-            error.to_string().contains("expand to more than 256 MiB"),
+            error
+                .to_string()
+                .contains("field groups that take more than 256 MiB expanded"),
             "{error}"
         );
+        // Not by the strings alone: 100,000 empty policy ids cost a String each, for
+        // each of 100,000 fields.
+        let empty: Vec<&str> = vec![""; 100_000];
+        let names: Vec<String> = (0..100_000).map(|n| format!("f{n}")).collect();
+        let lists = serde_json::json!({"field_groups": [{
+            "outcome": "decrypt", "policies": empty, "fields": {"pii": names}}]})
+        .to_string();
+        assert!(lists.len() < 2_000_000);
+        assert!(serde_json::from_str::<Holder>(&lists).is_err());
+        // A struct is read from an object only, never from an array of its members.
+        for array in [
+            r#"{"fields":[["email","pii","deny",[],[],1,"denied"]]}"#,
+            r#"{"field_groups":[["decrypt",null,[],[],1,{"pii":["email"]}]]}"#,
+        ] {
+            assert!(serde_json::from_str::<Holder>(array).is_err(), "{array}");
+        }
         // `expand_fields` leaves what it cannot read as it is.
         let mut entry: Value =
             serde_json::from_str(r#"{"field_groups":[{"outcome":"decrypt","fields":{}}]}"#)

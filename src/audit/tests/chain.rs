@@ -365,6 +365,26 @@ fn entries_of_unknown_format_are_refused_and_old_entries_verify() {
             "field `email` appears twice",
         ),
     ];
+    let as_array = r#""field_groups":[["decrypt",null,["p"],[],1,{"pii":["email"]}]]"#;
+    let cases = cases
+        .into_iter()
+        .chain([
+            (
+                vec![(groups, as_array.to_owned())],
+                "invalid type: sequence, expected an object",
+            ),
+            (
+                vec![
+                    (",\"format\":3", ",\"format\":2".to_owned()),
+                    (
+                        groups,
+                        r#""fields":[["email","pii","allow",["p"],[],1,"decrypt"]]"#.to_owned(),
+                    ),
+                ],
+                "invalid type: sequence, expected an object",
+            ),
+        ])
+        .collect::<Vec<_>>();
     for (edits, problem) in cases {
         let edited = rechain(&lines, |body| {
             edits
@@ -376,6 +396,26 @@ fn entries_of_unknown_format_are_refused_and_old_entries_verify() {
         let failure = verify(dir.path()).unwrap_err();
         assert!(failure.problem.contains(problem), "{edits:?}: {failure}");
     }
+    // Verify does not cap how much a line would take expanded (an entry the server
+    // wrote always verifies); `query` and `replay` do, and say so.
+    let names: Vec<String> = (0..100_000).map(|n| format!("f{n}")).collect();
+    let wide = serde_json::json!([{"outcome": "denied", "errors": ["e".repeat(3000)],
+        "fields": {"pii": names}}])
+    .to_string();
+    write_lines(
+        &segment,
+        &rechain(&lines, |body| {
+            body.replace(groups, &format!(r#""field_groups":{wide}"#))
+        }),
+    );
+    assert_eq!(verify(dir.path()).unwrap().entries, 2);
+    let mut unexpanded = 0;
+    crate::audit::for_each_entry(dir.path(), &Default::default(), |_, entry| {
+        unexpanded += usize::from(entry.get("field_groups").is_some());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(unexpanded, 2);
     // A format this verifier does not know is named, not guessed at.
     for (format, problem) in [
         (",\"format\":4,", "entry format 4 is unknown"),
